@@ -1,0 +1,1 @@
+"""Evaluations of trained SAEs: traits, discovery, health, probes."""

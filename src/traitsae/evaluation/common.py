@@ -1,0 +1,72 @@
+"""What every evaluation needs: the SAE under test, the stores it reads, where outputs go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from traitsae.errors import TraitsaeError
+from traitsae.paths import extract_command, hydra_output_dir, store_path
+
+
+def run_evaluation(cfg: DictConfig) -> Any:
+    """Dispatch to `cfg.eval.entry` (e.g. traitsae.evaluation.cub_traits.run)."""
+    return get_method(cfg.eval.entry)(cfg)
+
+
+def resolve_sae(cfg: DictConfig) -> Any:
+    """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`."""
+    from traitsae.sae.export import load_sae
+
+    source = cfg.get("sae") or cfg.get("run")
+    if not source:
+        raise TraitsaeError(
+            "no SAE given: pass run=<train.py run dir> (it holds sae.json) or sae=<path to sae.json>."
+        )
+    return load_sae(source)
+
+
+def eval_store_path(cfg: DictConfig, sae: Any, split: str) -> Path:
+    return store_path(cfg.paths.activations_dir, cfg.dataset.name, split, sae.meta["backbone"])
+
+
+def eval_store(cfg: DictConfig, sae: Any, split: str):
+    """Open the store of the SAE's backbone on `cfg.dataset` × `split`, checked against the SAE."""
+    from traitsae.data.store import Store
+
+    path = eval_store_path(cfg, sae, split)
+    if not path.exists():
+        cmd = extract_command(sae.meta["backbone"], cfg.dataset.name, split, cfg.paths.activations_dir)
+        raise TraitsaeError(f"activation store {path} does not exist. Make it with:\n  {cmd}")
+    store = Store(path)
+    check_store_matches_sae(store, sae)
+    return store
+
+
+def check_store_matches_sae(store: Any, sae: Any) -> None:
+    meta = sae.meta
+    if store.d_model != meta["d_model"]:
+        raise TraitsaeError(
+            f"store {store.path} has d_model={store.d_model} but the SAE expects "
+            f"d_model={meta['d_model']} (trained on backbone {meta['backbone']!r}); "
+            "evaluate on a store of the same backbone."
+        )
+    if store.backbone != meta["backbone"]:
+        raise TraitsaeError(
+            f"store {store.path} holds backbone {store.backbone!r} activations but the SAE was "
+            f"trained on {meta['backbone']!r}."
+        )
+    if int(meta["layer"]) not in store.layers:
+        raise TraitsaeError(
+            f"the SAE was trained on layer {meta['layer']} but store {store.path} holds layers "
+            f"{list(store.layers)}; re-extract with backbone.layers=[{meta['layer']}]."
+        )
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    out = hydra_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
