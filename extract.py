@@ -1,0 +1,18 @@
+"""Extract ViT activations into an HDF5 store: python extract.py backbone=tiny dataset=synthetic"""
+
+import hydra
+from omegaconf import DictConfig
+
+from traitsae.errors import exit_on_user_error
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="extract")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    from traitsae.extraction import extract  # imported here so that --help stays fast
+
+    extract(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Backbones: `build_backbone(cfg.backbone)` -> `Backbone` (one interface for timm and open_clip)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from traitsae.backbones.base import Backbone, Geometry, resolve_layers
+from traitsae.errors import TraitsaeError
+
+
+def _timm(cfg: Any) -> Backbone:
+    from traitsae.backbones.timm_vit import build_timm
+
+    return build_timm(cfg)
+
+
+def _open_clip(cfg: Any) -> Backbone:
+    from traitsae.backbones.openclip_vit import build_openclip
+
+    return build_openclip(cfg)
+
+
+# Family registry: a new family is a builder function here plus conf/backbone/<name>.yaml files.
+FAMILIES: dict[str, Callable[[Any], Backbone]] = {"timm": _timm, "open_clip": _open_clip}
+REQUIRED_KEYS = ("name", "family", "checkpoint", "image_size", "layers")
+
+
+def build_backbone(cfg: Any, prune: bool = True) -> Backbone:
+    """Build the backbone of `cfg` (the `backbone` config group); `prune` drops unused blocks."""
+    missing = [key for key in REQUIRED_KEYS if cfg.get(key) is None]
+    if missing:
+        raise TraitsaeError(
+            f"backbone config {cfg.get('name')!r} lacks keys {missing}; see conf/backbone/*.yaml "
+            "for complete examples."
+        )
+    family = cfg.family
+    if family not in FAMILIES:
+        raise TraitsaeError(
+            f"unknown backbone family {family!r} in backbone {cfg.name!r}; known families: "
+            f"{sorted(FAMILIES)}."
+        )
+    backbone = FAMILIES[family](cfg)
+    check_geometry(cfg, backbone.geometry)
+    if prune:
+        # Blocks after the last requested layer never run (about 2x cheaper for a middle layer).
+        backbone.trunk.prune_intermediate_layers(backbone.layers, prune_norm=True, prune_head=True)
+    return backbone
+
+
+def check_geometry(cfg: Any, geometry: Geometry) -> None:
+    """The config documents width/depth/patch/prefix tokens: they must match the built model."""
+    expected = {
+        "width": geometry.d_model,
+        "depth": geometry.depth,
+        "patch_size": geometry.patch_size,
+        "n_prefix_tokens": geometry.n_prefix_tokens,
+        "image_size": geometry.image_size,
+    }
+    wrong = {
+        key: (cfg.get(key), value)
+        for key, value in expected.items()
+        if cfg.get(key) is not None and int(cfg.get(key)) != value
+    }
+    if wrong:
+        detail = ", ".join(f"{k}: config {c} vs model {m}" for k, (c, m) in wrong.items())
+        raise TraitsaeError(
+            f"backbone {cfg.name!r} ({cfg.checkpoint}) does not match its config ({detail}); fix "
+            f"conf/backbone/{cfg.name}.yaml or the overrides."
+        )
+
+
+__all__ = ["Backbone", "FAMILIES", "Geometry", "build_backbone", "resolve_layers"]

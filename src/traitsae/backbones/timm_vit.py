@@ -1,0 +1,60 @@
+"""timm VisionTransformers (DINOv2, DINOv2 with registers, the tiny demo ViT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from traitsae.backbones.base import Backbone, Geometry
+from traitsae.backbones.weights import init_kwargs, load_or_explain, local_weights
+
+
+class TimmViT(Backbone):
+    def intermediates(self, images_BCHW: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # norm=False: the raw residual stream after each block, not the final LayerNorm's output.
+        return self.trunk.forward_intermediates(
+            images_BCHW,
+            indices=self.layers,
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
+
+
+def create_timm_model(cfg: Any) -> torch.nn.Module:
+    """The timm model of a backbone config (weights as configured, classifier removed)."""
+    import timm
+
+    weights = local_weights(cfg.get("weights"), cfg.name)
+    pretrained = bool(cfg.get("pretrained", True)) or weights is not None
+    kwargs = dict(img_size=int(cfg.image_size), num_classes=0, **init_kwargs(cfg))
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+
+    def build() -> torch.nn.Module:
+        # A fixed seed makes randomly initialised backbones (tiny, benchmarks) reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.get("init_seed", 0)))
+            return timm.create_model(cfg.checkpoint, pretrained=pretrained, **kwargs)
+
+    if not pretrained:
+        return build()
+    return load_or_explain(build, cfg.name, str(weights or cfg.checkpoint))
+
+
+def build_timm(cfg: Any) -> TimmViT:
+    from timm.data import create_transform, resolve_data_config
+
+    model = create_timm_model(cfg)
+    size = int(cfg.image_size)
+    data_cfg = resolve_data_config({"input_size": (3, size, size)}, model=model)
+    geometry = Geometry(
+        depth=len(model.blocks),
+        d_model=int(model.embed_dim),
+        image_size=size,
+        patch_size=int(model.patch_embed.patch_size[0]),
+        n_prefix_tokens=int(model.num_prefix_tokens),
+    )
+    return TimmViT(cfg.name, model, geometry, cfg.layers, create_transform(**data_cfg))

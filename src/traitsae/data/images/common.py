@@ -1,0 +1,91 @@
+"""What every image source produces (`ImageList`) and the torch Dataset that decodes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from traitsae.errors import TraitsaeError
+
+
+@dataclass
+class ImageList:
+    """The images of one split: absolute paths, int labels (-1 = none), per-image metadata."""
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray  # int64 [N]
+    metadata: dict[str, list[str]] = field(default_factory=dict)  # column -> N strings
+
+    def __post_init__(self) -> None:
+        n = len(self.paths)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        bad = {k: len(v) for k, v in self.metadata.items() if len(v) != n}
+        if self.labels.shape != (n,) or bad:
+            raise ValueError(f"ImageList columns disagree in length: {n} paths, {bad}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def store_images(self) -> dict[str, Any]:
+        """The `images/` datasets of a store (index is added by the writer's caller)."""
+        columns: dict[str, Any] = {"path": list(self.paths), "label": self.labels}
+        columns.update({k: list(v) for k, v in self.metadata.items()})
+        return columns
+
+
+def require_file(path: Path, what: str, key: str = "dataset.root") -> Path:
+    if not path.is_file():
+        raise TraitsaeError(
+            f"{what} {path} not found. Check {key} (it must point at the dataset's top folder)."
+        )
+    return path
+
+
+def require_dir(path: Path, what: str, key: str = "dataset.root") -> Path:
+    if not path.is_dir():
+        raise TraitsaeError(f"{what} {path} does not exist or is not a directory; set {key}.")
+    return path
+
+
+def read_table(path: Path, n_fields: int) -> list[list[str]]:
+    """Whitespace-separated lines -> first `n_fields` fields (extra fields are ignored)."""
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=n_fields - 1) if n_fields == 2 else line.split()
+        if len(parts) < n_fields:
+            raise TraitsaeError(
+                f"{path}:{lineno}: expected {n_fields} whitespace-separated fields, got {line!r}."
+            )
+        rows.append(parts[:n_fields])
+    return rows
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes images in DataLoader workers; an unreadable file yields a blank image, ok=False."""
+
+    def __init__(self, paths: list[str], transform: Callable, image_size: int) -> None:
+        self.paths = paths
+        self.transform = transform
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            with Image.open(self.paths[index]) as img:
+                image_CHW = self.transform(img.convert("RGB"))
+            return {"image": image_CHW, "index": index, "ok": True, "error": ""}
+        except Exception as err:  # noqa: BLE001 -- any decode failure is recorded, not fatal
+            blank_CHW = torch.zeros(3, self.image_size, self.image_size)
+            reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            return {"image": blank_CHW, "index": index, "ok": False, "error": reason}

@@ -1,0 +1,116 @@
+"""Cheap directions an SAE must beat: random, PCA, k-means; and per-trait linear probes (upper bound).
+
+All are fit on the training split: PCA and k-means on a random sample of token activations,
+probes on mean-pooled image activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.scoring import iter_valid_tokens, tokens_per_image, valid_rows
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    tokens_SD: np.ndarray  # [S, D] float32, token activations sampled uniformly over valid images
+    pooled_ND: np.ndarray  # [N_valid, D] float32, mean over each valid image's tokens
+    rows_N: np.ndarray  # [N_valid] store rows of pooled_ND
+
+
+@torch.no_grad()
+def sample_train_activations(
+    store, layer: int, tokens: str, n_samples: int, seed: int, block: int = 64
+) -> TrainSample:
+    """One pass over the store: a uniform token sample and every valid image's mean activation."""
+    n_valid = valid_rows(store).size
+    if n_valid == 0:
+        raise TraitsaeError(f"store {store.path} has no valid images to fit the baselines on.")
+    total = n_valid * tokens_per_image(store, tokens)
+    rate = min(1.0, n_samples / total)
+    rng = np.random.default_rng(seed)
+    samples, pooled, rows = [], [], []
+    for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block):
+        flat_RD = acts_BPD.reshape(-1, acts_BPD.shape[-1])
+        # Bernoulli thinning per block keeps the sample uniform without knowing all rows upfront.
+        keep_R = rng.random(flat_RD.shape[0]) < rate
+        samples.append(flat_RD[torch.from_numpy(keep_R)].numpy())
+        pooled.append(acts_BPD.mean(dim=1).numpy())
+        rows.append(rows_B)
+    return TrainSample(np.concatenate(samples), np.concatenate(pooled), np.concatenate(rows))
+
+
+def random_directions(d_model: int, n: int, seed: int) -> np.ndarray:
+    """n unit vectors uniform on the sphere, [n, D]."""
+    g = torch.Generator().manual_seed(seed)
+    u_MD = torch.randn(n, d_model, generator=g)
+    return (u_MD / u_MD.norm(dim=1, keepdim=True)).numpy()
+
+
+def pca_directions(tokens_SD: np.ndarray, both_signs: bool = True, seed: int = 0) -> np.ndarray:
+    """Principal axes of the token sample, [C, D] (C = min(S, D)), optionally also negated.
+
+    A component's sign is arbitrary, and precision@k reads only the top of the ranking, so a
+    trait aligned with -u would be invisible to u: both signs keep the baseline honest.
+    """
+    from sklearn.decomposition import PCA
+
+    n_comp = min(tokens_SD.shape)
+    if n_comp < 1:
+        raise TraitsaeError(
+            "the PCA baseline needs a non-empty token sample; raise eval.n_samples."
+        )
+    comps_CD = PCA(n_components=n_comp, random_state=seed).fit(tokens_SD).components_
+    comps_CD = comps_CD.astype(np.float32)
+    return np.concatenate([comps_CD, -comps_CD]) if both_signs else comps_CD
+
+
+def kmeans_directions(tokens_SD: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Mini-batch k-means centroids of the token sample, [C, D]."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    if n_clusters > tokens_SD.shape[0]:
+        raise TraitsaeError(
+            f"eval.kmeans_clusters={n_clusters} exceeds the {tokens_SD.shape[0]} sampled tokens; "
+            "lower it or raise eval.n_samples."
+        )
+    km = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, n_init=3, batch_size=4096)
+    return km.fit(tokens_SD).cluster_centers_.astype(np.float32)
+
+
+def linear_probes(
+    pooled_ND: np.ndarray, labels_NT: np.ndarray, l2: float = 1e-3, max_iter: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
+    """One L2-regularised logistic regression per trait, on raw pooled activations.
+
+    The T problems are independent (the loss is a sum over traits), so they are solved jointly as
+    one [D -> T] linear layer with L-BFGS: a few seconds instead of T separate sklearn fits.
+    Features are standardised for conditioning; the returned (W [T, D], b [T]) act on raw inputs.
+    """
+    x_ND = torch.from_numpy(np.asarray(pooled_ND, dtype=np.float32))
+    y_NT = torch.from_numpy(np.asarray(labels_NT, dtype=np.float32))
+    mu_D, sd_D = x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)
+    z_ND = (x_ND - mu_D) / sd_D
+    w_DT = torch.zeros(x_ND.shape[1], y_NT.shape[1], requires_grad=True)
+    # Start at the base rate so traits with few positives do not begin far from optimum.
+    rate_T = y_NT.mean(0).clamp(1e-4, 1 - 1e-4)
+    b_T = torch.log(rate_T / (1 - rate_T)).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w_DT, b_T], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits_NT = z_ND @ w_DT + b_T
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits_NT, y_NT)
+        loss = loss + l2 * (w_DT**2).sum() / y_NT.shape[1]
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        w_raw_DT = w_DT / sd_D[:, None]
+        b_raw_T = b_T - mu_D @ w_raw_DT
+    return w_raw_DT.T.contiguous().numpy(), b_raw_T.numpy()

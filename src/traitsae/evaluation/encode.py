@@ -1,0 +1,321 @@
+"""Streaming SAE encoding of a store, and `eval=encode`: the sparse codes written to HDF5.
+
+`stream_codes` is the one pass every heat-map evaluation makes: it reads the store's patch
+activations in whole, chunk-aligned blocks (skipping blocks that hold no wanted image), encodes
+them in bounded sub-batches and yields dense codes per batch of images. Nothing of size
+n_images x d_sae is ever held by this module.
+
+Sparse-code file (`codes.h5`, CSR over patch rows, one row per patch of each valid image):
+- `codes/indptr` int64 [R + 1], `codes/indices` int32 [nnz], `codes/values` float [nnz]
+- `rows/image` int64 [R] (row of the image in the store), `rows/patch` int32 [R],
+  `rows/row`, `rows/col` int16 [R] (patch coordinates on the grid)
+- `images/first_row` int64 [N] (first CSR row of each store image, -1 for invalid images) and a
+  copy of every `images/<col>` metadata dataset of the store
+- attrs: d_sae, n_patches, grid, layer, backbone, dataset, split, store, sae, complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from traitsae.errors import TraitsaeError
+
+# Read the store in blocks of about this many bytes (rounded to whole HDF5 chunks).
+_READ_BLOCK_BYTES = 32 * 2**20
+
+
+@dataclass
+class CodeBatch:
+    image_index: np.ndarray  # [B] rows of the store
+    codes_BPS: torch.Tensor  # [B, P, S] float32, >= 0
+
+
+def sae_layer(store: Any, sae: Any) -> int:
+    """The absolute store layer the SAE was trained on; heat-maps need patch tokens."""
+    tokens = sae.meta.get("tokens", "patches")
+    if tokens != "patches":
+        raise TraitsaeError(
+            f"this SAE was trained on {tokens!r} tokens (sae.json 'tokens'); patch heat-maps, "
+            "galleries and sparse patch codes need an SAE trained with data.tokens=patches."
+        )
+    return store.resolve_layer(int(sae.meta["layer"]))
+
+
+def read_block_rows(dataset: h5py.Dataset) -> int:
+    """Images per read: whole chunks along N, about _READ_BLOCK_BYTES per block."""
+    row_bytes = int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize
+    chunk_rows = dataset.chunks[0] if dataset.chunks else 1
+    chunks_per_block = max(1, _READ_BLOCK_BYTES // max(1, row_bytes * chunk_rows))
+    return chunk_rows * chunks_per_block
+
+
+def images_per_batch(n_patches: int, batch_patches: int) -> int:
+    return max(1, batch_patches // max(1, n_patches))
+
+
+@torch.inference_mode()
+def encode_patches(sae: Any, acts_BPD: np.ndarray, device: str) -> torch.Tensor:
+    """Dense codes [B, P, S] of raw float16 patch activations [B, P, D]."""
+    n_images, n_patches, d_model = acts_BPD.shape
+    x_ND = torch.from_numpy(np.ascontiguousarray(acts_BPD)).to(device).float().reshape(-1, d_model)
+    codes_NS = sae.encode(x_ND)
+    return codes_NS.reshape(n_images, n_patches, -1).float()
+
+
+def stream_codes(
+    store: Any,
+    sae: Any,
+    *,
+    wanted_N: np.ndarray | None = None,
+    batch_patches: int = 8192,
+    device: str = "cpu",
+) -> Iterator[CodeBatch]:
+    """One streaming pass: codes of every valid (and wanted) image, in store order."""
+    dataset = store.patches(sae_layer(store, sae))
+    keep_N = np.asarray(store.metadata["valid"], dtype=bool).copy()
+    if wanted_N is not None:
+        keep_N &= np.asarray(wanted_N, dtype=bool)
+    step = read_block_rows(dataset)
+    per_batch = images_per_batch(dataset.shape[1], batch_patches)
+    for start in range(0, dataset.shape[0], step):
+        stop = min(start + step, dataset.shape[0])
+        keep_B = keep_N[start:stop]
+        if not keep_B.any():
+            continue  # no wanted image in these chunks: do not read them
+        acts_BPD = dataset[start:stop][keep_B]
+        index_B = np.arange(start, stop)[keep_B]
+        for lo in range(0, len(index_B), per_batch):
+            yield CodeBatch(
+                index_B[lo : lo + per_batch],
+                encode_patches(sae, acts_BPD[lo : lo + per_batch], device),
+            )
+
+
+def gather_codes(
+    store: Any, sae: Any, image_index: np.ndarray, latents: np.ndarray, device: str = "cpu"
+) -> dict[int, np.ndarray]:
+    """Codes of a few chosen images restricted to chosen latents: {image: [P, len(latents)]}.
+
+    Used after the streaming pass to draw heat-maps of top images; rows are read one by one in
+    increasing order (fancy indexing is slower in h5py), so keep the image list short.
+    """
+    dataset = store.patches(sae_layer(store, sae))
+    latents_L = torch.as_tensor(np.asarray(latents, dtype=np.int64))
+    out: dict[int, np.ndarray] = {}
+    for image in sorted({int(i) for i in image_index}):
+        codes_1PS = encode_patches(sae, dataset[image : image + 1], device)
+        out[image] = codes_1PS[0][:, latents_L.to(codes_1PS.device)].cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- eval=encode
+
+
+def run(cfg: DictConfig) -> Path:
+    """`python evaluate.py eval=encode run=<run dir>`: write the store's sparse codes."""
+    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+
+    sae = resolve_sae(cfg)
+    sae.eval().to(cfg.device)
+    split = cfg.eval.get("split") or cfg.split
+    with eval_store(cfg, sae, split) as store:
+        out = Path(cfg.eval.get("output") or output_dir(cfg) / "codes.h5")
+        if not out.is_absolute():
+            out = output_dir(cfg) / out
+        write_sparse_codes(
+            store,
+            sae,
+            out,
+            sae_source=str(cfg.get("sae") or cfg.get("run")),
+            batch_patches=int(cfg.eval.batch_patches),
+            dtype=str(cfg.eval.dtype),
+            device=cfg.device,
+        )
+    print(f"sparse codes of {store.path} -> {out}")
+    return out
+
+
+def write_sparse_codes(
+    store: Any,
+    sae: Any,
+    out: Path,
+    *,
+    sae_source: str = "",
+    batch_patches: int = 8192,
+    dtype: str = "float16",
+    device: str = "cpu",
+) -> Path:
+    """Stream the store through the SAE and append CSR rows to `out` (written as .tmp, renamed)."""
+    if dtype not in ("float16", "float32"):
+        raise TraitsaeError(f"eval.dtype must be float16 or float32, got {dtype!r}.")
+    meta = store.metadata
+    valid_N = np.asarray(meta["valid"], dtype=bool)
+    grid_rows, grid_cols = (int(g) for g in store.grid)
+    n_patches = store.n_patches
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(tmp, "w") as f:
+        _write_header(f, store, sae, meta, valid_N, sae_source)
+        writer = _CsrWriter(f, dtype)
+        patch_P = np.arange(n_patches, dtype=np.int32)
+        for batch in stream_codes(store, sae, batch_patches=batch_patches, device=device):
+            n_images = len(batch.image_index)
+            writer.append(batch.codes_BPS.reshape(n_images * n_patches, -1))
+            f["rows/image"].resize((writer.n_rows,))
+            f["rows/image"][-n_images * n_patches :] = np.repeat(batch.image_index, n_patches)
+            for name, values in (
+                ("patch", patch_P),
+                ("row", patch_P // grid_cols),
+                ("col", patch_P % grid_cols),
+            ):
+                ds = f[f"rows/{name}"]
+                ds.resize((writer.n_rows,))
+                ds[-n_images * n_patches :] = np.tile(values, n_images)
+        f.attrs["grid"] = [grid_rows, grid_cols]
+        f.attrs["complete"] = True
+    tmp.replace(out)
+    return out
+
+
+def _write_header(
+    f: h5py.File, store: Any, sae: Any, meta: dict, valid_N: np.ndarray, sae_source: str
+) -> None:
+    first_row_N = np.where(valid_N, (np.cumsum(valid_N) - 1) * store.n_patches, -1)
+    f.create_dataset("images/first_row", data=first_row_N.astype(np.int64))
+    for col, values in meta.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "UO":
+            f.create_dataset(
+                f"images/{col}", data=values.astype(object), dtype=h5py.string_dtype("utf-8")
+            )
+        else:
+            f.create_dataset(f"images/{col}", data=values)
+    for name, dtype in (
+        ("image", np.int64),
+        ("patch", np.int32),
+        ("row", np.int16),
+        ("col", np.int16),
+    ):
+        f.create_dataset(
+            f"rows/{name}", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,)
+        )
+    f.attrs.update(
+        {
+            "d_sae": int(sae.d_sae),
+            "n_patches": int(store.n_patches),
+            "layer": int(sae.meta["layer"]),
+            "backbone": str(store.backbone),
+            "dataset": str(store.dataset),
+            "split": str(store.split),
+            "store": str(store.path),
+            "sae": sae_source,
+            "complete": False,
+        }
+    )
+
+
+class _CsrWriter:
+    """Appends dense code rows to resizable CSR datasets without holding earlier rows."""
+
+    def __init__(self, f: h5py.File, dtype: str) -> None:
+        self.indptr = f.create_dataset(
+            "codes/indptr", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(1 << 16,)
+        )
+        self.indices = f.create_dataset(
+            "codes/indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,)
+        )
+        self.values = f.create_dataset(
+            "codes/values", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 18,)
+        )
+        self.n_rows = 0
+        self.nnz = 0
+
+    def append(self, codes_RS: torch.Tensor) -> None:
+        rows_R, cols_R = torch.nonzero(codes_RS > 0, as_tuple=True)
+        counts_R = torch.bincount(rows_R, minlength=codes_RS.shape[0]).cpu().numpy()
+        new_nnz = self.nnz + len(cols_R)
+        self.indices.resize((new_nnz,))
+        self.values.resize((new_nnz,))
+        self.indices[self.nnz :] = cols_R.cpu().numpy().astype(np.int32)
+        self.values[self.nnz :] = codes_RS[rows_R, cols_R].cpu().numpy()
+        self.indptr.resize((self.n_rows + len(counts_R) + 1,))
+        self.indptr[self.n_rows + 1 :] = self.nnz + np.cumsum(counts_R)
+        self.n_rows += len(counts_R)
+        self.nnz = new_nnz
+
+
+class SparseCodes:
+    """Read side of `codes.h5`: query codes without re-running the SAE.
+
+    >>> codes = SparseCodes("codes.h5")
+    >>> codes.latent_map(image=3, latent=17)     # [rows, cols] heat-map
+    >>> codes.csr()                              # scipy.sparse.csr_matrix [R, d_sae]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise TraitsaeError(
+                f"sparse-code file {self.path} does not exist; write it with "
+                "python evaluate.py eval=encode run=<run dir>."
+            )
+        self.file = h5py.File(self.path, "r")
+        if "codes/indptr" not in self.file or not self.file.attrs.get("complete", False):
+            raise TraitsaeError(
+                f"{self.path} is not a complete traitsae sparse-code file "
+                "(missing codes/indptr or complete=False); re-run eval=encode."
+            )
+        self.d_sae = int(self.file.attrs["d_sae"])
+        self.n_patches = int(self.file.attrs["n_patches"])
+        self.grid = tuple(int(g) for g in self.file.attrs["grid"])
+        self.indptr = self.file["codes/indptr"][:]
+        self.first_row = self.file["images/first_row"][:]
+
+    def metadata(self, column: str) -> np.ndarray:
+        values = self.file[f"images/{column}"]
+        return values.asstr()[:] if values.dtype.kind == "O" else values[:]
+
+    def image_codes(self, image: int) -> np.ndarray:
+        """Dense codes [P, d_sae] of one store image."""
+        first = int(self.first_row[image])
+        if first < 0:
+            raise TraitsaeError(f"image {image} is marked invalid in the store: it has no codes.")
+        lo, hi = self.indptr[first], self.indptr[first + self.n_patches]
+        dense_PS = np.zeros((self.n_patches, self.d_sae), dtype=np.float32)
+        rows = np.repeat(
+            np.arange(self.n_patches), np.diff(self.indptr[first : first + self.n_patches + 1])
+        )
+        dense_PS[rows, self.file["codes/indices"][lo:hi]] = self.file["codes/values"][lo:hi]
+        return dense_PS
+
+    def latent_map(self, image: int, latent: int) -> np.ndarray:
+        return self.image_codes(image)[:, latent].reshape(self.grid)
+
+    def csr(self) -> Any:
+        from scipy.sparse import csr_matrix
+
+        return csr_matrix(
+            (
+                self.file["codes/values"][:].astype(np.float32),
+                self.file["codes/indices"][:],
+                self.indptr,
+            ),
+            shape=(len(self.indptr) - 1, self.d_sae),
+        )
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> SparseCodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,327 @@
+"""`eval=features`: galleries of latents (top images with patch heat-maps) and firing statistics.
+
+    python evaluate.py eval=features run=<run dir>                      # alive latents, sampled
+    python evaluate.py eval=features run=<run dir> eval.latents=[3,17]  # chosen latents
+    python evaluate.py eval=features run=<run dir> eval.min_freq=1e-3 eval.max_freq=1e-2
+
+One streaming pass over the store keeps, for every latent, firing counts and a running top-k of
+(image score, image row) — memory O(k x d_sae), never the n_images x d_sae matrix. The heat-maps
+of the few selected latents' top images are then re-encoded row by row for the figures.
+Outputs: features.json, latents.csv (every latent), frequency.png, galleries/*.png, index.html.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation import heatmaps
+from traitsae.evaluation.discovery import ImageSource, image_source
+from traitsae.evaluation.encode import gather_codes, stream_codes
+from traitsae.evaluation.report import Card, write_report
+
+
+class RunningTopK:
+    """Per-column top-k of a stream of [B, S] score batches, with the row id of each value."""
+
+    def __init__(self, n_columns: int, k: int) -> None:
+        if k < 1:
+            raise TraitsaeError(f"eval.top_k must be >= 1, got {k}.")
+        self.k = k
+        self.values_KS = torch.full((k, n_columns), -torch.inf)
+        self.rows_KS = torch.full((k, n_columns), -1, dtype=torch.int64)
+
+    def update(self, scores_BS: torch.Tensor, rows_B: np.ndarray) -> None:
+        rows_BS = torch.as_tensor(rows_B, dtype=torch.int64)[:, None].expand_as(scores_BS)
+        values_CS = torch.cat([self.values_KS, scores_BS.float().cpu()])  # C = k + B
+        rows_CS = torch.cat([self.rows_KS, rows_BS])
+        self.values_KS, pick_KS = values_CS.topk(min(self.k, len(values_CS)), dim=0)
+        self.rows_KS = rows_CS.gather(0, pick_KS)
+
+    def top(self, column: int, positive_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, values) of one column, best first; unfilled slots (and zeros) dropped."""
+        values_K = self.values_KS[:, column].numpy()
+        rows_K = self.rows_KS[:, column].numpy()
+        keep_K = (values_K > 0) if positive_only else (rows_K >= 0)
+        return rows_K[keep_K], values_K[keep_K]
+
+
+@dataclass
+class FiringStats:
+    """Counts over one pass; frequencies are per patch (as in training logs) and per image."""
+
+    patch_fires_S: np.ndarray
+    image_fires_S: np.ndarray
+    image_max_sum_S: np.ndarray
+    image_max_S: np.ndarray
+    n_patches: int
+    n_images: int
+
+    @property
+    def patch_freq(self) -> np.ndarray:
+        return self.patch_fires_S / max(1, self.n_patches)
+
+    @property
+    def image_freq(self) -> np.ndarray:
+        return self.image_fires_S / max(1, self.n_images)
+
+    @property
+    def mean_image_max(self) -> np.ndarray:
+        return self.image_max_sum_S / max(1, self.n_images)
+
+
+def scan(
+    store: Any,
+    sae: Any,
+    top_k: int,
+    *,
+    batch_patches: int = 8192,
+    device: str = "cpu",
+    reduce: str = "max",
+) -> tuple[FiringStats, RunningTopK]:
+    """The streaming pass: firing counts and per-latent top-k images."""
+    d_sae = int(sae.d_sae)
+    topk = RunningTopK(d_sae, top_k)
+    patch_fires_S = torch.zeros(d_sae, dtype=torch.int64)
+    image_fires_S = torch.zeros(d_sae, dtype=torch.int64)
+    max_sum_S = torch.zeros(d_sae, dtype=torch.float64)
+    max_S = torch.zeros(d_sae)
+    n_patches = n_images = 0
+    for batch in stream_codes(store, sae, batch_patches=batch_patches, device=device):
+        codes_BPS = batch.codes_BPS.cpu()
+        pooled_BS = codes_BPS.amax(dim=1) if reduce == "max" else codes_BPS.mean(dim=1)
+        patch_fires_S += torch.count_nonzero(codes_BPS, dim=(0, 1))
+        image_fires_S += (pooled_BS > 0).sum(dim=0)
+        max_sum_S += pooled_BS.sum(dim=0, dtype=torch.float64)
+        max_S = torch.maximum(max_S, pooled_BS.amax(dim=0))
+        topk.update(pooled_BS, batch.image_index)
+        n_patches += codes_BPS.shape[0] * codes_BPS.shape[1]
+        n_images += codes_BPS.shape[0]
+    if n_images == 0:
+        raise TraitsaeError(f"store {store.path} has no valid image to scan.")
+    stats = FiringStats(
+        patch_fires_S.numpy(),
+        image_fires_S.numpy(),
+        max_sum_S.numpy(),
+        max_S.numpy(),
+        n_patches,
+        n_images,
+    )
+    return stats, topk
+
+
+def select_latents(
+    stats: FiringStats,
+    latents: list[int] | None,
+    min_freq: float,
+    max_freq: float,
+    max_latents: int,
+    seed: int,
+) -> np.ndarray:
+    """Chosen latents as given, else a seeded sample of the latents firing within the range."""
+    d_sae = len(stats.patch_fires_S)
+    if latents:
+        chosen = np.asarray(list(latents), dtype=np.int64)
+        bad = chosen[(chosen < 0) | (chosen >= d_sae)]
+        if len(bad):
+            raise TraitsaeError(
+                f"eval.latents has {bad.tolist()} outside the SAE's latents 0..{d_sae - 1}."
+            )
+        return chosen
+    freq_S = stats.patch_freq
+    in_range = np.flatnonzero((freq_S > 0) & (freq_S >= min_freq) & (freq_S <= max_freq))
+    if len(in_range) > max_latents:
+        in_range = np.sort(np.random.default_rng(seed).choice(in_range, max_latents, replace=False))
+    return in_range
+
+
+def frequency_histogram(stats: FiringStats, out_path: Path) -> Path:
+    """log10 patch firing frequency of the alive latents; dead/dense counts in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    freq_S = stats.patch_freq
+    alive = freq_S[freq_S > 0]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    if len(alive):
+        ax.hist(np.log10(alive), bins=40, color="#3465a4")
+    ax.set_xlabel("log10 firing frequency (fraction of patches)")
+    ax.set_ylabel("latents")
+    ax.set_title(
+        f"{len(alive)} alive, {int((freq_S == 0).sum())} dead, "
+        f"{int((freq_S > 1e-2).sum())} with freq > 1e-2",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return out_path
+
+
+def gallery_figure(
+    latent: int,
+    rows: np.ndarray,
+    values: np.ndarray,
+    codes: dict[int, np.ndarray],
+    column: int,
+    grid: tuple[int, int],
+    paths: np.ndarray,
+    images: ImageSource,
+    out_path: Path,
+    per_row: int = 8,
+) -> Path:
+    panels = [
+        heatmaps.Panel(
+            images.load(str(paths[r])),
+            codes[int(r)][:, column].reshape(grid),
+            f"#{int(r)} max={v:.2f}",
+        )
+        for r, v in zip(rows, values, strict=True)
+    ]
+    lines = [("", panels[i : i + per_row]) for i in range(0, max(1, len(panels)), per_row)]
+    return heatmaps.plot_panel_rows(lines, out_path, f"latent {latent}: top {len(panels)} images")
+
+
+def write_latents_csv(path: Path, stats: FiringStats) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["latent", "patch_freq", "image_freq", "mean_image_score", "max_score"])
+        for s in range(len(stats.patch_fires_S)):
+            writer.writerow(
+                [
+                    s,
+                    f"{stats.patch_freq[s]:.6g}",
+                    f"{stats.image_freq[s]:.6g}",
+                    f"{stats.mean_image_max[s]:.6g}",
+                    f"{stats.image_max_S[s]:.6g}",
+                ]
+            )
+
+
+def galleries(
+    store: Any,
+    sae: Any,
+    stats: FiringStats,
+    topk: RunningTopK,
+    chosen: np.ndarray,
+    images: ImageSource,
+    out: Path,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """One PNG per chosen latent; returns their rows for features.json / index.html."""
+    paths = np.asarray(store.metadata["path"]).astype(str)
+    grid = tuple(int(g) for g in store.grid)
+    tops = {int(lat): topk.top(int(lat)) for lat in chosen}
+    needed = np.concatenate([r for r, _ in tops.values()] or [np.zeros(0, np.int64)])
+    codes = gather_codes(store, sae, needed, chosen, device)
+    entries = []
+    for column, latent in enumerate(int(lat) for lat in chosen):
+        rows, values = tops[latent]
+        entry = {
+            "latent": latent,
+            "patch_freq": float(stats.patch_freq[latent]),
+            "image_freq": float(stats.image_freq[latent]),
+            "mean_image_score": float(stats.mean_image_max[latent]),
+            "max_score": float(stats.image_max_S[latent]),
+            "top_images": paths[rows].tolist(),
+            "top_scores": values.tolist(),
+            "figure": "",
+        }
+        if len(rows):
+            rel = Path("galleries") / f"latent_{latent:05d}.png"
+            gallery_figure(latent, rows, values, codes, column, grid, paths, images, out / rel)
+            entry["figure"] = rel.as_posix()
+        entries.append(entry)
+    return entries
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`python evaluate.py eval=features run=<run dir>`."""
+    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+
+    sae = resolve_sae(cfg)
+    sae.eval().to(cfg.device)
+    out = output_dir(cfg)
+    ev = cfg.eval
+    with eval_store(cfg, sae, ev.get("split") or cfg.split) as store:
+        stats, topk = scan(
+            store,
+            sae,
+            int(ev.top_k),
+            batch_patches=int(ev.batch_patches),
+            device=str(cfg.device),
+            reduce=str(ev.reduce),
+        )
+        chosen = select_latents(
+            stats,
+            list(ev.latents) if ev.get("latents") else None,
+            float(ev.min_freq),
+            float(ev.max_freq),
+            int(ev.max_latents),
+            int(cfg.seed),
+        )
+        entries = galleries(
+            store, sae, stats, topk, chosen, image_source(cfg, store), out, str(cfg.device)
+        )
+        result = {
+            "n_images": stats.n_images,
+            "n_patches": stats.n_patches,
+            "d_sae": len(stats.patch_fires_S),
+            "n_dead": int((stats.patch_freq == 0).sum()),
+            "n_dense": int((stats.patch_freq > 1e-2).sum()),
+            "store": str(store.path),
+            "latents": entries,
+        }
+    (out / "features.json").write_text(json.dumps(result, indent=2))
+    write_latents_csv(out / "latents.csv", stats)
+    frequency_histogram(stats, out / "frequency.png")
+    write_features_index(out, result)
+    print(
+        f"{len(entries)} latent galleries ({result['n_dead']} dead of {result['d_sae']}): "
+        f"{out / 'index.html'}"
+    )
+    return result
+
+
+def write_features_index(out: Path, result: dict[str, Any]) -> Path:
+    columns = ["latent", "patch_freq", "image_freq", "mean_image_score", "max_score"]
+    rows = [{**e, "anchor": f"latent-{e['latent']}"} for e in result["latents"]]
+    cards = [
+        Card(
+            heading=f"latent {e['latent']}",
+            anchor=f"latent-{e['latent']}",
+            figure=out / e["figure"] if e["figure"] else None,
+            numbers={k: e[k] for k in columns[1:]},
+            note="" if e["figure"] else "never fires on this store",
+        )
+        for e in result["latents"]
+    ]
+    freq_card = Card(
+        heading="firing frequency",
+        anchor="frequency",
+        figure=out / "frequency.png",
+        numbers={"dead": result["n_dead"], "dense": result["n_dense"], "d_sae": result["d_sae"]},
+    )
+    intro = (
+        f"Top images per latent by image score on {result['n_images']} images "
+        f"({result['n_patches']} patches), patch heat-maps overlaid. Every latent's numbers: "
+        "latents.csv."
+    )
+    return write_report(
+        out / "index.html",
+        "Latent galleries",
+        intro,
+        [("Firing frequency", [], [], [freq_card]), ("Latents", columns, rows, cards)],
+        link_column="latent",
+    )

@@ -1,0 +1,155 @@
+"""precision@k of every direction for every trait at once, plus AP, selection and bootstrap CIs.
+
+precision@k(t, j) = fraction of the k images that direction j scores highest which carry trait t.
+The research notes compute it with one argsort per (direction, trait); here it is, per block of
+directions, one top-k and one matrix product with the label matrix:
+
+    w[j, n] = 1 if image n is in direction j's top k, else 0        # [M, N]
+    prec[j, t] = (w @ labels)[j, t] / k                             # [M, T]
+
+Ties at the k-th score are shared fairly: an image tied at the threshold gets weight
+(k - #strictly above) / #tied, i.e. the expected precision under a random tie-break. Sparse SAE
+latents are zero on most images, so without this a latent that fires on fewer than k images
+would score whatever the sort order of its zeros happens to be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from traitsae.errors import TraitsaeError
+
+
+def check_k(ks: Sequence[int], n_images: int, what: str = "the evaluation split") -> list[int]:
+    """Validate the k list against the number of images; returns it sorted and deduplicated."""
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise TraitsaeError(f"eval.k must be a non-empty list of positive integers, got {ks}.")
+    if ks[-1] > n_images:
+        raise TraitsaeError(
+            f"eval.k={ks} asks for the top {ks[-1]} images but {what} has only {n_images} valid "
+            f"images; pass smaller values, e.g. eval.k=[{min(10, n_images)}]."
+        )
+    return ks
+
+
+def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def precision_at_k(
+    scores_NM: np.ndarray | torch.Tensor,
+    labels_NT: np.ndarray | torch.Tensor,
+    ks: Sequence[int],
+    block: int = 2048,
+) -> dict[int, np.ndarray]:
+    """precision@k for all M directions x T traits, for every k in `ks`.
+
+    scores_NM: image scores [N images, M directions]; labels_NT: 0/1 trait labels [N, T].
+    Returns {k: precision [M, T] float32}. Peak extra memory is a few [block, N] float32 arrays.
+    """
+    scores_NM = _as_tensor(scores_NM)
+    labels_NT = _as_tensor(labels_NT).to(torch.float32)
+    n_images, n_dirs = scores_NM.shape
+    if labels_NT.shape[0] != n_images:
+        raise TraitsaeError(
+            f"scores have {n_images} images but labels have {labels_NT.shape[0]} rows; "
+            "they must be aligned image by image."
+        )
+    ks = check_k(ks, n_images)
+    out = {k: np.empty((n_dirs, labels_NT.shape[1]), dtype=np.float32) for k in ks}
+    for start in range(0, n_dirs, block):
+        # Directions as rows, so topk and the comparisons run along contiguous memory.
+        s_BN = scores_NM[:, start : start + block].T.to(torch.float32).contiguous()
+        if not torch.isfinite(s_BN).all():
+            raise TraitsaeError(
+                f"non-finite image scores in directions {start}..{start + s_BN.shape[0] - 1}; "
+                "the SAE or the store produced NaN/inf activations."
+            )
+        top_BK = torch.topk(s_BN, ks[-1], dim=1, sorted=True).values  # [B, k_max], descending
+        for k in ks:
+            weights_BN = _topk_weights(s_BN, top_BK[:, k - 1], k)
+            out[k][start : start + s_BN.shape[0]] = (weights_BN @ labels_NT / k).numpy()
+    return out
+
+
+def _topk_weights(s_BN: torch.Tensor, kth_B: torch.Tensor, k: int) -> torch.Tensor:
+    """Membership weights of the top k per row, ties at the threshold sharing the remaining slots."""
+    at_least_BN = s_BN >= kth_B[:, None]
+    weights_BN = at_least_BN.to(torch.float32)
+    # Only rows with more than k candidates have ties to share; fix those rows alone (cheap
+    # for continuous scores, where there are none).
+    rows = torch.nonzero(at_least_BN.sum(1) > k).flatten()
+    if rows.numel():
+        s_RN, kth_R = s_BN[rows], kth_B[rows, None]
+        tied_RN = s_RN == kth_R
+        n_above_R = (s_RN > kth_R).sum(1)
+        share_R = (k - n_above_R).to(torch.float32) / tied_RN.sum(1).to(torch.float32)
+        weights_BN[rows] = torch.where(tied_RN, share_R[:, None], weights_BN[rows])
+    return weights_BN
+
+
+def precision_at_k_loop(scores_NM: np.ndarray, labels_NT: np.ndarray, k: int) -> np.ndarray:
+    """The research notes' reference: one argsort per direction and trait. Slow; tests/benchmarks."""
+    n_dirs, n_traits = scores_NM.shape[1], labels_NT.shape[1]
+    prec_MT = np.empty((n_dirs, n_traits), dtype=np.float32)
+    for t in range(n_traits):
+        y_true = labels_NT[:, t]
+        for j in range(n_dirs):
+            topk = np.argsort(scores_NM[:, j])[-k:]
+            prec_MT[j, t] = y_true[topk].mean()
+    return prec_MT
+
+
+def select_best(prec_MT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best direction per trait (first on ties) and its precision: ([T] int64, [T] float32)."""
+    best_T = prec_MT.argmax(axis=0)
+    return best_T, prec_MT[best_T, np.arange(prec_MT.shape[1])]
+
+
+def average_precision_columns(scores_N: np.ndarray, labels_NT: np.ndarray) -> np.ndarray:
+    """AP of one ranking for several traits at once, [T]; equals sklearn's (ties grouped).
+
+    AP = sum over distinct score thresholds of (recall gain) x (precision at the threshold).
+    NaN for traits without positives.
+    """
+    order_N = np.argsort(-np.asarray(scores_N), kind="stable")
+    s_N = np.asarray(scores_N)[order_N]
+    tp_NT = np.cumsum(np.asarray(labels_NT, dtype=np.float64)[order_N], axis=0)
+    ends_G = np.flatnonzero(np.r_[s_N[1:] != s_N[:-1], True])  # last row of each tie group
+    tp_GT = tp_NT[ends_G]
+    prec_GT = tp_GT / (ends_G + 1)[:, None]
+    gain_GT = np.diff(tp_GT, axis=0, prepend=0.0)
+    n_pos_T = tp_GT[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_pos_T > 0, (gain_GT * prec_GT).sum(0) / n_pos_T, np.nan)
+
+
+def average_precision_pairs(
+    scores_NM: np.ndarray, labels_NT: np.ndarray, dirs_P: np.ndarray, traits_P: np.ndarray
+) -> np.ndarray:
+    """AP of (direction, trait) pairs, [P]; one sort per distinct direction."""
+    ap_P = np.empty(len(dirs_P), dtype=np.float64)
+    dirs_P, traits_P = np.asarray(dirs_P), np.asarray(traits_P)
+    for j in np.unique(dirs_P):
+        at = np.flatnonzero(dirs_P == j)
+        ap_P[at] = average_precision_columns(scores_NM[:, j], labels_NT[:, traits_P[at]])
+    return ap_P
+
+
+def bootstrap_ci(
+    values_T: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over traits (traits resampled with replacement)."""
+    values_T = np.asarray(values_T, dtype=np.float64)
+    if values_T.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx_BT = rng.integers(0, values_T.size, size=(n_boot, values_T.size))
+    means_B = values_T[idx_BT].mean(axis=1)
+    alpha = (1.0 - level) / 2
+    low, high = np.quantile(means_B, [alpha, 1.0 - alpha])
+    return float(low), float(high)

@@ -1,0 +1,137 @@
+"""`eval=probe`: what does the SAE lose? Class linear-probe accuracy on original activations vs
+on the SAE's reconstructions (e.g. CUB species).
+
+Features per image: the CLS token, or the mean of its patch tokens (each patch reconstructed by
+the SAE before pooling). A multinomial logistic regression is fit on the train split and scored
+on the test split, once on original features and once on reconstructions; the probe fit on
+originals is also applied to reconstructions (does the SAE keep what that probe reads?).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.scoring import images_per_block, iter_valid_tokens
+
+FEATURES = ("auto", "cls", "pooled")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Hydra entry: fit probes on the train split, report accuracies on the test split."""
+    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+
+    sae = resolve_sae(cfg)
+    features = resolve_features(cfg.eval.features, sae)
+    splits = {}
+    for role in ("train", "test"):
+        store = eval_store(cfg, sae, cfg.eval[f"{role}_split"])
+        try:
+            splits[role] = image_features(sae, store, features, cfg.get("device", "cpu"))
+        finally:
+            store.close()
+    result = probe_accuracies(
+        splits["train"], splits["test"], cfg.eval.C, cfg.eval.max_iter, cfg.eval.seed
+    )
+    result["features"] = features
+    result["layer"] = int(sae.meta["layer"])
+    out = output_dir(cfg)
+    (out / "probe.json").write_text(json.dumps(result, indent=2))
+    print(format_result(result))
+    print(f"probe: outputs in {out}")
+    return result
+
+
+def resolve_features(features: str, sae: torch.nn.Module) -> str:
+    """`auto`: the tokens the SAE was trained on (cls -> cls, patches -> pooled patches)."""
+    if features not in FEATURES:
+        raise TraitsaeError(f"eval.features must be one of {FEATURES}, got {features!r}.")
+    if features != "auto":
+        return features
+    return "cls" if sae.meta.get("tokens", "patches") == "cls" else "pooled"
+
+
+@torch.no_grad()
+def image_features(
+    sae: torch.nn.Module, store, features: str, device: str = "cpu"
+) -> dict[str, np.ndarray]:
+    """{'original': [N, D], 'reconstructed': [N, D], 'label': [N]} for valid, labelled images."""
+    layer = int(sae.meta["layer"])
+    tokens = "cls" if features == "cls" else "patches"
+    block = images_per_block(store, tokens, int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0))))
+    labels_all = np.asarray(store.metadata["label"])
+    orig, rec, labels = [], [], []
+    for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block, device):
+        n_b, n_p, d = acts_BPD.shape
+        x_hat_BPD = sae.decode(sae.encode(acts_BPD.reshape(n_b * n_p, d))).reshape(n_b, n_p, d)
+        orig.append(acts_BPD.mean(1).cpu().numpy())  # CLS: n_p = 1, the mean is the token
+        rec.append(x_hat_BPD.mean(1).cpu().numpy())
+        labels.append(labels_all[rows_B])
+    label_N = np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)
+    keep_N = label_N >= 0
+    if keep_N.sum() == 0:
+        raise TraitsaeError(
+            f"store {store.path} has no valid images with a class label (images/label >= 0); "
+            "eval=probe needs a labelled dataset such as dataset=cub."
+        )
+    return {
+        "original": np.concatenate(orig)[keep_N],
+        "reconstructed": np.concatenate(rec)[keep_N],
+        "label": label_N[keep_N],
+    }
+
+
+def _fit(x_ND: np.ndarray, y_N: np.ndarray, C: float, max_iter: int, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if np.unique(y_N).size < 2:
+        raise TraitsaeError(
+            "the train split has fewer than 2 classes; a class probe needs 2 or more."
+        )
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+    )
+    return model.fit(x_ND, y_N)
+
+
+def probe_accuracies(
+    train: dict[str, np.ndarray], test: dict[str, np.ndarray], C: float, max_iter: int, seed: int
+) -> dict[str, Any]:
+    """Test accuracy of probes on originals, on reconstructions, and originals' probe on recs."""
+    on_orig = _fit(train["original"], train["label"], C, max_iter, seed)
+    on_rec = _fit(train["reconstructed"], train["label"], C, max_iter, seed)
+    acc_orig = float(on_orig.score(test["original"], test["label"]))
+    acc_rec = float(on_rec.score(test["reconstructed"], test["label"]))
+    return {
+        "n_train": int(train["label"].size),
+        "n_test": int(test["label"].size),
+        "n_classes": int(np.unique(train["label"]).size),
+        "accuracy_original": acc_orig,
+        "accuracy_reconstructed": acc_rec,
+        "accuracy_drop": acc_orig - acc_rec,
+        "accuracy_original_probe_on_reconstructed": float(
+            on_orig.score(test["reconstructed"], test["label"])
+        ),
+        "chance": float(np.bincount(test["label"]).max() / test["label"].size),
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"class probe on {result['features']} features of layer {result['layer']} "
+            f"({result['n_classes']} classes, {result['n_train']} train / {result['n_test']} test images)",
+            f"  accuracy on original activations      {result['accuracy_original']:.3f}",
+            f"  accuracy on SAE reconstructions       {result['accuracy_reconstructed']:.3f}",
+            f"  drop                                  {result['accuracy_drop']:+.3f}",
+            f"  original probe on reconstructions     {result['accuracy_original_probe_on_reconstructed']:.3f}",
+            f"  majority-class chance                 {result['chance']:.3f}",
+        ]
+    )

@@ -1,0 +1,248 @@
+"""LightningModule that trains one SAE on streamed (float16) activation batches."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from traitsae.errors import TraitsaeError
+from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained
+from traitsae.sae.model import SAEOutput, build_sae
+
+# Latents firing on more than this fraction of vectors are "dense" (uninterpretable).
+DENSE_FREQ = 1e-2
+
+
+def geometric_median(points_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    median_D = points_ND.mean(0)
+    for _ in range(iters):
+        dist_N = (points_ND - median_D).norm(dim=1).clamp_min(1e-8)
+        weights_N = 1.0 / dist_N
+        new_D = (weights_N[:, None] * points_ND).sum(0) / weights_N.sum()
+        if (new_D - median_D).norm() <= tol * median_D.norm().clamp_min(1e-8):
+            return new_D
+        median_D = new_D
+    return median_D
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Linear warm-up to 1, then `decay` (cosine | linear | constant) down to `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if decay == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if decay == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise TraitsaeError(f"optim.decay={decay!r} is unknown; use cosine, linear or constant.")
+
+
+class SAEModule(L.LightningModule):
+    """Loss = reconstruction MSE + sparsity penalty + aux_coeff * AuxK (TopK family).
+
+    Inputs arrive as raw float16 [B, D]; they are cast and scaled (x * scale, so that
+    E||x||^2 = d_model) here, on the device.
+    """
+
+    def __init__(
+        self,
+        sae: dict[str, Any],
+        sparsity: dict[str, Any],
+        optim: dict[str, Any],
+        scale: float = 1.0,
+        max_steps: int = 1000,
+        figures_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.sae = build_sae(**sae)
+        self.penalty = instantiate(sparsity)
+        self.optim_cfg = dict(optim)
+        self.aux_k = int(sae.get("aux_k") or self.sae.d_model // 2)
+        self.aux_coeff = float(sae.get("aux_coeff", 0.0) or 0.0)
+        self.dead_after_steps = int(sae.get("dead_after_steps", 1000))
+        self.figures_dir = Path(figures_dir) if figures_dir else None
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        # Steps since each latent last fired on any rank (dead-latent tracking, AuxK).
+        self.register_buffer("steps_since_fired", torch.zeros(self.sae.d_sae, dtype=torch.long))
+        d_model, d_sae = self.sae.d_model, self.sae.d_sae
+        self.val_mse = MeanMetric()
+        self.val_l0 = MeanMetric()
+        self.val_l1 = MeanMetric()
+        self.val_fvu = FractionOfVarianceUnexplained(d_model)
+        self.val_freq = FiringFrequency(d_sae)
+        self._last_time: float | None = None
+
+    # ---- set-up --------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_b_dec(self, raw_sample_ND: Tensor, method: str) -> None:
+        """b_dec from data (before the first step): mean, geometric_median, or zeros."""
+        x_ND = raw_sample_ND.float() * self.scale.cpu()
+        if method == "zeros":
+            return
+        if method == "mean":
+            self.sae.b_dec.copy_(x_ND.mean(0))
+        elif method == "geometric_median":
+            self.sae.b_dec.copy_(geometric_median(x_ND.double()).float())
+        else:
+            raise TraitsaeError(
+                f"sae.b_dec_init={method!r} is unknown; use mean, geometric_median or zeros."
+            )
+
+    def normalise(self, batch_BD: Tensor) -> Tensor:
+        return batch_BD.to(self.sae.W_enc.dtype) * self.scale
+
+    # ---- training ------------------------------------------------------------------------
+    def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor:
+        x_BD = self.normalise(batch_BD)
+        out = self.sae(x_BD)
+        mse = self.sae.reconstruction_loss(x_BD, out)
+        penalty = self.penalty(out, self.sae, self.global_step)
+        loss = mse + penalty
+        dead_S = self._track_firing(out)
+        if self.aux_coeff > 0:
+            aux = self.sae.auxk_loss(x_BD, out, dead_S, self.aux_k)
+            loss = loss + self.aux_coeff * aux
+            self.log("train/auxk", aux, on_step=True)
+        self._check_finite(loss, mse, x_BD)
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/mse": mse,
+                "train/sparsity": penalty,
+                "train/fvu": self._batch_fvu(x_BD, out),
+                "train/l1": self._l1(out),
+                "train/dead_frac": dead_S.float().mean(),
+            },
+            on_step=True,
+        )
+        self.log("train/l0", out.l0().mean(), on_step=True, prog_bar=True)
+        self._log_throughput(x_BD.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def _track_firing(self, out: SAEOutput) -> Tensor:
+        counts_S = out.fire_counts()
+        if self.trainer.world_size > 1:  # every rank must agree on which latents are dead
+            counts_S = self.trainer.strategy.reduce(counts_S.float(), reduce_op="sum")
+        self.steps_since_fired += 1
+        self.steps_since_fired[counts_S > 0] = 0
+        return self.steps_since_fired >= self.dead_after_steps
+
+    @staticmethod
+    def _batch_fvu(x_BD: Tensor, out: SAEOutput) -> Tensor:
+        with torch.no_grad():
+            err = (out.recon_BD - x_BD).pow(2).sum()
+            return err / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+    @staticmethod
+    def _l1(out: SAEOutput) -> Tensor:
+        with torch.no_grad():
+            if out.codes_BS is None and out.values_BK is not None:
+                return out.values_BK.abs().sum(1).mean()
+            return out.dense_codes().abs().sum(1).mean()
+
+    def _check_finite(self, loss: Tensor, mse: Tensor, x_BD: Tensor) -> None:
+        if torch.isfinite(loss):
+            return
+        x = x_BD.detach()
+        lr = self.optimizers().param_groups[0]["lr"] if self._trainer else float("nan")
+        raise TraitsaeError(
+            f"non-finite loss at step {self.global_step}: loss={loss.item()}, mse={mse.item()}, "
+            f"lr={lr:.3g}; batch of {x.shape[0]} normalised vectors: "
+            f"{int((~torch.isfinite(x)).sum())} non-finite values, min={x.min().item():.4g}, "
+            f"max={x.max().item():.4g}, mean |x|={x.abs().mean().item():.4g}, "
+            f"scale={self.scale.item():.4g}. Check the store for inf/NaN activations (float16 "
+            "overflow), lower optim.lr, or set trainer.gradient_clip_val."
+        )
+
+    def _log_throughput(self, n_vectors: int) -> None:
+        now = time.perf_counter()
+        if self._last_time is not None:
+            rate = n_vectors * self.trainer.world_size / max(now - self._last_time, 1e-9)
+            self.log("vec_per_s", rate, on_step=True, prog_bar=True, logger=False)
+        self._last_time = now
+
+    # ---- optimisation --------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        fused = self.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.Adam(
+            self.parameters(),
+            lr=float(cfg["lr"]),
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            eps=float(cfg.get("eps", 1e-8)),
+            fused=fused,
+        )
+        warmup, total = int(cfg.get("warmup_steps", 0)), int(self.hparams.max_steps)
+        decay, min_ratio = str(cfg.get("decay", "constant")), float(cfg.get("min_lr_ratio", 0.0))
+        lr_factor(0, warmup, total, decay, min_ratio)  # reject a bad `decay` before training
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup, total, decay, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The sparse TopK decode returns an already-projected decoder gradient.
+        sparse = self.sae.activation.sparse_k is not None and not self.sae.prefixes
+        if self.sae.unit_norm_decoder and not sparse:
+            self.sae.remove_parallel_grad()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.sae.unit_norm_decoder:
+            self.sae.normalize_decoder()
+
+    # ---- validation ----------------------------------------------------------------------
+    def validation_step(self, batch_BD: Tensor, batch_idx: int) -> None:
+        x_BD = self.normalise(batch_BD)
+        out = self.sae(x_BD)
+        codes_BS = out.dense_codes()
+        n = x_BD.shape[0]
+        self.val_mse.update((out.recon_BD - x_BD).pow(2).mean(1))
+        self.val_l0.update((codes_BS > 0).sum(1).float())
+        self.val_l1.update(codes_BS.abs().sum(1))
+        self.val_fvu.update(out.recon_BD, x_BD)
+        self.val_freq.update(out.fire_counts(), n)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_freq.n.item() == 0 and self.trainer.world_size == 1:
+            return  # no validation data this round
+        freq_S = self.val_freq.compute()
+        self.log_dict(
+            {
+                "val/mse": self.val_mse.compute(),
+                "val/fvu": self.val_fvu.compute(),
+                "val/l0": self.val_l0.compute(),
+                "val/l1": self.val_l1.compute(),
+                "val/dead_frac": (freq_S == 0).float().mean(),
+                "val/dense_frac": (freq_S > DENSE_FREQ).float().mean(),
+            },
+            prog_bar=False,
+        )
+        for metric in (self.val_mse, self.val_l0, self.val_l1, self.val_fvu, self.val_freq):
+            metric.reset()
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._save_histogram(freq_S.cpu())
+
+    def _save_histogram(self, freq_S: Tensor) -> None:
+        from traitsae.sae.plots import firing_histogram
+
+        if self.figures_dir is None:
+            return
+        path = self.figures_dir / f"firing_freq_step{self.global_step:07d}.png"
+        firing_histogram(freq_S, path, title=f"{self.sae.variant} step {self.global_step}")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # wandb
+                logger.log_image(key="val/firing_freq", images=[str(path)], step=self.global_step)

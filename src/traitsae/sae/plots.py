@@ -1,0 +1,33 @@
+"""Figures of SAE health (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+
+def firing_histogram(freq_S: Tensor, path: Path, title: str = "") -> Path:
+    """log10 firing-frequency histogram; never-firing latents counted in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    freq = freq_S.numpy()
+    alive = freq[freq > 0]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if alive.size:
+        ax.hist(np.log10(alive), bins=50, color="tab:blue")
+    ax.axvline(-2, color="tab:red", lw=1, ls="--", label="dense (1e-2)")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    dead = int((freq == 0).sum())
+    ax.set_title(f"{title}  dead: {dead}/{freq.size}".strip())
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

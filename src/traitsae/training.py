@@ -1,0 +1,180 @@
+"""train(cfg): store -> ActivationsDataModule -> SAEModule -> Lightning fit -> sae.json export.
+
+Set-up, train, clean-up:
+- the data module opens the store once (layer, validation split, normaliser scale);
+- the SAE module is built from `cfg.sae` / `cfg.sparsity` / `cfg.optim`; b_dec starts at the
+  data's mean or geometric median unless the run resumes;
+- Lightning runs to `trainer.max_steps` on an endless shuffled stream, checkpointing into
+  `<run dir>/checkpoints` (re-running the same command in the same run dir resumes from
+  `last.ckpt`);
+- rank 0 writes the portable `sae.safetensors` + `sae.json` into the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from traitsae.errors import TraitsaeError
+from traitsae.paths import hydra_output_dir
+from traitsae.sae.model import VARIANTS
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def sae_kwargs(cfg: DictConfig, d_model: int) -> dict[str, Any]:
+    """`cfg.sae` as plain kwargs with d_sae resolved (`sae.d_sae`, else expansion x d_model)."""
+    sae = OmegaConf.to_container(cfg.sae, resolve=True)
+    assert isinstance(sae, dict)
+    variant = sae.get("variant")
+    if variant not in VARIANTS:
+        raise TraitsaeError(
+            f"unknown SAE variant sae={variant!r}; available: {', '.join(VARIANTS)} "
+            "(choose with sae=<name>; each is a yaml file in conf/sae/)."
+        )
+    if sae.get("d_sae") is None:
+        if not sae.get("expansion"):
+            raise TraitsaeError("set sae.d_sae=<latents> or sae.expansion=<latents per d_model>.")
+        sae["d_sae"] = int(sae["expansion"]) * d_model
+    sae["d_model"] = d_model
+    return sae
+
+
+def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(kwargs, dict)
+    kwargs.pop("_target_", None)
+    max_steps = int(kwargs.get("max_steps", -1))
+    if max_steps <= 0:
+        raise TraitsaeError("trainer.max_steps must be a positive integer: the stream is endless.")
+    # At least one validation per run, even for short runs.
+    if kwargs.get("val_check_interval"):
+        kwargs["val_check_interval"] = min(int(kwargs["val_check_interval"]), max_steps)
+    return kwargs
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = int(cfg.checkpoint.every_n_train_steps)
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=run_dir / CHECKPOINT_DIR,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every,
+            save_last=True,
+            save_top_k=1,
+        )
+    ]
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is not None and "_target_" in node:
+            log.info("callback %s: %s", name, node._target_)
+            callbacks.append(instantiate(node))
+    return callbacks
+
+
+def _loggers(cfg: DictConfig) -> list[Any]:
+    from hydra.utils import instantiate
+
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    if cfg.get("resume", True) and last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def export_meta(cfg: DictConfig, dm: Any, trainer: Any) -> dict[str, Any]:
+    """sae.json fields besides the architecture: provenance, normaliser, final metrics."""
+    info = dm.describe()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return {
+        "backbone": info["backbone"],
+        "dataset": info["dataset"],
+        "split": cfg.split,
+        "layer": info["layer"],
+        "tokens": info["tokens"],
+        "scale": info["scale"],
+        "store": info["store"],
+        "n_train_vectors": info["n_train_vectors"],
+        "steps": int(trainer.global_step),
+        "metrics": metrics,
+        "config": config,
+    }
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train one SAE as configured; returns the run dir (holding sae.json)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from traitsae.sae.export import save_sae
+    from traitsae.sae.module import SAEModule
+
+    torch.set_flush_denormal(True)  # denormals made SAE steps ~6x slower on CPU
+    L.seed_everything(int(cfg.seed), workers=True)
+    run_dir = hydra_output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    dm = instantiate(cfg.data)
+    dm.prepare()
+    sae_cfg = sae_kwargs(cfg, dm.d_model)
+    trainer_kwargs = _trainer_kwargs(cfg)
+    module = SAEModule(
+        sae=sae_cfg,
+        sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        scale=dm.scale,
+        max_steps=int(trainer_kwargs["max_steps"]),
+        figures_dir=str(run_dir / "figures"),
+    )
+    ckpt_path = _resume_checkpoint(cfg, run_dir)
+    if ckpt_path is None:
+        module.init_b_dec(torch.from_numpy(dm.sample), str(sae_cfg.get("b_dec_init", "mean")))
+    log.info(
+        "training sae=%s d_model=%d d_sae=%d on %s (layer %d, %s; %d train / %d val vectors, "
+        "scale %.4g)",
+        sae_cfg["variant"], dm.d_model, sae_cfg["d_sae"], dm.store_path, dm.layer, dm.tokens,
+        dm.n_train_vectors, dm.n_val_vectors, dm.scale,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        **trainer_kwargs, callbacks=_callbacks(cfg, run_dir), logger=_loggers(cfg) or False
+    )
+    if dm.n_val_vectors == 0:
+        trainer.limit_val_batches = 0
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if trainer.is_global_zero and cfg.get("export", True):
+        path = save_sae(module.sae.cpu(), run_dir, export_meta(cfg, dm, trainer))
+        log.info("exported %s", path)
+    return run_dir
+
+
+class StopAtStep:
+    """Crash-test hook (tests kill a run mid-way, then resume it): with env var
+    `TRAITSAE_KILL_AT_STEP=n` the process SIGKILLs itself once step n is checkpointed."""
+
+    def __new__(cls) -> Any:
+        import lightning as L
+
+        class _Kill(L.Callback):
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                limit = os.environ.get("TRAITSAE_KILL_AT_STEP")
+                if limit and trainer.global_step >= int(limit):
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Kill()

@@ -1,0 +1,141 @@
+"""Fixtures for the discovery / features / encode / notebook tests.
+
+`planted_store` writes a small store (through the real `create_store`) whose patch activations
+carry known directions at known places:
+- TRAIT_A (direction 0) on a 2x2 patch block of every group-A image ("alpha"),
+- TRAIT_B (direction 1) on another block of every group-B image ("beta"),
+- SHARED (direction 2) on a third block of every image of both groups,
+over small Gaussian noise. `planted_sae` is a real SAE (`build_sae`) whose first latents read
+exactly those directions, so the expected discovery result is known without training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+GRID = (8, 8)
+D_MODEL = 16
+IMAGE_SIZE = 64
+TRAIT_A, TRAIT_B, SHARED = 0, 1, 2
+# Top-left patch (row, col) of each planted 2x2 block.
+BLOCKS = {TRAIT_A: (1, 5), TRAIT_B: (5, 5), SHARED: (5, 1)}
+
+
+@dataclass
+class PlantedStore:
+    path: Path
+    image_root: Path
+    n_per_group: int
+
+
+def block_mask(latent: int) -> np.ndarray:
+    """[rows, cols] bool: where the direction of `latent` is planted."""
+    mask = np.zeros(GRID, dtype=bool)
+    r, c = BLOCKS[latent]
+    mask[r : r + 2, c : c + 2] = True
+    return mask
+
+
+def planted_store(
+    tmp_dir: Path,
+    n_per_group: int = 24,
+    seed: int = 0,
+    *,
+    backbone: str = "tiny",
+    dataset: str = "synthetic",
+    split: str = "test",
+    layer: int = 3,
+) -> PlantedStore:
+    from traitsae.data.store import create_store
+
+    rng = np.random.default_rng(seed)
+    n_images, n_patches = 2 * n_per_group, GRID[0] * GRID[1]
+    acts_NPD = rng.normal(0, 0.1, (n_images, n_patches, D_MODEL)).astype(np.float32)
+    in_a_N = np.arange(n_images) < n_per_group
+    for latent, members_N in (
+        (TRAIT_A, in_a_N),
+        (TRAIT_B, ~in_a_N),
+        (SHARED, np.ones_like(in_a_N)),
+    ):
+        patches = np.flatnonzero(block_mask(latent).ravel())
+        strength_N = rng.uniform(2.0, 3.0, n_images)
+        acts_NPD[np.ix_(members_N, patches, [latent])] += strength_N[members_N, None, None]
+    image_root = tmp_dir / "images"
+    paths = [write_image(image_root, i, in_a_N[i]) for i in range(n_images)]
+    species = np.where(in_a_N, "001.Alpha", "002.Beta")
+    path = tmp_dir / "activations" / dataset / split / f"{backbone}.h5"
+    create_store(
+        path,
+        patches={layer: acts_NPD},
+        cls={layer: acts_NPD.mean(axis=1)},
+        images={
+            "path": np.array(paths),
+            "label": in_a_N.astype(np.int64) ^ 1,
+            "species": species,
+            "image_id": np.array([str(i + 1) for i in range(n_images)]),
+        },
+        attrs={
+            "backbone": backbone,
+            "dataset": dataset,
+            "split": split,
+            "depth": layer + 1,
+            "grid": list(GRID),
+            "image_size": IMAGE_SIZE,
+        },
+    )
+    return PlantedStore(path, image_root, n_per_group)
+
+
+def write_image(root: Path, i: int, in_a: bool) -> str:
+    """A small PNG (relative path, as extraction stores them) tinted by group."""
+    rel = Path("001.Alpha" if in_a else "002.Beta") / f"img_{i:03d}.png"
+    pixels = np.full(
+        (IMAGE_SIZE, IMAGE_SIZE, 3), (90, 140, 90) if in_a else (90, 90, 140), np.uint8
+    )
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(root / rel)
+    return rel.as_posix()
+
+
+def planted_sae(run_dir: Path, store: PlantedStore, d_sae: int = 32, *, layer: int = 3) -> Path:
+    """Export a real SAE whose latents 0..2 read the planted directions (others: random)."""
+    from traitsae.sae.export import save_sae
+    from traitsae.sae.model import build_sae
+
+    sae = build_sae(variant="relu", d_model=D_MODEL, d_sae=d_sae)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w_enc_SD = torch.randn(d_sae, D_MODEL, generator=generator) * 0.05
+        w_enc_SD[:3] = 0
+        for latent in (TRAIT_A, TRAIT_B, SHARED):
+            w_enc_SD[latent, latent] = 1.0
+        set_encoder(sae, w_enc_SD, bias_S=torch.full((d_sae,), -0.5))
+    save_sae(
+        sae,
+        run_dir,
+        meta={
+            "backbone": "tiny",
+            "dataset": "synthetic",
+            "layer": layer,
+            "tokens": "patches",
+            "d_model": D_MODEL,
+            "d_sae": d_sae,
+            "variant": "relu",
+            "scale": 1.0,
+            "store": str(store.path),
+            "config": {},
+        },
+    )
+    return run_dir
+
+
+def set_encoder(sae: torch.nn.Module, w_enc_SD: torch.Tensor, bias_S: torch.Tensor) -> None:
+    """Encoder rows = the directions to read; no decoder bias so raw directions stay exact."""
+    sae.W_enc.copy_(w_enc_SD)
+    sae.b_enc.copy_(bias_S)
+    sae.b_dec.zero_()

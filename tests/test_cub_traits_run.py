@@ -1,0 +1,164 @@
+"""eval=cub_traits end to end on tiny planted stores, through Hydra's compose API."""
+
+import json
+
+import numpy as np
+import pytest
+from eval_helpers import (
+    compose_evaluate,
+    experiment_overrides,
+    make_sae,
+    make_store,
+    planted_experiment,
+)
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.common import run_evaluation
+
+FAST = [
+    "eval=cub_traits",
+    "eval.k=[5,20]",
+    "eval.kmeans_clusters=8",
+    "eval.n_samples=2000",
+    "eval.n_bootstrap=200",
+]
+SUMMARY_KEYS = {
+    "method",
+    "protocol",
+    "k",
+    "mean_precision",
+    "recall_at_tau",
+    "tau",
+    "mean_ap",
+    "ci_low",
+    "ci_high",
+    "n_directions",
+}
+PER_TRAIT_KEYS = {"trait", "method", "protocol", "k", "best_direction", "precision", "ap", "n_pos"}
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    return planted_experiment(tmp_path_factory.mktemp("cub"), absent_traits=(5,))
+
+
+@pytest.fixture(scope="module")
+def report(experiment, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    cfg = compose_evaluate(experiment_overrides(experiment, *FAST), out)
+    return run_evaluation(cfg), out
+
+
+def test_json_follows_the_contract(report):
+    _, out = report
+    data = json.loads((out / "cub_traits.json").read_text())
+    assert {frozenset(row) for row in data["summary"]} == {frozenset(SUMMARY_KEYS)}
+    assert {frozenset(row) for row in data["per_trait"]} == {frozenset(PER_TRAIT_KEYS)}
+    combos = {(r["method"], r["protocol"], r["k"]) for r in data["summary"]}
+    assert combos == {
+        (m, p, k)
+        for m in ("sae", "random", "pca", "kmeans", "probe")
+        for p in ("select_on_train", "select_on_test")
+        for k in (5, 20)
+    }
+    n_dirs = {r["method"]: r["n_directions"] for r in data["summary"]}
+    assert n_dirs == {
+        "sae": 32,
+        "random": 32,
+        "pca": 32,
+        "kmeans": 8,
+        "probe": 5,
+    }  # PCA: 16 x 2 signs
+    for name in ("summary", "per_trait", "skipped", "differences"):
+        assert (out / f"cub_traits_{name}.csv").stat().st_size > 0
+    for name in ("methods", "precision_distribution"):
+        assert (out / f"cub_traits_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trait_without_positives_is_skipped_and_listed(report):
+    rep, _ = report
+    assert [s["trait"] for s in rep.skipped_traits] == ["has_trait_5::colour"]
+    assert "has_trait_5::colour" not in {r["trait"] for r in rep.per_trait}
+    assert all(np.isfinite(r["mean_precision"]) and np.isfinite(r["mean_ap"]) for r in rep.summary)
+
+
+def test_oracle_sae_finds_every_trait_and_beats_random(report, experiment):
+    rep, _ = report
+    sae_rows = [
+        r for r in rep.per_trait if r["method"] == "sae" and r["protocol"] == "select_on_train"
+    ]
+    # Latent t was built to detect trait t: selection on train must pick it, and it is perfect.
+    assert all(int(r["trait"].split("_")[2].split(":")[0]) == r["best_direction"] for r in sae_rows)
+    assert all(r["precision"] == 1.0 for r in sae_rows)
+    summary = {(r["method"], r["protocol"], r["k"]): r for r in rep.summary}
+    sae, rand = summary[("sae", "select_on_train", 20)], summary[("random", "select_on_train", 20)]
+    assert sae["mean_precision"] > rand["ci_high"]
+    assert rand["ci_low"] <= rand["mean_precision"] <= rand["ci_high"]
+    n_pos = {r["trait"]: r["n_pos"] for r in sae_rows}
+    assert n_pos["has_trait_0::colour"] == int(experiment["test_NT"][:, 0].sum())
+    # Selecting on the test split can only look better than (or equal to) selecting on train.
+    for (m, p, k), row in summary.items():
+        if p == "select_on_train" and m != "probe":
+            assert (
+                summary[(m, "select_on_test", k)]["mean_precision"] >= row["mean_precision"] - 1e-6
+            )
+
+
+def test_sae_export_path_and_mean_pool(experiment, tmp_path):
+    overrides = experiment_overrides(
+        experiment, *FAST, "eval.pool=mean", "eval.methods=[sae,random]"
+    )
+    overrides[0] = f"sae={experiment['sae_json']}"  # sae=<sae.json> instead of run=<dir>
+    rep = run_evaluation(compose_evaluate(overrides, tmp_path))
+    assert {r["method"] for r in rep.summary} == {"sae", "random"}
+
+
+def test_k_larger_than_split(experiment, tmp_path):
+    cfg = compose_evaluate(experiment_overrides(experiment, *FAST, "eval.k=[10,500]"), tmp_path)
+    with pytest.raises(TraitsaeError, match="top 500 images but the train split"):
+        run_evaluation(cfg)
+
+
+def test_sae_of_another_layer_or_backbone(experiment, tmp_path):
+    for name, kwargs, message in (
+        ("layer", {"layer": 2}, "trained on layer 2"),
+        ("backbone", {"backbone": "dinov2_small"}, "extract.py backbone=dinov2_small"),
+    ):
+        sae_json = make_sae(tmp_path / name, 16, 32, **kwargs)
+        overrides = experiment_overrides(experiment, *FAST)
+        overrides[0] = f"sae={sae_json}"
+        with pytest.raises(TraitsaeError, match=message):
+            run_evaluation(compose_evaluate(overrides, tmp_path))
+
+
+def test_invalid_images_are_skipped(experiment, tmp_path):
+    from traitsae.data.store import Store
+    from traitsae.evaluation.scoring import Method, image_scores, linear_scorer
+
+    rng = np.random.default_rng(0)
+    patches_NPD = rng.standard_normal((10, 4, 8)).astype(np.float32)
+    valid_N = np.ones(10, dtype=bool)
+    valid_N[[2, 7]] = False
+    patches_NPD[~valid_N] = 0.0
+    path = make_store(
+        tmp_path, "test", np.arange(1, 11), patches_NPD, patches_NPD.mean(1), valid_N=valid_N
+    )
+    import torch
+
+    dirs_MD = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32))
+    with Store(path) as store:
+        scores, rows = image_scores(store, 3, {"lin": Method("lin", linear_scorer(dirs_MD), 3)})
+    np.testing.assert_array_equal(rows, np.flatnonzero(valid_N))
+    expected_NM = (patches_NPD.astype(np.float16).astype(np.float32) @ dirs_MD.numpy().T).max(1)
+    np.testing.assert_allclose(scores["lin"], expected_NM[valid_N], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_options(experiment, tmp_path):
+    for override, message in (
+        ("eval.pool=median", "eval.pool"),
+        ("eval.methods=[sae,ica]", "eval.methods"),
+        ("eval.certainty=[5]", "eval.certainty"),
+    ):
+        cfg = compose_evaluate(experiment_overrides(experiment, *FAST, override), tmp_path)
+        with pytest.raises(TraitsaeError, match=message):
+            run_evaluation(cfg)

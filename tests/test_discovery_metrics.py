@@ -1,0 +1,182 @@
+"""Heat-map metrics, AUROC, group filters, ranking and top-k: no store or SAE needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation import heatmaps
+from traitsae.evaluation.discovery import (
+    GroupScores,
+    RankingRule,
+    auroc_per_column,
+    group_mask,
+    latent_stats,
+    parse_group,
+    rank_by_specificity,
+)
+from traitsae.evaluation.features import RunningTopK
+from traitsae.evaluation.report import Card, write_report
+
+
+def morans_i_reference(map_RC: np.ndarray) -> float:
+    """Textbook Moran's I with an explicit rook weight matrix."""
+    rows, cols = map_RC.shape
+    n = rows * cols
+    weights = np.zeros((n, n))
+    for r in range(rows):
+        for c in range(cols):
+            for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+                if 0 <= r + dr < rows and 0 <= c + dc < cols:
+                    weights[r * cols + c, (r + dr) * cols + c + dc] = 1
+    z = map_RC.ravel() - map_RC.mean()
+    return n / weights.sum() * (z @ weights @ z) / (z @ z)
+
+
+def test_entropy_bounds():
+    one_hot = np.zeros((1, 16))
+    one_hot[0, 5] = 3.0
+    maps = np.concatenate([one_hot, np.ones((1, 16)), np.zeros((1, 16))])
+    np.testing.assert_allclose(heatmaps.normalised_entropy(maps), [0.0, 1.0, 1.0], atol=1e-12)
+    two = np.zeros((1, 16))
+    two[0, :2] = 1
+    np.testing.assert_allclose(heatmaps.normalised_entropy(two), np.log(2) / np.log(16))
+
+
+def test_morans_i_matches_reference_and_orders_patterns():
+    rng = np.random.default_rng(0)
+    maps = rng.random((5, 6, 7))
+    ours = heatmaps.morans_i(maps)
+    np.testing.assert_allclose(ours, [morans_i_reference(m) for m in maps], rtol=1e-10)
+
+    blob = np.zeros((8, 8))
+    blob[2:5, 3:6] = 1.0
+    checker = np.indices((8, 8)).sum(axis=0) % 2
+    scores = heatmaps.morans_i(np.stack([blob, checker, np.full((8, 8), 2.0)]))
+    assert scores[0] > 0.5
+    np.testing.assert_allclose(scores[1], -1.0)
+    assert scores[2] == 0.0
+
+
+def test_triage_score_prefers_specific_narrow_coherent():
+    w = heatmaps.TriageWeights(alpha=1.0, beta=0.5, gamma=0.5)
+    good = heatmaps.triage_score(0.9, 0.2, 0.8, w)
+    diffuse = heatmaps.triage_score(0.9, 0.9, 0.0, w)
+    np.testing.assert_allclose(good, 0.9 - 0.1 + 0.4)
+    assert good > diffuse
+
+
+def test_mass_inside_counts_upsampled_patches():
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 3.0
+    heat[3, 3] = 1.0
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[:8, :8] = True  # exactly patch (0, 0)
+    assert heatmaps.mass_inside(heat, mask) == pytest.approx(0.75)
+    assert heatmaps.mass_inside(np.zeros((4, 4)), mask) == 0.0
+
+
+def test_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(1)
+    scores = np.where(rng.random((40, 6)) < 0.5, 0.0, rng.random((40, 6))).astype(np.float32)
+    positive = np.arange(40) < 15
+    scores[positive, 2] += 1.0  # a clearly specific column
+    ours = auroc_per_column(scores, positive)
+    expected = [roc_auc_score(positive, scores[:, j]) for j in range(6)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-12)
+    assert ours[2] == 1.0
+
+
+METADATA = {
+    "index": np.arange(6),
+    "path": np.array([f"img{i}.png" for i in range(6)]),
+    "valid": np.array([True, True, True, True, True, False]),
+    "species": np.array(["erato", "erato", "melpomene", "melpomene", "erato", "erato"]),
+    "subspecies": np.array(
+        ["lativita", "notabilis", "malleti", "plesseni", "lativita", "lativita"]
+    ),
+}
+
+
+def test_groups_filter_on_any_column_with_value_lists():
+    group = parse_group({"species": "erato", "subspecies": ["lativita", "notabilis"]}, "group_a")
+    assert group == {"species": ["erato"], "subspecies": ["lativita", "notabilis"]}
+    mask = group_mask(METADATA, group, "group_a", "s.h5")
+    np.testing.assert_array_equal(mask, [True, True, False, False, True, False])  # 5 is invalid
+
+
+def test_unknown_column_lists_available_columns_and_counts():
+    with pytest.raises(TraitsaeError) as err:
+        group_mask(METADATA, {"sex": ["male"]}, "group_a", "s.h5")
+    message = str(err.value)
+    assert "'sex'" in message and "subspecies" in message and "'lativita' (2)" in message
+
+
+def test_empty_group_lists_values_with_counts():
+    with pytest.raises(TraitsaeError) as err:
+        group_mask(METADATA, {"species": ["elevatus"]}, "group_b", "s.h5")
+    assert "selects no valid image" in str(err.value)
+    assert "'erato' (3)" in str(err.value) and "'melpomene' (2)" in str(err.value)
+
+
+@pytest.mark.parametrize("spec", [None, {}, "erato", {"species": []}])
+def test_bad_group_spec_is_a_user_error(spec):
+    with pytest.raises(TraitsaeError):
+        parse_group(spec, "group_a")
+
+
+def test_ranking_keeps_specific_latents_and_drops_shared_dense_rare():
+    n_a, n_b = 20, 20
+    in_a = np.arange(n_a + n_b) < n_a
+    rng = np.random.default_rng(2)
+    scores = np.zeros((n_a + n_b, 5), dtype=np.float32)
+    scores[:n_a, 0] = 1 + rng.random(n_a)  # specific to A
+    scores[n_a:, 1] = 1 + rng.random(n_b)  # specific to B
+    scores[:, 2] = 1 + rng.random(n_a + n_b)  # shared trait: fires everywhere
+    scores[:, 3] = rng.random(n_a + n_b) + np.where(in_a, 1.0, 0.5)  # dense, stronger in A
+    scores[:2, 4] = 5.0  # specific to A but too rare
+    stats = latent_stats(GroupScores(np.arange(n_a + n_b), in_a, scores))
+    rule = RankingRule(min_support=0.2, dense_rate=0.9, min_auroc=0.75, n_candidates=5)
+    assert rank_by_specificity(stats, "a", rule).tolist() == [0]
+    assert rank_by_specificity(stats, "b", rule).tolist() == [1]
+    assert stats.rate_a[0] == 1.0 and stats.rate_b[0] == 0.0
+
+
+def test_running_topk_equals_full_sort():
+    rng = np.random.default_rng(3)
+    scores = rng.random((50, 7)).astype(np.float32)
+    topk = RunningTopK(7, k=4)
+    for start in range(0, 50, 9):
+        topk.update(
+            torch.from_numpy(scores[start : start + 9]), np.arange(start, min(start + 9, 50))
+        )
+    for col in range(7):
+        rows, values = topk.top(col)
+        expected = np.argsort(-scores[:, col])[:4]
+        np.testing.assert_array_equal(rows, expected)
+        np.testing.assert_allclose(values, scores[expected, col])
+
+
+def test_report_opens_from_disk_with_relative_links(tmp_path):
+    figure = tmp_path / "figures" / "a.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"")
+    page = write_report(
+        tmp_path / "index.html",
+        "T <1>",
+        "intro",
+        [
+            (
+                "Group A",
+                ["rank", "latent"],
+                [{"rank": 1, "latent": 7, "anchor": "a-1"}],
+                [Card("latent 7", "a-1", figure, {"auroc": 0.91234})],
+            )
+        ],
+        link_column="latent",
+    ).read_text()
+    assert 'src="figures/a.png"' in page and 'href="#a-1"' in page
+    assert "T &lt;1&gt;" in page and "0.912" in page and "http" not in page
