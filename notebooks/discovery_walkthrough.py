@@ -90,7 +90,7 @@ top = next(c for c in candidates if c.group == "a")
 # %%
 latents = sorted({c.latent for c in candidates})
 names = {"a": discovery.describe_group(GROUP_A), "b": discovery.describe_group(GROUP_B)}
-images = discovery.ImageSource(IMAGE_ROOT, store.image_size)
+images = heatmaps.store_image_source(store, IMAGE_ROOT)
 figure = discovery.candidate_figure(
     top,
     codes,

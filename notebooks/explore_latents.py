@@ -31,7 +31,6 @@ from IPython.display import Image, display
 from traitsae import load_sae
 from traitsae.data.store import Store
 from traitsae.evaluation import features, heatmaps
-from traitsae.evaluation.discovery import ImageSource
 from traitsae.evaluation.encode import SparseCodes, write_sparse_codes
 
 # %% tags=["parameters"]
@@ -50,7 +49,7 @@ out = Path(OUT)
 out.mkdir(parents=True, exist_ok=True)
 sae = load_sae(RUN)
 store = Store(STORE or sae.meta["store"])
-images = ImageSource(IMAGE_ROOT, int(IMAGE_SIZE or store.image_size))
+images = heatmaps.store_image_source(store, IMAGE_ROOT, IMAGE_SIZE)
 print(store)
 print(f"SAE: {sae.d_sae} latents, trained on layer {sae.meta['layer']} of {sae.meta['backbone']}")
 

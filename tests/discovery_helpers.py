@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 GRID = (8, 8)
@@ -139,3 +143,61 @@ def set_encoder(sae: torch.nn.Module, w_enc_SD: torch.Tensor, bias_S: torch.Tens
     sae.W_enc.copy_(w_enc_SD)
     sae.b_enc.copy_(bias_S)
     sae.b_dec.zero_()
+
+
+# ----------------------------------------------------------------------------- the real demo
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_cfg(config_name: str, overrides: list[str], out_dir: Path | None = None) -> DictConfig:
+    """A conf/<config_name>.yaml composed in-process; with `out_dir`, Hydra's runtime is set to
+    it as inside @hydra.main (output_dir() and HydraConfig.get() then work)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    if out_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(out_dir)
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def demo_sae(root: Path, steps: int = 300) -> Path:
+    """extract -> train on `dataset=synthetic backbone=tiny` (train split), all under `root`.
+
+    Returns the train run dir. The demo dataset is generated on first use by the extraction.
+    """
+    from traitsae.extraction import extract
+    from traitsae.training import train
+
+    extract(
+        compose_cfg(
+            "extract",
+            [
+                f"paths.root_dir={root}",
+                "split=train",
+                "extract.num_workers=0",
+                "extract.progress=false",
+            ],
+            root / "extract",
+        )
+    )
+    run_dir = root / "train"
+    train(
+        compose_cfg(
+            "train",
+            [
+                f"paths.root_dir={root}",
+                f"trainer.max_steps={steps}",
+                "data.num_workers=0",
+                "data.batch_size=1024",
+                "trainer.enable_progress_bar=false",
+                "sae.expansion=8",
+                "sae.k=8",
+            ],
+            run_dir,
+        )
+    )
+    return run_dir

@@ -162,10 +162,11 @@ def planted_experiment(
     n_patches: int = 16,
     d_sae: int = 32,
     absent_traits: tuple[int, ...] = (),
+    rate: float = 0.25,
 ) -> dict[str, Path | np.ndarray | list[str]]:
     """CUB attribute files, train/test stores and an oracle SAE under `root`."""
     names = [f"has_trait_{t}::colour" for t in range(n_traits)]
-    train_NT, test_NT = planted_split_labels(n_train, n_test, n_traits)
+    train_NT, test_NT = planted_split_labels(n_train, n_test, n_traits, rate)
     for t in absent_traits:  # traits nobody has: must be skipped and listed
         train_NT[:, t] = test_NT[:, t] = False
     ids_train = np.arange(1, n_train + 1)

@@ -12,8 +12,9 @@ from discovery_helpers import SHARED, TRAIT_A, TRAIT_B, block_mask, planted_sae,
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import heatmaps
-from traitsae.evaluation.discovery import ImageSource, RankingRule, discover
+from traitsae.evaluation.discovery import RankingRule, discover
 from traitsae.evaluation.encode import gather_codes
+from traitsae.evaluation.heatmaps import Frame, ImageSource
 
 CONTRACT_KEYS = {
     "rank",
@@ -54,7 +55,7 @@ def result(planted):
             heatmaps.TriageWeights(),
             root / "out",
             n_top_images=4,
-            images=ImageSource(str(store.image_root), 64),
+            images=ImageSource(str(store.image_root), Frame.simple(64)),
         )
     return out, root / "out"
 
@@ -118,5 +119,5 @@ def test_groups_must_be_disjoint(planted, tmp_path):
             RankingRule(),
             heatmaps.TriageWeights(),
             tmp_path,
-            images=ImageSource(None, 0, draw_images=False),
+            images=ImageSource(None, None),
         )

@@ -9,8 +9,14 @@ from discovery_helpers import SHARED, TRAIT_A, TRAIT_B, planted_sae, planted_sto
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.discovery import ImageSource
-from traitsae.evaluation.features import galleries, scan, select_latents, write_features_index
+from traitsae.evaluation.features import (
+    frequency_histogram,
+    galleries,
+    scan,
+    select_latents,
+    write_features_index,
+)
+from traitsae.evaluation.heatmaps import Frame, ImageSource
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,7 @@ def test_galleries_and_index(planted, tmp_path):
             stats,
             topk,
             np.array([TRAIT_A, 5]),
-            ImageSource(str(store.image_root), 64),
+            ImageSource(str(store.image_root), Frame.simple(64)),
             tmp_path,
         )
     by_latent = {e["latent"]: e for e in entries}
@@ -86,8 +92,6 @@ def test_galleries_and_index(planted, tmp_path):
         "n_dense": 0,
         "latents": entries,
     }
-    from traitsae.evaluation.features import frequency_histogram
-
     frequency_histogram(stats, tmp_path / "frequency.png")
     page = write_features_index(tmp_path, result).read_text()
     assert by_latent[TRAIT_A]["figure"] in page and "frequency.png" in page

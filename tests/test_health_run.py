@@ -48,7 +48,9 @@ def test_single_run_metrics_match_direct_computation(setup, tmp_path):
     run_dir = setup["sweep"] / "0"
     (result,) = run_evaluation(compose_evaluate(overrides(setup, run_dir), tmp_path))
     sae = load_sae(run_dir)
-    x_RD = torch.from_numpy(setup["patches"].astype(np.float16).astype(np.float32).reshape(-1, D_MODEL))
+    x_RD = torch.from_numpy(
+        setup["patches"].astype(np.float16).astype(np.float32).reshape(-1, D_MODEL)
+    )
     with torch.no_grad():
         codes_RS = sae.encode(x_RD)
         err = ((x_RD - sae.decode(codes_RS)) ** 2).sum().item()
@@ -65,16 +67,24 @@ def test_single_run_metrics_match_direct_computation(setup, tmp_path):
 
 
 def test_sweep_dir_gives_csv_and_pareto(setup, tmp_path):
-    results = run_evaluation(compose_evaluate(overrides(setup, setup["sweep"]) + ["eval.max_tokens=500"], tmp_path))
-    assert [r.label for r in results] == ["sae=relu sae.d_sae=8", "sae=topk sae.d_sae=32", "sae=relu sae.d_sae=64"]
+    results = run_evaluation(
+        compose_evaluate(overrides(setup, setup["sweep"]) + ["eval.max_tokens=500"], tmp_path)
+    )
+    assert [r.label for r in results] == [
+        "sae=relu sae.d_sae=8",
+        "sae=topk sae.d_sae=32",
+        "sae=relu sae.d_sae=64",
+    ]
     assert all(r.n_tokens == 500 for r in results)
     rows = list(csv.DictReader((tmp_path / "health.csv").open()))
     assert [int(r["d_sae"]) for r in rows] == [8, 32, 64]
     l0 = np.array([r.l0 for r in results])
     fvu = np.array([r.fvu for r in results])
     for i, r in enumerate(results):  # on the frontier iff no other run is at least as good on both
-        dominated = any(l0[j] <= l0[i] and fvu[j] <= fvu[i] and (l0[j], fvu[j]) != (l0[i], fvu[i])
-                        for j in range(3))
+        dominated = any(
+            l0[j] <= l0[i] and fvu[j] <= fvu[i] and (l0[j], fvu[j]) != (l0[i], fvu[i])
+            for j in range(3)
+        )
         assert r.pareto == (not dominated)
         assert rows[i]["pareto"] == str(r.pareto)
     assert any(r.pareto for r in results)

@@ -53,6 +53,9 @@ def test_ties_at_the_threshold_share_the_remaining_slots():
     assert prec[0] == pytest.approx(0.25)  # all tied: expected precision = base rate
     # 3 sure images (2 positive) + 7 slots shared by 37 tied images (8 positive).
     assert prec[1] == pytest.approx((2 + 7 * 8 / 37) / 10)
+    prec3 = precision_at_k(scores_NM, labels_NT, [3, 40])
+    assert prec3[3][1, 0] == pytest.approx(2 / 3)  # the tie group fits exactly: nothing shared
+    np.testing.assert_allclose(prec3[40][:, 0], 0.25)  # k = N: every image, the base rate
 
 
 def test_k_larger_than_the_split_is_a_clear_error():

@@ -37,7 +37,6 @@ from traitsae.errors import TraitsaeError
 from traitsae.paths import store_path_from_cfg
 
 log = logging.getLogger(__name__)
-FP16_MAX = 65504.0
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
 
@@ -77,9 +76,7 @@ def extract(cfg: DictConfig) -> Path:
 def check_extract_cfg(cfg: DictConfig) -> None:
     ex = cfg.extract
     if str(ex.precision) not in PRECISIONS:
-        raise TraitsaeError(
-            f"extract.precision={ex.precision!r} is not one of {list(PRECISIONS)}."
-        )
+        raise TraitsaeError(f"extract.precision={ex.precision!r} is not one of {list(PRECISIONS)}.")
     if int(ex.num_shards) < 1 or (
         ex.get("shard") is not None and not 0 <= int(ex.shard) < int(ex.num_shards)
     ):
@@ -88,7 +85,9 @@ def check_extract_cfg(cfg: DictConfig) -> None:
             "num_shards >= 1 and 0 <= shard < num_shards (or shard=null to run all shards here)."
         )
     if ex.on_nonfinite not in ("invalid", "error"):
-        raise TraitsaeError(f"extract.on_nonfinite must be 'invalid' or 'error', got {ex.on_nonfinite!r}.")
+        raise TraitsaeError(
+            f"extract.on_nonfinite must be 'invalid' or 'error', got {ex.on_nonfinite!r}."
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -150,12 +149,33 @@ def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if not overwrite:
         raise TraitsaeError(
             f"store {out} already exists and was written with a different configuration "
-            f"(stored fingerprint: {existing}). Pass extract.overwrite=true to replace it, or "
-            "write elsewhere with paths.activations_dir=<dir>."
+            f"({config_difference(existing, fingerprint)}). Pass extract.overwrite=true to "
+            "replace it, or write elsewhere with paths.activations_dir=<dir>."
         )
     log.warning("extract.overwrite=true: replacing %s", out)
     out.unlink()
     return False
+
+
+def config_difference(old: str | None, new: str) -> str:
+    """Human summary of how two fingerprints differ: `key: old -> new` for each changed key."""
+    try:
+        before, after = _flatten(json.loads(old or "")), _flatten(json.loads(new))
+    except json.JSONDecodeError:
+        return "the existing file carries no traitsae fingerprint"
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return "; ".join(f"{k}: {before.get(k)} -> {after.get(k)}" for k in keys) or "no difference"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(
+            _flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
+        )
+    return flat
 
 
 # ----------------------------------------------------------------------------- one process
@@ -178,7 +198,9 @@ def run_job(cfg: DictConfig, images: ImageList, job: Job, device: torch.device) 
         start = writer.first_pending()
         if start:
             log.info("resuming %s at image %d of %d", tmp_path(job.out), start, writer.n_images)
-        dataset = ImageDataset(images.paths[job.lo : job.hi], backbone.transform, backbone.geometry.image_size)
+        dataset = ImageDataset(
+            images.paths[job.lo : job.hi], backbone.transform, backbone.geometry.image_size
+        )
         fill_store(cfg, backbone, dataset, writer, start, device)
         return writer.finish()
     finally:
@@ -253,35 +275,42 @@ def encode_batch(
     images_BCHW = batch["image"].to(device, non_blocking=True)
     with autocast(cfg, device):
         patches, cls = backbone(images_BCHW)
+    # Cast first: values beyond the float16 range become inf, so one isfinite pass finds both
+    # overflow and NaN/inf from the model.
+    patches16 = {layer: p_BPD.to(torch.float16) for layer, p_BPD in patches.items()}
+    cls16 = {layer: c_BD.to(torch.float16) for layer, c_BD in cls.items()}
     valid_B = batch["ok"].numpy().astype(bool)
-    errors = {int(i): str(e) for i, e, ok in zip(index_B, batch["error"], valid_B, strict=True) if not ok}
+    errors = {
+        int(i): str(e) for i, e, ok in zip(index_B, batch["error"], valid_B, strict=True) if not ok
+    }
     for layer in backbone.layers:
-        bad_B = out_of_fp16_range(patches[layer], cls[layer]).cpu().numpy()
-        for row in np.flatnonzero(bad_B & valid_B):
+        counts_B = nonfinite_counts(patches16[layer], cls16[layer])
+        for row in np.flatnonzero((counts_B > 0) & valid_B):
             i = int(index_B[row])
-            reason = (
-                f"{int(bad_B[row])} non-finite or float16-overflowing activations at layer {layer}"
-            )
+            reason = f"{counts_B[row]} non-finite or float16-overflowing activations at layer {layer}"
             if cfg.extract.on_nonfinite == "error":
                 raise TraitsaeError(
                     f"image {dataset.paths[i]} (row {i}): {reason}. Use extract.precision=32, "
                     "or extract.on_nonfinite=invalid to mark such images invalid and continue."
                 )
             valid_B[row], errors[i] = False, errors.get(i, reason)
-    to_np = lambda t: t.to(torch.float16).cpu().numpy()
-    return (
-        int(index_B[0]),
-        {layer: to_np(p) for layer, p in patches.items()},
-        {layer: to_np(c) for layer, c in cls.items()},
-        valid_B,
-        errors,
-    )
+    patches_np = {layer: t.cpu().numpy() for layer, t in patches16.items()}
+    cls_np = {layer: t.cpu().numpy() for layer, t in cls16.items()}
+    if not valid_B.all():
+        # Invalid rows are zero-filled: no blank-image or overflowing values reach the store.
+        for arr in (*patches_np.values(), *cls_np.values()):
+            arr[~valid_B] = 0
+    return int(index_B[0]), patches_np, cls_np, valid_B, errors
 
 
-def out_of_fp16_range(patches_BPD: torch.Tensor, cls_BD: torch.Tensor) -> torch.Tensor:
-    """Per image: count of activations that are non-finite or too large for float16."""
-    bad = lambda t: (~torch.isfinite(t) | (t.abs() > FP16_MAX)).flatten(1).sum(1)
-    return bad(patches_BPD.float()) + bad(cls_BD.float())  # [B]
+def nonfinite_counts(patches16_BPD: torch.Tensor, cls16_BD: torch.Tensor) -> np.ndarray:
+    """Per image: number of non-finite float16 activations (counted only when there are any)."""
+    finite_B = torch.isfinite(patches16_BPD).flatten(1).all(1) & torch.isfinite(cls16_BD).all(1)
+    counts_B = np.zeros(len(finite_B), dtype=np.int64)
+    if not bool(finite_B.all()):
+        bad = lambda t: (~torch.isfinite(t)).flatten(1).sum(1).cpu().numpy()
+        counts_B = bad(patches16_BPD) + bad(cls16_BD)
+    return counts_B
 
 
 class AsyncWriter:
@@ -347,6 +376,14 @@ def run_shard(
     return run_job(cfg, images, job, device)
 
 
+def shard_is_complete(
+    cfg: DictConfig, images: ImageList, out: Path, shard: int, n_shards: int
+) -> bool:
+    lo, hi = shard_bounds(len(images), shard, n_shards)
+    job = make_job(cfg, images, shard_path(out, shard, n_shards), lo, hi)
+    return job.out.exists() and read_fingerprint(job.out) == job.fingerprint
+
+
 def shard_devices(cfg: DictConfig, n_shards: int) -> list[str]:
     devices = cfg.extract.get("devices")
     if not devices:
@@ -360,18 +397,27 @@ def run_local_shards(cfg: DictConfig, images: ImageList, out: Path, n_shards: in
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    container = OmegaConf.to_container(cfg, resolve=True)
+    # Only what a shard needs, resolved here (paths.output_dir refers to this Hydra run).
+    container = {
+        key: OmegaConf.to_container(cfg[key], resolve=True)
+        for key in ("backbone", "dataset", "extract")
+    }
+    container.update(
+        split=cfg.split, seed=cfg.seed, paths={"activations_dir": cfg.paths.activations_dir}
+    )
     procs = []
     for shard, device in enumerate(shard_devices(cfg, n_shards)):
+        if shard_is_complete(cfg, images, out, shard, n_shards):
+            continue  # finished by an earlier run or a separate shard job
         args = (container, shard, n_shards, device, max(1, torch.get_num_threads() // n_shards))
         proc = ctx.Process(target=_shard_worker, args=args, name=f"extract-shard-{shard}")
         proc.start()
         procs.append(proc)
     failed = []
-    for shard, proc in enumerate(procs):
+    for proc in procs:
         proc.join()
         if proc.exitcode != 0:
-            failed.append(f"shard {shard} (exit code {proc.exitcode})")
+            failed.append(f"{proc.name} (exit code {proc.exitcode})")
     if failed:
         raise TraitsaeError(
             f"extraction failed in {', '.join(failed)} (see the messages above). Finished shards "
@@ -424,7 +470,9 @@ def check_shard(expected: Job) -> Path:
     with Store(path) as store:
         index = store.metadata["index"]
         if not np.array_equal(index, np.arange(expected.lo, expected.hi)):
-            raise TraitsaeError(f"shard store {path} does not hold rows {expected.lo}..{expected.hi}.")
+            raise TraitsaeError(
+                f"shard store {path} does not hold rows {expected.lo}..{expected.hi}."
+            )
     return path
 
 

@@ -13,7 +13,6 @@ Set-up, train, clean-up:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,11 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 def export_meta(cfg: DictConfig, dm: Any, trainer: Any) -> dict[str, Any]:
     """sae.json fields besides the architecture: provenance, normaliser, final metrics."""
     info = dm.describe()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = {  # the job's config (compose() in tests also carries a `hydra` node: skip it)
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items()
+        if key != "hydra"
+    }
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {
         "backbone": info["backbone"],
@@ -161,20 +164,3 @@ def train(cfg: DictConfig) -> Path:
         log.info("exported %s", path)
     return run_dir
 
-
-class StopAtStep:
-    """Crash-test hook (tests kill a run mid-way, then resume it): with env var
-    `TRAITSAE_KILL_AT_STEP=n` the process SIGKILLs itself once step n is checkpointed."""
-
-    def __new__(cls) -> Any:
-        import lightning as L
-
-        class _Kill(L.Callback):
-            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-                limit = os.environ.get("TRAITSAE_KILL_AT_STEP")
-                if limit and trainer.global_step >= int(limit):
-                    import signal
-
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        return _Kill()

@@ -35,7 +35,9 @@ class Geometry:
 def resolve_layers(layers: Sequence[int], depth: int, name: str) -> list[int]:
     """Absolute, sorted, unique block indices; negative indices count from the end."""
     if len(layers) == 0:
-        raise TraitsaeError(f"backbone.layers is empty for {name!r}; give e.g. backbone.layers=[-2].")
+        raise TraitsaeError(
+            f"backbone.layers is empty for {name!r}; give e.g. backbone.layers=[-2]."
+        )
     resolved = []
     for layer in layers:
         absolute = int(layer) + depth if int(layer) < 0 else int(layer)
@@ -82,5 +84,7 @@ class Backbone(nn.Module):
         outputs = self.intermediates(images_BCHW)
         patches = {layer: p_BPD for layer, (p_BPD, _) in zip(self.layers, outputs, strict=True)}
         # CLS is the first prefix token in both timm and open_clip (registers follow it).
-        cls = {layer: pre_BKD[:, 0] for layer, (_, pre_BKD) in zip(self.layers, outputs, strict=True)}
+        cls = {
+            layer: pre_BKD[:, 0] for layer, (_, pre_BKD) in zip(self.layers, outputs, strict=True)
+        }
         return patches, cls

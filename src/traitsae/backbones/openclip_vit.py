@@ -50,7 +50,9 @@ def create_openclip_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
 
     if weights is None and not cfg.get("pretrained"):
         return build()
-    return load_or_explain(build, cfg.name, str(weights or f"{checkpoint} ({cfg.get('pretrained')})"))
+    return load_or_explain(
+        build, cfg.name, str(weights or f"{checkpoint} ({cfg.get('pretrained')})")
+    )
 
 
 def build_openclip(cfg: Any) -> OpenClipViT:

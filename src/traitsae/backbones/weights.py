@@ -57,4 +57,8 @@ def init_kwargs(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     kwargs = cfg.get("model_kwargs") or {}
-    return OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
+    return (
+        OmegaConf.to_container(kwargs, resolve=True)
+        if OmegaConf.is_config(kwargs)
+        else dict(kwargs)
+    )

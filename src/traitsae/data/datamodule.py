@@ -138,7 +138,9 @@ class ActivationStream(IterableDataset):
         return buffer_ND[n_full:].copy()
 
 
-def plan_blocks(n_images: int, chunk_images: int, min_blocks: int = MIN_BLOCKS) -> list[tuple[int, int]]:
+def plan_blocks(
+    n_images: int, chunk_images: int, min_blocks: int = MIN_BLOCKS
+) -> list[tuple[int, int]]:
     """[start, stop) image ranges: HDF5 chunks, halved until there are at least `min_blocks`."""
     size = max(1, int(chunk_images))
     while size > 1 and math.ceil(n_images / size) < min_blocks:

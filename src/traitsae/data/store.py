@@ -14,14 +14,19 @@ Three ways in:
   `Store(path)`                 the read-only reader every later stage uses;
   `create_store(path, ...)`     one-shot writer from in-memory arrays (tests, joins of shards);
   `StoreWriter`                 the incremental, crash-safe writer extraction uses: it writes
-                                `<path>.tmp` in HDF5 SWMR mode (the file on disk stays consistent at
-                                every flush, so a killed run can be reopened), records finished
-                                rows in `images/done` and renames to `<path>` once complete.
+                                `<path>.tmp`, records finished rows in `images/done` and renames
+                                to `<path>` once complete.
+
+Crash safety: the writer creates every dataset at full size with all chunks allocated up front
+(HDF5 early allocation) and writes reasons into a fixed-length string dataset, so after creation
+the run only overwrites raw bytes in place and never touches HDF5 metadata. A process killed at any
+moment leaves a file whose structure is intact; rows not yet marked done are simply redone.
+(HDF5's SWMR mode would also do, but a killed SWMR writer leaves "file is open for write" flags
+that only the `h5clear` tool removes.)
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,6 +43,9 @@ STR_DTYPE = h5py.string_dtype("utf-8")
 CORE_IMAGE_KEYS = ("index", "path", "label", "valid", "error", "done")
 # Aim for chunks of ~2 MiB: whole-chunk reads are what the training loader does.
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+# Fixed-length, so recording a reason rewrites bytes in place (no HDF5 heap/metadata change).
+ERROR_BYTES = 256
+ERROR_DTYPE = h5py.string_dtype("utf-8", ERROR_BYTES)
 REQUIRED_ATTRS = ("backbone", "dataset", "split", "d_model", "n_patches", "grid", "layers", "depth")
 
 
@@ -262,7 +270,10 @@ def create_store(
         for layer in layers:
             acts_NPD = np.asarray(patches[layer], dtype=np.float16)
             cls_ND = np.asarray(cls[layer], dtype=np.float16)
-            if acts_NPD.shape != (n_images, n_patches, d_model) or cls_ND.shape != (n_images, d_model):
+            if acts_NPD.shape != (n_images, n_patches, d_model) or cls_ND.shape != (
+                n_images,
+                d_model,
+            ):
                 raise TraitsaeError(
                     f"create_store: layer {layer} has patches {acts_NPD.shape} and cls "
                     f"{cls_ND.shape}; expected [{n_images}, {n_patches}, {d_model}] and "
@@ -319,9 +330,9 @@ class StoreWriter:
             existing = _read_fingerprint(tmp)
             if existing != fingerprint and not overwrite:
                 raise TraitsaeError(
-                    f"an unfinished store {tmp} exists with a different configuration "
-                    f"(stored: {existing!r}, now: {fingerprint!r}). Re-run the original command "
-                    "to finish it, or pass extract.overwrite=true to start again."
+                    f"an unfinished store {tmp} exists from a run with a different configuration "
+                    "(different backbone, layers, dataset or image rows). Re-run the original "
+                    "command to finish it, or pass extract.overwrite=true to start again."
                 )
             if existing == fingerprint:
                 try:
@@ -343,8 +354,7 @@ class StoreWriter:
     ) -> None:
         n_images = int(attrs["n_images"])
         layers = [int(layer) for layer in attrs["layers"]]
-        # libver='latest' is required for SWMR: crash-consistent metadata on disk.
-        with h5py.File(tmp, "w", libver="latest") as f:
+        with h5py.File(tmp, "w") as f:
             chunk = rows_per_chunk((n_patches, d_model), n_rows=n_images)
             for layer in layers:
                 f.create_dataset(
@@ -352,19 +362,19 @@ class StoreWriter:
                     shape=(n_images, n_patches, d_model),
                     dtype=np.float16,
                     chunks=(chunk, n_patches, d_model),
+                    dcpl=_preallocated(),
                 )
                 f.create_dataset(
                     f"cls/{layer}",
                     shape=(n_images, d_model),
                     dtype=np.float16,
                     chunks=(min(n_images, 4096), d_model),
+                    dcpl=_preallocated(),
                 )
             group = f.create_group("images")
             columns = _write_images(group, images, n_images)
             group.create_dataset("done", data=np.zeros(n_images, dtype=bool))
-            if "error" not in group:
-                empty = np.array([""] * n_images, dtype=object)
-                group.create_dataset("error", data=empty, dtype=STR_DTYPE)
+            group.create_dataset("error", shape=(n_images,), dtype=ERROR_DTYPE, fillvalue=b"")
             root = {**attrs, "metadata_columns": columns, "fingerprint": fingerprint}
             for key, value in _root_attrs(root).items():
                 _set_attr(f, key, value)
@@ -372,9 +382,7 @@ class StoreWriter:
 
     @classmethod
     def _reopen(cls, path: Path, tmp: Path) -> StoreWriter:
-        file = h5py.File(tmp, "r+", libver="latest", locking=False)
-        file.swmr_mode = True  # from here on only dataset writes: on-disk state stays valid
-        return cls(path, file)
+        return cls(path, h5py.File(tmp, "r+", locking=False))
 
     def first_pending(self) -> int:
         """Index of the first image whose rows are not yet committed."""
@@ -400,7 +408,7 @@ class StoreWriter:
             self._cls[layer][start:stop] = cls[layer]
         self._valid[start:stop] = valid
         for index, reason in (errors or {}).items():
-            self._error[index] = reason
+            self._error[index] = _fit(reason)
         self.file.flush()
         _fault_injection(stop)  # activations reach the disk before the rows are marked done
         self._done[start:stop] = True
@@ -425,6 +433,19 @@ class StoreWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def _preallocated() -> h5py.h5p.PropDCID:
+    """Dataset creation properties: allocate every chunk now, never write fill values."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _fit(reason: str) -> bytes:
+    """utf-8 bytes of `reason`, cut to ERROR_BYTES on a character boundary."""
+    return reason.encode("utf-8")[:ERROR_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
 def _fault_injection(rows_written: int) -> None:
@@ -463,21 +484,3 @@ def _ensure_writable(path: Path) -> None:
             f"the store directory {path.parent} is not writable; set paths.activations_dir to a "
             "writable directory."
         )
-
-
-def store_summary(store: Store) -> dict[str, Any]:
-    """Small JSON-able description (printed at the end of extraction)."""
-    meta = store.metadata
-    return {
-        "path": str(store.path),
-        "n_images": store.n_images,
-        "n_invalid": int((~meta["valid"]).sum()),
-        "layers": store.layers,
-        "d_model": store.d_model,
-        "n_patches": store.n_patches,
-        "grid": list(store.grid),
-    }
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

@@ -67,7 +67,9 @@ def _box(y0: float, y1: float, x0: float, x1: float) -> Painter:
 
 def _stripes(y0: float, y1: float, x0: float, x1: float, period: int) -> Painter:
     box = _box(y0, y1, x0, x1)
-    return lambda yy, xx, dy, dx: box(yy, xx, dy, dx) & (((xx - dx).astype(int) % period) < period // 2)
+    return lambda yy, xx, dy, dx: (
+        box(yy, xx, dy, dx) & (((xx - dx).astype(int) % period) < period // 2)
+    )
 
 
 def _dots(cy: float, xs: tuple[float, ...], r: float) -> Painter:
@@ -92,17 +94,41 @@ BETA = "002.Beta_warbler"
 CONTRAST_PAIR = (ALPHA, BETA)
 ALPHA_TRAITS = frozenset({0, 1, 3})
 BETA_TRAITS = frozenset({1, 3})
-GREEK = (
-    "Alpha Beta Gamma Delta Epsilon Zeta Eta Theta Iota Kappa Lambda Mu Nu Xi Omicron Pi Rho "
-    "Sigma Tau Upsilon Phi Chi Psi Omega"
-).split()
+GREEK = [
+    "Alpha",
+    "Beta",
+    "Gamma",
+    "Delta",
+    "Epsilon",
+    "Zeta",
+    "Eta",
+    "Theta",
+    "Iota",
+    "Kappa",
+    "Lambda",
+    "Mu",
+    "Nu",
+    "Xi",
+    "Omicron",
+    "Pi",
+    "Rho",
+    "Sigma",
+    "Tau",
+    "Upsilon",
+    "Phi",
+    "Chi",
+    "Psi",
+    "Omega",
+]
 BODY_COLOUR = np.array([150, 115, 80], dtype=np.float32)
 CERTAINTIES = ("not visible", "guessing", "probably", "definitely")
 
 
 def species_names(n_species: int) -> list[str]:
     if not 2 <= n_species <= len(GREEK):
-        raise TraitsaeError(f"synthetic dataset: n_species must be in 2..{len(GREEK)}, got {n_species}.")
+        raise TraitsaeError(
+            f"synthetic dataset: n_species must be in 2..{len(GREEK)}, got {n_species}."
+        )
     return [f"{i + 1:03d}.{GREEK[i]}_warbler" for i in range(n_species)]
 
 

@@ -6,10 +6,12 @@ probes on mean-pooled image activations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.scoring import iter_valid_tokens, tokens_per_image, valid_rows
@@ -82,20 +84,11 @@ def kmeans_directions(tokens_SD: np.ndarray, n_clusters: int, seed: int) -> np.n
     return km.fit(tokens_SD).cluster_centers_.astype(np.float32)
 
 
-def linear_probes(
-    pooled_ND: np.ndarray, labels_NT: np.ndarray, l2: float = 1e-3, max_iter: int = 200
-) -> tuple[np.ndarray, np.ndarray]:
-    """One L2-regularised logistic regression per trait, on raw pooled activations.
-
-    The T problems are independent (the loss is a sum over traits), so they are solved jointly as
-    one [D -> T] linear layer with L-BFGS: a few seconds instead of T separate sklearn fits.
-    Features are standardised for conditioning; the returned (W [T, D], b [T]) act on raw inputs.
-    """
-    x_ND = torch.from_numpy(np.asarray(pooled_ND, dtype=np.float32))
-    y_NT = torch.from_numpy(np.asarray(labels_NT, dtype=np.float32))
-    mu_D, sd_D = x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)
-    z_ND = (x_ND - mu_D) / sd_D
-    w_DT = torch.zeros(x_ND.shape[1], y_NT.shape[1], requires_grad=True)
+def _fit_logistic(
+    z_ND: torch.Tensor, y_NT: torch.Tensor, l2_T: torch.Tensor, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint L-BFGS fit of T independent L2 logistic regressions; returns (w [D, T], b [T])."""
+    w_DT = torch.zeros(z_ND.shape[1], y_NT.shape[1], requires_grad=True)
     # Start at the base rate so traits with few positives do not begin far from optimum.
     rate_T = y_NT.mean(0).clamp(1e-4, 1 - 1e-4)
     b_T = torch.log(rate_T / (1 - rate_T)).clone().requires_grad_(True)
@@ -103,14 +96,67 @@ def linear_probes(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        logits_NT = z_ND @ w_DT + b_T
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits_NT, y_NT)
-        loss = loss + l2 * (w_DT**2).sum() / y_NT.shape[1]
+        # Sum over traits of (mean BCE + l2_t |w_t|^2): the traits' problems stay independent.
+        bce_T = F.binary_cross_entropy_with_logits(z_ND @ w_DT + b_T, y_NT, reduction="none").mean(
+            0
+        )
+        loss = (bce_T + l2_T * (w_DT**2).sum(0)).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        w_raw_DT = w_DT / sd_D[:, None]
-        b_raw_T = b_T - mu_D @ w_raw_DT
+    return w_DT.detach(), b_T.detach()
+
+
+def linear_probes(
+    pooled_ND: np.ndarray,
+    labels_NT: np.ndarray,
+    l2: float | Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    max_iter: int = 200,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One L2-regularised logistic regression per trait, on raw pooled activations.
+
+    The T problems are independent (the loss is a sum over traits), so they are solved jointly as
+    one [D -> T] linear layer with L-BFGS: a few seconds instead of T separate sklearn fits.
+    With several `l2` values, each trait gets the one with the lowest loss on a held-out
+    `val_fraction` of the images (probes overfit small splits otherwise), then all are refit on
+    every image. Features are standardised; the returned (W [T, D], b [T]) act on raw inputs.
+    """
+    x_ND = torch.from_numpy(np.asarray(pooled_ND, dtype=np.float32))
+    y_NT = torch.from_numpy(np.asarray(labels_NT, dtype=np.float32))
+    mu_D, sd_D = x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)
+    z_ND = (x_ND - mu_D) / sd_D
+    grid = [float(v) for v in (l2 if isinstance(l2, Sequence) else [l2])]
+    l2_T = torch.full((y_NT.shape[1],), grid[0])
+    if len(grid) > 1:
+        l2_T = _select_l2(z_ND, y_NT, grid, max_iter, val_fraction, seed)
+    w_DT, b_T = _fit_logistic(z_ND, y_NT, l2_T, max_iter)
+    w_raw_DT = w_DT / sd_D[:, None]
+    b_raw_T = b_T - mu_D @ w_raw_DT
     return w_raw_DT.T.contiguous().numpy(), b_raw_T.numpy()
+
+
+def _select_l2(
+    z_ND: torch.Tensor,
+    y_NT: torch.Tensor,
+    grid: list[float],
+    max_iter: int,
+    val_fraction: float,
+    seed: int,
+) -> torch.Tensor:
+    """Per-trait L2 weight with the lowest held-out BCE, [T]."""
+    perm_N = torch.randperm(z_ND.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(val_fraction * z_ND.shape[0])))
+    val, fit = perm_N[:n_val], perm_N[n_val:]
+    losses_LT = []
+    for value in grid:
+        w_DT, b_T = _fit_logistic(
+            z_ND[fit], y_NT[fit], torch.full((y_NT.shape[1],), value), max_iter
+        )
+        logits_VT = z_ND[val] @ w_DT + b_T
+        losses_LT.append(
+            F.binary_cross_entropy_with_logits(logits_VT, y_NT[val], reduction="none").mean(0)
+        )
+    return torch.tensor(grid)[torch.stack(losses_LT).argmin(0)]

@@ -53,7 +53,7 @@ class Options:
     kmeans_clusters: int = 1024
     n_random: int | None = None  # None: as many as the SAE has latents
     pca_both_signs: bool = True
-    probe_l2: float = 1e-3
+    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     probe_max_iter: int = 200
     n_bootstrap: int = 1000
     ci_level: float = 0.95
@@ -114,7 +114,7 @@ class TraitReport:
 
 def run(cfg: DictConfig) -> TraitReport:
     """Hydra entry (`eval.entry`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+    from traitsae.evaluation.common import output_dir, resolve_sae
 
     opts = Options.from_cfg(cfg)
     root = cfg.eval.get("attributes_root") or cfg.dataset.get("root")
@@ -124,9 +124,10 @@ def run(cfg: DictConfig) -> TraitReport:
             "eval.attributes_root) to the CUB_200_2011 directory."
         )
     attrs = load_cub_attributes(root)
-    sae = resolve_sae(cfg)
-    train_store = eval_store(cfg, sae, cfg.eval.train_split)
-    test_store = eval_store(cfg, sae, cfg.eval.test_split)
+    sae = resolve_sae(cfg).to(opts.device)
+    train_store, test_store = open_eval_stores(
+        cfg, sae, [cfg.eval.train_split, cfg.eval.test_split]
+    )
     try:
         report = evaluate_traits(sae, train_store, test_store, attrs, opts)
     finally:
@@ -137,6 +138,24 @@ def run(cfg: DictConfig) -> TraitReport:
     print(format_table(report))
     print(f"cub_traits: outputs in {out}")
     return report
+
+
+def open_eval_stores(cfg: DictConfig, sae: torch.nn.Module, splits: list[str]) -> list:
+    """Open the SAE's stores for several splits; all missing ones are named in one error."""
+    from traitsae.evaluation.common import eval_store, eval_store_path
+    from traitsae.paths import extract_command
+
+    backbone, dataset = sae.meta["backbone"], cfg.dataset.name
+    missing = [s for s in dict.fromkeys(splits) if not eval_store_path(cfg, sae, s).exists()]
+    if missing:
+        commands = "\n".join(
+            f"  {extract_command(backbone, dataset, s, cfg.paths.activations_dir)}" for s in missing
+        )
+        raise TraitsaeError(
+            f"the {backbone} activation stores of dataset {dataset} for split(s) {missing} do not "
+            f"exist under {cfg.paths.activations_dir}. Make them with:\n{commands}"
+        )
+    return [eval_store(cfg, sae, s) for s in splits]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -165,9 +184,8 @@ def build_methods(
     methods: dict[str, Method] = {}
 
     def add_linear(name: str, dirs_MD: np.ndarray) -> None:
-        methods[name] = Method(
-            name, linear_scorer(torch.from_numpy(dirs_MD)), dirs_MD.shape[0], opts.pool
-        )
+        scorer = linear_scorer(torch.from_numpy(dirs_MD).to(opts.device))
+        methods[name] = Method(name, scorer, dirs_MD.shape[0], opts.pool)
 
     for name in opts.methods:
         if name == "sae":
@@ -186,11 +204,16 @@ def build_methods(
             )
         elif name == "probe":
             w_TD, b_T = baselines.linear_probes(
-                sample.pooled_ND, labels_train_NT, opts.probe_l2, opts.probe_max_iter
+                sample.pooled_ND,
+                labels_train_NT,
+                opts.probe_l2,
+                opts.probe_max_iter,
+                seed=opts.seed,
             )
             # Probes were fit on mean-pooled activations; the mean of per-token logits equals the
             # logit of the mean, so mean pooling scores images exactly as the probe was trained.
-            scorer = linear_scorer(torch.from_numpy(w_TD), torch.from_numpy(b_T))
+            w_TD, b_T = torch.from_numpy(w_TD), torch.from_numpy(b_T)
+            scorer = linear_scorer(w_TD.to(opts.device), b_T.to(opts.device))
             methods[name] = Method(name, scorer, w_TD.shape[0], "mean")
     return methods
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -36,9 +35,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import heatmaps
 from traitsae.evaluation.encode import gather_codes, stream_codes
+from traitsae.evaluation.heatmaps import ImageSource
 from traitsae.evaluation.report import Card, write_report
-
-log = logging.getLogger(__name__)
 
 # Store columns that are bookkeeping, not metadata to group by.
 _NOT_GROUPABLE = ("valid", "index", "error", "done")
@@ -325,25 +323,6 @@ def build_candidates(
 # ----------------------------------------------------------------------------- figures
 
 
-@dataclass(frozen=True)
-class ImageSource:
-    """Where figure images come from and how the backbone framed them."""
-
-    root: str | None
-    image_size: int
-    resize_mode: str = "center_crop"
-    draw_images: bool = True
-
-    def load(self, path: str) -> np.ndarray | None:
-        if not self.draw_images:
-            return None
-        full = heatmaps.resolve_image_path(path, self.root)
-        if not full.exists():
-            log.warning("image %s not found: drawing its heat-map without the picture", full)
-            return None
-        return heatmaps.load_display_image(full, self.image_size, self.resize_mode)
-
-
 def candidate_figure(
     cand: Candidate,
     codes: dict[int, np.ndarray],
@@ -553,26 +532,15 @@ def print_summary(candidates: list[Candidate], group_names: Mapping[str, str]) -
 
 
 def image_source(cfg: DictConfig, store: Any) -> ImageSource:
+    """Figure images per eval.draw_images / image_root / image_size / resize_mode."""
     if not cfg.eval.get("draw_images", True):
-        return ImageSource(root=None, image_size=0, draw_images=False)
-    root = cfg.eval.get("image_root") or cfg.dataset.get("root")
-    image_size = cfg.eval.get("image_size") or store_image_size(store)
-    return ImageSource(
-        root=str(root) if root else None,
-        image_size=int(image_size),
-        resize_mode=str(cfg.eval.get("resize_mode", "center_crop")),
+        return ImageSource(root=None, frame=None)
+    return heatmaps.store_image_source(
+        store,
+        cfg.eval.get("image_root"),
+        cfg.eval.get("image_size"),
+        str(cfg.eval.get("resize_mode", "backbone")),
     )
-
-
-def store_image_size(store: Any) -> int:
-    """The backbone input size the store was extracted at (root attr `image_size`)."""
-    size = int(getattr(store, "image_size", 0) or 0)
-    if size <= 0:
-        raise TraitsaeError(
-            f"store {store.path} records no image_size (root attr); set "
-            "eval.image_size=<backbone input size in pixels> to draw its images."
-        )
-    return size
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

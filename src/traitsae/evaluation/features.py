@@ -24,8 +24,9 @@ from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import heatmaps
-from traitsae.evaluation.discovery import ImageSource, image_source
+from traitsae.evaluation.discovery import image_source
 from traitsae.evaluation.encode import gather_codes, stream_codes
+from traitsae.evaluation.heatmaps import ImageSource
 from traitsae.evaluation.report import Card, write_report
 
 

@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> list[Health]:
         )
     results = []
     for run_dir in find_runs(target):
-        sae = load_sae(run_dir)
+        sae = load_sae(run_dir, device=cfg.get("device", "cpu"))
         results.append(measure_run(cfg, sae, run_dir))
     mark_pareto(results)
     out = output_dir(cfg)

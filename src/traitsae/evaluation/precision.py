@@ -61,34 +61,40 @@ def precision_at_k(
         )
     ks = check_k(ks, n_images)
     out = {k: np.empty((n_dirs, labels_NT.shape[1]), dtype=np.float32) for k in ks}
+    # One more than k_max, to see whether the k-th score is tied with the next one.
+    n_top = min(ks[-1] + 1, n_images)
     for start in range(0, n_dirs, block):
         # Directions as rows, so topk and the comparisons run along contiguous memory.
         s_BN = scores_NM[:, start : start + block].T.to(torch.float32).contiguous()
-        if not torch.isfinite(s_BN).all():
+        top_BK, idx_BK = torch.topk(s_BN, n_top, dim=1, sorted=True)  # descending
+        # NaN and +inf sort to the top, so checking the top scores catches them.
+        if not torch.isfinite(top_BK[:, 0]).all():
             raise TraitsaeError(
                 f"non-finite image scores in directions {start}..{start + s_BN.shape[0] - 1}; "
                 "the SAE or the store produced NaN/inf activations."
             )
-        top_BK = torch.topk(s_BN, ks[-1], dim=1, sorted=True).values  # [B, k_max], descending
         for k in ks:
-            weights_BN = _topk_weights(s_BN, top_BK[:, k - 1], k)
+            weights_BN = _topk_weights(s_BN, top_BK, idx_BK, k)
             out[k][start : start + s_BN.shape[0]] = (weights_BN @ labels_NT / k).numpy()
     return out
 
 
-def _topk_weights(s_BN: torch.Tensor, kth_B: torch.Tensor, k: int) -> torch.Tensor:
-    """Membership weights of the top k per row, ties at the threshold sharing the remaining slots."""
-    at_least_BN = s_BN >= kth_B[:, None]
-    weights_BN = at_least_BN.to(torch.float32)
-    # Only rows with more than k candidates have ties to share; fix those rows alone (cheap
-    # for continuous scores, where there are none).
-    rows = torch.nonzero(at_least_BN.sum(1) > k).flatten()
+def _topk_weights(
+    s_BN: torch.Tensor, top_BK: torch.Tensor, idx_BK: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Membership weights [B, N] of each row's top k; ties at the threshold share the last slots."""
+    weights_BN = torch.zeros_like(s_BN).scatter_(1, idx_BK[:, :k], 1.0)
+    if k == s_BN.shape[1]:
+        return weights_BN  # every image is in the top k: no threshold to tie at
+    # Rows whose k-th score equals the (k+1)-th have a tie across the cut: share it fairly
+    # (cheap for continuous scores, where there are none).
+    rows = torch.nonzero(top_BK[:, k] == top_BK[:, k - 1]).flatten()
     if rows.numel():
-        s_RN, kth_R = s_BN[rows], kth_B[rows, None]
+        s_RN, kth_R = s_BN[rows], top_BK[rows, k - 1, None]
         tied_RN = s_RN == kth_R
         n_above_R = (s_RN > kth_R).sum(1)
         share_R = (k - n_above_R).to(torch.float32) / tied_RN.sum(1).to(torch.float32)
-        weights_BN[rows] = torch.where(tied_RN, share_R[:, None], weights_BN[rows])
+        weights_BN[rows] = torch.where(tied_RN, share_R[:, None], (s_RN > kth_R).to(torch.float32))
     return weights_BN
 
 

@@ -24,20 +24,19 @@ FEATURES = ("auto", "cls", "pooled")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: fit probes on the train split, report accuracies on the test split."""
-    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+    from traitsae.evaluation.common import output_dir, resolve_sae
+    from traitsae.evaluation.cub_traits import open_eval_stores
 
-    sae = resolve_sae(cfg)
+    device = cfg.get("device", "cpu")
+    sae = resolve_sae(cfg).to(device)
     features = resolve_features(cfg.eval.features, sae)
-    splits = {}
-    for role in ("train", "test"):
-        store = eval_store(cfg, sae, cfg.eval[f"{role}_split"])
-        try:
-            splits[role] = image_features(sae, store, features, cfg.get("device", "cpu"))
-        finally:
+    stores = open_eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    try:
+        train, test = (image_features(sae, store, features, device) for store in stores)
+    finally:
+        for store in stores:
             store.close()
-    result = probe_accuracies(
-        splits["train"], splits["test"], cfg.eval.C, cfg.eval.max_iter, cfg.eval.seed
-    )
+    result = probe_accuracies(train, test, cfg.eval.C, cfg.eval.max_iter, cfg.eval.seed)
     result["features"] = features
     result["layer"] = int(sae.meta["layer"])
     out = output_dir(cfg)
@@ -119,7 +118,8 @@ def probe_accuracies(
         "accuracy_original_probe_on_reconstructed": float(
             on_orig.score(test["reconstructed"], test["label"])
         ),
-        "chance": float(np.bincount(test["label"]).max() / test["label"].size),
+        # Predicting the train split's most frequent class: what a probe reading nothing scores.
+        "chance": float((test["label"] == np.bincount(train["label"]).argmax()).mean()),
     }
 
 
@@ -132,6 +132,6 @@ def format_result(result: dict[str, Any]) -> str:
             f"  accuracy on SAE reconstructions       {result['accuracy_reconstructed']:.3f}",
             f"  drop                                  {result['accuracy_drop']:+.3f}",
             f"  original probe on reconstructions     {result['accuracy_original_probe_on_reconstructed']:.3f}",
-            f"  majority-class chance                 {result['chance']:.3f}",
+            f"  chance (train's majority class)       {result['chance']:.3f}",
         ]
     )

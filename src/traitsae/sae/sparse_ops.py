@@ -18,9 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# CSR tensors only carry the SDDMM pattern here; their "beta" notice is noise for users.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 # Below this many columns per group the grouped top-k gains nothing over torch.topk.
 _MIN_GROUP = 8
 
@@ -71,13 +68,15 @@ def gather_dot(a_BD: Tensor, w_SD: Tensor, idx_BK: Tensor) -> Tensor:
     """out[b, k] = <a[b], w[idx[b, k]]> without materialising w[idx] ([B, K, D])."""
     n_rows, k = idx_BK.shape
     crow = torch.arange(0, n_rows * k + 1, k, device=idx_BK.device)
-    pattern = torch.sparse_csr_tensor(
-        crow,
-        idx_BK.reshape(-1),
-        a_BD.new_zeros(n_rows * k),
-        (n_rows, w_SD.shape[0]),
-        check_invariants=False,
-    )
+    with warnings.catch_warnings():  # the CSR "beta" notice is noise: it only carries a pattern
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            idx_BK.reshape(-1),
+            a_BD.new_zeros(n_rows * k),
+            (n_rows, w_SD.shape[0]),
+            check_invariants=False,
+        )
     return torch.sparse.sampled_addmm(pattern, a_BD, w_SD.t(), beta=0.0).values().view(n_rows, k)
 
 

@@ -1,0 +1,164 @@
+"""ActivationsDataModule: store discovery, sharding (exactly once per epoch), validation split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from train_helpers import id_store
+
+from traitsae.data.store import create_store
+from traitsae.data.datamodule import ActivationsDataModule, ActivationStream, plan_blocks
+from traitsae.errors import TraitsaeError
+
+N_IMAGES, N_PATCHES = 64, 4
+
+
+def make_dm(store: Path, **kwargs) -> ActivationsDataModule:
+    args = dict(
+        activations_dir=str(store.parent),
+        backbone="tiny",
+        dataset="synthetic",
+        store=str(store),
+        layer=-1,
+        batch_size=8,
+        num_workers=2,
+        buffer_vectors=32,
+        val_fraction=0.125,
+        scale_sample=64,
+        block_images=2,
+    )
+    args.update(kwargs)
+    dm = ActivationsDataModule(**args)
+    dm.prepare()
+    return dm
+
+
+def vector_ids(batch: torch.Tensor) -> list[int]:
+    """Patch vector (i, p) carries i and p in its first two entries."""
+    return (batch[:, 0].long() * N_PATCHES + batch[:, 1].long()).tolist()
+
+
+def epoch_ids(dm: ActivationsDataModule, world: int, workers: int, epochs: int = 1) -> list[int]:
+    """Every id yielded by `world` simulated ranks x `workers` DataLoader workers."""
+    ids: list[int] = []
+    for rank in range(world):
+        stream = dm.train_dataset()
+        stream.rank, stream.world_size, stream.epochs = rank, world, epochs
+        for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+            assert batch.dtype == torch.float16  # cast happens on the device, not here
+            ids += vector_ids(batch)
+    return ids
+
+
+def image_ids(plan_blocks_: tuple[tuple[int, int], ...]) -> set[int]:
+    return {i for start, stop in plan_blocks_ for i in range(start, stop)}
+
+
+def test_every_vector_exactly_once_per_epoch_over_ranks_and_workers(tmp_path: Path) -> None:
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES, invalid=(5,)))
+    train_images = image_ids(dm.train_plan.blocks) - {5}
+    expected = sorted(i * N_PATCHES + p for i in train_images for p in range(N_PATCHES))
+    assert dm.n_train_vectors == len(expected)
+
+    ids = epoch_ids(dm, world=2, workers=2, epochs=2)
+    first, second = ids[: len(ids) // 2], ids[len(ids) // 2 :]
+    assert sorted(ids) == sorted(expected * 2)  # twice in two epochs, invalid image 5 skipped
+    assert first != second  # and each epoch is shuffled anew
+
+    one_epoch = epoch_ids(dm, world=2, workers=2)
+    assert sorted(one_epoch) == expected
+    assert one_epoch != sorted(one_epoch)  # shuffled, not sequential
+
+
+def test_ranks_get_disjoint_shares(tmp_path: Path) -> None:
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), num_workers=0)
+    shares = []
+    for rank in range(2):
+        stream = dm.train_dataset()
+        stream.rank, stream.world_size, stream.epochs = rank, 2, 1
+        shares.append({i for b in stream for i in vector_ids(b)})
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+
+
+def test_validation_holds_out_whole_images(tmp_path: Path) -> None:
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES))
+    val_images = image_ids(dm.val_plan.blocks)
+    assert val_images and not val_images & image_ids(dm.train_plan.blocks)
+    seen = [i for b in dm.val_dataloader() for i in vector_ids(b)]
+    assert sorted(seen) == sorted(i * N_PATCHES + p for i in val_images for p in range(N_PATCHES))
+    train_seen = {i // N_PATCHES for i in epoch_ids(dm, 1, 0)}
+    assert not train_seen & val_images  # no patch of a validation image is trained on
+
+
+def test_scale_normalises_mean_squared_norm_to_d_model(tmp_path: Path) -> None:
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES, d_model=8), scale_sample=1024)
+    x = torch.from_numpy(dm.sample).double() * dm.scale
+    assert x.pow(2).sum(1).mean().item() == pytest.approx(8.0, rel=1e-6)
+    assert dm.describe()["layer"] == 3  # -1 resolved against depth 4
+
+
+def test_cls_tokens_and_explicit_layer(tmp_path: Path) -> None:
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), tokens="cls", layer=1)
+    assert dm.layer == 1 and dm.train_plan.key == "cls/1"
+    ids = epoch_ids(dm, 1, 0)
+    assert len(ids) == dm.n_train_vectors == len(image_ids(dm.train_plan.blocks))
+
+
+def test_buffer_bounds_memory() -> None:
+    blocks = plan_blocks(n_images=1000, chunk_images=16)
+    assert len(blocks) >= 32 and all(b - a <= 16 for a, b in blocks)
+
+    class Rows:  # stands in for an h5py dataset: 10 vectors per image
+        def __getitem__(self, sl: slice) -> np.ndarray:
+            return np.zeros((sl.stop - sl.start, 10, 4), dtype=np.float16)
+
+    from traitsae.data.datamodule import StreamPlan
+
+    plan = StreamPlan("unused", "patches/0", tuple(blocks), None, 4)
+    stream = ActivationStream(plan, batch_size=8, buffer_vectors=500, seed=0)
+    sizes = [len(buf) for buf in stream._fills(Rows(), list(blocks))]
+    assert sum(sizes) == 10_000 and max(sizes) < 500 + 16 * 10
+
+
+def test_missing_store_prints_extract_command(tmp_path: Path) -> None:
+    dm = ActivationsDataModule(str(tmp_path / "acts"), "dinov2", "cub", "train")
+    with pytest.raises(TraitsaeError) as err:
+        dm.prepare()
+    msg = str(err.value)
+    assert str(tmp_path / "acts" / "cub" / "train" / "dinov2.h5") in msg
+    assert "python extract.py backbone=dinov2 dataset=cub split=train" in msg
+
+
+def test_incomplete_store_refused_unless_asked(tmp_path: Path) -> None:
+    final = tmp_path / "acts" / "synthetic" / "train" / "tiny.h5"
+    acts = np.zeros((N_IMAGES, N_PATCHES, 8), dtype=np.float16)
+    acts[:, :, 0] = np.arange(N_IMAGES)[:, None]
+    done = np.arange(N_IMAGES) < 40  # extraction stopped after 40 images
+    create_store(
+        final.with_name("tiny.h5.tmp"),
+        patches={3: acts},
+        cls={3: acts[:, 0]},
+        images={"path": np.array(["x.jpg"] * N_IMAGES), "done": done},
+        attrs={"backbone": "tiny", "dataset": "synthetic", "split": "train", "complete": False},
+    )
+    kwargs = dict(activations_dir=str(tmp_path / "acts"), backbone="tiny", dataset="synthetic")
+    with pytest.raises(TraitsaeError, match=r"(?s)incomplete.*extract.py.*allow_incomplete"):
+        ActivationsDataModule(**kwargs).prepare()
+    dm = ActivationsDataModule(**kwargs, allow_incomplete=True, scale_sample=16, val_fraction=0)
+    dm.prepare()
+    assert dm.store_path.name == "tiny.h5.tmp"
+    assert dm.n_train_vectors == 40 * N_PATCHES  # only the rows extraction finished
+
+
+def test_layer_and_width_errors(tmp_path: Path) -> None:
+    store = id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES, layers=(1, 3))
+    with pytest.raises(TraitsaeError, match=r"layer 2 .*holds layers \[1, 3\]"):
+        make_dm(store, layer=2)
+    with pytest.raises(TraitsaeError, match="d_model=8.*d_model=768"):
+        make_dm(store, d_model=768)
+    with pytest.raises(TraitsaeError, match="tokens"):
+        make_dm(store, tokens="registers")

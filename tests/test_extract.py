@@ -1,0 +1,180 @@
+"""extract(cfg) end to end: correctness, resume after a real kill, safety, invalid images, shards."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from extract_helpers import (
+    compose_extract,
+    hooked_residual_stream,
+    read_all,
+    run_cli,
+    small_synthetic,
+)
+from PIL import Image
+
+from traitsae.backbones import build_backbone
+from traitsae.backbones.timm_vit import create_timm_model
+from traitsae.data.store import Store
+from traitsae.errors import TraitsaeError
+from traitsae.extraction import encode_batch, extract
+from traitsae.paths import store_path_from_cfg
+
+
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory):
+    return small_synthetic(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, syn_root):
+    """An uninterrupted single-process run (layers 1 and 3) that other tests compare against."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = compose_extract(tmp, [f"dataset.root={syn_root}", "backbone.layers=[1,-1]"])
+    return extract(cfg), cfg
+
+
+def test_store_equals_forward_hook_on_the_same_images(reference_store):
+    path, cfg = reference_store
+    with Store(path) as store:
+        assert store.layers == [1, 3] and store.n_images == 16 and store.grid == (8, 8)
+        meta = store.metadata
+        assert meta["species"][0] == "001.Alpha_warbler" and meta["image_id"][:2].tolist() == [
+            "1",
+            "3",
+        ]
+        assert meta["valid"].all() and meta["label"][:2].tolist() == [0, 0]
+        backbone = build_backbone(cfg.backbone)
+        x = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in meta["path"]])
+        model = create_timm_model(cfg.backbone).eval()
+        hooked = hooked_residual_stream(model.blocks, lambda: model(x), [1, 3])
+        for layer in (1, 3):
+            expected = hooked[layer].to(torch.float16).numpy()
+            np.testing.assert_array_equal(store.patches(layer)[()], expected[:, 1:])
+            np.testing.assert_array_equal(store.cls(layer)[()], expected[:, 0])
+        assert "backbone:" in store.config and store.file.attrs["image_size"] == 64
+
+
+def test_rerun_is_a_noop_and_config_mismatch_is_an_error(reference_store, syn_root):
+    path, cfg = reference_store
+    before = path.stat().st_mtime_ns
+    root = str(path).split("/activations/")[0]
+    same = compose_extract(root, [f"dataset.root={syn_root}", "backbone.layers=[1,-1]"])
+    assert extract(same) == path and path.stat().st_mtime_ns == before
+    other = compose_extract(root, [f"dataset.root={syn_root}", "backbone.layers=[-2]"])
+    with pytest.raises(
+        TraitsaeError, match=r"backbone.layers: \[1, 3\] -> \[2\].*extract.overwrite=true"
+    ):
+        extract(other)
+
+
+def test_overwrite_replaces_a_different_store(tmp_path, syn_root):
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "split=test"])
+    extract(cfg)
+    cfg2 = compose_extract(
+        tmp_path,
+        [f"dataset.root={syn_root}", "split=test", "backbone.layers=[0]", "extract.overwrite=true"],
+    )
+    with Store(extract(cfg2)) as store:
+        assert store.layers == [0]
+
+
+def test_unreadable_images_are_recorded_and_marked_invalid(tmp_path, syn_root):
+    root = shutil.copytree(syn_root, tmp_path / "syn")
+    paths = sorted((root / "images").rglob("*.png"))
+    paths[0].write_bytes(b"not a png")  # image id 1: train row 0
+    paths[2].unlink()  # image id 3: train row 1
+    cfg = compose_extract(
+        tmp_path, ["dataset=cub", f"dataset.root={root}", "extract.num_workers=1"]
+    )
+    with Store(extract(cfg)) as store:
+        meta = store.metadata
+        assert meta["valid"].tolist() == [False, False] + [True] * 14
+        assert "UnidentifiedImageError" in meta["error"][0]
+        assert "FileNotFoundError" in meta["error"][1] and meta["error"][2] == ""
+        assert not store.patches(-1)[0].any()  # zero-filled, and flagged invalid
+
+
+def test_overflow_is_detected_with_image_layer_and_count(tmp_path, syn_root):
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}"])
+    backbone = build_backbone(cfg.backbone)
+    with torch.no_grad():
+        backbone.trunk.patch_embed.proj.weight.mul_(1e6)  # pushes activations past float16 range
+    from traitsae.data.images import ImageDataset
+
+    dataset = ImageDataset(["a.png", "b.png"], backbone.transform, 64)
+    batch = {
+        "image": torch.rand(2, 3, 64, 64), "index": torch.tensor([0, 1]),
+        "ok": torch.tensor([True, True]), "error": ["", ""],
+    }  # fmt: skip
+    _, _, _, valid, errors = encode_batch(cfg, backbone, batch, dataset, torch.device("cpu"))
+    assert not valid.any() and "at layer 3" in errors[0] and "overflowing" in errors[0]
+    cfg.extract.on_nonfinite = "error"
+    with pytest.raises(TraitsaeError, match=r"image a.png \(row 0\): \d+ non-finite"):
+        encode_batch(cfg, backbone, batch, dataset, torch.device("cpu"))
+
+
+def test_killed_run_resumes_to_an_identical_store(tmp_path, reference_store, syn_root):
+    """SIGKILL once rows 8..16 are written but before they are committed, then rerun."""
+    ref_path, _ = reference_store
+    args = [
+        f"paths.root_dir={tmp_path}", f"dataset.root={syn_root}", "backbone.layers=[1,-1]",
+        "extract.batch_size=8", "extract.num_workers=0", "extract.progress=false",
+    ]  # fmt: skip
+    killed = run_cli(args, env={"TRAITSAE_KILL_AFTER_ROWS": "12"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    out = tmp_path / "activations" / "synthetic" / "train" / "tiny.h5"
+    assert not out.exists() and out.with_name("tiny.h5.tmp").exists()
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout and "at image 8 of 16" in resumed.stdout
+    a, b = read_all(ref_path), read_all(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_two_shard_processes_equal_one_process(tmp_path, reference_store, syn_root):
+    ref_path, _ = reference_store
+    cfg = compose_extract(
+        tmp_path,
+        [
+            f"dataset.root={syn_root}",
+            "backbone.layers=[1,-1]",
+            "extract.num_shards=2",
+            "extract.devices=[cpu,cpu]",
+        ],
+    )
+    out = extract(cfg)
+    assert out == store_path_from_cfg(cfg) and not list(out.parent.glob("*.shard-*"))
+    a, b = read_all(ref_path), read_all(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].dtype == np.float16:  # batch composition may change float rounding slightly
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-2, atol=1e-2, err_msg=key)
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with Store(out) as store, Store(ref_path) as ref:
+        assert store.file.attrs["config"] == ref.file.attrs["config"]
+
+
+def test_single_shard_job_then_join(tmp_path, syn_root):
+    common = [f"dataset.root={syn_root}", "split=test", "extract.num_shards=2"]
+    shard1 = extract(compose_extract(tmp_path, [*common, "extract.shard=1"]))
+    assert shard1.name == "tiny.shard-001-of-002.h5"
+    with Store(shard1) as store:
+        assert store.metadata["index"].tolist() == list(range(8, 16))
+    extract(compose_extract(tmp_path, [*common, "extract.shard=0"]))  # e.g. Slurm array tasks
+    cfg = compose_extract(tmp_path, common)
+    extract(cfg)  # every shard is complete: only joins
+    with Store(store_path_from_cfg(cfg)) as store:
+        assert store.metadata["index"].tolist() == list(range(16)) and store.n_images == 16
+
+
+def test_cli_bad_input_prints_one_paragraph(tmp_path):
+    result = run_cli([f"paths.root_dir={tmp_path}", "dataset=cub", "extract.progress=false"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: CUB dataset root") and "Traceback" not in result.stderr

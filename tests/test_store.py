@@ -1,0 +1,145 @@
+"""The HDF5 store: reader API, one-shot writer, incremental crash-safe writer."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from traitsae.data.store import Store, StoreWriter, create_store
+from traitsae.data.store import tmp_path as store_tmp_path
+from traitsae.errors import TraitsaeError
+
+N, P, D = 10, 16, 8
+
+
+def _make(path, **attrs):
+    rng = np.random.default_rng(0)
+    patches = {1: rng.normal(size=(N, P, D)), 3: rng.normal(size=(N, P, D))}
+    cls = {1: rng.normal(size=(N, D)), 3: rng.normal(size=(N, D))}
+    images = {
+        "path": [f"img{i}.png" for i in range(N)],
+        "label": np.arange(N) % 3,
+        "species": [f"sp{i % 3}" for i in range(N)],
+    }
+    base = {"backbone": "tiny", "dataset": "syn", "split": "train", "depth": 4, "grid": [4, 4]}
+    create_store(path, patches=patches, cls=cls, images=images, attrs={**base, **attrs})
+    return patches, cls
+
+
+def test_create_store_roundtrip(tmp_path):
+    patches, cls = _make(tmp_path / "s.h5")
+    with Store(tmp_path / "s.h5") as store:
+        assert (store.n_images, store.n_patches, store.d_model) == (N, P, D)
+        assert store.layers == [1, 3] and store.depth == 4 and store.grid == (4, 4)
+        assert store.complete and store.backbone == "tiny" and store.split == "train"
+        assert store.resolve_layer(-1) == 3
+        np.testing.assert_array_equal(store.patches(-1)[()], patches[3].astype(np.float16))
+        np.testing.assert_array_equal(store.cls(1)[()], cls[1].astype(np.float16))
+        assert store.patches(1).dtype == np.float16
+        meta = store.metadata
+        assert list(meta["species"][:3]) == ["sp0", "sp1", "sp2"]
+        assert meta["index"].tolist() == list(range(N)) and meta["valid"].all()
+        assert store.metadata_columns == ["species"]
+        blocks = list(store.iter_blocks(3, block=4))
+        assert [start for start, _ in blocks] == [0, 4, 8]
+        np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), store.patches(3)[()])
+        cls_blocks = list(store.iter_blocks(1, tokens="cls", block=6))
+        assert cls_blocks[1][1].shape == (4, D)
+
+
+def test_store_errors_name_layers_and_files(tmp_path):
+    _make(tmp_path / "s.h5")
+    with (
+        Store(tmp_path / "s.h5") as store,
+        pytest.raises(TraitsaeError, match=r"holds layers \[1, 3\]"),
+    ):
+        store.patches(-2)
+    with pytest.raises(TraitsaeError, match="does not exist"):
+        Store(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    with pytest.raises(TraitsaeError, match="not a readable HDF5"):
+        Store(tmp_path / "junk.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(TraitsaeError, match="not a traitsae activation store"):
+        Store(tmp_path / "other.h5")
+    _make(tmp_path / "partial.h5", complete=False)
+    with pytest.raises(TraitsaeError, match="incomplete"):
+        Store(tmp_path / "partial.h5")
+    assert not Store(tmp_path / "partial.h5", require_complete=False).complete
+
+
+def test_create_store_rejects_bad_shapes(tmp_path):
+    with pytest.raises(TraitsaeError, match="expected"):
+        create_store(
+            tmp_path / "bad.h5",
+            patches={0: np.zeros((2, 4, 3)), 1: np.zeros((2, 5, 3))},
+            cls={0: np.zeros((2, 3)), 1: np.zeros((2, 3))},
+            images={"path": ["a", "b"]},
+            attrs={"backbone": "b", "dataset": "d", "split": "s"},
+        )
+
+
+def _writer(path, fingerprint="fp", overwrite=False):
+    attrs = {
+        "backbone": "tiny", "dataset": "syn", "split": "train", "depth": 4, "grid": [4, 4],
+        "layers": [3], "n_images": N, "d_model": D, "n_patches": P, "n_prefix_tokens": 1,
+    }  # fmt: skip
+    images = {"index": np.arange(N), "path": [f"p{i}" for i in range(N)], "species": ["s"] * N}
+    return StoreWriter.open(
+        path, attrs=attrs, images=images, n_patches=P, d_model=D,
+        fingerprint=fingerprint, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def _rows(start, n):
+    acts = np.arange(start, start + n, dtype=np.float16)[:, None, None] * np.ones(
+        (n, P, D), np.float16
+    )
+    return {3: acts}, {3: acts[:, 0]}
+
+
+def test_writer_resumes_and_finishes(tmp_path):
+    path = tmp_path / "w.h5"
+    writer = _writer(path)
+    assert writer.first_pending() == 0
+    writer.write(0, *_rows(0, 4), valid=np.ones(4, bool))
+    writer.close()  # as if the run stopped here
+    assert tmp_path.joinpath("w.h5.tmp").exists() and not path.exists()
+    with pytest.raises(TraitsaeError, match="different configuration"):
+        _writer(path, fingerprint="other")
+    writer = _writer(path)
+    assert writer.first_pending() == 4
+    valid = np.array([True, False, True, True, True, True])
+    writer.write(4, *_rows(4, 6), valid=valid, errors={5: "OSError: truncated"})
+    assert writer.errors() == {5: "OSError: truncated"}
+    assert writer.finish() == path and not tmp_path.joinpath("w.h5.tmp").exists()
+    with Store(path) as store:
+        assert store.complete
+        np.testing.assert_array_equal(store.cls(3)[:, 0], np.arange(N, dtype=np.float16))
+        assert store.metadata["valid"].tolist() == [i != 5 for i in range(N)]
+        assert store.metadata["error"][5] == "OSError: truncated"
+
+
+def test_writer_overwrite_restarts(tmp_path):
+    writer = _writer(tmp_path / "w.h5")
+    writer.write(0, *_rows(0, 4), valid=np.ones(4, bool))
+    writer.close()
+    writer = _writer(tmp_path / "w.h5", fingerprint="other", overwrite=True)
+    assert writer.first_pending() == 0
+    writer.close()
+
+
+def test_writer_refuses_unfinished_finish(tmp_path):
+    writer = _writer(tmp_path / "w.h5")
+    with pytest.raises(RuntimeError, match="pending"):
+        writer.finish()
+    writer.close()
+    assert store_tmp_path(tmp_path / "w.h5").exists() and not (tmp_path / "w.h5").exists()
+
+
+def test_unwritable_store_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(TraitsaeError, match="cannot create the store directory"):
+        _writer(tmp_path / "a_file" / "sub" / "w.h5")

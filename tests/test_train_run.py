@@ -1,0 +1,144 @@
+"""train.py end to end in-process: run + export, resume after a kill, sweeps, wandb, errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
+from train_helpers import (
+    ROOT,
+    compose_train,
+    dictionary_store,
+    id_store,
+    subprocess_env,
+    train_overrides,
+)
+
+import traitsae
+from traitsae.data.store import Store
+from traitsae.errors import TraitsaeError
+from traitsae.training import train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dictionary_store(tmp_path_factory.mktemp("store") / "tiny.h5")
+
+
+def test_train_exports_a_loadable_sae_with_metrics(store: Path, tmp_path: Path) -> None:
+    run = train(compose_train(train_overrides(store, tmp_path / "run", steps=30)))
+    sae = traitsae.load_sae(run)
+    meta = sae.meta
+    assert (meta["backbone"], meta["dataset"], meta["layer"], meta["tokens"]) == (
+        "tiny", "synthetic", 3, "patches",
+    )  # fmt: skip
+    assert (meta["d_model"], meta["d_sae"], meta["variant"], meta["steps"]) == (16, 64, "topk", 30)
+    assert meta["store"] == str(store) and meta["config"]["sae"]["k"] == 4
+    with Store(store) as s:
+        x_raw = torch.from_numpy(s.patches(3)[:8].reshape(-1, 16))
+    codes = sae.encode(x_raw)
+    assert codes.shape == (128, 64) and ((codes > 0).sum(1) <= 4).all()
+    fvu = ((sae.decode(codes) - x_raw.float()).pow(2).sum() / (x_raw.float() - x_raw.float().mean(0)).pow(2).sum())
+    assert fvu < 0.9  # it learned something in 30 steps
+    rows = list(csv.DictReader(open(run / "csv" / "version_0" / "metrics.csv")))
+    logged = {key for row in rows for key, value in row.items() if value}
+    for key in ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "train/dead_frac",
+                "val/mse", "val/fvu", "val/l0", "val/l1", "val/dead_frac", "val/dense_frac"):  # fmt: skip
+        assert key in logged
+    assert sorted(p.name for p in (run / "figures").glob("*.png"))[-1] == "firing_freq_step0000030.png"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("variant", ["relu", "batchtopk", "jumprelu", "matryoshka"])
+def test_each_variant_trains_from_the_cli_config(store: Path, tmp_path: Path, variant: str) -> None:
+    extra = {"sae": variant, "sae.prefixes": "[16,32]"} if variant == "matryoshka" else {"sae": variant}
+    cfg = compose_train(train_overrides(store, tmp_path / "run", steps=6, **extra))
+    expected = {"relu": "L1Penalty", "jumprelu": "L0Penalty"}.get(variant, "NoPenalty")
+    assert cfg.sparsity._target_.endswith(expected)  # each family brings its own penalty
+    run = train(cfg)
+    assert traitsae.load_sae(run).meta["variant"] == variant
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(store: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = train_overrides(store, run_dir, steps=12)
+    killed = subprocess.run(
+        [sys.executable, "train.py", *overrides, "+callbacks.kill._target_=train_helpers.KillAtStep",
+         "+callbacks.kill.step=7"],  # fmt: skip
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / "sae.json").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # the same command again (without the crash), in the same run dir
+    record = [f"+callbacks.rec._target_=train_helpers.RecordRun", f"+callbacks.rec.out_dir={tmp_path}"]
+    train(compose_train(overrides + record))
+    resumed = json.loads((tmp_path / "rank0.json").read_text())
+    assert resumed["start_step"] == 5 and resumed["end_step"] == 12  # checkpoint every 5 steps
+    assert traitsae.load_sae(run_dir).meta["steps"] == 12
+
+
+def _train_py_sweep(argv: list[str]) -> None:
+    """Run train.py's task under @hydra.main in this process (config dir given absolutely)."""
+    import hydra
+
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    task = module.main.__wrapped__  # train.py's function, without its relative config_path
+    GlobalHydra.instance().clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["train.py", *argv])
+        hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")(task)()
+
+
+def test_sweep_runs_one_job_per_combination(store: Path, tmp_path: Path) -> None:
+    overrides = [o for o in train_overrides(store, tmp_path / "unused", steps=3) if "hydra.run" not in o]
+    _train_py_sweep(["-m", "sae=topk,matryoshka", "sae.k=2,4", "sae.prefixes=[16,32]",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides])  # fmt: skip
+    exported = sorted((tmp_path / "sweep").glob("*/sae.json"))
+    assert len(exported) == 4
+    combos = {(traitsae.load_sae(p).variant, traitsae.load_sae(p).sae.activation.k) for p in exported}
+    assert combos == {("topk", 2), ("topk", 4), ("matryoshka", 2), ("matryoshka", 4)}
+
+
+def test_wandb_logger_works_offline(store: Path, tmp_path: Path) -> None:
+    run = train(compose_train(train_overrides(store, tmp_path / "run", steps=10, logger="wandb")))
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+    assert list((run / "figures").glob("*.png"))
+
+
+def test_user_errors(store: Path, tmp_path: Path) -> None:
+    with pytest.raises(MissingConfigException, match="(?s)batchtopk.*jumprelu.*matryoshka.*relu.*topk"):
+        compose_train(train_overrides(store, tmp_path / "run", sae="gated"))
+    with pytest.raises(TraitsaeError, match=r"sae.k=99 .*d_sae=64"):
+        train(compose_train(train_overrides(store, tmp_path / "a", **{"sae.k": 99})))
+    with pytest.raises(TraitsaeError, match="prefixes"):
+        train(compose_train(train_overrides(store, tmp_path / "b", sae="matryoshka", **{"sae.prefixes": "[32,8]"})))
+    with pytest.raises(TraitsaeError, match="d_model=16.*d_model=768"):
+        train(compose_train(train_overrides(store, tmp_path / "c", **{"backbone.width": 768})))
+    with pytest.raises(TraitsaeError, match=r"layer 5 .*holds layers \[3\]"):
+        train(compose_train(train_overrides(store, tmp_path / "d", **{"data.layer": 5})))
+
+
+def test_non_finite_loss_stops_with_step_and_batch_statistics(tmp_path: Path) -> None:
+    store = id_store(tmp_path / "inf.h5", n_images=64, n_patches=4, d_model=16, layers=(3,))
+    from traitsae.sae.module import SAEModule
+
+    cfg = compose_train(train_overrides(store, tmp_path / "run"))
+    module = SAEModule(sae={"variant": "topk", "d_model": 16, "d_sae": 64, "k": 4},
+                       sparsity={"_target_": "traitsae.sae.sparsity.NoPenalty"},
+                       optim=dict(cfg.optim))  # fmt: skip
+    batch = torch.randn(8, 16).half()
+    batch[0, 0] = float("inf")
+    with pytest.raises(TraitsaeError, match=r"(?s)non-finite loss at step 0.*1 non-finite values"):
+        module._check_finite(module.sae.reconstruction_loss(module.normalise(batch), module.sae.train()(module.normalise(batch))), torch.tensor(float("nan")), module.normalise(batch))
