@@ -87,7 +87,7 @@ def test_preprocessing_comes_from_the_model():
     text = repr(clip.transform)
     assert "0.4814" in text and "32" in text  # OpenAI CLIP mean, the model's image size
     tiny = build_backbone(backbone_cfg("tiny"))
-    assert "CenterCrop(size=(64, 64))" in repr(tiny.transform)
+    assert "Resize(size=64" in repr(tiny.transform)  # crop_pct=1.0: 64 px images stay whole
 
 
 def test_local_weights_file(tmp_path):

@@ -108,9 +108,8 @@ def test_sae_export_path_and_mean_pool(experiment, tmp_path):
     overrides = experiment_overrides(
         experiment, *FAST, "eval.pool=mean", "eval.methods=[sae,random]"
     )
-    # An export's sae.json instead of a run dir. (The CLI's `sae=<sae.json>` currently collides
-    # with the `sae/` config group of train.py; see the issue note.)
-    overrides[0] = f"run={experiment['sae_json']}"
+    # An export's sae.json instead of a run dir (evaluate.py turns the CLI's sae= into sae_path=).
+    overrides[0] = f"sae_path={experiment['sae_json']}"
     rep = run_evaluation(compose_evaluate(overrides, tmp_path))
     assert {r["method"] for r in rep.summary} == {"sae", "random"}
 
@@ -183,10 +182,12 @@ def test_cli_bad_input_exits_2_without_traceback(experiment, tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
+    overrides = experiment_overrides(experiment, *FAST)
+    overrides[0] = f"sae={experiment['sae_json']}"  # the CLI contract's spelling of an export
     cmd = [
         sys.executable,
         str(repo / "evaluate.py"),
-        *experiment_overrides(experiment, *FAST),
+        *overrides,
         "eval.k=[1000]",
         f"hydra.run.dir={tmp_path}",
     ]

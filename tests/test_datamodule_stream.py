@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 from train_helpers import id_store
 
-from traitsae.data.store import create_store
 from traitsae.data.datamodule import ActivationsDataModule, ActivationStream, plan_blocks
+from traitsae.data.store import create_store
 from traitsae.errors import TraitsaeError
 
 N_IMAGES, N_PATCHES = 64, 4

@@ -119,7 +119,9 @@ def test_penalties_warm_up_and_reach_their_targets() -> None:
     out = sae(torch.randn(32, 16))
     l1 = L1Penalty(coeff=2.0, warmup_steps=10)
     assert l1.weight(0) == pytest.approx(0.2) and l1.weight(50) == 2.0
-    assert l1(out, sae, 100).item() == pytest.approx(2.0 * out.codes_BS.sum(1).mean().item(), rel=1e-5)
+    assert l1(out, sae, 100).item() == pytest.approx(
+        2.0 * out.codes_BS.sum(1).mean().item(), rel=1e-5
+    )
     assert 0 < TanhPenalty(1.0)(out, sae, 0).item() < l1(out, sae, 100).item()
     assert NoPenalty()(out, sae, 0).item() == 0.0
     l0 = L0Penalty(coeff=1.0)(out, sae, 0)

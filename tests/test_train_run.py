@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -46,20 +47,27 @@ def test_train_exports_a_loadable_sae_with_metrics(store: Path, tmp_path: Path) 
         x_raw = torch.from_numpy(s.patches(3)[:8].reshape(-1, 16))
     codes = sae.encode(x_raw)
     assert codes.shape == (128, 64) and ((codes > 0).sum(1) <= 4).all()
-    fvu = ((sae.decode(codes) - x_raw.float()).pow(2).sum() / (x_raw.float() - x_raw.float().mean(0)).pow(2).sum())
+    fvu = (sae.decode(codes) - x_raw.float()).pow(2).sum() / (
+        x_raw.float() - x_raw.float().mean(0)
+    ).pow(2).sum()
     assert fvu < 0.9  # it learned something in 30 steps
-    rows = list(csv.DictReader(open(run / "csv" / "version_0" / "metrics.csv")))
+    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     logged = {key for row in rows for key, value in row.items() if value}
     for key in ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "train/dead_frac",
                 "val/mse", "val/fvu", "val/l0", "val/l1", "val/dead_frac", "val/dense_frac"):  # fmt: skip
         assert key in logged
-    assert sorted(p.name for p in (run / "figures").glob("*.png"))[-1] == "firing_freq_step0000030.png"
+    assert (
+        sorted(p.name for p in (run / "figures").glob("*.png"))[-1] == "firing_freq_step0000030.png"
+    )
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("variant", ["relu", "batchtopk", "jumprelu", "matryoshka"])
 def test_each_variant_trains_from_the_cli_config(store: Path, tmp_path: Path, variant: str) -> None:
-    extra = {"sae": variant, "sae.prefixes": "[16,32]"} if variant == "matryoshka" else {"sae": variant}
+    extra = (
+        {"sae": variant, "sae.prefixes": "[16,32]"} if variant == "matryoshka" else {"sae": variant}
+    )
     cfg = compose_train(train_overrides(store, tmp_path / "run", steps=6, **extra))
     expected = {"relu": "L1Penalty", "jumprelu": "L0Penalty"}.get(variant, "NoPenalty")
     assert cfg.sparsity._target_.endswith(expected)  # each family brings its own penalty
@@ -79,7 +87,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(store: Path, tmp_path: Path
     assert not (run_dir / "sae.json").exists()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     # the same command again (without the crash), in the same run dir
-    record = [f"+callbacks.rec._target_=train_helpers.RecordRun", f"+callbacks.rec.out_dir={tmp_path}"]
+    record = [
+        "+callbacks.rec._target_=train_helpers.RecordRun",
+        f"+callbacks.rec.out_dir={tmp_path}",
+    ]
     train(compose_train(overrides + record))
     resumed = json.loads((tmp_path / "rank0.json").read_text())
     assert resumed["start_step"] == 5 and resumed["end_step"] == 12  # checkpoint every 5 steps
@@ -101,12 +112,15 @@ def _train_py_sweep(argv: list[str]) -> None:
 
 
 def test_sweep_runs_one_job_per_combination(store: Path, tmp_path: Path) -> None:
-    overrides = [o for o in train_overrides(store, tmp_path / "unused", steps=3) if "hydra.run" not in o]
-    _train_py_sweep(["-m", "sae=topk,matryoshka", "sae.k=2,4", "sae.prefixes=[16,32]",
+    fixed = train_overrides(store, tmp_path / "unused", steps=3)
+    overrides = [o for o in fixed if not o.startswith(("hydra.run", "sae.k="))]
+    _train_py_sweep(["-m", "sae=topk,matryoshka", "sae.k=2,4",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides])  # fmt: skip
     exported = sorted((tmp_path / "sweep").glob("*/sae.json"))
     assert len(exported) == 4
-    combos = {(traitsae.load_sae(p).variant, traitsae.load_sae(p).sae.activation.k) for p in exported}
+    combos = {
+        (traitsae.load_sae(p).variant, traitsae.load_sae(p).sae.activation.k) for p in exported
+    }
     assert combos == {("topk", 2), ("topk", 4), ("matryoshka", 2), ("matryoshka", 4)}
 
 
@@ -118,27 +132,38 @@ def test_wandb_logger_works_offline(store: Path, tmp_path: Path) -> None:
 
 
 def test_user_errors(store: Path, tmp_path: Path) -> None:
-    with pytest.raises(MissingConfigException, match="(?s)batchtopk.*jumprelu.*matryoshka.*relu.*topk"):
+    with pytest.raises(
+        MissingConfigException, match="(?s)batchtopk.*jumprelu.*matryoshka.*relu.*topk"
+    ):
         compose_train(train_overrides(store, tmp_path / "run", sae="gated"))
     with pytest.raises(TraitsaeError, match=r"sae.k=99 .*d_sae=64"):
         train(compose_train(train_overrides(store, tmp_path / "a", **{"sae.k": 99})))
     with pytest.raises(TraitsaeError, match="prefixes"):
-        train(compose_train(train_overrides(store, tmp_path / "b", sae="matryoshka", **{"sae.prefixes": "[32,8]"})))
+        train(
+            compose_train(
+                train_overrides(
+                    store, tmp_path / "b", sae="matryoshka", **{"sae.prefixes": "[32,8]"}
+                )
+            )
+        )
     with pytest.raises(TraitsaeError, match="d_model=16.*d_model=768"):
         train(compose_train(train_overrides(store, tmp_path / "c", **{"backbone.width": 768})))
     with pytest.raises(TraitsaeError, match=r"layer 5 .*holds layers \[3\]"):
         train(compose_train(train_overrides(store, tmp_path / "d", **{"data.layer": 5})))
 
 
-def test_non_finite_loss_stops_with_step_and_batch_statistics(tmp_path: Path) -> None:
-    store = id_store(tmp_path / "inf.h5", n_images=64, n_patches=4, d_model=16, layers=(3,))
-    from traitsae.sae.module import SAEModule
+def test_non_finite_loss_stops_with_step_and_batch_statistics(store: Path, tmp_path: Path) -> None:
+    diverging = {"optim.lr": 1e38, "optim.warmup_steps": 0, "trainer.gradient_clip_val": "null"}
+    cfg = compose_train(train_overrides(store, tmp_path / "run", **diverging))
+    with pytest.raises(TraitsaeError, match=r"(?s)non-finite loss at step [1-9].*lr=1e\+38.*max="):
+        train(cfg)
 
-    cfg = compose_train(train_overrides(store, tmp_path / "run"))
-    module = SAEModule(sae={"variant": "topk", "d_model": 16, "d_sae": 64, "k": 4},
-                       sparsity={"_target_": "traitsae.sae.sparsity.NoPenalty"},
-                       optim=dict(cfg.optim))  # fmt: skip
-    batch = torch.randn(8, 16).half()
-    batch[0, 0] = float("inf")
-    with pytest.raises(TraitsaeError, match=r"(?s)non-finite loss at step 0.*1 non-finite values"):
-        module._check_finite(module.sae.reconstruction_loss(module.normalise(batch), module.sae.train()(module.normalise(batch))), torch.tensor(float("nan")), module.normalise(batch))
+
+def test_non_finite_activations_in_the_store_are_named(tmp_path: Path) -> None:
+    path = id_store(tmp_path / "inf.h5", n_images=64, n_patches=4, d_model=16, layers=(3,))
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f["patches/3"][:, 0, 2] = np.inf
+    with pytest.raises(TraitsaeError, match=r"non-finite"):
+        train(compose_train(train_overrides(path, tmp_path / "run")))

@@ -287,7 +287,9 @@ def encode_batch(
         counts_B = nonfinite_counts(patches16[layer], cls16[layer])
         for row in np.flatnonzero((counts_B > 0) & valid_B):
             i = int(index_B[row])
-            reason = f"{counts_B[row]} non-finite or float16-overflowing activations at layer {layer}"
+            reason = (
+                f"{counts_B[row]} non-finite or float16-overflowing activations at layer {layer}"
+            )
             if cfg.extract.on_nonfinite == "error":
                 raise TraitsaeError(
                     f"image {dataset.paths[i]} (row {i}): {reason}. Use extract.precision=32, "

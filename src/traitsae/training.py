@@ -163,4 +163,3 @@ def train(cfg: DictConfig) -> Path:
         path = save_sae(module.sae.cpu(), run_dir, export_meta(cfg, dm, trainer))
         log.info("exported %s", path)
     return run_dir
-

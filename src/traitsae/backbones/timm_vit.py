@@ -49,7 +49,10 @@ def build_timm(cfg: Any) -> TimmViT:
 
     model = create_timm_model(cfg)
     size = int(cfg.image_size)
-    data_cfg = resolve_data_config({"input_size": (3, size, size)}, model=model)
+    overrides = {"input_size": (3, size, size)}
+    if cfg.get("crop_pct") is not None:  # e.g. 1.0: the whole image, pixels map onto the grid
+        overrides["crop_pct"] = float(cfg.crop_pct)
+    data_cfg = resolve_data_config(overrides, model=model)
     geometry = Geometry(
         depth=len(model.blocks),
         d_model=int(model.embed_dim),

@@ -265,6 +265,13 @@ class ActivationsDataModule(L.LightningDataModule):
         if self.n_train_vectors == 0:
             raise TraitsaeError(f"store {path} has no valid training vectors ({key}).")
         self.sample = self._sample_vectors()
+        bad = int((~np.isfinite(self.sample)).sum())
+        if bad:
+            raise TraitsaeError(
+                f"store {path} ({key}) holds non-finite activations: {bad} inf/NaN values in a "
+                f"sample of {len(self.sample)} vectors (float16 overflows beyond 65504). "
+                "Re-extract with a backbone/layer whose activations fit float16."
+            )
         mean_sq = float(np.mean(np.sum(self.sample.astype(np.float64) ** 2, axis=1)))
         self.scale = math.sqrt(self.d_model / mean_sq) if mean_sq > 0 else 1.0
         self.prepared = True

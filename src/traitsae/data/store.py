@@ -409,10 +409,11 @@ class StoreWriter:
         self._valid[start:stop] = valid
         for index, reason in (errors or {}).items():
             self._error[index] = _fit(reason)
-        self.file.flush()
-        _fault_injection(stop)  # activations reach the disk before the rows are marked done
+        self.file.flush()  # the rows reach the file before they are marked done
+        _fault_injection(stop)
+        # No second flush: `done` reaches the file with the next batch's flush or on close, never
+        # before these rows. A crash loses at most the last batch's mark, and that batch is redone.
         self._done[start:stop] = True
-        self.file.flush()
 
     def errors(self) -> dict[int, str]:
         """Row index -> reason, for every invalid row written so far (this run and earlier ones)."""

@@ -17,33 +17,53 @@ def run_evaluation(cfg: DictConfig) -> Any:
     return get_method(cfg.eval.entry)(cfg)
 
 
-def resolve_sae(cfg: DictConfig) -> Any:
-    """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`."""
-    from traitsae.sae.export import load_sae
-
-    source = cfg.get("sae") or cfg.get("run")
+def sae_source(cfg: DictConfig) -> str:
+    """The SAE to evaluate: `sae=<sae.json>` (stored as `sae_path`) or `run=<train run dir>`."""
+    source = cfg.get("sae_path") or cfg.get("run")
     if not source:
         raise TraitsaeError(
             "no SAE given: pass run=<train.py run dir> (it holds sae.json) or sae=<path to sae.json>."
         )
-    return load_sae(source)
+    return str(source)
+
+
+def resolve_sae(cfg: DictConfig) -> Any:
+    """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`."""
+    from traitsae.sae.export import load_sae
+
+    return load_sae(sae_source(cfg))
 
 
 def eval_store_path(cfg: DictConfig, sae: Any, split: str) -> Path:
     return store_path(cfg.paths.activations_dir, cfg.dataset.name, split, sae.meta["backbone"])
 
 
-def eval_store(cfg: DictConfig, sae: Any, split: str):
-    """Open the store of the SAE's backbone on `cfg.dataset` × `split`, checked against the SAE."""
+def eval_stores(cfg: DictConfig, sae: Any, splits: list[str]) -> list:
+    """Open the SAE backbone's stores of `cfg.dataset` for `splits`, checked against the SAE.
+
+    Every missing split is named in one error, each with the extract.py command that makes it.
+    """
     from traitsae.data.store import Store
 
-    path = eval_store_path(cfg, sae, split)
-    if not path.exists():
-        cmd = extract_command(sae.meta["backbone"], cfg.dataset.name, split, cfg.paths.activations_dir)
-        raise TraitsaeError(f"activation store {path} does not exist. Make it with:\n  {cmd}")
-    store = Store(path)
-    check_store_matches_sae(store, sae)
-    return store
+    backbone, dataset = sae.meta["backbone"], cfg.dataset.name
+    missing = [s for s in dict.fromkeys(splits) if not eval_store_path(cfg, sae, s).exists()]
+    if missing:
+        commands = "\n".join(
+            f"  {extract_command(backbone, dataset, s, cfg.paths.activations_dir)}" for s in missing
+        )
+        raise TraitsaeError(
+            f"the {backbone} activation stores of dataset {dataset} for split(s) {missing} do not "
+            f"exist under {cfg.paths.activations_dir}. Make them with:\n{commands}"
+        )
+    stores = [Store(eval_store_path(cfg, sae, s)) for s in splits]
+    for store in stores:
+        check_store_matches_sae(store, sae)
+    return stores
+
+
+def eval_store(cfg: DictConfig, sae: Any, split: str):
+    """Open the one store of the SAE's backbone on `cfg.dataset` × `split`."""
+    return eval_stores(cfg, sae, [split])[0]
 
 
 def check_store_matches_sae(store: Any, sae: Any) -> None:

@@ -44,6 +44,8 @@ PROTOCOLS = ("select_on_train", "select_on_test")
 
 @dataclass(frozen=True)
 class Options:
+    """The `eval.*` options of conf/eval/cub_traits.yaml (meanings documented there)."""
+
     k: list[int] = field(default_factory=lambda: [10, 50, 100])
     tau: float = 0.8
     certainty: list[int] = field(default_factory=lambda: [3, 4])
@@ -91,6 +93,8 @@ class Options:
 
 @dataclass
 class TraitReport:
+    """Everything cub_traits.json holds; `summary` and `per_trait` rows follow DESIGN.md."""
+
     summary: list[dict[str, Any]]
     per_trait: list[dict[str, Any]]
     skipped_traits: list[dict[str, Any]]
@@ -114,7 +118,7 @@ class TraitReport:
 
 def run(cfg: DictConfig) -> TraitReport:
     """Hydra entry (`eval.entry`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    from traitsae.evaluation.common import output_dir, resolve_sae
+    from traitsae.evaluation.common import eval_stores, output_dir, resolve_sae
 
     opts = Options.from_cfg(cfg)
     root = cfg.eval.get("attributes_root") or cfg.dataset.get("root")
@@ -125,9 +129,7 @@ def run(cfg: DictConfig) -> TraitReport:
         )
     attrs = load_cub_attributes(root)
     sae = resolve_sae(cfg).to(opts.device)
-    train_store, test_store = open_eval_stores(
-        cfg, sae, [cfg.eval.train_split, cfg.eval.test_split]
-    )
+    train_store, test_store = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
     try:
         report = evaluate_traits(sae, train_store, test_store, attrs, opts)
     finally:
@@ -138,24 +140,6 @@ def run(cfg: DictConfig) -> TraitReport:
     print(format_table(report))
     print(f"cub_traits: outputs in {out}")
     return report
-
-
-def open_eval_stores(cfg: DictConfig, sae: torch.nn.Module, splits: list[str]) -> list:
-    """Open the SAE's stores for several splits; all missing ones are named in one error."""
-    from traitsae.evaluation.common import eval_store, eval_store_path
-    from traitsae.paths import extract_command
-
-    backbone, dataset = sae.meta["backbone"], cfg.dataset.name
-    missing = [s for s in dict.fromkeys(splits) if not eval_store_path(cfg, sae, s).exists()]
-    if missing:
-        commands = "\n".join(
-            f"  {extract_command(backbone, dataset, s, cfg.paths.activations_dir)}" for s in missing
-        )
-        raise TraitsaeError(
-            f"the {backbone} activation stores of dataset {dataset} for split(s) {missing} do not "
-            f"exist under {cfg.paths.activations_dir}. Make them with:\n{commands}"
-        )
-    return [eval_store(cfg, sae, s) for s in splits]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -242,13 +226,15 @@ def evaluate_traits(
     sample = baselines.sample_train_activations(
         train_store, layer, tokens, opts.n_samples, opts.seed
     )
-    # sample.rows_N are the valid rows in store order, like rows_train.
+    # The probes are fit on sample.pooled_ND with labels_train_NT: same rows, same order.
+    assert np.array_equal(sample.rows_N, rows_train)
     methods = build_methods(sae, sample, labels_train_NT, opts)
     scores_train, _ = image_scores(train_store, layer, methods, tokens, opts.device)
     scores_test, _ = image_scores(test_store, layer, methods, tokens, opts.device)
 
     report = TraitReport([], [], skipped, [], _meta(opts, train_store, test_store, sae, len(kept)))
     per_values: dict[tuple[str, str, int], np.ndarray] = {}
+    n_pos_T = labels_test_NT.sum(0)
     for name, method in methods.items():
         rows = _method_rows(
             name,
@@ -260,7 +246,6 @@ def evaluate_traits(
             opts,
         )
         for protocol, k, best_T, prec_T, train_prec_T, ap_T in rows:
-            n_pos_T = labels_test_NT.sum(0)
             per_values[(name, protocol, k)] = prec_T
             report.summary.append(
                 _summary(name, protocol, k, prec_T, ap_T, method.n_directions, opts)
@@ -319,10 +304,10 @@ def _method_rows(
     if name == "probe":
         # Probe t is trained for trait t: nothing to select, and only the diagonal is needed.
         diag_T = np.arange(n_traits)
-        prec_train = {k: v for k, v in precision_at_k(scores_train_NM, labels_train_NT, ks).items()}
+        prec_train = precision_at_k(scores_train_NM, labels_train_NT, ks)
         prec_test = precision_at_k(scores_test_NM, labels_test_NT, ks)
+        ap_T = average_precision_pairs(scores_test_NM, labels_test_NT, diag_T, diag_T)
         for k in ks:
-            ap_T = average_precision_pairs(scores_test_NM, labels_test_NT, diag_T, diag_T)
             for protocol in PROTOCOLS:
                 yield (
                     protocol,
@@ -555,16 +540,18 @@ def format_table(report: TraitReport) -> str:
     tau = report.meta["options"]["tau"]
     head = (
         f"{'method':<8} {'protocol':<16} {'k':>4}  {'mean P@k':>8}  {f'{level}% CI':<15} "
-        f"{f'recall@{tau:g}':>11}  {'mean AP':>7}  {'dirs':>6}"
+        f"{f'recall@{tau:g}':>16}  {'mean AP':>7}  {'dirs':>6}"
     )
     lines = [head, "-" * len(head)]
+    n_traits = report.meta["n_traits_evaluated"]
     for r in sorted(report.summary, key=lambda r: (r["protocol"] != "select_on_train", r["k"])):
+        recall = f"{r['recall_at_tau']:.3f} ({round(r['recall_at_tau'] * n_traits)}/{n_traits})"
         lines.append(
             f"{r['method']:<8} {r['protocol']:<16} {r['k']:>4}  {r['mean_precision']:>8.3f}  "
-            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {r['recall_at_tau']:>11.3f}  "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  "
+            f"{recall:>16}  "
             f"{r['mean_ap']:>7.3f}  {r['n_directions']:>6}"
         )
-    n_traits = report.meta["n_traits_evaluated"]
     lines.append(
         f"{n_traits} traits evaluated, {len(report.skipped_traits)} skipped (no positives)"
     )

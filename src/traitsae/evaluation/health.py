@@ -63,14 +63,10 @@ class Health:
 
 def run(cfg: DictConfig) -> list[Health]:
     """Hydra entry: measure one run (`run=`/`sae=`) or every run of a sweep dir (`run=<sweep>`)."""
-    from traitsae.evaluation.common import output_dir
+    from traitsae.evaluation.common import output_dir, sae_source
     from traitsae.sae.export import load_sae
 
-    target = cfg.get("sae") or cfg.get("run")
-    if not target:
-        raise TraitsaeError(
-            "eval=health needs run=<train run dir | multirun sweep dir> or sae=<sae.json>."
-        )
+    target = sae_source(cfg)
     results = []
     for run_dir in find_runs(target):
         sae = load_sae(run_dir, device=cfg.get("device", "cpu"))

@@ -24,13 +24,12 @@ FEATURES = ("auto", "cls", "pooled")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: fit probes on the train split, report accuracies on the test split."""
-    from traitsae.evaluation.common import output_dir, resolve_sae
-    from traitsae.evaluation.cub_traits import open_eval_stores
+    from traitsae.evaluation.common import eval_stores, output_dir, resolve_sae
 
     device = cfg.get("device", "cpu")
     sae = resolve_sae(cfg).to(device)
     features = resolve_features(cfg.eval.features, sae)
-    stores = open_eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    stores = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
     try:
         train, test = (image_features(sae, store, features, device) for store in stores)
     finally:

@@ -208,7 +208,7 @@ def _check_k(k: int | None, d_sae: int, variant: str) -> int:
     return int(k)
 
 
-def _check_prefixes(prefixes: list[int] | None, d_sae: int, sampled: int) -> list[int]:
+def _check_prefixes(prefixes: list[int | float] | None, d_sae: int, sampled: int) -> list[int]:
     if sampled:
         if not 1 <= sampled <= d_sae:
             raise TraitsaeError(
@@ -219,9 +219,11 @@ def _check_prefixes(prefixes: list[int] | None, d_sae: int, sampled: int) -> lis
     if not prefixes:
         raise TraitsaeError(
             "sae=matryoshka needs `sae.prefixes` (increasing latent counts ending at d_sae, e.g. "
-            f"[{d_sae // 16}, {d_sae // 4}, {d_sae}]) or `sae.sampled_prefixes=<n>`."
+            f"[{d_sae // 16}, {d_sae // 4}, {d_sae}], or fractions of d_sae like [0.0625, 0.25, 1.0]) "
+            "or `sae.sampled_prefixes=<n>`."
         )
-    sizes = [int(p) for p in prefixes]
+    # floats in (0, 1] are fractions of d_sae, so one config fits every dictionary size
+    sizes = [round(p * d_sae) if isinstance(p, float) and 0 < p <= 1 else int(p) for p in prefixes]
     increasing = all(a < b for a, b in zip(sizes, sizes[1:], strict=False))
     if not increasing or sizes[0] < 1 or sizes[-1] > d_sae:
         raise TraitsaeError(
