@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--d-sae", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch-patches", type=int, default=8192)
+    parser.add_argument("--batch-patches", type=int, default=4096)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--one-pass", choices=("discovery", "features"), help=argparse.SUPPRESS)
     args = parser.parse_args()

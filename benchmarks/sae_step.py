@@ -17,6 +17,7 @@ import time
 import torch
 
 from traitsae.sae.model import build_sae
+from traitsae.sae.sparse_ops import keep_freed_memory
 
 
 def main() -> None:
@@ -26,8 +27,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--no-keep-memory", action="store_true", help="skip keep_freed_memory()")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.no_keep_memory:
+        keep_freed_memory()  # what train() does
     torch.manual_seed(0)
 
     sae = build_sae("topk", args.d_model, args.d_sae, k=args.k).train()

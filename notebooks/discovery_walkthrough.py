@@ -106,8 +106,9 @@ display(Image(filename=str(figure)))
 
 # %% [markdown]
 # ## 4. Is it the planted trait?
-# The demo saved each image's trait masks; the heat-map mass inside the crown-spot mask says
-# whether the top latent points at the trait rather than at the whole bird.
+# The demo saved each image's trait masks (in raw image pixels). Framed like the backbone framed
+# the image and reduced to the patches the trait touches, they tell how much of the top latent's
+# heat-map sits on the crown spot rather than on the rest of the bird.
 
 # %%
 if MASK_TRAIT is not None and (Path(IMAGE_ROOT) / "trait_masks.npz").exists():
@@ -118,9 +119,10 @@ if MASK_TRAIT is not None and (Path(IMAGE_ROOT) / "trait_masks.npz").exists():
     top_codes = gather_codes(store, sae, np.array(top.top_rows), np.array([top.latent]))
     for row in top.top_rows:
         mask_HW = masks_NTHW[position[int(store.metadata["image_id"][row])], MASK_TRAIT]
+        on_trait_RC = heatmaps.patch_mask(images.frame.mask(mask_HW), store.grid)
         heat_RC = top_codes[row][:, 0].reshape(store.grid)
         print(
-            f"image {row}: {heatmaps.mass_inside(heat_RC, mask_HW):.0%} of the heat-map "
+            f"image {row}: {heatmaps.mass_inside(heat_RC, on_trait_RC):.0%} of the heat-map "
             "inside the planted trait"
         )
 store.close()

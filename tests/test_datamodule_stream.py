@@ -10,7 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 from train_helpers import id_store
 
-from traitsae.data.datamodule import ActivationsDataModule, ActivationStream, plan_blocks
+from traitsae.data.datamodule import (
+    ActivationsDataModule,
+    ActivationStream,
+    iter_batches,
+    plan_blocks,
+)
 from traitsae.data.store import create_store
 from traitsae.errors import TraitsaeError
 
@@ -48,8 +53,10 @@ def epoch_ids(dm: ActivationsDataModule, world: int, workers: int, epochs: int =
     for rank in range(world):
         stream = dm.train_dataset()
         stream.rank, stream.world_size, stream.epochs = rank, world, epochs
-        for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        for batch in iter_batches(loader, dm.batch_size):
             assert batch.dtype == torch.float16  # cast happens on the device, not here
+            assert len(batch) == dm.batch_size or epochs  # only finite streams end ragged
             ids += vector_ids(batch)
     return ids
 
@@ -88,7 +95,7 @@ def test_validation_holds_out_whole_images(tmp_path: Path) -> None:
     dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES))
     val_images = image_ids(dm.val_plan.blocks)
     assert val_images and not val_images & image_ids(dm.train_plan.blocks)
-    seen = [i for b in dm.val_dataloader() for i in vector_ids(b)]
+    seen = [i for batch in dm.val_dataloader() for i in vector_ids(batch)]
     assert sorted(seen) == sorted(i * N_PATCHES + p for i in val_images for p in range(N_PATCHES))
     train_seen = {i // N_PATCHES for i in epoch_ids(dm, 1, 0)}
     assert not train_seen & val_images  # no patch of a validation image is trained on
@@ -108,20 +115,20 @@ def test_cls_tokens_and_explicit_layer(tmp_path: Path) -> None:
     assert len(ids) == dm.n_train_vectors == len(image_ids(dm.train_plan.blocks))
 
 
-def test_buffer_bounds_memory() -> None:
-    blocks = plan_blocks(n_images=1000, chunk_images=16)
-    assert len(blocks) >= 32 and all(b - a <= 16 for a, b in blocks)
+def test_buffer_bounds_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert len(plan_blocks(n_images=1000, chunk_images=16)) >= 32
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), num_workers=0)
+    shuffled_at_once: list[int] = []
+    shuffle = ActivationStream._shuffle
 
-    class Rows:  # stands in for an h5py dataset: 10 vectors per image
-        def __getitem__(self, sl: slice) -> np.ndarray:
-            return np.zeros((sl.stop - sl.start, 10, 4), dtype=np.float16)
+    def spy(self, buf_ND, n_rows, *args, **kwargs):
+        shuffled_at_once.append(n_rows)
+        assert len(buf_ND) <= 32 + 2 * N_PATCHES  # buffer + one block (2 images), never more
+        return shuffle(self, buf_ND, n_rows, *args, **kwargs)
 
-    from traitsae.data.datamodule import StreamPlan
-
-    plan = StreamPlan("unused", "patches/0", tuple(blocks), None, 4)
-    stream = ActivationStream(plan, batch_size=8, buffer_vectors=500, seed=0)
-    sizes = [len(buf) for buf in stream._fills(Rows(), list(blocks))]
-    assert sum(sizes) == 10_000 and max(sizes) < 500 + 16 * 10
+    monkeypatch.setattr(ActivationStream, "_shuffle", spy)
+    assert len(epoch_ids(dm, 1, 0)) == dm.n_train_vectors > 32
+    assert len(shuffled_at_once) > 3 and max(shuffled_at_once) < 32 + 2 * N_PATCHES
 
 
 def test_missing_store_prints_extract_command(tmp_path: Path) -> None:

@@ -60,6 +60,18 @@ def test_synthetic_layout_masks_and_annotations(syn_root):
     assert np.abs(img[red] - np.array(synthetic.TRAITS[0].colour)).mean() < 30
 
 
+def test_patch_coverage_locates_traits_on_the_grid(syn_root):
+    _, masks = synthetic.load_trait_masks(syn_root)
+    cover = synthetic.patch_coverage(masks, (8, 8))  # [N, T, 8, 8]
+    assert cover.shape == (32, len(synthetic.TRAITS), 8, 8)
+    np.testing.assert_allclose(cover.sum(axis=(2, 3)) * 64, masks.sum(axis=(2, 3)), rtol=1e-5)
+    crown = cover[0, synthetic.CONTRAST_TRAIT]  # red crown spot: top centre of the image
+    row, col = np.unravel_index(crown.argmax(), crown.shape)
+    assert row <= 2 and 2 <= col <= 5
+    with pytest.raises(TraitsaeError, match="patch grid"):
+        synthetic.patch_coverage(masks, (7, 7))
+
+
 def test_ensure_synthetic_refuses_foreign_folder(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "mine.txt").write_text("")

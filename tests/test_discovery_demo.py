@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from discovery_helpers import compose_cfg, demo_sae
+from discovery_helpers import compose_cfg, demo_sae, outputs_text, run_notebook
 
 from traitsae.data.store import Store
 from traitsae.evaluation import heatmaps
@@ -119,3 +119,25 @@ def test_shared_traits_are_not_ranked(demo):
         latents = shared_trait_latents(root, run_dir, trait)
         assert len(latents), f"the SAE has no latent for shared trait {trait}: test is vacuous"
         assert not ranked & set(latents.tolist()), (trait, latents, ranked)
+
+
+def test_discovery_walkthrough_notebook_on_the_demo(demo):
+    root, run_dir, result = demo
+    from traitsae.data.synthetic import ALPHA, BETA, CONTRAST_TRAIT
+
+    notebook = run_notebook(
+        "discovery_walkthrough",
+        {
+            "RUN": str(run_dir),
+            "IMAGE_ROOT": str(root / "data" / "synthetic"),
+            "GROUP_A": {"species": [ALPHA]},
+            "GROUP_B": {"species": [BETA]},
+            "MASK_TRAIT": CONTRAST_TRAIT,
+            "OUT": str(root / "walkthrough"),
+        },
+        root,
+    )
+    printed = outputs_text(notebook)
+    assert "group A: 12 images, group B: 12 images" in printed
+    assert "of the heat-map inside the planted trait" in printed
+    assert (root / "walkthrough" / "top_candidate.png").exists()

@@ -180,3 +180,27 @@ def test_report_opens_from_disk_with_relative_links(tmp_path):
     ).read_text()
     assert 'src="figures/a.png"' in page and 'href="#a-1"' in page
     assert "T &lt;1&gt;" in page and "0.912" in page and "http" not in page
+
+
+def test_patch_mask_marks_patches_the_trait_touches():
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[10:14, 30:34] = True  # 4x4 px straddling patch cols 3 and 4 of an 8x8 grid
+    patches = heatmaps.patch_mask(mask, (8, 8))
+    assert patches.sum() == 2 and patches[1, 3] and patches[1, 4]
+    assert not heatmaps.patch_mask(mask, (8, 8), min_cover=0.2).any()  # 8 of 64 px each
+
+
+def test_frame_moves_masks_like_images(tmp_path):
+    from PIL import Image
+
+    pixels = np.zeros((80, 100, 3), dtype=np.uint8)
+    pixels[20:40, 50:70] = 255
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    frame = heatmaps.Frame.simple(40, "center_crop")  # 80x100 -> 40x50 -> crop cols 5..45
+    framed_image = frame.image(tmp_path / "x.png")
+    framed_mask = frame.mask(pixels[..., 0] > 0)
+    assert framed_image.shape == (40, 40, 3) and framed_mask.shape == (40, 40)
+    np.testing.assert_array_equal(framed_image[..., 0] > 127, framed_mask)
+    assert framed_mask[10:20, 20:30].all() and framed_mask.sum() == 100
+    with pytest.raises(TraitsaeError, match="does not exist"):
+        frame.image(tmp_path / "missing.png")

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from traitsae import __version__
-from traitsae.backbones import Backbone, build_backbone, resolve_layers
+from traitsae.backbones import Backbone, build_backbone, check_backbone_cfg, resolve_layers
 from traitsae.data.images import ImageDataset, ImageList, load_image_list
 from traitsae.data.store import Store, StoreWriter, read_fingerprint, tmp_path
 from traitsae.errors import TraitsaeError
@@ -110,6 +110,8 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def make_job(cfg: DictConfig, images: ImageList, out: Path, lo: int, hi: int) -> Job:
+    """The store of rows [lo, hi): its root attrs and the fingerprint that guards resuming."""
+    check_backbone_cfg(cfg.backbone)
     layers = resolve_layers(cfg.backbone.layers, int(cfg.backbone.depth), cfg.backbone.name)
     content = resolved_config(cfg)
     content["backbone"]["layers"] = layers
@@ -194,14 +196,18 @@ def run_job(cfg: DictConfig, images: ImageList, job: Job, device: torch.device) 
         fingerprint=job.fingerprint,
         overwrite=bool(cfg.extract.overwrite),
     )
+    start, n_rows = writer.first_pending(), writer.n_images
+    writer.close()
+    if start:
+        log.info("resuming %s at image %d of %d", tmp_path(job.out), start, n_rows)
+    dataset = ImageDataset(
+        images.paths[job.lo : job.hi], backbone.transform, backbone.geometry.image_size
+    )
+    # Fork the decoding workers while no HDF5 file is open: a forked HDF5 handle is unsafe.
+    batches = iter(make_loader(cfg, dataset, start, device))
+    writer = StoreWriter.resume(job.out)
     try:
-        start = writer.first_pending()
-        if start:
-            log.info("resuming %s at image %d of %d", tmp_path(job.out), start, writer.n_images)
-        dataset = ImageDataset(
-            images.paths[job.lo : job.hi], backbone.transform, backbone.geometry.image_size
-        )
-        fill_store(cfg, backbone, dataset, writer, start, device)
+        fill_store(cfg, backbone, dataset, batches, writer, start, device)
         return writer.finish()
     finally:
         writer.close()
@@ -225,32 +231,37 @@ def check_job_geometry(job: Job, backbone: Backbone) -> None:
         )
 
 
+def make_loader(
+    cfg: DictConfig, dataset: ImageDataset, start: int, device: torch.device
+) -> torch.utils.data.DataLoader:
+    """Rows [start, N) in order; `extract.num_workers` processes decode and preprocess."""
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(start, len(dataset))),
+        batch_size=int(cfg.extract.batch_size),
+        num_workers=int(cfg.extract.num_workers),
+        pin_memory=device.type == "cuda",
+        shuffle=False,
+    )
+
+
 def fill_store(
     cfg: DictConfig,
     backbone: Backbone,
     dataset: ImageDataset,
+    batches: Iterator[dict[str, Any]],
     writer: StoreWriter,
     start: int,
     device: torch.device,
 ) -> None:
-    """Run the backbone over rows [start, N) of `dataset` and hand every batch to the writer."""
+    """Run the backbone over the remaining batches and hand each one to the writer thread."""
     from tqdm.auto import tqdm
 
-    ex = cfg.extract
-    subset = torch.utils.data.Subset(dataset, range(start, len(dataset)))
-    loader = torch.utils.data.DataLoader(
-        subset,
-        batch_size=int(ex.batch_size),
-        num_workers=int(ex.num_workers),
-        pin_memory=device.type == "cuda",
-        shuffle=False,
-    )
     bar = tqdm(
         total=len(dataset), initial=start, unit="img", desc=f"extract {backbone.name}",
-        disable=not ex.progress, dynamic_ncols=True,
+        disable=not cfg.extract.progress, dynamic_ncols=True,
     )  # fmt: skip
-    with AsyncWriter(writer, int(ex.write_queue)) as sink, bar:
-        for batch in loader:
+    with AsyncWriter(writer, int(cfg.extract.write_queue)) as sink, bar:
+        for batch in batches:
             sink.put(encode_batch(cfg, backbone, batch, dataset, device))
             bar.update(len(batch["index"]))
 

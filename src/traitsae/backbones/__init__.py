@@ -23,17 +23,26 @@ def _open_clip(cfg: Any) -> Backbone:
 
 # Family registry: a new family is a builder function here plus conf/backbone/<name>.yaml files.
 FAMILIES: dict[str, Callable[[Any], Backbone]] = {"timm": _timm, "open_clip": _open_clip}
-REQUIRED_KEYS = ("name", "family", "checkpoint", "image_size", "layers")
+# The store's geometry is derived from these before the model is built (and checked after).
+REQUIRED_KEYS = (
+    "name", "family", "checkpoint", "image_size", "patch_size", "width", "depth",
+    "n_prefix_tokens", "layers",
+)  # fmt: skip
 
 
-def build_backbone(cfg: Any, prune: bool = True) -> Backbone:
-    """Build the backbone of `cfg` (the `backbone` config group); `prune` drops unused blocks."""
+def check_backbone_cfg(cfg: Any) -> None:
+    """Every key of REQUIRED_KEYS is set (TraitsaeError naming the missing ones otherwise)."""
     missing = [key for key in REQUIRED_KEYS if cfg.get(key) is None]
     if missing:
         raise TraitsaeError(
             f"backbone config {cfg.get('name')!r} lacks keys {missing}; see conf/backbone/*.yaml "
             "for complete examples."
         )
+
+
+def build_backbone(cfg: Any, prune: bool = True) -> Backbone:
+    """Build the backbone of `cfg` (the `backbone` config group); `prune` drops unused blocks."""
+    check_backbone_cfg(cfg)
     family = cfg.family
     if family not in FAMILIES:
         raise TraitsaeError(
@@ -50,7 +59,7 @@ def build_backbone(cfg: Any, prune: bool = True) -> Backbone:
 
 def check_geometry(cfg: Any, geometry: Geometry) -> None:
     """The config documents width/depth/patch/prefix tokens: they must match the built model."""
-    expected = {
+    expected = {  # config key -> what the built model has
         "width": geometry.d_model,
         "depth": geometry.depth,
         "patch_size": geometry.patch_size,
@@ -58,9 +67,7 @@ def check_geometry(cfg: Any, geometry: Geometry) -> None:
         "image_size": geometry.image_size,
     }
     wrong = {
-        key: (cfg.get(key), value)
-        for key, value in expected.items()
-        if cfg.get(key) is not None and int(cfg.get(key)) != value
+        key: (cfg.get(key), value) for key, value in expected.items() if int(cfg.get(key)) != value
     }
     if wrong:
         detail = ", ".join(f"{k}: config {c} vs model {m}" for k, (c, m) in wrong.items())
@@ -70,4 +77,6 @@ def check_geometry(cfg: Any, geometry: Geometry) -> None:
         )
 
 
-__all__ = ["Backbone", "FAMILIES", "Geometry", "build_backbone", "resolve_layers"]
+__all__ = [
+    "Backbone", "FAMILIES", "Geometry", "build_backbone", "check_backbone_cfg", "resolve_layers",
+]  # fmt: skip

@@ -384,6 +384,11 @@ class StoreWriter:
     def _reopen(cls, path: Path, tmp: Path) -> StoreWriter:
         return cls(path, h5py.File(tmp, "r+", locking=False))
 
+    @classmethod
+    def resume(cls, path: str | Path) -> StoreWriter:
+        """Reopen the unfinished store of `path` created by `open` (after a `close`)."""
+        return cls._reopen(Path(path), tmp_path(path))
+
     def first_pending(self) -> int:
         """Index of the first image whose rows are not yet committed."""
         done_N = self._done[()]

@@ -288,6 +288,22 @@ def load_trait_masks(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return data["image_ids"], data["masks"]
 
 
+def patch_coverage(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Fraction of each patch covered by each trait: masks [N, T, H, W] -> float32 [N, T, rows, cols].
+
+    Valid when the backbone sees the whole image resized to a multiple of the grid (the `tiny`
+    backbone takes the 64 px images as they are: 8 x 8 patches of 8 px).
+    """
+    n, t, h, w = masks.shape
+    rows, cols = grid
+    if h % rows or w % cols:
+        raise TraitsaeError(
+            f"masks of {h} x {w} px do not divide into a {rows} x {cols} patch grid."
+        )
+    blocks = masks.reshape(n, t, rows, h // rows, cols, w // cols)
+    return blocks.mean(axis=(3, 5), dtype=np.float32)
+
+
 def trait_names() -> list[str]:
     return [t.name for t in TRAITS]
 

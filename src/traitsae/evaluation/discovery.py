@@ -123,7 +123,7 @@ def collect_scores(
     mask_b: np.ndarray,
     *,
     reduce: str = "max",
-    batch_patches: int = 8192,
+    batch_patches: int = 4096,
     device: str = "cpu",
 ) -> GroupScores:
     """The single streaming pass over the store: image-level scores of both groups."""
@@ -188,7 +188,7 @@ def latent_stats(scores: GroupScores, fire_threshold: float = 0.0) -> LatentStat
 class RankingRule:
     min_support: float = 0.2  # fraction of the own group where the latent must fire
     dense_rate: float = 0.9  # firing on >= this fraction of both groups = dense, excluded
-    min_auroc: float = 0.75  # specificity floor
+    min_auroc: float = 0.8  # specificity floor
     n_candidates: int = 10  # per group
 
 
@@ -247,6 +247,53 @@ def top_rows(
     return rows_n[order]
 
 
+def make_candidate(
+    group: str,
+    latent: int,
+    own: np.ndarray,
+    other: np.ndarray,
+    maps_NRC: np.ndarray,
+    stats: LatentStats,
+    paths: np.ndarray,
+    weights: heatmaps.TriageWeights,
+) -> Candidate:
+    """One candidate's numbers; `maps_NRC` are its heat-maps on its own group's top images."""
+    entropy = float(heatmaps.normalised_entropy(maps_NRC.reshape(len(maps_NRC), -1)).mean())
+    moran = float(heatmaps.morans_i(maps_NRC).mean())
+    spec = float(stats.auroc[latent] if group == "a" else 1 - stats.auroc[latent])
+    support = stats.support_a[latent] if group == "a" else stats.support_b[latent]
+    return Candidate(
+        rank=0,
+        latent=latent,
+        group=group,
+        auroc=float(stats.auroc[latent]),
+        specificity=spec,
+        rate_a=float(stats.rate_a[latent]),
+        rate_b=float(stats.rate_b[latent]),
+        mean_a=float(stats.mean_a[latent]),
+        mean_b=float(stats.mean_b[latent]),
+        support=int(support),
+        entropy=entropy,
+        morans_i=moran,
+        score=float(heatmaps.triage_score(spec, entropy, moran, weights)),
+        top_images=paths[own].tolist(),
+        top_images_other=paths[other].tolist(),
+        top_rows=own.tolist(),
+        top_rows_other=other.tolist(),
+    )
+
+
+def rank_by_score(candidates: list[Candidate]) -> list[Candidate]:
+    """Group A's candidates then B's, each best triage score first, ranks from 1."""
+    ranked: list[Candidate] = []
+    for group in ("a", "b"):
+        mine = sorted((c for c in candidates if c.group == group), key=lambda c: -c.score)
+        for i, cand in enumerate(mine, start=1):
+            cand.rank = i
+        ranked.extend(mine)
+    return ranked
+
+
 def build_candidates(
     store: Any,
     sae: Any,
@@ -259,65 +306,37 @@ def build_candidates(
 ) -> tuple[list[Candidate], dict[int, np.ndarray]]:
     """Pick candidates per group, score their heat-maps, order by triage score.
 
-    Returns the candidates and the heat-maps they need: {store row: codes [P, n_latents]} with
-    columns in the order of the sorted unique candidate latents.
+    Returns the candidates and the codes their figures need: {store row: [P, n_latents]}, columns
+    in the order of the sorted unique candidate latents.
     """
     paths = np.asarray(store.metadata["path"]).astype(str)
-    picks = [(g, int(lat)) for g in ("a", "b") for lat in rank_by_specificity(stats, g, rule)]
-    plan = []
-    for group, latent in picks:
-        own_N = scores.in_a if group == "a" else ~scores.in_a
-        plan.append(
-            (
-                group,
-                latent,
-                top_rows(scores, latent, own_N, n_top_images, True),
-                top_rows(scores, latent, ~own_N, n_top_images, False),
-            )
-        )
-    latents = np.array(sorted({lat for _, lat in picks}), dtype=np.int64)
-    rows = (
-        np.concatenate([np.concatenate([own, other]) for _, _, own, other in plan]) if plan else []
-    )
-    codes = gather_codes(store, sae, np.asarray(rows, dtype=np.int64), latents, device)
-    column = {int(lat): j for j, lat in enumerate(latents)}
-    grid = tuple(int(g) for g in store.grid)
-
-    candidates: list[Candidate] = []
-    for group, latent, own, other in plan:
-        maps_NRC = np.stack([codes[int(r)][:, column[latent]].reshape(grid) for r in own])
-        entropy = float(heatmaps.normalised_entropy(maps_NRC.reshape(len(own), -1)).mean())
-        moran = float(heatmaps.morans_i(maps_NRC).mean())
-        spec = float(stats.auroc[latent] if group == "a" else 1 - stats.auroc[latent])
-        support = stats.support_a[latent] if group == "a" else stats.support_b[latent]
-        candidates.append(
-            Candidate(
-                rank=0,
-                latent=latent,
-                group=group,
-                auroc=float(stats.auroc[latent]),
-                specificity=spec,
-                rate_a=float(stats.rate_a[latent]),
-                rate_b=float(stats.rate_b[latent]),
-                mean_a=float(stats.mean_a[latent]),
-                mean_b=float(stats.mean_b[latent]),
-                support=int(support),
-                entropy=entropy,
-                morans_i=moran,
-                score=float(heatmaps.triage_score(spec, entropy, moran, weights)),
-                top_images=paths[own].tolist(),
-                top_images_other=paths[other].tolist(),
-                top_rows=own.tolist(),
-                top_rows_other=other.tolist(),
-            )
-        )
-    ranked: list[Candidate] = []
+    plan = []  # (group, latent, own top rows, other group's top rows)
     for group in ("a", "b"):
-        mine = sorted((c for c in candidates if c.group == group), key=lambda c: -c.score)
-        for i, cand in enumerate(mine, start=1):
-            cand.rank = i
-        ranked.extend(mine)
-    return ranked, codes
+        own_N = scores.in_a if group == "a" else ~scores.in_a
+        for latent in rank_by_specificity(stats, group, rule):
+            own = top_rows(scores, int(latent), own_N, n_top_images, positive_only=True)
+            other = top_rows(scores, int(latent), ~own_N, n_top_images, positive_only=False)
+            if len(own):  # a latent that never fires has no heat-map to judge
+                plan.append((group, int(latent), own, other))
+    latents = np.array(sorted({latent for _, latent, _, _ in plan}), dtype=np.int64)
+    rows = [row for _, _, own, other in plan for row in (*own, *other)]
+    codes = gather_codes(store, sae, np.asarray(rows, dtype=np.int64), latents, device)
+    column = {int(latent): j for j, latent in enumerate(latents)}
+    grid = tuple(int(g) for g in store.grid)
+    candidates = [
+        make_candidate(
+            group,
+            latent,
+            own,
+            other,
+            np.stack([codes[int(r)][:, column[latent]].reshape(grid) for r in own]),
+            stats,
+            paths,
+            weights,
+        )
+        for group, latent, own, other in plan
+    ]
+    return rank_by_score(candidates), codes
 
 
 # ----------------------------------------------------------------------------- figures
@@ -338,9 +357,7 @@ def candidate_figure(
     score_of = dict(
         zip(scores.image_index.tolist(), scores.scores_NS[:, cand.latent].tolist(), strict=True)
     )
-    label_col = (
-        "subspecies" if "subspecies" in labels else "species" if "species" in labels else None
-    )
+    label_col = heatmaps.caption_column(labels)
 
     def panels(rows: list[int], paths: list[str]) -> list[heatmaps.Panel]:
         out = []
@@ -364,7 +381,7 @@ def candidate_figure(
     return heatmaps.plot_panel_rows(
         [
             (
-                f"A: {group_names[cand.group]}" if cand.group == "a" else f"B: {group_names['b']}",
+                f"{cand.group.upper()}: {group_names[cand.group]}",
                 panels(cand.top_rows, cand.top_images),
             ),
             (
@@ -410,36 +427,16 @@ def discovery_json(
 
 
 def write_latents_csv(path: Path, stats: LatentStats, rule: RankingRule) -> None:
-    dense_S = dense_latents(stats, rule)
+    """Every latent's group statistics, one row each (the numbers behind the ranking)."""
+    table = {
+        "latent": np.arange(len(stats.auroc)),
+        **{name: np.asarray(values) for name, values in asdict(stats).items()},
+        "dense": dense_latents(stats, rule),
+    }
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            [
-                "latent",
-                "rate_a",
-                "rate_b",
-                "mean_a",
-                "mean_b",
-                "support_a",
-                "support_b",
-                "auroc",
-                "dense",
-            ]
-        )
-        for latent in range(len(stats.auroc)):
-            writer.writerow(
-                [
-                    latent,
-                    f"{stats.rate_a[latent]:.6g}",
-                    f"{stats.rate_b[latent]:.6g}",
-                    f"{stats.mean_a[latent]:.6g}",
-                    f"{stats.mean_b[latent]:.6g}",
-                    int(stats.support_a[latent]),
-                    int(stats.support_b[latent]),
-                    f"{stats.auroc[latent]:.6g}",
-                    bool(dense_S[latent]),
-                ]
-            )
+        writer.writerow(table)
+        writer.writerows(zip(*(column.tolist() for column in table.values()), strict=True))
 
 
 def write_candidates_csv(path: Path, candidates: list[Candidate]) -> None:
@@ -588,7 +585,7 @@ def discover(
     n_top_images: int = 6,
     reduce: str = "max",
     fire_threshold: float = 0.0,
-    batch_patches: int = 8192,
+    batch_patches: int = 4096,
     device: str = "cpu",
     images: ImageSource,
 ) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def stream_codes(
     sae: Any,
     *,
     wanted_N: np.ndarray | None = None,
-    batch_patches: int = 8192,
+    batch_patches: int = 4096,
     device: str = "cpu",
 ) -> Iterator[CodeBatch]:
     """One streaming pass: codes of every valid (and wanted) image, in store order."""
@@ -149,7 +149,7 @@ def write_sparse_codes(
     out: Path,
     *,
     sae_source: str = "",
-    batch_patches: int = 8192,
+    batch_patches: int = 4096,
     dtype: str = "float16",
     device: str = "cpu",
 ) -> Path:

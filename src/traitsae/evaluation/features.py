@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def scan(
     sae: Any,
     top_k: int,
     *,
-    batch_patches: int = 8192,
+    batch_patches: int = 4096,
     device: str = "cpu",
     reduce: str = "max",
 ) -> tuple[FiringStats, RunningTopK]:
@@ -177,16 +178,18 @@ def gallery_figure(
     codes: dict[int, np.ndarray],
     column: int,
     grid: tuple[int, int],
-    paths: np.ndarray,
+    metadata: Mapping[str, np.ndarray],
     images: ImageSource,
     out_path: Path,
     per_row: int = 8,
 ) -> Path:
+    """The latent's top images, heat-maps overlaid, captioned with label, row and score."""
+    label = heatmaps.caption_column(metadata)
     panels = [
         heatmaps.Panel(
-            images.load(str(paths[r])),
+            images.load(str(metadata["path"][r])),
             codes[int(r)][:, column].reshape(grid),
-            f"#{int(r)} max={v:.2f}",
+            f"{metadata[label][r] + ' ' if label else ''}#{int(r)} max={v:.2f}",
         )
         for r, v in zip(rows, values, strict=True)
     ]
@@ -221,7 +224,8 @@ def galleries(
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """One PNG per chosen latent; returns their rows for features.json / index.html."""
-    paths = np.asarray(store.metadata["path"]).astype(str)
+    meta = store.metadata
+    paths = np.asarray(meta["path"]).astype(str)
     grid = tuple(int(g) for g in store.grid)
     tops = {int(lat): topk.top(int(lat)) for lat in chosen}
     needed = np.concatenate([r for r, _ in tops.values()] or [np.zeros(0, np.int64)])
@@ -241,7 +245,7 @@ def galleries(
         }
         if len(rows):
             rel = Path("galleries") / f"latent_{latent:05d}.png"
-            gallery_figure(latent, rows, values, codes, column, grid, paths, images, out / rel)
+            gallery_figure(latent, rows, values, codes, column, grid, meta, images, out / rel)
             entry["figure"] = rel.as_posix()
         entries.append(entry)
     return entries

@@ -43,7 +43,20 @@ def topk_indices(pre_BS: Tensor, k: int) -> Tensor:
 
 
 class _Pattern:
-    """The active (row, latent) pairs sorted by latent: bags for the scatter-sums."""
+    """The active (row, latent) pairs sorted by latent: bags for the scatter-sums.
+
+    Built once per index tensor and shared by the encoder and decoder backward passes."""
+
+    _cache: tuple[Tensor, int, _Pattern] | None = None
+
+    @classmethod
+    def of(cls, idx_BK: Tensor, n_latents: int) -> _Pattern:
+        cached = cls._cache
+        if cached is not None and cached[0] is idx_BK and cached[1] == n_latents:
+            return cached[2]
+        pattern = cls(idx_BK, n_latents)
+        cls._cache = (idx_BK, n_latents, pattern)
+        return pattern
 
     def __init__(self, idx_BK: Tensor, n_latents: int) -> None:
         flat = idx_BK.reshape(-1)
@@ -93,7 +106,7 @@ class _SparseDecode(torch.autograd.Function):
         grad_vals_BK = gather_dot(grad_BD, w_SD, idx_BK)
         grad_w_SD = None
         if ctx.needs_input_grad[2]:
-            pattern = _Pattern(idx_BK, w_SD.shape[0])
+            pattern = _Pattern.of(idx_BK, w_SD.shape[0])
             grad_w_SD = pattern.scatter_rows(vals_BK, grad_BD)
             if ctx.unit_rows:
                 # Remove the component parallel to each (unit) row; <grad[b], w[s]> for active
@@ -123,7 +136,7 @@ class _SparseEncodeValues(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx_BK, w_SD, mode="sum", per_sample_weights=grad_BK)
         if ctx.needs_input_grad[1]:
-            grad_w = _Pattern(idx_BK, n_latents).scatter_rows(grad_BK, xc_BD)
+            grad_w = _Pattern.of(idx_BK, n_latents).scatter_rows(grad_BK, xc_BD)
         if ctx.needs_input_grad[2]:
             grad_b = torch.bincount(idx_BK.reshape(-1), grad_BK.reshape(-1), minlength=n_latents)
             grad_b = grad_b.to(grad_BK.dtype)
@@ -149,3 +162,24 @@ def sparse_encode(
     else:
         vals_BK = gather_dot(xc_BD.detach(), w_SD.detach(), idx_BK) + b_S.detach()[idx_BK]
     return _SparseEncodeValues.apply(xc_BD, w_SD, b_S, idx_BK, vals_BK)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep large freed blocks instead of unmapping them.
+
+    An SAE step allocates and frees the same large tensors every step ([B, S] pre-activations,
+    [S, D] gradients). By default glibc returns each to the OS and the next step pays a page
+    fault per 4 KiB to get it back -- a large share of a k-sparse step. Returns False where
+    this does not apply (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 31))

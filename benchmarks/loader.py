@@ -1,0 +1,104 @@
+"""Shuffled streaming (ActivationsDataModule, 2 workers) vs plain sequential reading, same file.
+
+    python benchmarks/loader.py [--images 2000 --patches 196 --d-model 384 --workers 2]
+
+Writes a float16 store in a temp dir (or reads --store), then in the same process times:
+- sequential: h5py reads of consecutive whole chunks in file order, in this process;
+- shuffled:   one epoch of the training DataLoader (seeded chunk order, in-buffer permutation,
+              sharded over workers, batches handed back to this process).
+Both read every training vector (the loader over several epochs, timed after the first: an
+endless training stream is in steady state); the page cache is warmed first so both see the
+same storage. Target: shuffled >= 0.8 x sequential vectors/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+def make_store(path: Path, n_images: int, n_patches: int, d_model: int) -> Path:
+    from traitsae.data.store import create_store
+
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((n_images, n_patches, d_model), dtype=np.float32).astype(np.float16)
+    return create_store(
+        path,
+        patches={11: acts},
+        cls={11: acts[:, 0]},
+        images={"path": np.array([f"{i}.jpg" for i in range(n_images)])},
+        attrs={"backbone": "bench", "dataset": "bench", "split": "train", "depth": 12},
+    )
+
+
+def sequential(path: Path, key: str, blocks: list[tuple[int, int]]) -> tuple[int, float]:
+    start, n = time.perf_counter(), 0
+    with h5py.File(path, "r") as f:
+        data = f[key]
+        for a, b in blocks:
+            n += data[a:b].reshape(-1, data.shape[-1]).shape[0]
+    return n, time.perf_counter() - start
+
+
+def shuffled(dm, epochs: int) -> tuple[int, int, float]:
+    """Steady state of the training loader: timed from the end of its first epoch (worker
+    start-up and first-touch of the buffers excluded, as in an endless training stream).
+    Returns (all vectors, vectors timed, seconds)."""
+    stream = dm.train_dataset()
+    stream.epochs = epochs
+    total, mark = 0, None
+    for batch in dm._loader(stream):
+        total += batch.shape[0]
+        if mark is None and total >= dm.n_train_vectors:
+            mark = (total, time.perf_counter())
+    return total, total - mark[0], time.perf_counter() - mark[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--patches", type=int, default=196)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4, help="loader epochs per repetition")
+    args = parser.parse_args()
+
+    from traitsae.data.datamodule import ActivationsDataModule
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.store or make_store(Path(tmp) / "bench.h5", args.images, args.patches, args.d_model)
+        dm = ActivationsDataModule(
+            tmp, "bench", "bench", store=str(path), layer=-1, batch_size=args.batch,
+            num_workers=args.workers, val_fraction=0.0, scale_sample=1024,
+        )  # fmt: skip
+        dm.prepare()
+        blocks = sorted(dm.train_plan.blocks)
+        size_gb = dm.n_train_vectors * dm.d_model * 2 / 1e9
+        sequential(path, dm.train_plan.key, blocks)  # warm the page cache
+        seq, shuf = [], []
+        for _ in range(args.reps):  # alternate so load drifts hit both alike
+            n_seq, t_seq = sequential(path, dm.train_plan.key, blocks)
+            total, n_shuf, t_shuf = shuffled(dm, args.epochs)
+            assert n_seq == dm.n_train_vectors and total == n_seq * args.epochs  # exactly once
+            seq.append(n_seq / t_seq)
+            shuf.append(n_shuf / t_shuf)
+        seq_rate, shuf_rate = float(np.median(seq)), float(np.median(shuf))
+        print(
+            f"store: {dm.n_train_vectors:,} vectors x {dm.d_model} fp16 ({size_gb:.2f} GB), "
+            f"{len(blocks)} blocks"
+        )
+        print(f"sequential     : {seq_rate:12,.0f} vectors/s ({seq_rate * dm.d_model * 2 / 1e9:.2f} GB/s)")
+        print(f"shuffled ({args.workers} w) : {shuf_rate:12,.0f} vectors/s ({shuf_rate * dm.d_model * 2 / 1e9:.2f} GB/s)")
+        print(f"ratio shuffled / sequential = {shuf_rate / seq_rate:.2f}  (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
