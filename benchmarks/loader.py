@@ -74,7 +74,9 @@ def main() -> None:
     from traitsae.data.datamodule import ActivationsDataModule
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.store or make_store(Path(tmp) / "bench.h5", args.images, args.patches, args.d_model)
+        path = args.store or make_store(
+            Path(tmp) / "bench.h5", args.images, args.patches, args.d_model
+        )
         dm = ActivationsDataModule(
             tmp, "bench", "bench", store=str(path), layer=-1, batch_size=args.batch,
             num_workers=args.workers, val_fraction=0.0, scale_sample=1024,
@@ -95,8 +97,12 @@ def main() -> None:
             f"store: {dm.n_train_vectors:,} vectors x {dm.d_model} fp16 ({size_gb:.2f} GB), "
             f"{len(blocks)} blocks"
         )
-        print(f"sequential     : {seq_rate:12,.0f} vectors/s ({seq_rate * dm.d_model * 2 / 1e9:.2f} GB/s)")
-        print(f"shuffled ({args.workers} w) : {shuf_rate:12,.0f} vectors/s ({shuf_rate * dm.d_model * 2 / 1e9:.2f} GB/s)")
+        print(
+            f"sequential     : {seq_rate:12,.0f} vectors/s ({seq_rate * dm.d_model * 2 / 1e9:.2f} GB/s)"
+        )
+        print(
+            f"shuffled ({args.workers} w) : {shuf_rate:12,.0f} vectors/s ({shuf_rate * dm.d_model * 2 / 1e9:.2f} GB/s)"
+        )
         print(f"ratio shuffled / sequential = {shuf_rate / seq_rate:.2f}  (target >= 0.8)")
 
 

@@ -165,7 +165,7 @@ def compose_cfg(config_name: str, overrides: list[str], out_dir: Path | None = N
     return cfg
 
 
-def demo_sae(root: Path, steps: int = 300) -> Path:
+def demo_sae(root: Path, steps: int = 600) -> Path:
     """extract -> train on `dataset=synthetic backbone=tiny` (train split), all under `root`.
 
     Returns the train run dir. The demo dataset is generated on first use by the extraction.

@@ -169,3 +169,17 @@ def test_layer_and_width_errors(tmp_path: Path) -> None:
         make_dm(store, d_model=768)
     with pytest.raises(TraitsaeError, match="tokens"):
         make_dm(store, tokens="registers")
+
+
+def test_endless_stream_keeps_epochs_apart_even_with_a_huge_buffer(tmp_path: Path) -> None:
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), buffer_vectors=10**6)
+    stream = dm.train_dataset()  # epochs=None: what training iterates
+    n_train, ids = dm.n_train_vectors, []
+    for batch in iter_batches(stream, dm.batch_size):
+        ids += vector_ids(batch)
+        if len(ids) >= 3 * n_train:
+            break
+    for epoch in range(3):  # up to a ragged rest (< one batch) carried across each boundary
+        window = ids[epoch * n_train + dm.batch_size : (epoch + 1) * n_train - dm.batch_size]
+        assert len(set(window)) == len(window)
+    assert len(set(ids[: n_train - dm.batch_size])) == n_train - dm.batch_size

@@ -88,6 +88,8 @@ def test_auroc_matches_sklearn_with_ties():
     expected = [roc_auc_score(positive, scores[:, j]) for j in range(6)]
     np.testing.assert_allclose(ours, expected, rtol=1e-12)
     assert ours[2] == 1.0
+    in_blocks = auroc_per_column(scores, positive, block_elements=80)  # 2 columns per block
+    np.testing.assert_allclose(in_blocks, ours, rtol=1e-12)
 
 
 METADATA = {

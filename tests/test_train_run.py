@@ -152,10 +152,19 @@ def test_user_errors(store: Path, tmp_path: Path) -> None:
         train(compose_train(train_overrides(store, tmp_path / "d", **{"data.layer": 5})))
 
 
+def test_local_sweep_of_ddp_jobs_is_refused(store: Path, tmp_path: Path) -> None:
+    overrides = train_overrides(store, tmp_path / "run", trainer="ddp")
+    cfg = compose_train([*overrides, "hydra.mode=MULTIRUN"])  # as under `train.py -m`
+    with pytest.raises(TraitsaeError, match=r"local sweep \(-m\) .*trainer.devices=2"):
+        train(cfg)
+
+
 def test_non_finite_loss_stops_with_step_and_batch_statistics(store: Path, tmp_path: Path) -> None:
     diverging = {"optim.lr": 1e38, "optim.warmup_steps": 0, "trainer.gradient_clip_val": "null"}
     cfg = compose_train(train_overrides(store, tmp_path / "run", **diverging))
-    with pytest.raises(TraitsaeError, match=r"(?s)non-finite loss at step [1-9].*lr=\S+e\+37.*max="):
+    with pytest.raises(
+        TraitsaeError, match=r"(?s)non-finite loss at step [1-9].*lr=\S+e\+37.*max="
+    ):
         train(cfg)
 
 

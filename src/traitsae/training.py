@@ -53,10 +53,31 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     max_steps = int(kwargs.get("max_steps", -1))
     if max_steps <= 0:
         raise TraitsaeError("trainer.max_steps must be a positive integer: the stream is endless.")
+    _reject_local_multirun_ddp(kwargs)
     # At least one validation per run, even for short runs.
     if kwargs.get("val_check_interval"):
         kwargs["val_check_interval"] = min(int(kwargs["val_check_interval"]), max_steps)
     return kwargs
+
+
+def _reject_local_multirun_ddp(trainer_kwargs: dict[str, Any]) -> None:
+    """Lightning's DDP launcher re-runs sys.argv (with -m) in its children: a local sweep of
+    multi-device jobs would fork sweeps (Lightning #11300, Hydra #2070)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    devices = trainer_kwargs.get("devices", 1)
+    many = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1)
+    many = many or (isinstance(devices, list) and len(devices) > 1)
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    if hydra_cfg.mode == RunMode.MULTIRUN and many and "submitit" not in launcher:
+        raise TraitsaeError(
+            f"a local sweep (-m) cannot run multi-device DDP jobs (trainer.devices={devices}): "
+            "Lightning re-launches the whole sweep in each child process. Sweep with "
+            "trainer.devices=1, run one multi-device job without -m, or sweep on Slurm with "
+            "hydra/launcher=slurm (one task per device)."
+        )
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
@@ -126,8 +147,10 @@ def train(cfg: DictConfig) -> Path:
 
     from traitsae.sae.export import save_sae
     from traitsae.sae.module import SAEModule
+    from traitsae.sae.sparse_ops import keep_freed_memory
 
     torch.set_flush_denormal(True)  # denormals made SAE steps ~6x slower on CPU
+    keep_freed_memory()  # no page faults for the step's large, short-lived tensors
     L.seed_everything(int(cfg.seed), workers=True)
     run_dir = hydra_output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,11 +176,11 @@ def train(cfg: DictConfig) -> Path:
         sae_cfg["variant"], dm.d_model, sae_cfg["d_sae"], dm.store_path, dm.layer, dm.tokens,
         dm.n_train_vectors, dm.n_val_vectors, dm.scale,
     )  # fmt: skip
+    if dm.n_val_vectors == 0:
+        trainer_kwargs["limit_val_batches"] = 0
     trainer = L.Trainer(
         **trainer_kwargs, callbacks=_callbacks(cfg, run_dir), logger=_loggers(cfg) or False
     )
-    if dm.n_val_vectors == 0:
-        trainer.limit_val_batches = 0
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.is_global_zero and cfg.get("export", True):
         path = save_sae(module.sae.cpu(), run_dir, export_meta(cfg, dm, trainer))

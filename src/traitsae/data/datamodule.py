@@ -112,6 +112,10 @@ class ActivationStream(IterableDataset):
                     if n_rows >= self.buffer_vectors:
                         out_ND, n_rows = self._shuffle(buf_ND, n_rows, rng, ring)
                         yield out_ND
+                # Epoch end: emit what is buffered; only a ragged < batch_size rest carries over.
+                if n_rows >= self.batch_size:
+                    out_ND, n_rows = self._shuffle(buf_ND, n_rows, rng, ring)
+                    yield out_ND
                 epoch += 1
             if n_rows:
                 yield self._shuffle(buf_ND, n_rows, rng, ring, final=True)[0]

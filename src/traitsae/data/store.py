@@ -3,16 +3,16 @@
 Layout:
   root attrs   backbone, dataset, split, d_model, n_patches, n_prefix_tokens, grid, layers (absolute),
                depth, image_size, config (resolved YAML), fingerprint, traitsae_version, n_images,
-               metadata_columns, complete (set last)
+               image_root, metadata_columns, complete (set last)
   patches/<L>  float16 [N, P, D], chunked along N (a few MiB per chunk)
   cls/<L>      float16 [N, D]
-  images/      index int64, path utf-8, label int64 (-1 = none), valid bool, error utf-8
+  images/      index int64, path utf-8 (absolute), label int64 (-1 = none), valid bool, error utf-8
                (why an image is invalid), done bool (extraction progress), one utf-8 dataset per
                metadata column
 
 Three ways in:
   `Store(path)`                 the read-only reader every later stage uses;
-  `create_store(path, ...)`     one-shot writer from in-memory arrays (tests, joins of shards);
+  `create_store(path, ...)`     one-shot writer from in-memory arrays (tests, small stores);
   `StoreWriter`                 the incremental, crash-safe writer extraction uses: it writes
                                 `<path>.tmp`, records finished rows in `images/done` and renames
                                 to `<path>` once complete.

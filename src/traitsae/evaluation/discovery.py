@@ -140,7 +140,9 @@ def collect_scores(
     return GroupScores(image_index, mask_a[image_index], np.concatenate(score_parts))
 
 
-def auroc_per_column(scores_NS: np.ndarray, positive_N: np.ndarray) -> np.ndarray:
+def auroc_per_column(
+    scores_NS: np.ndarray, positive_N: np.ndarray, block_elements: int = 2**22
+) -> np.ndarray:
     """AUROC of every column for positives vs the rest, via the Mann-Whitney U statistic.
 
     Ties (many latents are exactly 0 on most images) get average ranks, which is what
@@ -151,8 +153,19 @@ def auroc_per_column(scores_NS: np.ndarray, positive_N: np.ndarray) -> np.ndarra
     n_pos, n_neg = int(positive_N.sum()), int((~positive_N).sum())
     if n_pos == 0 or n_neg == 0:
         raise TraitsaeError("AUROC needs images in both groups.")
-    ranks_NS = rankdata(scores_NS, axis=0, method="average")
-    u_S = ranks_NS[positive_N].sum(axis=0) - n_pos * (n_pos + 1) / 2
+    # Column blocks of ~block_elements ranks bound the float64 temporaries (32 MiB by default).
+    step = max(1, block_elements // max(1, len(scores_NS)))
+    u_S = (
+        np.concatenate(
+            [
+                rankdata(scores_NS[:, lo : lo + step], axis=0, method="average")[positive_N].sum(
+                    axis=0
+                )
+                for lo in range(0, scores_NS.shape[1], step)
+            ]
+        )
+        - n_pos * (n_pos + 1) / 2
+    )
     return u_S / (n_pos * n_neg)
 
 

@@ -80,7 +80,7 @@ class TriageWeights:
     """alpha * specificity + beta * (-entropy) + gamma * Moran's I (notes' triage score)."""
 
     alpha: float = 1.0
-    beta: float = 0.5
+    beta: float = 1.0
     gamma: float = 0.5
 
 
