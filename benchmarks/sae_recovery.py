@@ -56,7 +56,7 @@ def train_sae(args: argparse.Namespace, store: Path, out: Path) -> Path:
         f"sae.d_sae={args.d_sae}", f"sae.k={args.k}", f"trainer.max_steps={args.steps}",
         f"data.batch_size={args.batch}", "data.num_workers=1", "trainer.val_check_interval=500",
         "trainer.limit_val_batches=5", "trainer.enable_progress_bar=false", f"optim.lr={args.lr}",
-        "sae.dead_after_steps=200", f"hydra.run.dir={out}", f"paths.activations_dir={out}",
+        "sae.dead_after_steps=200", "torch_threads=1", f"hydra.run.dir={out}", f"paths.activations_dir={out}",
     ]  # fmt: skip
     with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)

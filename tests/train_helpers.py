@@ -83,6 +83,7 @@ def train_overrides(store: Path, out: Path, steps: int = 20, **extra: Any) -> li
         "trainer.log_every_n_steps": 1,
         "checkpoint.every_n_train_steps": 5,
         "optim.warmup_steps": 2,
+        "torch_threads": 1,  # tiny SAEs on a shared 2-core machine: no thread barriers
         "hydra.run.dir": str(out),
         "paths.activations_dir": str(out.parent / "activations"),
     }

@@ -65,7 +65,12 @@ def extract(cfg: DictConfig) -> Path:
     if n_shards == 1:
         run_job(cfg, images, job, resolve_device(cfg.extract.device))
     elif shard is not None:
-        return run_shard(cfg, images, out, int(shard), n_shards, resolve_device(cfg.extract.device))
+        path = run_shard(cfg, images, out, int(shard), n_shards, resolve_device(cfg.extract.device))
+        log.info(
+            "shard %s of %d is complete: %s. Once every shard is, join them into %s by running "
+            "the same command with extract.shard=null.", shard, n_shards, path, out,
+        )  # fmt: skip
+        return path
     else:
         run_local_shards(cfg, images, out, n_shards)
         join_shards(cfg, images, out, n_shards, job)

@@ -151,6 +151,9 @@ def train(cfg: DictConfig) -> Path:
 
     torch.set_flush_denormal(True)  # denormals made SAE steps ~6x slower on CPU
     keep_freed_memory()  # no page faults for the step's large, short-lived tensors
+    if cfg.get("torch_threads"):
+        # Small SAEs on a busy CPU: one thread avoids waiting at every op's thread barrier.
+        torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(int(cfg.seed), workers=True)
     run_dir = hydra_output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
