@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from eval_helpers import write_attribute_files
 
-from traitsae.data.cub_attributes import load_cub_attributes
+from traitsae.data.images.cub_attributes import load_cub_attributes
 from traitsae.errors import TraitsaeError
 
 NAMES = ["has_bill_shape::curved", "has_wing_color::blue", "has_eye_color::red"]

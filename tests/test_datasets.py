@@ -10,7 +10,8 @@ from PIL import Image
 
 from traitsae.data import synthetic
 from traitsae.data.images import ImageDataset, load_image_list
-from traitsae.data.images.cub import load_cub, load_cub_attributes
+from traitsae.data.images.cub import load_cub
+from traitsae.data.images.cub_attributes import load_cub_attributes
 from traitsae.errors import TraitsaeError
 
 
@@ -47,12 +48,13 @@ def test_synthetic_layout_masks_and_annotations(syn_root):
     ids, masks = synthetic.load_trait_masks(syn_root)
     assert masks.shape == (32, len(synthetic.TRAITS), 64, 64) and masks.dtype == bool
     attrs = load_cub_attributes(syn_root)
-    np.testing.assert_array_equal(attrs.image_ids, ids)
+    assert attrs.annotated_I[ids].all() and attrs.annotated_I.sum() == len(ids)
+    present, certainty = attrs.is_present_IT[ids], attrs.certainty_IT[ids]  # [N, T]
     drawn = masks.any(axis=(2, 3))  # [N, T]
-    sure = attrs.certainty == 4
+    sure = certainty == 4
     # Annotations marked "definitely" describe exactly what is drawn; guesses are the label noise.
-    np.testing.assert_array_equal(attrs.present[sure], drawn[sure])
-    assert (attrs.present[~sure] != drawn[~sure]).all()
+    np.testing.assert_array_equal(present[sure], drawn[sure])
+    assert (present[~sure] != drawn[~sure]).all()
     # The masks are where the trait colour is: red crown pixels of the first Alpha image.
     img = np.asarray(Image.open(train.paths[0]), dtype=np.int16)
     red = masks[0, synthetic.CONTRAST_TRAIT]
@@ -90,7 +92,7 @@ def test_cub_attribute_lines_with_extra_fields(tmp_path, syn_root):
     lines[0] = lines[0] + " 0 extra"  # the real CUB file has such lines
     labels.write_text("\n".join(lines) + "\n")
     attrs = load_cub_attributes(root)
-    assert attrs.present.shape == (32, len(synthetic.TRAITS))
+    assert attrs.is_present_IT[attrs.annotated_I].shape == (32, len(synthetic.TRAITS))
     (root / "train_test_split.txt").unlink()
     with pytest.raises(TraitsaeError, match="train_test_split.txt"):
         load_cub(root, "train")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from traitsae.data.cub_attributes import CubAttributes, load_cub_attributes
+from traitsae.data.images.cub_attributes import CubAttributes, load_cub_attributes
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import baselines, figures
 from traitsae.evaluation.precision import (

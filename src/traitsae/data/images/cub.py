@@ -8,7 +8,6 @@ attributes/image_attribute_labels.txt `<id> <attr id> <is_present> <certainty id
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,35 +39,3 @@ def load_cub(root: str | Path, split: str) -> ImageList:
             "species": [classes[str(c)] for c in class_ids],
         },
     )
-
-
-@dataclass
-class CubAttributes:
-    """Per-image trait annotations, rows in ascending image id."""
-
-    image_ids: np.ndarray  # int64 [N]
-    names: list[str]  # [A]
-    present: np.ndarray  # bool [N, A] (is_present == 1)
-    certainty: np.ndarray  # int8 [N, A] (1 not visible .. 4 definitely; 0 = no annotation)
-
-
-def load_cub_attributes(root: str | Path) -> CubAttributes:
-    """Parse attributes.txt and attributes/image_attribute_labels.txt (extra fields ignored)."""
-    root = Path(root)
-    names_path = require_file(root / "attributes.txt", "CUB attribute list")
-    names = [name for _, name in read_table(names_path, 2)]
-    labels_path = require_file(
-        root / "attributes" / "image_attribute_labels.txt", "CUB attribute labels file"
-    )
-    rows = np.array(read_table(labels_path, 4), dtype=np.int64)  # [M, 4]: id, attr, present, cert
-    image_ids = np.unique(rows[:, 0])
-    row_of = np.searchsorted(image_ids, rows[:, 0])
-    present = np.zeros((len(image_ids), len(names)), dtype=bool)
-    certainty = np.zeros((len(image_ids), len(names)), dtype=np.int8)
-    if rows[:, 1].min() < 1 or rows[:, 1].max() > len(names):
-        raise TraitsaeError(
-            f"{labels_path} references attribute ids outside 1..{len(names)} (attributes.txt)."
-        )
-    present[row_of, rows[:, 1] - 1] = rows[:, 2] == 1
-    certainty[row_of, rows[:, 1] - 1] = rows[:, 3]
-    return CubAttributes(image_ids, names, present, certainty)
