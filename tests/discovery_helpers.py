@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -165,10 +164,14 @@ def compose_cfg(config_name: str, overrides: list[str], out_dir: Path | None = N
     return cfg
 
 
-def demo_sae(root: Path, steps: int = 600) -> Path:
+def demo_sae(root: Path, steps: int = 600, layer: int = 1) -> Path:
     """extract -> train on `dataset=synthetic backbone=tiny` (train split), all under `root`.
 
-    Returns the train run dir. The demo dataset is generated on first use by the extraction.
+    Returns the train run dir; the demo dataset is generated on first use by the extraction.
+    Layer 1 of the randomly initialised tiny ViT: its later blocks mix every patch with the
+    image mean through near-uniform random attention, which gives many latents a "species
+    context" that competes with the planted, local traits (measured: the top candidate sat on
+    the planted trait in 2 of 3 seeds at layer -1, in every seed tried at layer 1).
     """
     from traitsae.extraction import extract
     from traitsae.training import train
@@ -179,6 +182,7 @@ def demo_sae(root: Path, steps: int = 600) -> Path:
             [
                 f"paths.root_dir={root}",
                 "split=train",
+                f"backbone.layers=[{layer}]",
                 "extract.num_workers=0",
                 "extract.progress=false",
             ],
@@ -191,6 +195,7 @@ def demo_sae(root: Path, steps: int = 600) -> Path:
             "train",
             [
                 f"paths.root_dir={root}",
+                f"data.layer={layer}",
                 f"trainer.max_steps={steps}",
                 "data.num_workers=0",
                 "data.batch_size=1024",
@@ -202,39 +207,3 @@ def demo_sae(root: Path, steps: int = 600) -> Path:
         )
     )
     return run_dir
-
-
-# ----------------------------------------------------------------------------- notebooks
-
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-
-
-def run_notebook(name: str, parameters: dict, workdir: Path) -> nbformat.NotebookNode:
-    """Execute notebooks/<name>.py headless, with a cell of `parameters` injected right after
-    the cell tagged "parameters" (papermill's convention); returns the executed notebook."""
-    import jupytext
-    from nbclient import NotebookClient
-
-    notebook = jupytext.read(NOTEBOOKS / f"{name}.py")
-    tagged = [
-        i
-        for i, cell in enumerate(notebook.cells)
-        if "parameters" in cell.get("metadata", {}).get("tags", [])
-    ]
-    assert tagged, f"{name}.py has no cell tagged 'parameters'"
-    source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
-    notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source))
-    NotebookClient(
-        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
-    ).execute()
-    return notebook
-
-
-def outputs_text(notebook: nbformat.NotebookNode) -> str:
-    """Everything the notebook's code cells printed."""
-    return "\n".join(
-        out.get("text", "")
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-    )

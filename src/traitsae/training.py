@@ -13,6 +13,8 @@ Set-up, train, clean-up:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -140,51 +142,66 @@ def export_meta(cfg: DictConfig, dm: Any, trainer: Any) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _process_settings(cfg: DictConfig) -> Iterator[None]:
+    """CPU settings for the run, restored afterwards (train() may run inside a notebook)."""
+    from traitsae.sae.sparse_ops import keep_freed_memory
+
+    threads = torch.get_num_threads()
+    torch.set_flush_denormal(True)  # denormals made SAE steps ~6x slower on CPU
+    keep_freed_memory()  # no page faults for the step's large, short-lived tensors
+    if cfg.get("torch_threads"):
+        # Small SAEs on a busy CPU: one thread avoids waiting at every op's thread barrier.
+        torch.set_num_threads(int(cfg.torch_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_module(cfg: DictConfig, dm: Any, max_steps: int, run_dir: Path) -> Any:
+    """The SAE LightningModule for this config and store (normaliser from the data module)."""
+    from traitsae.sae.module import SAEModule
+
+    return SAEModule(
+        sae=sae_kwargs(cfg, dm.d_model),
+        sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        scale=dm.scale,
+        max_steps=max_steps,
+        figures_dir=str(run_dir / "figures"),
+    )
+
+
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as configured; returns the run dir (holding sae.json)."""
     import lightning as L
     from hydra.utils import instantiate
 
     from traitsae.sae.export import save_sae
-    from traitsae.sae.module import SAEModule
-    from traitsae.sae.sparse_ops import keep_freed_memory
 
-    torch.set_flush_denormal(True)  # denormals made SAE steps ~6x slower on CPU
-    keep_freed_memory()  # no page faults for the step's large, short-lived tensors
-    if cfg.get("torch_threads"):
-        # Small SAEs on a busy CPU: one thread avoids waiting at every op's thread barrier.
-        torch.set_num_threads(int(cfg.torch_threads))
-    L.seed_everything(int(cfg.seed), workers=True)
     run_dir = hydra_output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    dm = instantiate(cfg.data)
-    dm.prepare()
-    sae_cfg = sae_kwargs(cfg, dm.d_model)
-    trainer_kwargs = _trainer_kwargs(cfg)
-    module = SAEModule(
-        sae=sae_cfg,
-        sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        scale=dm.scale,
-        max_steps=int(trainer_kwargs["max_steps"]),
-        figures_dir=str(run_dir / "figures"),
-    )
-    ckpt_path = _resume_checkpoint(cfg, run_dir)
-    if ckpt_path is None:
-        module.init_b_dec(torch.from_numpy(dm.sample), str(sae_cfg.get("b_dec_init", "mean")))
-    log.info(
-        "training sae=%s d_model=%d d_sae=%d on %s (layer %d, %s; %d train / %d val vectors, "
-        "scale %.4g)",
-        sae_cfg["variant"], dm.d_model, sae_cfg["d_sae"], dm.store_path, dm.layer, dm.tokens,
-        dm.n_train_vectors, dm.n_val_vectors, dm.scale,
-    )  # fmt: skip
-    if dm.n_val_vectors == 0:
-        trainer_kwargs["limit_val_batches"] = 0
-    trainer = L.Trainer(
-        **trainer_kwargs, callbacks=_callbacks(cfg, run_dir), logger=_loggers(cfg) or False
-    )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    with _process_settings(cfg):
+        L.seed_everything(int(cfg.seed), workers=True)
+        dm = instantiate(cfg.data)
+        dm.prepare()
+        trainer_kwargs = _trainer_kwargs(cfg)
+        if dm.n_val_vectors == 0:
+            trainer_kwargs["limit_val_batches"] = 0
+        module = build_module(cfg, dm, int(trainer_kwargs["max_steps"]), run_dir)
+        ckpt_path = _resume_checkpoint(cfg, run_dir)
+        if ckpt_path is None:  # a resumed run takes b_dec from its checkpoint
+            module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.get("b_dec_init", "mean")))
+        log.info(
+            "training sae=%s d_sae=%d on %s (layer %d, %s; %d train / %d val vectors, scale %.4g)",
+            module.sae.variant, module.sae.d_sae, dm.store_path, dm.layer, dm.tokens,
+            dm.n_train_vectors, dm.n_val_vectors, dm.scale,
+        )  # fmt: skip
+        trainer = L.Trainer(
+            **trainer_kwargs, callbacks=_callbacks(cfg, run_dir), logger=_loggers(cfg) or False
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.is_global_zero and cfg.get("export", True):
         path = save_sae(module.sae.cpu(), run_dir, export_meta(cfg, dm, trainer))
         log.info("exported %s", path)

@@ -4,9 +4,11 @@ I/O plan (see ENGINEERING.md): the store is cut into *blocks* of whole images al
 HDF5 chunks. Each epoch the blocks are put in a seeded random order shared by every process and
 dealt round-robin to the (DDP rank x DataLoader worker) streams, so every vector is read exactly
 once per epoch by exactly one stream. A stream reads its blocks whole (sequential I/O), fills a
-buffer, permutes it in memory and cuts batches; vectors stay float16 until the GPU/CPU step
-casts them. Validation holds out whole blocks, i.e. whole images, never patches of training
-images. Memory per worker is bounded by the buffer, whatever the store's size.
+buffer, permutes it in memory into shared-memory output buffers that the training process
+receives without a copy, and cuts them into batches there; vectors stay float16 until the step
+casts them on its device. Validation holds out whole blocks, i.e. whole images, never patches of
+training images. Memory per worker is bounded by the buffer (a read buffer plus a small ring of
+output buffers), whatever the store's size.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ class ActivationsDataModule(L.LightningDataModule):
         d_model: int | None = None,
         batch_size: int = 4096,
         num_workers: int = 2,
-        buffer_vectors: int = 65536,
+        buffer_vectors: int = 32768,
         val_fraction: float = 0.05,
         val_batch_size: int | None = None,
         scale_sample: int = 16384,
