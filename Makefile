@@ -13,8 +13,17 @@ export WANDB_MODE ?= offline
 
 install: .venv/installed
 
+# The embedded demo, stage by stage through the real CLI (re-running resumes / skips what is done).
+DEMO ?= logs/demo
+DEMO_SAE ?= sae=topk sae.expansion=8 sae.k=8 trainer.max_steps=600 data.batch_size=1024
+DEMO_GROUPS ?= "eval.group_a={species: 001.Alpha_warbler}" "eval.group_b={species: 002.Beta_warbler}"
 demo: install
-	$(PY) -m traitsae.demo
+	$(PY) extract.py -m backbone=tiny dataset=synthetic split=train,test hydra.sweep.dir=$(DEMO)/extract
+	$(PY) train.py backbone=tiny dataset=synthetic $(DEMO_SAE) hydra.run.dir=$(DEMO)/train
+	$(PY) evaluate.py eval=cub_traits dataset=synthetic run=$(DEMO)/train hydra.run.dir=$(DEMO)/cub_traits
+	$(PY) evaluate.py eval=discovery dataset=synthetic split=train run=$(DEMO)/train $(DEMO_GROUPS) hydra.run.dir=$(DEMO)/discovery
+	@echo "Demo done. Trait scores: $(DEMO)/cub_traits/cub_traits.json"
+	@echo "Discovery report (open in a browser): $(DEMO)/discovery/index.html"
 
 test: install
 	$(PY) -m ruff check .

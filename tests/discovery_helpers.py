@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -207,3 +208,39 @@ def demo_sae(root: Path, steps: int = 600, layer: int = 1) -> Path:
         )
     )
     return run_dir
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def run_notebook(name: str, parameters: dict, workdir: Path) -> nbformat.NotebookNode:
+    """Execute notebooks/<name>.py headless, with a cell of `parameters` injected right after
+    the cell tagged "parameters" (papermill's convention); returns the executed notebook."""
+    import jupytext
+    from nbclient import NotebookClient
+
+    notebook = jupytext.read(NOTEBOOKS / f"{name}.py")
+    tagged = [
+        i
+        for i, cell in enumerate(notebook.cells)
+        if "parameters" in cell.get("metadata", {}).get("tags", [])
+    ]
+    assert tagged, f"{name}.py has no cell tagged 'parameters'"
+    source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
+    notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source))
+    NotebookClient(
+        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
+    return notebook
+
+
+def outputs_text(notebook: nbformat.NotebookNode) -> str:
+    """Everything the notebook's code cells printed."""
+    return "\n".join(
+        out.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
