@@ -108,3 +108,17 @@ def test_cli_unknown_column_exits_2_with_listing(planted, tmp_path):
     assert "error: eval.group_a filters on column 'subspecies'" in proc.stderr
     assert "species: '001.Alpha' (12), '002.Beta' (12)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_groups_default_to_the_datasets_contrast_pair(planted, tmp_path):
+    cfg = evaluate_cfg(
+        [
+            *base_overrides(planted, "discovery"),
+            "+dataset.contrast={group_a: {species: 001.Alpha}, group_b: {species: 002.Beta}}",
+            "eval.draw_images=false",
+        ],
+        tmp_path,
+    )
+    result = run_evaluation(cfg)
+    assert result["groups"]["a"]["filter"] == {"species": ["001.Alpha"]}
+    assert result["candidates"][0]["latent"] == TRAIT_A

@@ -553,12 +553,18 @@ def image_source(cfg: DictConfig, store: Any) -> ImageSource:
     )
 
 
+def configured_groups(cfg: DictConfig) -> dict[str, Any]:
+    """eval.group_a / eval.group_b, defaulting to the dataset's own contrast pair
+    (`dataset.contrast: {group_a: {...}, group_b: {...}}`, e.g. the demo's Alpha vs Beta)."""
+    contrast = cfg.dataset.get("contrast") or {}
+    return {name: cfg.eval.get(name) or contrast.get(name) for name in ("group_a", "group_b")}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py eval=discovery run=<run dir> eval.group_a=... eval.group_b=...`."""
     from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
 
-    group_a = parse_group(cfg.eval.get("group_a"), "group_a")
-    group_b = parse_group(cfg.eval.get("group_b"), "group_b")
+    group_a, group_b = (parse_group(spec, name) for name, spec in configured_groups(cfg).items())
     rule = RankingRule(
         **{k: cfg.eval[k] for k in ("min_support", "dense_rate", "min_auroc", "n_candidates")}
     )
