@@ -15,13 +15,15 @@ install: .venv/installed
 
 # The embedded demo, stage by stage through the real CLI (re-running resumes / skips what is done).
 DEMO ?= logs/demo
+# Block 1 of the tiny random ViT: its last blocks' near-uniform random attention blurs patches.
+DEMO_LAYER ?= 1
+DEMO_PATHS ?= paths.activations_dir=$(DEMO)/activations
 DEMO_SAE ?= sae=topk sae.expansion=8 sae.k=8 trainer.max_steps=600 data.batch_size=1024
-DEMO_GROUPS ?= "eval.group_a={species: 001.Alpha_warbler}" "eval.group_b={species: 002.Beta_warbler}"
 demo: install
-	$(PY) extract.py -m backbone=tiny dataset=synthetic split=train,test hydra.sweep.dir=$(DEMO)/extract
-	$(PY) train.py backbone=tiny dataset=synthetic $(DEMO_SAE) hydra.run.dir=$(DEMO)/train
-	$(PY) evaluate.py eval=cub_traits dataset=synthetic run=$(DEMO)/train hydra.run.dir=$(DEMO)/cub_traits
-	$(PY) evaluate.py eval=discovery dataset=synthetic split=train run=$(DEMO)/train $(DEMO_GROUPS) hydra.run.dir=$(DEMO)/discovery
+	$(PY) extract.py -m $(DEMO_PATHS) backbone=tiny dataset=synthetic split=train,test "backbone.layers=[$(DEMO_LAYER)]" hydra.sweep.dir=$(DEMO)/extract
+	$(PY) train.py $(DEMO_PATHS) backbone=tiny dataset=synthetic data.layer=$(DEMO_LAYER) $(DEMO_SAE) hydra.run.dir=$(DEMO)/train
+	$(PY) evaluate.py $(DEMO_PATHS) eval=cub_traits dataset=synthetic run=$(DEMO)/train hydra.run.dir=$(DEMO)/cub_traits
+	$(PY) evaluate.py $(DEMO_PATHS) eval=discovery dataset=synthetic split=train run=$(DEMO)/train hydra.run.dir=$(DEMO)/discovery
 	@echo "Demo done. Trait scores: $(DEMO)/cub_traits/cub_traits.json"
 	@echo "Discovery report (open in a browser): $(DEMO)/discovery/index.html"
 

@@ -109,6 +109,8 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "dataset")
     }
+    # Evaluation-only dataset keys (the discovery contrast pair) do not change activations.
+    out["dataset"].pop("contrast", None)
     out.update(split=str(cfg.split), seed=int(cfg.seed))
     out["extract"] = {"precision": str(cfg.extract.precision)}
     return out

@@ -4,20 +4,25 @@ I/O plan (see ENGINEERING.md): the store is cut into *blocks* of whole images al
 HDF5 chunks. Each epoch the blocks are put in a seeded random order shared by every process and
 dealt round-robin to the (DDP rank x DataLoader worker) streams, so every vector is read exactly
 once per epoch by exactly one stream. A stream reads its blocks whole (sequential I/O), fills a
-buffer, permutes it in memory into shared-memory output buffers that the training process
-receives without a copy, and cuts them into batches there; vectors stay float16 until the step
-casts them on its device. Validation holds out whole blocks, i.e. whole images, never patches of
-training images. Memory per worker is bounded by the buffer (a read buffer plus a small ring of
-output buffers), whatever the store's size.
+buffer (>= 100k vectors from many blocks), draws one uniform permutation of it, and gathers it
+in pieces of whole batches into a ring of shared-memory slots that the training process mapped
+before the workers started: only slot numbers cross the process boundary, and the training
+process cuts the slots into batches (views) and tells the worker when a slot may be rewritten.
+Vectors stay float16 until the step casts them on its device. Validation holds out whole blocks,
+i.e. whole images, never patches of training images. Memory per worker is bounded: a read buffer
+(buffer + one block) plus RING_SIZE pieces of ~PIECE_BYTES, whatever the store's size.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+import os
+import time
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -76,6 +81,8 @@ class ActivationStream(IterableDataset):
         # Set in the main process (Lightning reseeds and forks later): DDP rank and world.
         self.rank = 0
         self.world_size = 1
+        # Shared output rings, set by BatchLoader in the main process before workers start.
+        self.outputs: SharedOutputs | None = None
 
     def stream_id(self) -> tuple[int, int]:
         """(this stream's id, number of streams) over DDP ranks x DataLoader workers."""
@@ -91,13 +98,20 @@ class ActivationStream(IterableDataset):
             blocks = [blocks[i] for i in order]
         return blocks[stream::n_streams]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        """Shuffled buffers [n * batch_size, D] (the last of a finite stream may be ragged);
-        `iter_batches` cuts them. One item per buffer keeps DataLoader IPC to a minimum."""
+    def piece_rows(self) -> int:
+        """Rows of one output piece: whole batches, about PIECE_BYTES (at least one batch)."""
+        batch_bytes = self.batch_size * self.plan.d_model * 2
+        return self.batch_size * max(1, PIECE_BYTES // batch_bytes)
+
+    def __iter__(self) -> Iterator[torch.Tensor | Piece]:
+        """Shuffled pieces of whole batches (the last of a finite stream may be ragged), which
+        `BatchLoader` / `iter_batches` cut into batches. With `outputs` set (by `BatchLoader`,
+        before the workers start) a worker yields only `Piece` numbers into shared rings;
+        otherwise it yields the pieces as tensors."""
         import h5py
 
         stream, n_streams = self.stream_id()
-        ring = _BufferRing(self.plan.d_model, shared=get_worker_info() is not None)
+        out = self.outputs if self.outputs is not None else _LocalOutputs(self)
         # Opened here, inside the worker: an HDF5 handle must never cross a fork.
         with h5py.File(self.plan.path, "r", locking=False) as f:
             data = f[self.plan.key]
@@ -112,15 +126,13 @@ class ActivationStream(IterableDataset):
                 for start, stop in self.blocks_for(epoch, stream, n_streams):
                     n_rows += self._read_block(data, start, stop, buf_ND[n_rows:])
                     if n_rows >= self.buffer_vectors:
-                        out_ND, n_rows = self._shuffle(buf_ND, n_rows, rng, ring)
-                        yield out_ND
+                        n_rows = yield from self._shuffle(buf_ND, n_rows, rng, out)
                 # Epoch end: emit what is buffered; only a ragged < batch_size rest carries over.
                 if n_rows >= self.batch_size:
-                    out_ND, n_rows = self._shuffle(buf_ND, n_rows, rng, ring)
-                    yield out_ND
+                    n_rows = yield from self._shuffle(buf_ND, n_rows, rng, out)
                 epoch += 1
             if n_rows:
-                yield self._shuffle(buf_ND, n_rows, rng, ring, final=True)[0]
+                yield from self._shuffle(buf_ND, n_rows, rng, out, final=True)
 
     def _read_block(self, data: Any, start: int, stop: int, dest_ND: np.ndarray) -> int:
         """Read images [start, stop) straight into `dest` (whole chunks, no temporary);
@@ -139,70 +151,147 @@ class ActivationStream(IterableDataset):
         buf_ND: np.ndarray,
         n_rows: int,
         rng: np.random.Generator,
-        ring: _BufferRing,
+        out: _LocalOutputs | SharedOutputs,
         final: bool = False,
-    ) -> tuple[torch.Tensor, int]:
-        """The buffer's first `n_rows`, permuted, as whole batches -> (out, leftover count);
-        the rows that do not fill a batch move to the buffer's front for the next round."""
+    ) -> Generator[torch.Tensor | Piece, None, int]:
+        """Yield the buffer's first `n_rows` under one uniform permutation, as pieces of whole
+        batches; return how many rows (< one batch) moved to the buffer's front for next time."""
         order = rng.permutation(n_rows) if self.shuffle else np.arange(n_rows)
         n_out = n_rows if final else n_rows // self.batch_size * self.batch_size
-        out_ND = ring.next(n_out)
-        # One gather pass; np.take with out= and mode="clip" does not buffer.
-        np.take(buf_ND[:n_rows], order[:n_out], axis=0, out=out_ND.numpy(), mode="clip")
-        rest = n_rows - n_out
+        step = self.piece_rows()
+        for start in range(0, n_out, step):
+            rows = order[start : min(start + step, n_out)]
+            piece_ND, item = out.claim(len(rows))
+            # One gather pass straight into the output; np.take with out= and mode="clip" does
+            # not buffer. The piece (<= PIECE_BYTES) is written while it is cache-warm.
+            np.take(buf_ND, rows, axis=0, out=piece_ND, mode="clip")
+            yield item
+        rest = n_rows - n_out  # only after every piece is out: this overwrites the front
         buf_ND[:rest] = buf_ND[order[n_out:n_rows]]
-        return out_ND, rest
+        return rest
 
 
-# Output buffers a stream cycles through. A buffer is rewritten only after RING_SIZE - 1 newer
-# ones were produced; the DataLoader keeps at most PREFETCH buffers per worker queued and the
-# trainer holds one (plus one prefetched batch), so a batch is never rewritten while in use.
+# A shuffled buffer leaves its stream in pieces of about this size (whole batches), so the output
+# memory stays small whatever the shuffle buffer's size, and pieces are written cache-warm.
+PIECE_BYTES = 16 * 2**20
+# DataLoader prefetch per worker, and the pieces each producer cycles through: up to PREFETCH
+# queued, one being written, and the two the consumer may hold (the piece it cuts batches from,
+# and the previous one while the trainer still steps on its last batch).
 PREFETCH = 2
 RING_SIZE = PREFETCH + 3
 
 
-class _BufferRing:
-    """Reused float16 output buffers. In a DataLoader worker they live in shared memory, so
-    buffers reach the training process as handles (no copy) and, being reused, cost no fresh
-    page faults (first-touch of new memory costs more than the shuffle itself)."""
+class Piece(NamedTuple):
+    """What a worker sends instead of a tensor: which slot of which worker's ring to read."""
 
-    def __init__(self, d_model: int, shared: bool) -> None:
-        self.d_model = d_model
-        self.shared = shared
-        self.buffers: list[torch.Tensor] = []
-
-    def next(self, n_rows: int) -> torch.Tensor:
-        if len(self.buffers) == RING_SIZE and self.buffers[0].shape[0] == n_rows:
-            self.buffers.append(self.buffers.pop(0))
-            return self.buffers[-1]
-        self.buffers.append(self._allocate(n_rows))
-        if len(self.buffers) > RING_SIZE:
-            self.buffers.pop(0)
-        return self.buffers[-1]
-
-    def _allocate(self, n_rows: int) -> torch.Tensor:
-        if not self.shared:
-            return torch.empty((n_rows, self.d_model), dtype=torch.float16)
-        storage = torch.UntypedStorage._new_shared(n_rows * self.d_model * 2)
-        return torch.empty(0, dtype=torch.float16).set_(storage, 0, (n_rows, self.d_model))
+    worker: int
+    index: int  # the worker's running piece count; the slot is index % RING_SIZE
+    n_rows: int
 
 
-def iter_batches(buffers: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Cut shuffled buffers into batches (views, no copy)."""
-    for buf_ND in buffers:
-        for start in range(0, len(buf_ND), batch_size):
-            yield buf_ND[start : start + batch_size]
+class _LocalOutputs:
+    """Output ring owned by the producer (in-process use, or a plain DataLoader without
+    `BatchLoader`). Reused slots cost no fresh page faults (first-touch of new memory costs
+    more than the shuffle). In a worker the slots live in shared memory and travel as storage
+    handles with every piece; correctness then rests on the DataLoader queueing at most its
+    prefetch_factor (default PREFETCH) pieces per worker."""
+
+    def __init__(self, stream: ActivationStream) -> None:
+        self.shape = (stream.piece_rows(), stream.plan.d_model)
+        self.shared = get_worker_info() is not None
+        self.slots: list[torch.Tensor] = []
+        self.count = 0
+
+    def claim(self, n_rows: int) -> tuple[np.ndarray, torch.Tensor]:
+        i = self.count % RING_SIZE
+        self.count += 1
+        if i == len(self.slots):  # allocated on first use: short streams stay small
+            self.slots.append(_empty_f16(self.shape, self.shared))
+        piece_ND = self.slots[i][:n_rows]
+        return piece_ND.numpy(), piece_ND
+
+
+class SharedOutputs:
+    """Per-worker output rings in shared memory, allocated by the training process before the
+    DataLoader starts its workers, which inherit them. A worker writes a piece into its ring and
+    sends only a `Piece` (three ints): no storage handle, file descriptor or fresh mapping per
+    piece (re-sending shared storages cost more than the shuffle). The consumer acknowledges the
+    pieces it is done with in `released`; a worker rewrites a slot only after that."""
+
+    def __init__(self, n_workers: int, piece_rows: int, d_model: int) -> None:
+        self.slots_WRPD = _empty_f16((n_workers, RING_SIZE, piece_rows, d_model), shared=True)
+        self.released_W = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
+        self.count = 0  # pieces claimed; each worker counts in its own copy
+        self.owner = os.getpid()
+
+    def claim(self, n_rows: int) -> tuple[np.ndarray, Piece]:
+        """(where to write, what to send) for this worker's next piece."""
+        worker = get_worker_info().id
+        released = self.released_W.numpy()
+        while released[worker] <= self.count - RING_SIZE:  # slot still held by the consumer
+            if os.getppid() != self.owner:
+                raise RuntimeError("the training process exited; stopping this loader worker")
+            time.sleep(2e-4)
+        piece = Piece(worker, self.count, n_rows)
+        self.count += 1
+        return self.view(piece).numpy(), piece
+
+    def view(self, piece: Piece) -> torch.Tensor:
+        return self.slots_WRPD[piece.worker, piece.index % RING_SIZE, : piece.n_rows]
+
+    def release(self, piece: Piece) -> None:
+        self.released_W[piece.worker] = piece.index + 1
+
+    def release_all(self) -> None:
+        """Unblock every worker (the consumer stopped): lets them reach the shutdown signal."""
+        self.released_W.fill_(2**62)
+
+
+def _empty_f16(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.empty(shape, dtype=torch.float16)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)
+    return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
+
+
+def iter_batches(pieces: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Cut shuffled pieces into batches (views, no copy)."""
+    for piece_ND in pieces:
+        for start in range(0, len(piece_ND), batch_size):
+            yield piece_ND[start : start + batch_size]
 
 
 class BatchLoader:
-    """What Lightning iterates: a DataLoader over shuffled buffers, cut into batches."""
+    """What Lightning iterates: a DataLoader over shuffled pieces, cut into batches.
+
+    A batch stays valid until the batch after next is requested (the trainer's one-batch
+    lookahead is covered); clone a batch to keep it longer.
+    """
 
     def __init__(self, loader: DataLoader, batch_size: int) -> None:
         self.loader = loader
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter_batches(self.loader, self.batch_size)
+        stream = self.loader.dataset
+        if self.loader.num_workers == 0 or not isinstance(stream, ActivationStream):
+            return iter_batches(self.loader, self.batch_size)
+        return self._shared_batches(stream)
+
+    def _shared_batches(self, stream: ActivationStream) -> Iterator[torch.Tensor]:
+        # Fresh rings per pass: workers of an abandoned pass may still be writing the old ones.
+        outputs = SharedOutputs(self.loader.num_workers, stream.piece_rows(), stream.plan.d_model)
+        stream.outputs = outputs  # the workers fork inside iter() below and inherit the rings
+        held: deque[Piece] = deque()
+        try:
+            for piece in self.loader:
+                held.append(piece)
+                if len(held) > 2:  # the trainer may still hold the previous piece's last batch
+                    outputs.release(held.popleft())
+                yield from iter_batches([outputs.view(piece)], self.batch_size)
+        finally:
+            outputs.release_all()
+            stream.outputs = None
 
 
 def plan_blocks(
@@ -247,7 +336,7 @@ class ActivationsDataModule(L.LightningDataModule):
         d_model: int | None = None,
         batch_size: int = 4096,
         num_workers: int = 2,
-        buffer_vectors: int = 32768,
+        buffer_vectors: int = 131072,
         val_fraction: float = 0.05,
         val_batch_size: int | None = None,
         scale_sample: int = 16384,
@@ -393,7 +482,7 @@ class ActivationsDataModule(L.LightningDataModule):
         return self._loader(stream)
 
     def _loader(self, stream: ActivationStream) -> BatchLoader:
-        # batch_size=None: the stream yields whole shuffled buffers (no per-vector collation).
+        # batch_size=None: the stream yields whole shuffled pieces (no per-vector collation).
         workers = self.num_workers
         loader = DataLoader(
             stream,

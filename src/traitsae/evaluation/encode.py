@@ -121,7 +121,7 @@ def gather_codes(
 
 def run(cfg: DictConfig) -> Path:
     """`python evaluate.py eval=encode run=<run dir>`: write the store's sparse codes."""
-    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae, sae_source
 
     sae = resolve_sae(cfg)
     sae.eval().to(cfg.device)
@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> Path:
             store,
             sae,
             out,
-            sae_source=str(cfg.get("sae") or cfg.get("run")),
+            sae_source=sae_source(cfg),
             batch_patches=int(cfg.eval.batch_patches),
             dtype=str(cfg.eval.dtype),
             device=cfg.device,
