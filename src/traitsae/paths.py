@@ -12,7 +12,9 @@ def store_path(activations_dir: str | Path, dataset: str, split: str, backbone: 
     return Path(activations_dir) / dataset / split / f"{backbone}.h5"
 
 
-def store_path_from_cfg(cfg: DictConfig, split: str | None = None, backbone: str | None = None) -> Path:
+def store_path_from_cfg(
+    cfg: DictConfig, split: str | None = None, backbone: str | None = None
+) -> Path:
     return store_path(
         cfg.paths.activations_dir,
         cfg.dataset.name,
