@@ -10,9 +10,13 @@ import torch
 from torch.utils.data import DataLoader
 from train_helpers import id_store
 
+from traitsae.data import datamodule
 from traitsae.data.datamodule import (
     ActivationsDataModule,
     ActivationStream,
+    _locate_images,
+    _MappedBuffer,
+    _ReadBuffer,
     iter_batches,
     plan_blocks,
 )
@@ -47,14 +51,18 @@ def vector_ids(batch: torch.Tensor) -> list[int]:
     return (batch[:, 0].long() * N_PATCHES + batch[:, 1].long()).tolist()
 
 
-def epoch_ids(dm: ActivationsDataModule, world: int, workers: int, epochs: int = 1) -> list[int]:
-    """Every id yielded by `world` simulated ranks x `workers` DataLoader workers."""
+def epoch_ids(
+    dm: ActivationsDataModule, world: int, workers: int, epochs: int = 1, plain: bool = False
+) -> list[int]:
+    """Every id yielded by `world` simulated ranks x `workers` DataLoader workers, through the
+    training loader (shared output rings) or, `plain`, a plain DataLoader (pieces as tensors)."""
     ids: list[int] = []
+    dm.num_workers = workers
     for rank in range(world):
         stream = dm.train_dataset()
         stream.rank, stream.world_size, stream.epochs = rank, world, epochs
         loader = DataLoader(stream, batch_size=None, num_workers=workers)
-        for batch in iter_batches(loader, dm.batch_size):
+        for batch in iter_batches(loader, dm.batch_size) if plain else dm._loader(stream):
             assert batch.dtype == torch.float16  # cast happens on the device, not here
             assert len(batch) == dm.batch_size or epochs  # only finite streams end ragged
             ids += vector_ids(batch)
@@ -79,6 +87,51 @@ def test_every_vector_exactly_once_per_epoch_over_ranks_and_workers(tmp_path: Pa
     one_epoch = epoch_ids(dm, world=2, workers=2)
     assert sorted(one_epoch) == expected
     assert one_epoch != sorted(one_epoch)  # shuffled, not sequential
+    assert sorted(epoch_ids(dm, world=2, workers=2, plain=True)) == expected
+
+
+def test_hdf5_reads_where_the_file_cannot_be_mapped(tmp_path: Path) -> None:
+    import h5py
+
+    acts = np.arange(N_IMAGES * N_PATCHES * 8, dtype=np.float16).reshape(N_IMAGES, N_PATCHES, 8)
+    acts[:, :, 0], acts[:, :, 1] = np.arange(N_IMAGES)[:, None], np.arange(N_PATCHES)
+    path = id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES)
+    with h5py.File(path, "a") as f:  # same data, gzip-compressed: HDF5 must decode it
+        del f["patches/3"]
+        f.create_dataset("patches/3", data=acts, chunks=(4, N_PATCHES, 8), compression="gzip")
+    with h5py.File(path, "r") as f:
+        assert _locate_images(f["patches/3"]) is None
+        assert _locate_images(f["patches/1"]) is not None
+    dm = make_dm(path)
+    assert sorted(epoch_ids(dm, world=1, workers=2)) == sorted(
+        i * N_PATCHES + p
+        for a, b in dm.train_plan.blocks
+        for i in range(a, b)
+        for p in range(N_PATCHES)
+    )
+
+
+def test_mapped_vectors_match_hdf5_and_stay_valid_while_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import h5py
+
+    path = id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES)
+    with h5py.File(path, "r") as f:
+        acts = torch.from_numpy(f["patches/3"][()])
+    # One batch per piece: every batch comes from a ring slot that will be rewritten.
+    monkeypatch.setattr(datamodule, "PIECE_BYTES", 1)
+    dm = make_dm(path, buffer_vectors=16)
+    stream = dm.train_dataset()
+    stream.epochs = 3
+    held, n = None, 0
+    for batch in dm._loader(stream):
+        if held is not None:  # the previous batch (the trainer's lookahead) is untouched
+            assert torch.equal(held[0], held[1])
+        i, p = batch[:, 0].long(), batch[:, 1].long()
+        assert torch.equal(batch, acts[i, p])  # whole vectors, exactly as stored
+        held, n = (batch, batch.clone()), n + len(batch)
+    assert n == 3 * dm.n_train_vectors
 
 
 def test_ranks_get_disjoint_shares(tmp_path: Path) -> None:
@@ -115,16 +168,22 @@ def test_cls_tokens_and_explicit_layer(tmp_path: Path) -> None:
     assert len(ids) == dm.n_train_vectors == len(image_ids(dm.train_plan.blocks))
 
 
-def test_buffer_bounds_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mapped", [True, False])
+def test_buffer_bounds_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool
+) -> None:
     assert len(plan_blocks(n_images=1000, chunk_images=16)) >= 32
     dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), num_workers=0)
+    if not mapped:
+        monkeypatch.setattr(_MappedBuffer, "open", classmethod(lambda cls, *args: None))
     shuffled_at_once: list[int] = []
     shuffle = ActivationStream._shuffle
 
-    def spy(self, buf_ND, n_rows, *args, **kwargs):
-        shuffled_at_once.append(n_rows)
-        assert len(buf_ND) <= 32 + 2 * N_PATCHES  # buffer + one block (2 images), never more
-        return shuffle(self, buf_ND, n_rows, *args, **kwargs)
+    def spy(self, buf, *args, **kwargs):
+        assert isinstance(buf, _MappedBuffer if mapped else _ReadBuffer)
+        shuffled_at_once.append(buf.n_rows)
+        assert buf.capacity <= 32 + 2 * N_PATCHES  # buffer + one block (2 images), never more
+        return shuffle(self, buf, *args, **kwargs)
 
     monkeypatch.setattr(ActivationStream, "_shuffle", spy)
     assert len(epoch_ids(dm, 1, 0)) == dm.n_train_vectors > 32

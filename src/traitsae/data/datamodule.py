@@ -16,10 +16,12 @@ i.e. whole images, never patches of training images. Memory per worker is bounde
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import sys
 import time
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,58 +119,152 @@ class ActivationStream(IterableDataset):
             data = f[self.plan.key]
             per_image = data.shape[1] if data.ndim == 3 else 1
             largest = max((b - a for a, b in self.plan.blocks), default=0) * per_image
-            # One read buffer per stream, reused: memory stays bounded whatever the store's size.
-            buf_ND = np.empty((self.buffer_vectors + largest, self.plan.d_model), np.float16)
-            n_rows, epoch = 0, self.start_epoch
+            # One buffer per stream, reused: memory stays bounded whatever the store's size.
+            buf = _MappedBuffer.open(self.plan, data, self.buffer_vectors + largest)
+            if buf is None:
+                buf = _ReadBuffer(self.plan, data, self.buffer_vectors + largest)
+            epoch = self.start_epoch
             rng = _stream_rng(self.seed, epoch, stream, 1)
             while self.epochs is None or epoch < self.start_epoch + self.epochs:
                 rng = _stream_rng(self.seed, epoch, stream, 1)
                 for start, stop in self.blocks_for(epoch, stream, n_streams):
-                    n_rows += self._read_block(data, start, stop, buf_ND[n_rows:])
-                    if n_rows >= self.buffer_vectors:
-                        n_rows = yield from self._shuffle(buf_ND, n_rows, rng, out)
+                    buf.add(start, stop)
+                    if buf.n_rows >= self.buffer_vectors:
+                        yield from self._shuffle(buf, rng, out)
                 # Epoch end: emit what is buffered; only a ragged < batch_size rest carries over.
-                if n_rows >= self.batch_size:
-                    n_rows = yield from self._shuffle(buf_ND, n_rows, rng, out)
+                if buf.n_rows >= self.batch_size:
+                    yield from self._shuffle(buf, rng, out)
                 epoch += 1
-            if n_rows:
-                yield from self._shuffle(buf_ND, n_rows, rng, out, final=True)
-
-    def _read_block(self, data: Any, start: int, stop: int, dest_ND: np.ndarray) -> int:
-        """Read images [start, stop) straight into `dest` (whole chunks, no temporary);
-        drop invalid images; returns the number of vectors written."""
-        n_vectors = (stop - start) * (data.shape[1] if data.ndim == 3 else 1)
-        target = dest_ND[:n_vectors].reshape((stop - start, *data.shape[1:]))
-        data.read_direct(target, source_sel=np.s_[start:stop])
-        if self.plan.valid is None or self.plan.valid[start:stop].all():
-            return n_vectors
-        kept = target[self.plan.valid[start:stop]].reshape(-1, self.plan.d_model)
-        dest_ND[: len(kept)] = kept
-        return len(kept)
+            if buf.n_rows:
+                yield from self._shuffle(buf, rng, out, final=True)
 
     def _shuffle(
         self,
-        buf_ND: np.ndarray,
-        n_rows: int,
+        buf: _ReadBuffer | _MappedBuffer,
         rng: np.random.Generator,
         out: _LocalOutputs | SharedOutputs,
         final: bool = False,
-    ) -> Generator[torch.Tensor | Piece, None, int]:
-        """Yield the buffer's first `n_rows` under one uniform permutation, as pieces of whole
-        batches; return how many rows (< one batch) moved to the buffer's front for next time."""
+    ) -> Iterator[torch.Tensor | Piece]:
+        """Yield the buffer's rows under one uniform permutation, as pieces of whole batches;
+        the rows that do not fill a batch stay in the buffer for the next round."""
+        n_rows = buf.n_rows
         order = rng.permutation(n_rows) if self.shuffle else np.arange(n_rows)
         n_out = n_rows if final else n_rows // self.batch_size * self.batch_size
         step = self.piece_rows()
         for start in range(0, n_out, step):
             rows = order[start : min(start + step, n_out)]
             piece_ND, item = out.claim(len(rows))
-            # One gather pass straight into the output; np.take with out= and mode="clip" does
-            # not buffer. The piece (<= PIECE_BYTES) is written while it is cache-warm.
-            np.take(buf_ND, rows, axis=0, out=piece_ND, mode="clip")
+            buf.gather(rows, piece_ND)  # written while this piece (<= PIECE_BYTES) is cache-warm
             yield item
-        rest = n_rows - n_out  # only after every piece is out: this overwrites the front
-        buf_ND[:rest] = buf_ND[order[n_out:n_rows]]
-        return rest
+        buf.keep(order[n_out:])  # only after every piece is out: this rewrites the buffer
+
+
+class _ReadBuffer:
+    """Vectors read whole-block with h5py into one reused array (any HDF5 layout or filter)."""
+
+    def __init__(self, plan: StreamPlan, data: Any, capacity: int) -> None:
+        self.plan, self.data = plan, data
+        self.buf_ND = np.empty((capacity, plan.d_model), np.float16)
+        self.capacity, self.n_rows = capacity, 0
+
+    def add(self, start: int, stop: int) -> None:
+        """Read images [start, stop) straight into the buffer (whole chunks, no temporary)."""
+        per_image = self.data.shape[1] if self.data.ndim == 3 else 1
+        dest_ND = self.buf_ND[self.n_rows : self.n_rows + (stop - start) * per_image]
+        target = dest_ND.reshape((stop - start, *self.data.shape[1:]))
+        self.data.read_direct(target, source_sel=np.s_[start:stop])
+        valid = self.plan.valid
+        if valid is not None and not valid[start:stop].all():  # drop invalid images
+            kept_ND = target[valid[start:stop]].reshape(-1, self.plan.d_model)
+            dest_ND[: len(kept_ND)] = kept_ND
+            dest_ND = dest_ND[: len(kept_ND)]
+        self.n_rows += len(dest_ND)
+
+    def gather(self, rows: np.ndarray, out_ND: torch.Tensor) -> None:
+        # np.take with out= and mode="clip" gathers in one pass without a temporary.
+        np.take(self.buf_ND, rows, axis=0, out=out_ND.numpy(), mode="clip")
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.buf_ND[: len(rows)] = self.buf_ND[rows]
+        self.n_rows = len(rows)
+
+
+class _MappedBuffer:
+    """The buffer as positions in a memory map of the store's raw chunks, for unfiltered
+    little-endian float16 data: the shuffle gathers vectors straight from the page cache into
+    the output, one copy instead of a read copy plus a gather (the read was half the cost).
+    `add` still asks for each block's whole byte range ahead (sequential I/O on cold storage,
+    not random row faults). The map is file-backed page cache, reclaimed by the kernel like any
+    cached read; the stream's own memory is 8 bytes per buffered vector."""
+
+    def __init__(self, plan: StreamPlan, first_N: np.ndarray, per_image: int, capacity: int):
+        with open(plan.path, "rb") as fh:  # the map outlives the descriptor
+            # Copy-on-write map: writable for torch, yet nothing is ever written or copied.
+            self.fmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        halves = torch.from_numpy(np.frombuffer(self.fmap, np.float16, len(self.fmap) // 2))
+        d_model = plan.d_model
+        # Row v of this view is the d_model values starting at float16 v of the file, so a
+        # vector at any (even) byte offset is one row: chunks need no common alignment.
+        self.file_VD = halves.as_strided((len(halves) - d_model + 1, d_model), (1, 1))
+        self.plan, self.first_N = plan, first_N  # first_N: where image i starts, in float16s
+        self.steps_P = np.arange(per_image) * d_model
+        self.ids = np.empty(capacity, np.int64)
+        self.capacity, self.n_rows = capacity, 0
+
+    @classmethod
+    def open(cls, plan: StreamPlan, data: Any, capacity: int) -> _MappedBuffer | None:
+        """The mapped buffer, or None when the layout needs HDF5 to decode it."""
+        first_N = _locate_images(data)
+        if first_N is None:
+            return None
+        return cls(plan, first_N, data.shape[1] if data.ndim == 3 else 1, capacity)
+
+    def add(self, start: int, stop: int) -> None:
+        """Take images [start, stop) into the buffer (as positions), their bytes read ahead."""
+        images = np.arange(start, stop)
+        if self.plan.valid is not None:
+            images = images[self.plan.valid[start:stop]]
+        if not len(images):
+            return
+        ids = (self.first_N[images, None] + self.steps_P).ravel()
+        self.ids[self.n_rows : self.n_rows + len(ids)] = ids
+        self.n_rows += len(ids)
+        lo = int(ids.min()) * 2 // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = (int(ids.max()) + self.plan.d_model) * 2
+        self.fmap.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+
+    def gather(self, rows: np.ndarray, out_ND: torch.Tensor) -> None:
+        torch.index_select(self.file_VD, 0, torch.from_numpy(self.ids[rows]), out=out_ND)
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.ids[: len(rows)] = self.ids[rows]
+        self.n_rows = len(rows)
+
+
+def _locate_images(data: Any) -> np.ndarray | None:
+    """Where each image's first vector starts in the file, counted in float16 values; None
+    unless the data is unfiltered little-endian float16 in allocated chunks of whole images
+    (what the store writes: every chunk allocated up front)."""
+    if data.dtype != np.dtype("<f2") or sys.byteorder != "little" or data.shape[0] == 0:
+        return None
+    if data.id.get_create_plist().get_nfilters():
+        return None
+    n_images = data.shape[0]
+    image_bytes = math.prod(data.shape[1:]) * 2
+    if data.chunks is None:
+        chunk_images, starts = n_images, {0: data.id.get_offset()}
+    elif tuple(data.chunks[1:]) != tuple(data.shape[1:]) or not hasattr(data.id, "chunk_iter"):
+        return None
+    else:
+        chunk_images, starts = data.chunks[0], {}
+        data.id.chunk_iter(lambda c: starts.__setitem__(c.chunk_offset[0], c.byte_offset))
+    firsts = range(0, n_images, chunk_images)
+    if any(starts.get(first) is None or starts[first] % 2 for first in firsts):
+        return None  # an unallocated or oddly placed chunk: let HDF5 read it
+    chunk_at_C = np.array([starts[first] for first in firsts], np.int64)
+    images = np.arange(n_images)
+    byte_N = chunk_at_C[images // chunk_images] + images % chunk_images * image_bytes
+    return byte_N // 2
 
 
 # A shuffled buffer leaves its stream in pieces of about this size (whole batches), so the output
@@ -202,13 +298,13 @@ class _LocalOutputs:
         self.slots: list[torch.Tensor] = []
         self.count = 0
 
-    def claim(self, n_rows: int) -> tuple[np.ndarray, torch.Tensor]:
+    def claim(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.count % RING_SIZE
         self.count += 1
         if i == len(self.slots):  # allocated on first use: short streams stay small
             self.slots.append(_empty_f16(self.shape, self.shared))
         piece_ND = self.slots[i][:n_rows]
-        return piece_ND.numpy(), piece_ND
+        return piece_ND, piece_ND
 
 
 class SharedOutputs:
@@ -224,7 +320,7 @@ class SharedOutputs:
         self.count = 0  # pieces claimed; each worker counts in its own copy
         self.owner = os.getpid()
 
-    def claim(self, n_rows: int) -> tuple[np.ndarray, Piece]:
+    def claim(self, n_rows: int) -> tuple[torch.Tensor, Piece]:
         """(where to write, what to send) for this worker's next piece."""
         worker = get_worker_info().id
         released = self.released_W.numpy()
@@ -234,7 +330,7 @@ class SharedOutputs:
             time.sleep(2e-4)
         piece = Piece(worker, self.count, n_rows)
         self.count += 1
-        return self.view(piece).numpy(), piece
+        return self.view(piece), piece
 
     def view(self, piece: Piece) -> torch.Tensor:
         return self.slots_WRPD[piece.worker, piece.index % RING_SIZE, : piece.n_rows]
