@@ -143,3 +143,25 @@ def test_unwritable_store_directory_is_a_clear_error(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(TraitsaeError, match="cannot create the store directory"):
         _writer(tmp_path / "a_file" / "sub" / "w.h5")
+
+
+def test_iter_valid_skips_invalid_and_unwanted_images(tmp_path):
+    acts = np.arange(10 * 2 * 3, dtype=np.float16).reshape(10, 2, 3)
+    valid = np.ones(10, dtype=bool)
+    valid[[1, 7]] = False
+    path = create_store(
+        tmp_path / "s.h5",
+        patches={0: acts},
+        cls={0: acts[:, 0]},
+        images={"path": np.array([f"{i}.png" for i in range(10)]), "valid": valid},
+        attrs={"backbone": "b", "dataset": "d", "split": "train", "depth": 1},
+    )
+    with Store(path) as store:
+        rows = [r for r, _ in store.iter_valid(0, block=4)]
+        np.testing.assert_array_equal(np.concatenate(rows), [0, 2, 3, 4, 5, 6, 8, 9])
+        keep = np.zeros(10, dtype=bool)
+        keep[[1, 8, 9]] = True  # 1 is invalid; the first two blocks hold no kept valid image
+        pairs = list(store.iter_valid(0, tokens="cls", block=4, keep=keep))
+        assert len(pairs) == 1
+        np.testing.assert_array_equal(pairs[0][0], [8, 9])
+        np.testing.assert_array_equal(pairs[0][1], acts[[8, 9], 0])

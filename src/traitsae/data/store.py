@@ -165,6 +165,22 @@ class Store:
         for start in range(0, self.n_images, block):
             yield start, dataset[start : start + block]
 
+    def iter_valid(
+        self, layer: int, tokens: str = "patches", block: int = 256, keep: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (store rows [b], float16 rows [b, P, D] or [b, D]) of the valid images (and of
+        `keep`, a bool [N] mask, when given), in order, `block` images per read; a block with no
+        such image is not read at all."""
+        keep_N = self.valid if keep is None else self.valid & np.asarray(keep, dtype=bool)
+        dataset = self.tokens(layer, tokens)
+        for start in range(0, self.n_images, block):
+            keep_B = keep_N[start : start + block]
+            if not keep_B.any():
+                continue
+            acts = dataset[start : start + len(keep_B)]
+            rows_B = np.arange(start, start + len(keep_B))
+            yield (rows_B, acts) if keep_B.all() else (rows_B[keep_B], acts[keep_B])
+
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()

@@ -79,19 +79,11 @@ def stream_codes(
     device: str = "cpu",
 ) -> Iterator[CodeBatch]:
     """One streaming pass: codes of every valid (and wanted) image, in store order."""
-    dataset = store.patches(sae_layer(store, sae))
-    keep_N = np.asarray(store.metadata["valid"], dtype=bool).copy()
-    if wanted_N is not None:
-        keep_N &= np.asarray(wanted_N, dtype=bool)
-    step = read_block_rows(dataset)
+    layer = sae_layer(store, sae)
+    dataset = store.patches(layer)
     per_batch = images_per_batch(dataset.shape[1], batch_patches)
-    for start in range(0, dataset.shape[0], step):
-        stop = min(start + step, dataset.shape[0])
-        keep_B = keep_N[start:stop]
-        if not keep_B.any():
-            continue  # no wanted image in these chunks: do not read them
-        acts_BPD = dataset[start:stop][keep_B]
-        index_B = np.arange(start, stop)[keep_B]
+    blocks = store.iter_valid(layer, block=read_block_rows(dataset), keep=wanted_N)
+    for index_B, acts_BPD in blocks:
         for lo in range(0, len(index_B), per_batch):
             yield CodeBatch(
                 index_B[lo : lo + per_batch],

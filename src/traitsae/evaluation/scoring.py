@@ -68,16 +68,11 @@ def images_per_block(store, tokens: str, widest: int) -> int:
 
 def iter_valid_tokens(store, layer: int, tokens: str, block: int, device: str = "cpu"):
     """Yield (store rows [B], activations [B, P, D] float32) for valid images only."""
-    valid_N = np.asarray(store.metadata["valid"], dtype=bool)
-    for start, acts in store.iter_blocks(layer, tokens=tokens, block=block):
-        rows_B = np.arange(start, start + acts.shape[0])
-        keep_B = valid_N[rows_B]
-        if not keep_B.any():
-            continue
-        acts_BPD = torch.from_numpy(np.asarray(acts[keep_B])).to(device, torch.float32)
+    for rows_B, acts in store.iter_valid(layer, tokens=tokens, block=block):
+        acts_BPD = torch.from_numpy(np.asarray(acts)).to(device, torch.float32)
         if acts_BPD.ndim == 2:  # CLS tokens: one token per image
             acts_BPD = acts_BPD[:, None, :]
-        yield rows_B[keep_B], acts_BPD
+        yield rows_B, acts_BPD
 
 
 @torch.no_grad()
