@@ -75,6 +75,15 @@ def test_each_variant_trains_from_the_cli_config(store: Path, tmp_path: Path, va
     assert traitsae.load_sae(run).meta["variant"] == variant
 
 
+def test_a_new_penalty_is_one_class_and_a_target(store: Path, tmp_path: Path) -> None:
+    """README: subclass SparsityPenalty, point `sparsity._target_` at it, train."""
+    penalty = {"sparsity._target_": "train_helpers.LogPenalty", "+sparsity.coeff": 0.01}
+    run = train(compose_train(train_overrides(store, tmp_path / "run", steps=6, **penalty)))
+    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [r["train/sparsity"] for r in csv.DictReader(f) if r.get("train/sparsity")]
+    assert logged and all(float(p) > 0 for p in logged)
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(store: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     overrides = train_overrides(store, run_dir, steps=12)

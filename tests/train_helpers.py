@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from traitsae.data.store import create_store
+from traitsae.sae.model import SAEOutput
+from traitsae.sae.sparsity import SparsityPenalty
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -158,3 +161,10 @@ class RecordRun(_lightning_callback_base()):
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class LogPenalty(SparsityPenalty):
+    """The README's example of a new penalty: one class (plus a `_target_` in the config)."""
+
+    def per_vector(self, out: SAEOutput, sae: Any) -> torch.Tensor:
+        return torch.log1p(out.dense_codes()).sum(-1)
