@@ -23,6 +23,7 @@
 # Make the demo SAE first (README: `make demo`), or point the parameters at your own run.
 
 # %%
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,13 @@ from traitsae.data.store import Store
 from traitsae.evaluation import discovery, heatmaps
 from traitsae.evaluation.encode import gather_codes
 
+# %%
+# Paths below are relative to the repository root, where `make demo` writes.
+if Path.cwd().name == "notebooks":
+    os.chdir(Path.cwd().parent)
+
 # %% tags=["parameters"]
-RUN = "logs/train/runs/demo"  # train.py run dir of the demo SAE
+RUN = "logs/demo/train"  # train.py run dir of the demo SAE
 STORE = None  # None = the store recorded in sae.json
 IMAGE_ROOT = "data/synthetic"  # the generated demo dataset (also holds trait_masks.npz)
 GROUP_A = {"species": ["001.Alpha_warbler"]}

@@ -23,6 +23,7 @@
 # running the SAE again. Set the parameters below (or let the test suite inject them).
 
 # %%
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,13 @@ from traitsae.data.store import Store
 from traitsae.evaluation import features, heatmaps
 from traitsae.evaluation.encode import SparseCodes, write_sparse_codes
 
+# %%
+# Paths below are relative to the repository root, where `make demo` writes.
+if Path.cwd().name == "notebooks":
+    os.chdir(Path.cwd().parent)
+
 # %% tags=["parameters"]
-RUN = "logs/train/runs/demo"  # a train.py run dir (holds sae.json), or a path to sae.json
+RUN = "logs/demo/train"  # a train.py run dir (holds sae.json), or a path to sae.json
 STORE = None  # activation store (.h5); None = the store recorded in sae.json
 IMAGE_ROOT = None  # directory the store's image paths are relative to (dataset.root)
 IMAGE_SIZE = None  # backbone input size; None = the store's image_size
