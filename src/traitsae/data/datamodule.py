@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import queue
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -108,8 +110,13 @@ class ActivationStream(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor | Piece]:
         """Shuffled pieces of whole batches (the last of a finite stream may be ragged), which
         `BatchLoader` / `iter_batches` cut into batches. With `outputs` set (by `BatchLoader`,
-        before the workers start) a worker yields only `Piece` numbers into shared rings;
-        otherwise it yields the pieces as tensors."""
+        before the workers start) a worker yields only `Piece` numbers into shared rings, and
+        works ahead of the DataLoader's requests; otherwise it yields the pieces as tensors."""
+        if self.outputs is not None:
+            return _run_ahead(self._pieces())
+        return self._pieces()
+
+    def _pieces(self) -> Iterator[torch.Tensor | Piece]:
         import h5py
 
         stream, n_streams = self.stream_id()
@@ -193,8 +200,8 @@ class _MappedBuffer:
     """The buffer as positions in a memory map of the store's raw chunks, for unfiltered
     little-endian float16 data: the shuffle gathers vectors straight from the page cache into
     the output, one copy instead of a read copy plus a gather (the read was half the cost).
-    `add` still asks for each block's whole byte range ahead (sequential I/O on cold storage,
-    not random row faults). The map is file-backed page cache, reclaimed by the kernel like any
+    `add` maps each block's whole byte range at once (sequential I/O on cold storage, and no
+    random page faults, which cost ~20x more here on first touch). The map is file-backed page cache, reclaimed by the kernel like any
     cached read; the stream's own memory is 8 bytes per buffered vector."""
 
     def __init__(self, plan: StreamPlan, first_N: np.ndarray, per_image: int, capacity: int):
@@ -210,6 +217,11 @@ class _MappedBuffer:
         self.steps_P = np.arange(per_image) * d_model
         self.ids = np.empty(capacity, np.int64)
         self.capacity, self.n_rows = capacity, 0
+        # A mapped block stays mapped unless the kernel evicts it, i.e. unless the store does
+        # not fit in memory: then every visit maps (and reads) the block anew.
+        self.populated_N = np.zeros(len(first_N), bool)
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        self.always_populate = len(self.fmap) > ram // 2
 
     @classmethod
     def open(cls, plan: StreamPlan, data: Any, capacity: int) -> _MappedBuffer | None:
@@ -229,9 +241,21 @@ class _MappedBuffer:
         ids = (self.first_N[images, None] + self.steps_P).ravel()
         self.ids[self.n_rows : self.n_rows + len(ids)] = ids
         self.n_rows += len(ids)
-        lo = int(ids.min()) * 2 // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = (int(ids.max()) + self.plan.d_model) * 2
-        self.fmap.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+        if self.always_populate or not self.populated_N[start:stop].all():
+            lo = int(ids.min()) * 2 // mmap.PAGESIZE * mmap.PAGESIZE
+            self._populate(lo, (int(ids.max()) + self.plan.d_model) * 2 - lo)
+            self.populated_N[start:stop] = True
+
+    def _populate(self, start: int, length: int) -> None:
+        """Map a block's bytes in one call, reading them (sequentially) if not cached. Left to
+        page faults, a random gather faults one page at a time: ~20x slower on first touch."""
+        if _POPULATE_READ is not None:
+            try:
+                self.fmap.madvise(_POPULATE_READ, start, length)
+                return
+            except OSError:  # kernel < 5.14
+                pass
+        self.fmap.madvise(mmap.MADV_WILLNEED, start, length)
 
     def gather(self, rows: np.ndarray, out_ND: torch.Tensor) -> None:
         torch.index_select(self.file_VD, 0, torch.from_numpy(self.ids[rows]), out=out_ND)
@@ -266,6 +290,9 @@ def _locate_images(data: Any) -> np.ndarray | None:
     byte_N = chunk_at_C[images // chunk_images] + images % chunk_images * image_bytes
     return byte_N // 2
 
+
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14; the mmap module does not name it yet).
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 # A shuffled buffer leaves its stream in pieces of about this size (whole batches), so the output
 # memory stays small whatever the shuffle buffer's size, and pieces are written cache-warm.
@@ -341,6 +368,28 @@ class SharedOutputs:
     def release_all(self) -> None:
         """Unblock every worker (the consumer stopped): lets them reach the shutdown signal."""
         self.released_W.fill_(2**62)
+
+
+def _run_ahead(pieces: Iterator[Piece]) -> Iterator[Piece]:
+    """Produce `pieces` in a thread: a worker otherwise idles between the DataLoader's requests
+    (a round trip through the training process per piece). The gather releases the GIL, and
+    the shared ring's release protocol bounds how far ahead the thread can get."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=RING_SIZE)
+    end = object()
+
+    def produce() -> None:
+        try:
+            for piece in pieces:
+                ready.put(piece)
+            ready.put(end)
+        except BaseException as err:  # re-raised in the worker's main thread
+            ready.put(err)
+
+    threading.Thread(target=produce, name="traitsae-shuffle", daemon=True).start()
+    while (item := ready.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _empty_f16(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
