@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
 
-from traitsae.data.store import Store, StoreWriter, create_store
+from traitsae.data.store import Store, StoreWriter, create_store, row_offsets, write_rows
 from traitsae.data.store import tmp_path as store_tmp_path
 from traitsae.errors import TraitsaeError
 
@@ -120,6 +122,58 @@ def test_writer_resumes_and_finishes(tmp_path):
         np.testing.assert_array_equal(store.cls(3)[:, 0], np.arange(N, dtype=np.float16))
         assert store.metadata["valid"].tolist() == [i != 5 for i in range(N)]
         assert store.metadata["error"][5] == "OSError: truncated"
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_writer_batches_across_chunks_match_hdf5(tmp_path, monkeypatch, raw):
+    """Batches straddling chunk boundaries land in the right rows, through plain file writes
+    (the store's own layout) as through HDF5 (the fallback for layouts it cannot place)."""
+    monkeypatch.setattr("traitsae.data.store.TARGET_CHUNK_BYTES", 3 * P * D * 2)  # 3 rows/chunk
+    writer = _writer(tmp_path / "w.h5")
+    assert writer._patches[3].chunks[0] == 3
+    assert all(offsets is not None for offsets in writer._offsets.values())
+    if not raw:
+        writer._offsets = dict.fromkeys(writer._offsets)
+    for start, n in [(0, 2), (2, 5), (7, 3)]:
+        writer.write(start, *_rows(start, n), valid=np.arange(start, start + n) != 4)
+    writer.finish()
+    with Store(tmp_path / "w.h5") as store:
+        expected = np.arange(N, dtype=np.float16)[:, None, None] * np.ones((N, P, D), np.float16)
+        np.testing.assert_array_equal(store.patches(3)[()], expected)
+        np.testing.assert_array_equal(store.cls(3)[()], expected[:, 0])
+        assert store.metadata["valid"].tolist() == [i != 4 for i in range(N)]
+
+
+def test_raw_row_writes_follow_scattered_chunks(tmp_path):
+    """Chunks allocated out of order (not what the writer creates, but HDF5 allows it): rows
+    land where HDF5 reads them, whichever chunks a write spans."""
+    path = tmp_path / "scattered.h5"
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("x", shape=(12, 2, 3), dtype=np.float16, chunks=(4, 2, 3))
+        for first in (8, 0, 4):  # allocation order = file order: chunk 8..11 comes first
+            data[first : first + 4] = -1
+        offsets_N = row_offsets(data)
+    assert offsets_N is not None and np.diff(offsets_N).min() < 0
+    expected = np.arange(12 * 6, dtype=np.float16).reshape(12, 2, 3)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for start, stop in [(0, 3), (3, 9), (9, 12)]:
+            write_rows(fd, offsets_N, start, expected[start:stop])
+    finally:
+        os.close(fd)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["x"][()], expected)
+
+
+def test_row_offsets_refuses_what_hdf5_must_decode(tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset(
+            "gzip", data=np.ones((8, 4), np.float16), chunks=(2, 4), compression="gzip"
+        )
+        f.create_dataset("split_rows", data=np.ones((8, 4), np.float16), chunks=(2, 2))
+        f.create_dataset("unallocated", shape=(8, 4), dtype=np.float16, chunks=(2, 4))
+        f.create_dataset("big_endian", data=np.ones((8, 4), ">f2"))
+        assert all(row_offsets(f[key]) is None for key in f)
 
 
 def test_writer_overwrite_restarts(tmp_path):

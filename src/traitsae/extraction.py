@@ -293,16 +293,16 @@ def encode_batch(
     images_BCHW = batch["image"].to(device, non_blocking=True)
     with autocast(cfg, device):
         patches, cls = backbone(images_BCHW)
-    # Cast first: values beyond the float16 range become inf, so one isfinite pass finds both
-    # overflow and NaN/inf from the model.
+    # Cast first: values beyond the float16 range become inf, so one finiteness check on the
+    # float16 copy finds both overflow and NaN/inf from the model.
     patches16 = {layer: p_BPD.to(torch.float16) for layer, p_BPD in patches.items()}
     cls16 = {layer: c_BD.to(torch.float16) for layer, c_BD in cls.items()}
     valid_B = batch["ok"].numpy().astype(bool)
-    errors = {
-        int(i): str(e) for i, e, ok in zip(index_B, batch["error"], valid_B, strict=True) if not ok
-    }
+    errors = {}
+    if not valid_B.all():
+        errors = {int(index_B[row]): str(batch["error"][row]) for row in np.flatnonzero(~valid_B)}
     for layer in backbone.layers:
-        if fits_float16(patches[layer]) and fits_float16(cls[layer]):
+        if all_finite(patches16[layer]) and all_finite(cls16[layer]):
             continue  # the common case: one reduction, no per-image count
         counts_B = nonfinite_counts(patches16[layer], cls16[layer])
         for row in np.flatnonzero((counts_B > 0) & valid_B):
@@ -325,16 +325,15 @@ def encode_batch(
     return int(index_B[0]), patches_np, cls_np, valid_B, errors
 
 
-FLOAT16_MAX = 65504.0
+def all_finite(acts: torch.Tensor) -> bool:
+    """No NaN or inf in `acts`: one min/max pass (NaN propagates through both).
 
-
-def fits_float16(acts: torch.Tensor) -> bool:
-    """All values finite and inside the float16 range (NaN fails both comparisons).
-
-    One min/max pass on the model's output: `isfinite` on float16 costs ~10x more on CPU.
+    On CPU, float16 `aminmax` is ~15x faster than `isfinite(...).all()`, and faster than a range
+    check on the model's float32 output (a strided view of the token tensor: 2x standalone, up
+    to 6x right after the forward pass).
     """
     low, high = torch.aminmax(acts)
-    return bool((low >= -FLOAT16_MAX) & (high <= FLOAT16_MAX))
+    return bool((low > -torch.inf) & (high < torch.inf))
 
 
 def nonfinite_counts(patches16_BPD: torch.Tensor, cls16_BD: torch.Tensor) -> np.ndarray:

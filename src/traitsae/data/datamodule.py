@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from traitsae.data.store import Store, row_offsets
 from traitsae.errors import TraitsaeError
 from traitsae.paths import extract_command, store_path
 
@@ -267,28 +268,13 @@ class _MappedBuffer:
 
 def _locate_images(data: Any) -> np.ndarray | None:
     """Where each image's first vector starts in the file, counted in float16 values; None
-    unless the data is unfiltered little-endian float16 in allocated chunks of whole images
-    (what the store writes: every chunk allocated up front)."""
-    if data.dtype != np.dtype("<f2") or sys.byteorder != "little" or data.shape[0] == 0:
+    unless the data is little-endian float16 at even byte offsets (see `row_offsets`)."""
+    if data.dtype != np.dtype("<f2") or sys.byteorder != "little":
         return None
-    if data.id.get_create_plist().get_nfilters():
-        return None
-    n_images = data.shape[0]
-    image_bytes = math.prod(data.shape[1:]) * 2
-    if data.chunks is None:
-        chunk_images, starts = n_images, {0: data.id.get_offset()}
-    elif tuple(data.chunks[1:]) != tuple(data.shape[1:]) or not hasattr(data.id, "chunk_iter"):
-        return None
-    else:
-        chunk_images, starts = data.chunks[0], {}
-        data.id.chunk_iter(lambda c: starts.__setitem__(c.chunk_offset[0], c.byte_offset))
-    firsts = range(0, n_images, chunk_images)
-    if any(starts.get(first) is None or starts[first] % 2 for first in firsts):
-        return None  # an unallocated or oddly placed chunk: let HDF5 read it
-    chunk_at_C = np.array([starts[first] for first in firsts], np.int64)
-    images = np.arange(n_images)
-    byte_N = chunk_at_C[images // chunk_images] + images % chunk_images * image_bytes
-    return byte_N // 2
+    offsets_N = row_offsets(data)
+    if offsets_N is None or (offsets_N % 2).any():
+        return None  # unallocated, filtered or oddly placed: let HDF5 read it
+    return offsets_N // 2
 
 
 # madvise(MADV_POPULATE_READ) (Linux >= 5.14; the mmap module does not name it yet).
@@ -537,7 +523,6 @@ class ActivationsDataModule(L.LightningDataModule):
         """Open the store once in this process: layer, blocks, validation split, scale."""
         if self.prepared:
             return
-        from traitsae.data.store import Store
 
         path, complete = self.resolve_store_path()
         with Store(path, require_complete=complete and not self.allow_incomplete) as store:
