@@ -1,9 +1,10 @@
 """Stream activation vectors from an HDF5 store into SAE training.
 
 I/O plan (see ENGINEERING.md): the store is cut into *blocks* of whole images aligned with its
-HDF5 chunks. Each epoch the blocks are put in a seeded random order shared by every process and
-dealt round-robin to the (DDP rank x DataLoader worker) streams, so every vector is read exactly
-once per epoch by exactly one stream. A stream reads its blocks whole (sequential I/O), fills a
+HDF5 chunks. A seeded draw, the same in every process, deals the blocks to the (DDP rank x
+DataLoader worker) streams, so every vector is read exactly once per epoch by exactly one stream;
+each stream visits its share in a new seeded order every epoch. A stream keeps its share across
+epochs, so it maps only that part of the store. It reads its blocks whole (sequential I/O), fills a
 buffer (>= 100k vectors from many blocks), draws one uniform permutation of it, and gathers it
 in pieces of whole batches into a ring of shared-memory slots that the training process mapped
 before the workers started: only slot numbers cross the process boundary, and the training
@@ -96,12 +97,18 @@ class ActivationStream(IterableDataset):
         return self.rank * n_workers + worker, self.world_size * n_workers
 
     def blocks_for(self, epoch: int, stream: int, n_streams: int) -> list[tuple[int, int]]:
-        """This stream's blocks in epoch `epoch`: the same seeded order on every process."""
+        """This stream's blocks in epoch `epoch`, in a seeded order that changes every epoch.
+
+        Each stream keeps the same share of blocks in every epoch (a seeded draw, the same on
+        every process): a worker then maps and reads ahead only its own share of the store,
+        once, instead of every block over a few epochs (which doubled that work with 2 workers).
+        """
         blocks = list(self.plan.blocks)
-        if self.shuffle:
-            order = _stream_rng(self.seed, epoch).permutation(len(blocks))
-            blocks = [blocks[i] for i in order]
-        return blocks[stream::n_streams]
+        if not self.shuffle:
+            return blocks[stream::n_streams]
+        share = _stream_rng(self.seed).permutation(len(blocks))[stream::n_streams]
+        order = _stream_rng(self.seed, epoch, stream, 2).permutation(len(share))
+        return [blocks[i] for i in share[order]]
 
     def piece_rows(self) -> int:
         """Rows of one output piece: whole batches, about PIECE_BYTES (at least one batch)."""
@@ -349,7 +356,7 @@ class SharedOutputs:
         return self.slots_WRPD[piece.worker, piece.index % RING_SIZE, : piece.n_rows]
 
     def release(self, piece: Piece) -> None:
-        self.released_W[piece.worker] = piece.index + 1
+        self.released_W.numpy()[piece.worker] = piece.index + 1
 
     def release_all(self) -> None:
         """Unblock every worker (the consumer stopped): lets them reach the shutdown signal."""
