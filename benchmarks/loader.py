@@ -11,8 +11,10 @@ process times:
               an endless training stream pays them once per run).
 Both read every training vector; the page cache is warmed first so both see the same storage.
 The store is large enough that each timed window lasts a few hundred ms: on a 0.3 GB store the
-windows were ~90 ms and scheduler noise on 2 shared cores swung single runs by 2x. Each repetition times sequential reading and then the loader at every worker count,
-so drifts in machine load hit all alike; medians over repetitions are reported.
+windows were ~90 ms and scheduler noise on 2 shared cores swung single runs by 2x. Each
+repetition times sequential reading and then the loader at every worker count, so drifts in
+machine load hit all alike. Reported: the best repetition of each (as timeit does: other
+processes on shared cores only ever slow a run down) and the median.
 Target (the issue's): shuffled with 2 workers >= 0.8 x sequential vectors/s.
 """
 
@@ -121,18 +123,19 @@ def main() -> None:
                 shuf[w].append(n_shuf / t_shuf)
         print(
             f"store: {dm.n_train_vectors:,} vectors x {dm.d_model} fp16 ({size_gb:.2f} GB), "
-            f"{len(blocks)} blocks; shuffle buffer {args.buffer:,} vectors; "
-            f"medians of {args.reps} reps"
+            f"{len(blocks)} blocks; shuffle buffer {args.buffer:,} vectors; {args.reps} reps"
         )
         gbps = dm.d_model * 2 / 1e9
-        seq_rate = float(np.median(seq))
-        print(f"sequential      : {seq_rate:12,.0f} vectors/s ({seq_rate * gbps:5.2f} GB/s)")
+        best_seq, median_seq = max(seq), float(np.median(seq))
+        print(f"{'':15}  {'best of reps':>26}  {'median':>26}")
+        print(f"sequential     : {best_seq:12,.0f} v/s ({best_seq * gbps:5.2f} GB/s)        "
+              f"{median_seq:12,.0f} v/s ({median_seq * gbps:5.2f} GB/s)")  # fmt: skip
         for w, rates in shuf.items():
-            rate = float(np.median(rates))
+            best, median = max(rates), float(np.median(rates))
             target = "  (target >= 0.8 at 2 workers)" if w == 2 else ""
             print(
-                f"shuffled ({w} w)  : {rate:12,.0f} vectors/s ({rate * gbps:5.2f} GB/s)  "
-                f"ratio {rate / seq_rate:.2f}{target}"
+                f"shuffled ({w} w) : {best:12,.0f} v/s ratio {best / best_seq:.2f}          "
+                f"{median:12,.0f} v/s ratio {median / median_seq:.2f}{target}"
             )
 
 

@@ -121,6 +121,8 @@ def test_mapped_vectors_match_hdf5_and_stay_valid_while_held(
         acts = torch.from_numpy(f["patches/3"][()])
     # One batch per piece: every batch comes from a ring slot that will be rewritten.
     monkeypatch.setattr(datamodule, "PIECE_BYTES", 1)
+    # The smallest ring the protocol allows: released slots are rewritten as soon as possible.
+    monkeypatch.setattr(datamodule, "RING_SIZE", datamodule.PREFETCH + 3)
     dm = make_dm(path, buffer_vectors=16)
     stream = dm.train_dataset()
     stream.epochs = 3
