@@ -58,6 +58,12 @@ def _stream_rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng([seed, *key])
 
 
+def _permutation_generator(seed: int, *key: int) -> torch.Generator:
+    """Draws the in-buffer permutations: `torch.randperm` (int32) is 3x faster than numpy's
+    `permutation`, which took ~13 % of a loader worker's time next to the gather."""
+    return torch.Generator().manual_seed(int(_stream_rng(seed, *key).integers(2**62)))
+
+
 class ActivationStream(IterableDataset):
     """Batches of float16 vectors [batch_size, D] from whole blocks of a store.
 
@@ -139,9 +145,9 @@ class ActivationStream(IterableDataset):
             if buf is None:
                 buf = _ReadBuffer(self.plan, data, self.buffer_vectors + largest)
             epoch = self.start_epoch
-            rng = _stream_rng(self.seed, epoch, stream, 1)
+            rng = _permutation_generator(self.seed, epoch, stream, 1)
             while self.epochs is None or epoch < self.start_epoch + self.epochs:
-                rng = _stream_rng(self.seed, epoch, stream, 1)
+                rng = _permutation_generator(self.seed, epoch, stream, 1)
                 for start, stop in self.blocks_for(epoch, stream, n_streams):
                     buf.add(start, stop)
                     if buf.n_rows >= self.buffer_vectors:
@@ -156,14 +162,17 @@ class ActivationStream(IterableDataset):
     def _shuffle(
         self,
         buf: _ReadBuffer | _MappedBuffer,
-        rng: np.random.Generator,
+        rng: torch.Generator,
         out: _LocalOutputs | SharedOutputs,
         final: bool = False,
     ) -> Iterator[torch.Tensor | Piece]:
         """Yield the buffer's rows under one uniform permutation, as pieces of whole batches;
         the rows that do not fill a batch stay in the buffer for the next round."""
         n_rows = buf.n_rows
-        order = rng.permutation(n_rows) if self.shuffle else np.arange(n_rows)
+        if self.shuffle:
+            order = torch.randperm(n_rows, generator=rng, dtype=torch.int32).numpy()
+        else:
+            order = np.arange(n_rows, dtype=np.int32)
         n_out = n_rows if final else n_rows // self.batch_size * self.batch_size
         step = self.piece_rows()
         for start in range(0, n_out, step):
