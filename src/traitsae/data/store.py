@@ -329,9 +329,12 @@ class StoreWriter:
         # The per-row data goes to its preallocated bytes with plain pwrite: no HDF5 chunk
         # cache, no per-batch metadata work, and the GIL is released while the bytes are copied.
         # HDF5 keeps `error` and `done`, and never touches the rows written this way.
-        self._fd = os.open(file.filename, os.O_WRONLY)
         raw = [*self._patches.values(), *self._cls.values(), self._valid]
-        self._offsets = {data.name: row_offsets(data) for data in raw}
+        self._offsets = dict.fromkeys(data.name for data in raw)
+        self._fd = -1
+        if hasattr(os, "pwrite"):  # POSIX; elsewhere every row goes through HDF5
+            self._fd = os.open(file.filename, os.O_WRONLY)
+            self._offsets = {data.name: row_offsets(data) for data in raw}
 
     @classmethod
     def open(
