@@ -298,7 +298,7 @@ def encode_batch(
     patches16 = {layer: p_BPD.to(torch.float16) for layer, p_BPD in patches.items()}
     cls16 = {layer: c_BD.to(torch.float16) for layer, c_BD in cls.items()}
     valid_B = batch["ok"].numpy().astype(bool)
-    errors = {}
+    errors: dict[int, str] = {}
     if not valid_B.all():
         errors = {int(index_B[row]): str(batch["error"][row]) for row in np.flatnonzero(~valid_B)}
     for layer in backbone.layers:

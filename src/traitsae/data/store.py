@@ -495,6 +495,8 @@ def _fit(reason: str) -> bytes:
 def write_rows(fd: int, offsets_N: np.ndarray, start: int, rows: np.ndarray) -> None:
     """Write C-contiguous `rows` as rows [start, start + len(rows)) of a dataset whose rows
     start at byte `offsets_N` of the file open as `fd` (see `row_offsets`)."""
+    if not len(rows):
+        return
     offsets_B = offsets_N[start : start + len(rows)]
     # Consecutive rows of one chunk are consecutive bytes: one write per run of them.
     breaks = np.flatnonzero(np.diff(offsets_B) != rows[0].nbytes) + 1
