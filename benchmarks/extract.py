@@ -36,7 +36,7 @@ from traitsae.data.store import StoreWriter  # noqa: E402
 from traitsae.extraction import AsyncWriter, encode_batch, extract, image_rows, make_job  # noqa: E402
 from traitsae.paths import store_path_from_cfg  # noqa: E402
 
-DEFAULTS = {"tiny": (2048, 64), "dinov2_small": (96, 16)}  # images, batch size
+DEFAULTS = {"tiny": (4096, 64), "dinov2_small": (96, 16)}  # images, batch size
 
 
 def compose_cfg(backbone: str, tmp: Path, batch_size: int, precision: str):
