@@ -90,8 +90,7 @@ def _writer(path, fingerprint="fp", overwrite=False):
     }  # fmt: skip
     images = {"index": np.arange(N), "path": [f"p{i}" for i in range(N)], "species": ["s"] * N}
     return StoreWriter.open(
-        path, attrs=attrs, images=images, n_patches=P, d_model=D,
-        fingerprint=fingerprint, overwrite=overwrite,
+        path, attrs=attrs, images=images, fingerprint=fingerprint, overwrite=overwrite,
     )  # fmt: skip
 
 
@@ -128,7 +127,9 @@ def test_writer_resumes_and_finishes(tmp_path):
 def test_writer_batches_across_chunks_match_hdf5(tmp_path, monkeypatch, raw):
     """Batches straddling chunk boundaries land in the right rows, through plain file writes
     (the store's own layout) as through HDF5 (the fallback for layouts it cannot place)."""
-    monkeypatch.setattr("traitsae.data.store.TARGET_CHUNK_BYTES", 3 * P * D * 2)  # 3 rows/chunk
+    monkeypatch.setattr(
+        "traitsae.data.store.schema.TARGET_CHUNK_BYTES", 3 * P * D * 2
+    )  # 3 rows/chunk
     writer = _writer(tmp_path / "w.h5")
     assert writer._patches[3].chunks[0] == 3
     assert all(offsets is not None for offsets in writer._offsets.values())
