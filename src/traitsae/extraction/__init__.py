@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from traitsae.data.images import ImageList, load_image_list
 from traitsae.data.store import Store
+from traitsae.data.store.schema import printable
 from traitsae.errors import TraitsaeError
 from traitsae.extraction.jobs import config_difference, image_rows, make_job, store_is_done
 from traitsae.extraction.lock import store_lock
-from traitsae.extraction.run import AsyncWriter, Interrupted, encode_batch, run_job
+from traitsae.extraction.run import AsyncWriter, Interrupted, encode_batch, resumable, run_job
 from traitsae.extraction.shards import (
     join_shards,
     run_local_shards,
@@ -70,7 +71,8 @@ def extract(cfg: DictConfig) -> Path:
                 shards, shard_devices(cfg, n_shards), _shard_worker, (shard_config(cfg),),
                 threads=max(1, torch.get_num_threads() // n_shards),
             )  # fmt: skip
-            join_shards(job, image_rows(images, 0, len(images)), shards)
+            with resumable(out):
+                join_shards(job, image_rows(images, 0, len(images)), shards)
     report(out)
     return out
 
@@ -194,7 +196,9 @@ def report(out: Path, max_listed: int = 20) -> None:
             out, store.n_images, store.layers, store.n_patches, store.d_model, len(invalid),
         )  # fmt: skip
         for i in invalid[:max_listed]:
-            log.warning("invalid image %s: %s", meta["path"][i], meta["error"][i])
+            log.warning(
+                "invalid image %s: %s", printable(meta["path"][i]), printable(meta["error"][i])
+            )
         if len(invalid) > max_listed:
             log.warning("... and %d more invalid images (images/valid, images/error in the store)",
                         len(invalid) - max_listed)  # fmt: skip

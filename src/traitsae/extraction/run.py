@@ -244,6 +244,17 @@ class AsyncWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        # The queued batches are written before the store closes, even when a (second) Ctrl-C
+        # arrives meanwhile: closing the file under the writer thread could lose committed rows.
+        interrupted, ended = False, False
+        while self.thread.is_alive():
+            try:
+                if not ended:
+                    self.queue.put(None)
+                    ended = True
+                self.thread.join()
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
         self._raise()

@@ -62,6 +62,11 @@ def decode_text(value: Any) -> str:
     return str(value)
 
 
+def printable(text: str) -> str:
+    """`text` safe for any log handler: undecodable file-name bytes shown as \\xNN."""
+    return encode_text(text).decode("utf-8", "backslashreplace")
+
+
 def read_text(data: h5py.Dataset) -> np.ndarray:
     """A string dataset as an object array of str (see `encode_text`)."""
     return data.asstr(errors="surrogateescape")[()].astype(object)

@@ -325,15 +325,19 @@ def _preallocated() -> h5py.h5p.PropDCID:
 
 
 def _store_bytes(attrs: Mapping[str, Any]) -> int:
-    """Size of the store's activations (what dominates the file)."""
+    """Upper estimate of the file's size: activations, per-image columns (error reasons are
+    ERROR_BYTES each, paths and metadata ~1 KiB) and 1 MiB of HDF5 metadata."""
     n, p, d = (int(attrs[k]) for k in ("n_images", "n_patches", "d_model"))
-    return len(attrs["layers"]) * n * (p + 1) * d * 2
+    return len(attrs["layers"]) * n * (p + 1) * d * 2 + n * (ERROR_BYTES + 1024) + 2**20
 
 
 def check_room(path: Path, total_bytes: int) -> None:
     """Refuse to start when the store cannot fit: free disk space under `path`'s folder (minus
-    what `path` already holds) and the process file-size limit (`ulimit -f`)."""
-    held = path.stat().st_blocks * 512 if path.exists() else 0
+    what `path` already holds) and the process file-size limit (`ulimit -f`), which a file of
+    full length no longer meets. A file cut short by either, even where HDF5 reports success,
+    is unreliable (h5py can crash closing it): that is why this is checked first."""
+    stat = path.stat() if path.exists() else None
+    held, length = (stat.st_blocks * 512, stat.st_size) if stat else (0, 0)
     free = shutil.disk_usage(path.parent).free
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     if total_bytes - held > free:
@@ -343,11 +347,11 @@ def check_room(path: Path, total_bytes: int) -> None:
             "paths.activations_dir=<dir>; rerunning the same command then resumes."
         )
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and total_bytes > limit:
+    if limit != resource.RLIM_INFINITY and total_bytes > max(limit, length):
         raise TraitsaeError(
-            f"the store {path} needs {gib(total_bytes)}, above this process's file-size limit "
-            f"of {gib(limit)} (ulimit -f). Raise the limit (ulimit -f unlimited) and run the "
-            "same command again."
+            f"the store {path} needs up to {gib(total_bytes)}, above this process's file-size "
+            f"limit of {gib(limit)} (ulimit -f). Raise the limit (ulimit -f unlimited) and run "
+            "the same command again."
         )
 
 
@@ -378,13 +382,16 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _fault_injection(rows_written: int) -> None:
-    """Crash-test hook: `TRAITSAE_KILL_AFTER_ROWS=n` SIGKILLs this process once rows up to n are
-    written but *before* they are marked done -- the worst moment for a crash (tests use it)."""
+    """Crash-test hook: `TRAITSAE_KILL_AFTER_ROWS=n` sends this process SIGKILL (or the signal
+    named by `TRAITSAE_KILL_SIGNAL`, e.g. INT for Ctrl-C) once rows up to n are written but
+    *before* they are marked done -- the worst moment for a crash (tests use it)."""
     limit = os.environ.get("TRAITSAE_KILL_AFTER_ROWS")
     if limit and rows_written >= int(limit):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        name = os.environ.get("TRAITSAE_KILL_SIGNAL", "KILL")
+        os.environ.pop("TRAITSAE_KILL_AFTER_ROWS")  # once
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 def _ensure_writable(path: Path) -> None:
