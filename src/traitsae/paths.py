@@ -41,24 +41,26 @@ def missing_store_message(
     for `paths[i]`); `hint` (another way out) ends the message."""
     from traitsae.data.store import stored_rows, tmp_path
 
-    states = []
+    states, incomplete = [], []
     for path in map(Path, paths):
         tmp = tmp_path(path)
         if tmp.is_file():
             done, total = stored_rows(tmp)
             got = f"the first {done} of {total} images" if total is not None else "no image yet"
             states.append(f"{path} is incomplete (extraction stopped; {tmp} holds {got})")
+            incomplete.append(path)
         else:
             states.append(f"{path} does not exist")
     one = len(states) == 1
-    verb = "finish" if all("incomplete" in s for s in states) else "make"
+    verb = "finish" if len(incomplete) == len(states) else "make"
     message = f"activation store{'' if one else 's'} {'; '.join(states)}."
     if commands:
         lines = "\n".join(f"  {cmd}" for cmd in commands)
         message += f" {verb.capitalize()} {'it' if one else 'them'} with:\n{lines}"
     else:
         message += (
-            f" Run the extract.py command that writes {'it' if one else 'them'} to {verb} it."
+            f" Write {'it' if one else 'them'} with extract.py (rerunning the command that "
+            "stopped finishes an incomplete store)."
         )
     return f"{message}\n{hint}" if hint else message
 

@@ -73,9 +73,10 @@ class Store:
         """Every dataset the schema promises, with the shapes the attrs promise."""
         if not self.layers:
             raise TraitsaeError(f"store {self.path} holds no layers (root attr layers is empty).")
-        first = self.file.get(f"patches/{self.layers[0]}")
-        rows = first.shape[0] if isinstance(first, h5py.Dataset) else 0
-        self.n_images: int = int(self.file.attrs.get("n_images", rows))
+        # Without the attr, the rows of whichever of these datasets exists (and must agree).
+        sources = [self.file.get(f"patches/{self.layers[0]}"), self.file.get("images/path")]
+        rows = [d.shape[0] for d in sources if isinstance(d, h5py.Dataset) and d.ndim]
+        self.n_images: int = int(self.file.attrs.get("n_images", rows[0] if rows else 0))
         n, p, d = self.n_images, self.n_patches, self.d_model
         expected = {f"patches/{layer}": (n, p, d) for layer in self.layers}
         expected.update({f"cls/{layer}": (n, d) for layer in self.layers})
