@@ -15,8 +15,13 @@ def main(cfg: DictConfig) -> None:
 
     try:
         extract(cfg)
-    except Interrupted as stop:
+    except Interrupted as stop:  # during the writing: says how far the store got
         print(f"interrupted: {stop}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before or after it: nothing half-written
+        print(
+            "interrupted: stopped by Ctrl-C; run the same command again to go on.", file=sys.stderr
+        )
         sys.exit(130)
 
 
