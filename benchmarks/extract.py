@@ -84,7 +84,6 @@ def time_extraction(cfg, backbone, batches, n_images: int, out: Path) -> tuple[f
         out.unlink()
     writer = StoreWriter.open(
         out, attrs=job.attrs, images=image_rows(images, 0, n_images),
-        n_patches=int(job.attrs["n_patches"]), d_model=int(job.attrs["d_model"]),
         fingerprint=job.fingerprint, overwrite=True,
     )  # fmt: skip
     dataset = ImageDataset(images.paths, backbone.transform, backbone.geometry.image_size)

@@ -120,7 +120,8 @@ def _butterflies(tmp_path, csv_text, **overrides):
     cfg = {
         "name": "butterflies", "format": "butterflies", "root": str(root), "metadata": "meta.csv",
         "file_column": "file", "species_column": "species", "subspecies_column": "subspecies",
-        "split_column": "split", "filters": {}, **overrides,
+        "split_column": "split", "filters": None, "encoding": "utf-8-sig", "strict": False,
+        **overrides,
     }  # fmt: skip
     return OmegaConf.create(cfg)
 
@@ -189,3 +190,44 @@ def test_unreadable_images_are_flagged_not_fatal(tmp_path):
     for item in (ds[1], ds[2]):
         assert not item["ok"] and item["error"] and float(item["image"].abs().sum()) == 0.0
     assert "FileNotFoundError" in ds[2]["error"]
+
+
+def test_readme_filters_spelling_composes(tmp_path):
+    cfg = _butterflies(tmp_path, CSV)
+    composed = compose_extract(
+        tmp_path, ["dataset=butterflies", f"dataset.root={cfg.root}", "dataset.metadata=meta.csv",
+                   "dataset.filters={view: dorsal}"],
+    )  # fmt: skip
+    assert [p.rsplit("/", 1)[1] for p in load_image_list(composed.dataset, "train").paths] == [
+        "a.png",
+        "b.png",
+    ]
+
+
+def test_butterflies_duplicates_and_broken_rows_warn_or_fail(tmp_path, caplog):
+    text = (
+        CSV + "img/a.png,erato,notabilis,dorsal,train,m\n./img/b.png,melpomene,x,dorsal,train,f\n"
+    )
+    text += "img/c.png,erato\nimg/d.png,,plesseni,dorsal,train,m\n"  # short row, empty species
+    cfg = _butterflies(tmp_path, text)
+    with caplog.at_level("WARNING"):
+        train = load_image_list(cfg, "train")
+    assert [p.rsplit("/", 1)[1] for p in train.paths] == ["a.png", "b.png", "c.png"]
+    assert (
+        "2 rows whose fields do not match the header" in caplog.text and "lines 8, 9" in caplog.text
+    )
+    assert "2 rows repeating an image file listed earlier (lines 6, 7" in caplog.text
+    cfg.strict = True
+    with pytest.raises(TraitsaeError, match=r"2 rows whose fields.*and 2 rows repeating"):
+        load_image_list(cfg, "train")
+
+
+def test_butterflies_csv_encoding(tmp_path):
+    cfg = _butterflies(tmp_path, "")
+    (tmp_path / "bf" / "meta.csv").write_bytes(
+        CSV.replace("notabilis", "notabilé").encode("latin-1")
+    )
+    with pytest.raises(TraitsaeError, match=r"not utf-8-sig text.*dataset.encoding=latin-1"):
+        load_image_list(cfg, "train")
+    cfg.encoding = "latin-1"
+    assert load_image_list(cfg, "train").metadata["subspecies"][0] == "notabilé"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +180,157 @@ def test_cli_bad_input_prints_one_paragraph(tmp_path):
     result = run_cli([f"paths.root_dir={tmp_path}", "dataset=cub", "extract.progress=false"])
     assert result.returncode == 2
     assert result.stderr.startswith("error: CUB dataset root") and "Traceback" not in result.stderr
+
+
+def _assert_same_store(a_path, b_path):
+    a, b = read_all(a_path), read_all(b_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("backbone.layers=[a]", r"backbone.layers=\['a'\] for 'tiny' must be a list of block"),
+        ("backbone.layers=2", r"backbone.layers=2 for 'tiny' must be a list of block indices"),
+        (f"extract.device=cuda:{torch.cuda.device_count() + 3}", r"this machine has \d CUDA dev"),
+        ("extract.device=tpu9", r"extract.device='tpu9' is not a device"),
+        ("extract.batch_size=0", r"extract.batch_size=0 must be an integer >= 1"),
+        ("extract.num_workers=-1", r"extract.num_workers=-1 must be an integer >= 0"),
+        ("extract.devices=[cpu,cuda:99]", r"extract.devices='cuda:99'"),
+    ],
+)
+def test_bad_options_are_clear_errors(tmp_path, syn_root, override, message):
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", override])
+    with pytest.raises(TraitsaeError, match=message):
+        extract(cfg)
+    assert not list(tmp_path.rglob("*.h5*"))
+
+
+def test_full_disk_stops_clearly_and_the_rerun_resumes(
+    tmp_path, reference_store, syn_root, monkeypatch
+):
+    """ENOSPC in the middle of the run (the second batch's writes), then the same command."""
+    import errno
+    import os
+
+    ref_path, _ = reference_store
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 5:  # one batch: patches and cls of 2 layers, valid
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "backbone.layers=[1,-1]"])
+    with pytest.raises(TraitsaeError, match=r"(?s)the disk is full.*holds the first 8 of 16 im.*"
+                       r"Free space under .*run the same command again: it resumes"):  # fmt: skip
+        extract(cfg)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    _assert_same_store(ref_path, extract(cfg))
+
+
+def test_file_size_limit_and_free_space_are_checked_first(
+    tmp_path, reference_store, syn_root, monkeypatch
+):
+    import resource
+    import shutil as sh
+
+    from traitsae.data.store import writer
+
+    ref_path, _ = reference_store
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "backbone.layers=[1,-1]"])
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: sh._ntuple_diskusage(1, 1, 1000))
+    with pytest.raises(TraitsaeError, match=r"needs 0.00 GiB more, but only 0.00 GiB are free"):
+        extract(cfg)
+    monkeypatch.undo()
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    monkeypatch.setattr(writer.resource, "getrlimit", lambda _: (200_000, hard))
+    with pytest.raises(TraitsaeError, match=r"above this process's file-size limit .*ulimit -f"):
+        extract(cfg)
+    assert not list(tmp_path.rglob("*.h5*"))  # nothing half-made
+    monkeypatch.undo()
+    _assert_same_store(ref_path, extract(cfg))
+
+
+def test_an_unreadable_leftover_is_restarted_not_called_another_config(
+    tmp_path, reference_store, syn_root, caplog
+):
+    """What a crash while the file was being created used to leave (the rerun then said
+    "different configuration"): a truncated .tmp."""
+    ref_path, _ = reference_store
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "backbone.layers=[1,-1]"])
+    leftover = store_path_from_cfg(cfg).with_name("tiny.h5.tmp")
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(ref_path.read_bytes()[:5000])
+    with caplog.at_level("WARNING"):
+        _assert_same_store(ref_path, extract(cfg))
+    assert "is unreadable (left by a crash); starting it again" in caplog.text
+
+
+def test_ctrl_c_says_where_it_stopped_and_the_rerun_resumes(tmp_path, reference_store, syn_root):
+    ref_path, _ = reference_store
+    args = [
+        f"paths.root_dir={tmp_path}", f"dataset.root={syn_root}", "backbone.layers=[1,-1]",
+        "extract.batch_size=8", "extract.num_workers=0", "extract.progress=false",
+    ]  # fmt: skip
+    stopped = run_cli(args, env={"TRAITSAE_KILL_AFTER_ROWS": "8", "TRAITSAE_KILL_SIGNAL": "INT"})
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert re.search(
+        r"interrupted: stopped by Ctrl-C; \S+tiny.h5.tmp holds the first (8|16) of 16 images. "
+        r"Run the same command again to resume.", stopped.stderr
+    ), stopped.stderr[-2000:]  # fmt: skip
+    _assert_same_store(ref_path, extract(compose_extract(tmp_path, args[1:])))
+
+
+def test_a_second_extraction_of_one_store_refuses(tmp_path, syn_root):
+    import socket
+    import subprocess
+    import sys
+
+    from traitsae.extraction.lock import lock_path
+
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "split=test"])
+    lock = lock_path(store_path_from_cfg(cfg))
+    lock.parent.mkdir(parents=True)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f'{{"pid": {owner.pid}, "host": "{socket.gethostname()}"}}')
+        with pytest.raises(TraitsaeError, match=rf"being written by another extraction \(pid "
+                           rf"{owner.pid} on host .*delete the lock file"):  # fmt: skip
+            extract(cfg)
+    finally:
+        owner.kill()
+        owner.wait()
+    with Store(extract(cfg)) as store:  # the owner is gone: its lock is stale and taken over
+        assert store.complete
+    assert not lock.exists()
+
+
+def test_file_names_that_are_not_utf8_round_trip(tmp_path):
+    import os
+
+    root = tmp_path / "folder"
+    weird_class = os.fsdecode(b"Heliconius_\xe9rato")  # latin-1 bytes: not valid utf-8
+    for cls in (weird_class, "plain"):
+        (root / "train" / cls).mkdir(parents=True)
+    names = [
+        root / "train" / weird_class / os.fsdecode(b"caf\xe9.png"),
+        root / "train" / "plain" / "a.png",
+    ]
+    for name in names:
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(name)
+    broken = root / "train" / "plain" / os.fsdecode(b"b\xff.png")
+    broken.write_bytes(b"not a png")
+    cfg = compose_extract(tmp_path, ["dataset=imagefolder", f"dataset.root={root}"])
+    with Store(extract(cfg)) as store:
+        meta = store.metadata
+        assert sorted(meta["path"]) == sorted(str(p) for p in [*names, broken])
+        assert set(meta["species"]) == {weird_class, "plain"}
+        row = list(meta["path"]).index(str(broken))
+        assert not meta["valid"][row] and "UnidentifiedImageError" in meta["error"][row]
+        assert meta["valid"].sum() == 2 and all(Path(p).exists() for p in meta["path"])

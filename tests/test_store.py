@@ -90,8 +90,7 @@ def _writer(path, fingerprint="fp", overwrite=False):
     }  # fmt: skip
     images = {"index": np.arange(N), "path": [f"p{i}" for i in range(N)], "species": ["s"] * N}
     return StoreWriter.open(
-        path, attrs=attrs, images=images, n_patches=P, d_model=D,
-        fingerprint=fingerprint, overwrite=overwrite,
+        path, attrs=attrs, images=images, fingerprint=fingerprint, overwrite=overwrite,
     )  # fmt: skip
 
 
@@ -128,7 +127,9 @@ def test_writer_resumes_and_finishes(tmp_path):
 def test_writer_batches_across_chunks_match_hdf5(tmp_path, monkeypatch, raw):
     """Batches straddling chunk boundaries land in the right rows, through plain file writes
     (the store's own layout) as through HDF5 (the fallback for layouts it cannot place)."""
-    monkeypatch.setattr("traitsae.data.store.TARGET_CHUNK_BYTES", 3 * P * D * 2)  # 3 rows/chunk
+    monkeypatch.setattr(
+        "traitsae.data.store.schema.TARGET_CHUNK_BYTES", 3 * P * D * 2
+    )  # 3 rows/chunk
     writer = _writer(tmp_path / "w.h5")
     assert writer._patches[3].chunks[0] == 3
     assert all(offsets is not None for offsets in writer._offsets.values())
@@ -219,3 +220,95 @@ def test_iter_valid_skips_invalid_and_unwanted_images(tmp_path):
         assert len(pairs) == 1
         np.testing.assert_array_equal(pairs[0][0], [8, 9])
         np.testing.assert_array_equal(pairs[0][1], acts[[8, 9], 0])
+
+
+def _partial(path, n_done=6):
+    """A store as an interrupted extraction leaves it: rows >= n_done never written."""
+    acts = np.ones((N, P, D), np.float16) * np.arange(1, N + 1, dtype=np.float16)[:, None, None]
+    done = np.arange(N) < n_done
+    valid = np.ones(N, bool)
+    valid[1] = False
+    create_store(
+        path, patches={3: acts}, cls={3: acts[:, 0]},
+        images={"path": [f"{i}.png" for i in range(N)], "valid": valid, "done": done},
+        attrs={"backbone": "tiny", "dataset": "syn", "split": "train", "complete": False},
+    )  # fmt: skip
+    return valid & done
+
+
+def test_unwritten_rows_are_never_usable_whatever_the_path(tmp_path):
+    usable = _partial(tmp_path / "tiny.h5.tmp")  # named directly, as data.store=<...>.h5.tmp
+    with Store(tmp_path / "tiny.h5.tmp", require_complete=False) as store:
+        assert not store.complete
+        np.testing.assert_array_equal(store.valid, usable)
+        np.testing.assert_array_equal(store.metadata["valid"], usable)
+        rows = np.concatenate([r for r, _ in store.iter_valid(3, block=4)])
+        np.testing.assert_array_equal(rows, np.flatnonzero(usable))
+        assert not store.patches(3)[N - 1].any()  # the zeros an unwritten row holds
+
+
+def test_training_on_a_tmp_store_named_directly_uses_written_rows_only(tmp_path):
+    from traitsae.data.datamodule import ActivationsDataModule
+
+    usable = _partial(tmp_path / "tiny.h5.tmp")
+    dm = ActivationsDataModule(
+        str(tmp_path), "tiny", "syn", store=str(tmp_path / "tiny.h5.tmp"), allow_incomplete=True,
+        val_fraction=0, scale_sample=N * P, num_workers=0, batch_size=16,
+    )  # fmt: skip
+    dm.prepare()
+    assert dm.n_train_vectors == usable.sum() * P
+    assert (np.abs(dm.sample).sum(1) > 0).all()  # no never-written (zero) row in the sample
+    rows = np.arange(1, N + 1)[usable]  # row i holds the value i + 1 in every dimension
+    np.testing.assert_allclose(dm.scale, np.sqrt(1 / np.mean(rows.astype(float) ** 2)), rtol=1e-6)
+
+
+def _foreign(path, drop=(), shape_of_cls=(N, D), columns=()):
+    """A store written to the README schema by another tool (raw h5py), minus `drop`."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update(backbone="other", dataset="d", split="train", d_model=D, n_patches=P,
+                       grid=[4, 4], layers=[2], depth=3)  # fmt: skip
+        if columns:
+            f.attrs["metadata_columns"] = list(columns)
+        f["patches/2"] = np.ones((N, P, D), np.float16)
+        f["cls/2"] = np.ones(shape_of_cls, np.float16)
+        f["images/path"] = np.array([f"{i}.png" for i in range(N)], dtype=object)
+        for key in drop:
+            del f[key]
+
+
+def test_a_foreign_store_without_bookkeeping_is_all_usable(tmp_path):
+    _foreign(tmp_path / "f.h5")
+    with Store(tmp_path / "f.h5", require_complete=False) as store:
+        assert (store.d_model, store.n_images, store.layers) == (D, N, [2])
+        assert store.valid.all() and store.metadata["index"].tolist() == list(range(N))
+        assert (store.metadata["label"] == -1).all() and store.metadata["error"][0] == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"drop": ["patches/2"]}, r"dataset patches/2 is missing.*promise shape \(10, 16, 8\)"),
+        ({"shape_of_cls": (N, D + 1)}, r"dataset cls/2 has shape \(10, 9\)"),
+        ({"drop": ["images/path"]}, r"dataset images/path is missing"),
+        ({"columns": ["sex"]}, r"dataset images/sex is missing"),
+    ],
+)
+def test_schema_violations_name_the_dataset(tmp_path, kwargs, message):
+    _foreign(tmp_path / "f.h5", **kwargs)
+    with pytest.raises(TraitsaeError, match=message):
+        Store(tmp_path / "f.h5", require_complete=False)
+
+
+def test_missing_and_incomplete_store_messages(tmp_path):
+    from traitsae.paths import missing_store_message
+
+    _partial(tmp_path / "tiny.h5.tmp")
+    message = missing_store_message([tmp_path / "tiny.h5", tmp_path / "b.h5"], ["cmd a", "cmd b"])
+    assert f"{tmp_path}/tiny.h5 is incomplete (extraction stopped; " in message
+    assert (
+        "holds the first 6 of 10 images)" in message
+        and f"{tmp_path}/b.h5 does not exist" in message
+    )
+    assert message.endswith("Make them with:\n  cmd a\n  cmd b")
+    with pytest.raises(TraitsaeError, match=r"missing.h5 does not exist. Write it with extract.py"):
+        Store(tmp_path / "missing.h5")

@@ -34,6 +34,13 @@ class Geometry:
 
 def resolve_layers(layers: Sequence[int], depth: int, name: str) -> list[int]:
     """Absolute, sorted, unique block indices; negative indices count from the end."""
+    if isinstance(layers, str | bytes) or not isinstance(layers, Sequence) or not all(
+        isinstance(layer, int) and not isinstance(layer, bool) for layer in layers
+    ):
+        raise TraitsaeError(
+            f"backbone.layers={layers!r} for {name!r} must be a list of block indices, e.g. "
+            "backbone.layers=[-1] or 'backbone.layers=[-2,-1]' (negative = from the end)."
+        )
     if len(layers) == 0:
         raise TraitsaeError(
             f"backbone.layers is empty for {name!r}; give e.g. backbone.layers=[-2]."

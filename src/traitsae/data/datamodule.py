@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from traitsae.data.store import Store, row_offsets
 from traitsae.errors import TraitsaeError
-from traitsae.paths import extract_command, store_path
+from traitsae.paths import extract_command, missing_store_message, store_path
 
 # Aim for at least this many blocks per store so small stores still split across streams and
 # leave whole images for validation.
@@ -535,13 +535,9 @@ class ActivationsDataModule(L.LightningDataModule):
         if unfinished.is_file():
             if self.allow_incomplete:
                 return unfinished, False
-            raise TraitsaeError(
-                f"activation store {path} is incomplete (extraction stopped; partial file "
-                f"{unfinished}). Finish it by re-running:\n  {cmd}\nor pass "
-                "data.allow_incomplete=true to train on the images extracted so far."
-            )
-        hint = "" if self.store_override else f" Make it with:\n  {cmd}"
-        raise TraitsaeError(f"activation store {path} does not exist.{hint}")
+            hint = "or pass data.allow_incomplete=true to train on the images extracted so far."
+            raise TraitsaeError(missing_store_message([path], [cmd], hint))
+        raise TraitsaeError(missing_store_message([path], None if self.store_override else [cmd]))
 
     def prepare(self) -> None:
         """Open the store once in this process: layer, blocks, validation split, scale."""

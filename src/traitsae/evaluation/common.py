@@ -9,7 +9,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
-from traitsae.paths import extract_command, hydra_output_dir, store_path
+from traitsae.paths import extract_command, hydra_output_dir, missing_store_message, store_path
 
 
 def run_evaluation(cfg: DictConfig) -> Any:
@@ -48,13 +48,9 @@ def eval_stores(cfg: DictConfig, sae: Any, splits: list[str]) -> list:
     backbone, dataset = sae.meta["backbone"], cfg.dataset.name
     missing = [s for s in dict.fromkeys(splits) if not eval_store_path(cfg, sae, s).exists()]
     if missing:
-        commands = "\n".join(
-            f"  {extract_command(backbone, dataset, s, cfg.paths.activations_dir)}" for s in missing
-        )
-        raise TraitsaeError(
-            f"the {backbone} activation stores of dataset {dataset} for split(s) {missing} do not "
-            f"exist under {cfg.paths.activations_dir}. Make them with:\n{commands}"
-        )
+        paths = [eval_store_path(cfg, sae, s) for s in missing]
+        commands = [extract_command(backbone, dataset, s, cfg.paths.activations_dir) for s in missing]
+        raise TraitsaeError(missing_store_message(paths, commands))
     stores = [Store(eval_store_path(cfg, sae, s)) for s in splits]
     for store in stores:
         check_store_matches_sae(store, sae)

@@ -1,15 +1,23 @@
 """Butterfly collections (e.g. Heliconius): an image folder plus a metadata CSV.
 
-Keys (DESIGN.md): `metadata` (CSV relative to root), `file_column` (paths relative to root),
-`species_column`, `subspecies_column`, `split_column` (when the CSV has no such column every image
-is in every split), `filters` (column -> value or list of values, e.g. {view: dorsal}).
-Labels index the sorted species names of the filtered CSV (the same in every split); every other
-CSV column is kept as per-image metadata.
+Keys: `metadata` (CSV relative to root), `encoding` (of the CSV), `file_column` (paths relative
+to root), `species_column`, `subspecies_column`, `split_column` (when the CSV has no such column
+every image is in every split), `filters` (column -> value or list of values, e.g. {view: dorsal}),
+`strict`. Labels index the sorted species names of the filtered CSV (the same in every split);
+every other CSV column is kept as per-image metadata.
+
+Rows that cannot be used are dropped with a warning that counts them and names their lines:
+rows whose fields do not match the header or whose file/species/subspecies is empty, and repeats
+of an image file already listed (the first row of a file wins). `strict=true` makes either an
+error instead.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,11 +28,14 @@ from omegaconf import OmegaConf
 from traitsae.data.images.common import ImageList, require_dir, require_file
 from traitsae.errors import TraitsaeError
 
+log = logging.getLogger(__name__)
+EXTRA = "\0extra"  # where csv puts fields beyond the header's
+
 
 def load_butterflies(cfg: Any, split: str) -> ImageList:
     root = require_dir(Path(cfg.root), "butterflies dataset root")
     csv_path = require_file(root / str(cfg.metadata), "metadata CSV", key="dataset.metadata")
-    rows, header = _read_csv(csv_path)
+    rows, lines, header = _read_csv(csv_path, str(cfg.get("encoding") or "utf-8-sig"))
     file_col, species_col = str(cfg.file_column), str(cfg.species_column)
     subspecies_col = cfg.get("subspecies_column")
     required = [file_col, species_col] + ([str(subspecies_col)] if subspecies_col else [])
@@ -34,6 +45,7 @@ def load_butterflies(cfg: Any, split: str) -> ImageList:
             f"{csv_path} lacks columns {missing} (has {header}); set dataset.file_column / "
             "dataset.species_column / dataset.subspecies_column to the CSV's names."
         )
+    rows = usable_rows(rows, lines, required, csv_path, strict=bool(cfg.get("strict", False)))
     rows = apply_filters(rows, cfg.get("filters") or {}, header, csv_path)
     species = sorted({r[species_col] for r in rows})
     split_col = cfg.get("split_column")
@@ -57,12 +69,72 @@ def _column_key(column: str, cfg: Any) -> str:
     return column.replace("/", "_")
 
 
-def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        header = list(reader.fieldnames or [])
-    return rows, header
+def _read_csv(path: Path, encoding: str) -> tuple[list[dict[str, str]], list[int], list[str]]:
+    """Rows, the line number each ends on, and the header of a CSV file."""
+    try:
+        text = path.read_bytes().decode(encoding)
+    except UnicodeDecodeError as err:
+        raise TraitsaeError(
+            f"{path} is not {encoding} text: byte {err.start} ({err.object[err.start : err.start + 1]!r}) "
+            f"{err.reason}. Re-save the CSV as UTF-8 (e.g. iconv -f latin1 -t utf-8), or name its "
+            "encoding with dataset.encoding=<codec>, e.g. dataset.encoding=latin-1."
+        ) from None
+    except LookupError:
+        raise TraitsaeError(
+            f"dataset.encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, "
+            "latin-1, cp1252)."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), restkey=EXTRA)
+    rows, lines = [], []
+    for row in reader:
+        rows.append(row)
+        lines.append(reader.line_num)
+    return rows, lines, list(reader.fieldnames or [])
+
+
+def usable_rows(
+    rows: list[dict[str, str]], lines: list[int], required: list[str], csv_path: Path, strict: bool
+) -> list[dict[str, str]]:
+    """Drop (warn) or refuse (strict) rows with missing fields and repeated image files
+    (`required[0]` is the file column)."""
+    broken, repeated, seen, kept = [], [], set(), []
+    for row, line in zip(rows, lines, strict=True):
+        if EXTRA in row or None in row.values() or any(not row[c].strip() for c in required):
+            broken.append(line)
+            continue
+        file = os.path.normpath(row[required[0]])
+        if file in seen:
+            repeated.append(line)
+        else:
+            seen.add(file)
+            kept.append(row)
+    problems = []
+    if broken:
+        problems.append(
+            f"{len(broken)} rows whose fields do not match the header or leave one of "
+            f"{required} empty (lines {_lines(broken)})"
+        )
+    if repeated:
+        problems.append(
+            f"{len(repeated)} rows repeating an image file listed earlier (lines "
+            f"{_lines(repeated)}; the first row of each file is kept)"
+        )
+    if problems and strict:
+        raise TraitsaeError(
+            f"{csv_path} has {' and '.join(problems)}. Fix the CSV, or pass dataset.strict=false "
+            "to drop these rows with a warning."
+        )
+    if problems:
+        log.warning(
+            "%s: dropped %s. Pass dataset.strict=true to make this an error.",
+            csv_path, " and ".join(problems),
+        )  # fmt: skip
+    return kept
+
+
+def _lines(numbers: list[int], shown: int = 5) -> str:
+    listed = ", ".join(map(str, numbers[:shown]))
+    return listed + (f", ... ({len(numbers) - shown} more)" if len(numbers) > shown else "")
 
 
 def apply_filters(

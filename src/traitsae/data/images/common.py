@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from traitsae.data.images.decode import to_rgb
 from traitsae.errors import TraitsaeError
 
 
@@ -70,7 +71,8 @@ def read_table(path: Path, n_fields: int) -> list[list[str]]:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; an unreadable file yields a blank image, ok=False."""
+    """Decodes images in DataLoader workers (`to_rgb`: every PIL mode to 8-bit RGB); an
+    unreadable file yields a blank image, ok=False, and the reason."""
 
     def __init__(self, paths: list[str], transform: Callable, image_size: int) -> None:
         self.paths = paths
@@ -83,7 +85,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
             with Image.open(self.paths[index]) as img:
-                image_CHW = self.transform(img.convert("RGB"))
+                image_CHW = self.transform(to_rgb(img))
             return {"image": image_CHW, "index": index, "ok": True, "error": ""}
         except Exception as err:  # noqa: BLE001 -- any decode failure is recorded, not fatal
             blank_CHW = torch.zeros(3, self.image_size, self.image_size)

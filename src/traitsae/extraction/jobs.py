@@ -1,0 +1,125 @@
+"""What a store is and whether an existing file may be resumed: config identity and Job."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from traitsae import __version__
+from traitsae.backbones import check_backbone_cfg, resolve_layers
+from traitsae.data.images import ImageList
+from traitsae.data.store import Store, read_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One store to write: rows [lo, hi) of the split's image list."""
+
+    out: Path
+    lo: int
+    hi: int
+    fingerprint: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The parts of the config that define a store's content, resolved (stored as `config`)."""
+    out: dict[str, Any] = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "dataset")
+    }
+    # Evaluation-only dataset keys (the discovery contrast pair) do not change activations.
+    out["dataset"].pop("contrast", None)
+    out.update(split=str(cfg.split), seed=int(cfg.seed))
+    out["extract"] = {"precision": str(cfg.extract.precision)}
+    return out
+
+
+def make_job(cfg: DictConfig, images: ImageList, out: Path, lo: int, hi: int) -> Job:
+    """The store of rows [lo, hi): its root attrs and the fingerprint that guards resuming."""
+    check_backbone_cfg(cfg.backbone)
+    layers = resolve_layers(cfg.backbone.layers, int(cfg.backbone.depth), cfg.backbone.name)
+    content = resolved_config(cfg)
+    content["backbone"]["layers"] = layers
+    key = {**content, "n_images": len(images), "rows": [lo, hi]}
+    # The fingerprint decides whether an existing file may be resumed: same content, same rows.
+    fingerprint = json.dumps(key, sort_keys=True)
+    b = cfg.backbone
+    side = int(b.image_size) // int(b.patch_size)
+    attrs = {
+        "backbone": b.name,
+        "dataset": cfg.dataset.name,
+        "split": cfg.split,
+        "d_model": int(b.width),
+        "n_patches": side * side,
+        "n_prefix_tokens": int(b.n_prefix_tokens),
+        "grid": [side, side],
+        "layers": layers,
+        "depth": int(b.depth),
+        "image_size": int(b.image_size),
+        "n_images": hi - lo,
+        "config": OmegaConf.to_yaml(OmegaConf.create(content)),
+        "image_root": str(images.root),
+        "traitsae_version": __version__,
+    }
+    return Job(out, lo, hi, fingerprint, attrs)
+
+
+def image_rows(images: ImageList, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """The images/ columns of rows [lo, hi): index (global position), path, label, metadata."""
+    rows: dict[str, np.ndarray] = {"index": np.arange(lo, hi, dtype=np.int64)}
+    for key, values in images.store_images().items():
+        dtype = np.int64 if key == "label" else object
+        rows[key] = np.asarray(values, dtype=dtype)[lo:hi]
+    return rows
+
+
+def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True when `out` is a complete store of this config; error or delete when it differs."""
+    from traitsae.errors import TraitsaeError
+
+    if not out.exists():
+        return False
+    existing = read_fingerprint(out)
+    if existing == fingerprint:
+        with Store(out, require_complete=False) as store:
+            if store.complete:
+                return True
+    if not overwrite:
+        raise TraitsaeError(
+            f"store {out} already exists and was written with a different configuration "
+            f"({config_difference(existing, fingerprint)}). Pass extract.overwrite=true to "
+            "replace it, or write elsewhere with paths.activations_dir=<dir>."
+        )
+    log.warning("extract.overwrite=true: replacing %s", out)
+    out.unlink()
+    return False
+
+
+def config_difference(old: str | None, new: str) -> str:
+    """Human summary of how two JSON configs differ: `key: old -> new` for each changed key."""
+    try:
+        before, after = flatten(json.loads(old or "")), flatten(json.loads(new))
+    except json.JSONDecodeError:
+        return "the existing file carries no traitsae fingerprint"
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return "; ".join(f"{k}: {before.get(k)} -> {after.get(k)}" for k in keys) or "no difference"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(
+            flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
+        )
+    return flat
