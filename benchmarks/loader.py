@@ -56,14 +56,17 @@ def sequential(path: Path, key: str, blocks: list[tuple[int, int]]) -> tuple[int
 
 
 def shuffled(dm, epochs: int) -> tuple[int, int, float]:
+    from traitsae.data.stream import ActivationStream
+
     """Steady state of the training loader: from the end of its first epoch to the arrival of
     the last batch. Worker start-up (fork, first touch of the buffers) and shut-down (joining
     the workers) are excluded, as in an endless training stream, which pays them once per run.
     Returns (all vectors, vectors timed, seconds)."""
-    stream = dm.train_dataset()
-    stream.epochs = epochs
+    stream = ActivationStream(
+        dm.train_plan, dm.batch_size, dm.buffer_vectors, dm.seed, epochs=epochs
+    )
     total, mark, last = 0, None, 0.0
-    for batch in dm._loader(stream):
+    for batch in dm.loader(stream):
         total += batch.shape[0]
         last = time.perf_counter()
         if mark is None and total >= dm.n_train_vectors:
@@ -92,16 +95,22 @@ def main() -> None:
         )
         dms = {
             w: ActivationsDataModule(
-                tmp,
-                "bench",
-                "bench",
+                activations_dir=tmp,
+                backbone="bench",
+                dataset="bench",
+                split="train",
                 store=str(path),
                 layer=-1,
+                tokens="patches",
                 batch_size=args.batch,
                 num_workers=w,
                 buffer_vectors=args.buffer,
                 val_fraction=0.0,
+                val_batch_size=None,
                 scale_sample=1024,
+                seed=0,
+                allow_incomplete=False,
+                block_images=None,
             )  # fmt: skip
             for w in args.workers
         }

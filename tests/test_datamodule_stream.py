@@ -10,39 +10,43 @@ import torch
 from torch.utils.data import DataLoader
 from train_helpers import id_store
 
-from traitsae.data import datamodule
-from traitsae.data.datamodule import (
-    ActivationsDataModule,
-    ActivationStream,
-    _locate_images,
-    _MappedBuffer,
-    _ReadBuffer,
-    iter_batches,
-    plan_blocks,
-)
+from traitsae.data import rings
+from traitsae.data import stream as stream_module
+from traitsae.data.datamodule import ActivationsDataModule
+from traitsae.data.read_buffers import MappedBuffer, ReadBuffer, locate_images
+from traitsae.data.rings import iter_batches
 from traitsae.data.store import create_store
+from traitsae.data.stream import ActivationStream, plan_blocks
 from traitsae.errors import TraitsaeError
 
 N_IMAGES, N_PATCHES = 64, 4
 
 
-def make_dm(store: Path, **kwargs) -> ActivationsDataModule:
-    args = dict(
-        activations_dir=str(store.parent),
-        backbone="tiny",
-        dataset="synthetic",
-        store=str(store),
-        layer=-1,
-        batch_size=8,
-        num_workers=2,
-        buffer_vectors=32,
-        val_fraction=0.125,
-        scale_sample=64,
-        block_images=2,
-    )
+DM_ARGS = dict(
+    backbone="tiny",
+    dataset="synthetic",
+    split="train",
+    layer=-1,
+    tokens="patches",
+    batch_size=8,
+    num_workers=2,
+    buffer_vectors=32,
+    val_fraction=0.125,
+    val_batch_size=None,
+    scale_sample=64,
+    seed=0,
+    allow_incomplete=False,
+    block_images=2,
+)
+
+
+def make_dm(store: Path | None, prepare: bool = True, **kwargs) -> ActivationsDataModule:
+    args = {**DM_ARGS, "activations_dir": str(store.parent) if store else "", "store": store}
     args.update(kwargs)
+    args["store"] = None if args["store"] is None else str(args["store"])
     dm = ActivationsDataModule(**args)
-    dm.prepare()
+    if prepare:
+        dm.prepare()
     return dm
 
 
@@ -59,13 +63,16 @@ def epoch_ids(
     ids: list[int] = []
     dm.num_workers = workers
     for rank in range(world):
-        stream = dm.train_dataset()
-        stream.rank, stream.world_size, stream.epochs = rank, world, epochs
+        stream = ActivationStream(
+            dm.train_plan, dm.batch_size, dm.buffer_vectors, dm.seed,
+            epochs=epochs, rank=rank, world_size=world,
+        )  # fmt: skip
         loader = DataLoader(stream, batch_size=None, num_workers=workers)
-        for batch in iter_batches(loader, dm.batch_size) if plain else dm._loader(stream):
-            assert batch.dtype == torch.float16  # cast happens on the device, not here
-            assert len(batch) == dm.batch_size or epochs  # only finite streams end ragged
-            ids += vector_ids(batch)
+        batches = list(iter_batches(loader, dm.batch_size) if plain else dm.loader(stream))
+        assert all(b.dtype == torch.float16 for b in batches)  # cast on the device, not here
+        # Every batch is full but at most one per stream (a finite stream ends ragged).
+        assert sum(len(b) != dm.batch_size for b in batches) <= max(1, workers)
+        ids += [i for b in batches for i in vector_ids(b)]
     return ids
 
 
@@ -100,8 +107,8 @@ def test_hdf5_reads_where_the_file_cannot_be_mapped(tmp_path: Path) -> None:
         del f["patches/3"]
         f.create_dataset("patches/3", data=acts, chunks=(4, N_PATCHES, 8), compression="gzip")
     with h5py.File(path, "r") as f:
-        assert _locate_images(f["patches/3"]) is None
-        assert _locate_images(f["patches/1"]) is not None
+        assert locate_images(f["patches/3"]) is None
+        assert locate_images(f["patches/1"]) is not None
     dm = make_dm(path)
     assert sorted(epoch_ids(dm, world=1, workers=2)) == sorted(
         i * N_PATCHES + p
@@ -120,14 +127,13 @@ def test_mapped_vectors_match_hdf5_and_stay_valid_while_held(
     with h5py.File(path, "r") as f:
         acts = torch.from_numpy(f["patches/3"][()])
     # One batch per piece: every batch comes from a ring slot that will be rewritten.
-    monkeypatch.setattr(datamodule, "PIECE_BYTES", 1)
+    monkeypatch.setattr(stream_module, "PIECE_BYTES", 1)
     # The smallest ring the protocol allows: released slots are rewritten as soon as possible.
-    monkeypatch.setattr(datamodule, "RING_SIZE", datamodule.PREFETCH + 3)
+    monkeypatch.setattr(rings, "RING_SIZE", rings.PREFETCH + 3)
     dm = make_dm(path, buffer_vectors=16)
-    stream = dm.train_dataset()
-    stream.epochs = 3
+    stream = ActivationStream(dm.train_plan, dm.batch_size, dm.buffer_vectors, dm.seed, epochs=3)
     held, n = None, 0
-    for batch in dm._loader(stream):
+    for batch in dm.loader(stream):
         if held is not None:  # the previous batch (the trainer's lookahead) is untouched
             assert torch.equal(held[0], held[1])
         i, p = batch[:, 0].long(), batch[:, 1].long()
@@ -140,8 +146,10 @@ def test_ranks_get_disjoint_shares(tmp_path: Path) -> None:
     dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), num_workers=0)
     shares = []
     for rank in range(2):
-        stream = dm.train_dataset()
-        stream.rank, stream.world_size, stream.epochs = rank, 2, 1
+        stream = ActivationStream(
+            dm.train_plan, dm.batch_size, dm.buffer_vectors, dm.seed,
+            epochs=1, rank=rank, world_size=2,
+        )  # fmt: skip
         shares.append({i for b in stream for i in vector_ids(b)})
     assert shares[0] and shares[1] and not shares[0] & shares[1]
 
@@ -177,23 +185,25 @@ def test_buffer_bounds_memory(
     assert len(plan_blocks(n_images=1000, chunk_images=16)) >= 32
     dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), num_workers=0)
     if not mapped:
-        monkeypatch.setattr(_MappedBuffer, "open", classmethod(lambda cls, *args: None))
+        monkeypatch.setattr(MappedBuffer, "open", classmethod(lambda cls, *args: None))
     shuffled_at_once: list[int] = []
-    shuffle = ActivationStream._shuffle
+    buffer_type = MappedBuffer if mapped else ReadBuffer
+    gather = buffer_type.gather
 
-    def spy(self, buf, *args, **kwargs):
-        assert isinstance(buf, _MappedBuffer if mapped else _ReadBuffer)
-        shuffled_at_once.append(buf.n_rows)
-        assert buf.capacity <= 32 + 2 * N_PATCHES  # buffer + one block (2 images), never more
-        return shuffle(self, buf, *args, **kwargs)
+    def spy(self, rows, out_ND):
+        shuffled_at_once.append(self.n_rows)
+        assert self.capacity <= 32 + 2 * N_PATCHES  # buffer + one block (2 images), never more
+        return gather(self, rows, out_ND)
 
-    monkeypatch.setattr(ActivationStream, "_shuffle", spy)
+    monkeypatch.setattr(buffer_type, "gather", spy)
     assert len(epoch_ids(dm, 1, 0)) == dm.n_train_vectors > 32
     assert len(shuffled_at_once) > 3 and max(shuffled_at_once) < 32 + 2 * N_PATCHES
 
 
 def test_missing_store_prints_extract_command(tmp_path: Path) -> None:
-    dm = ActivationsDataModule(str(tmp_path / "acts"), "dinov2", "cub", "train")
+    dm = make_dm(
+        None, False, activations_dir=str(tmp_path / "acts"), backbone="dinov2", dataset="cub"
+    )
     with pytest.raises(TraitsaeError) as err:
         dm.prepare()
     msg = str(err.value)
@@ -213,11 +223,10 @@ def test_incomplete_store_refused_unless_asked(tmp_path: Path) -> None:
         images={"path": np.array(["x.jpg"] * N_IMAGES), "done": done},
         attrs={"backbone": "tiny", "dataset": "synthetic", "split": "train", "complete": False},
     )
-    kwargs = dict(activations_dir=str(tmp_path / "acts"), backbone="tiny", dataset="synthetic")
+    kwargs = dict(activations_dir=str(tmp_path / "acts"), block_images=None)
     with pytest.raises(TraitsaeError, match=r"(?s)incomplete.*extract.py.*allow_incomplete"):
-        ActivationsDataModule(**kwargs).prepare()
-    dm = ActivationsDataModule(**kwargs, allow_incomplete=True, scale_sample=16, val_fraction=0)
-    dm.prepare()
+        make_dm(None, **kwargs)
+    dm = make_dm(None, **kwargs, allow_incomplete=True, scale_sample=16, val_fraction=0)
     assert dm.store_path.name == "tiny.h5.tmp"
     assert dm.n_train_vectors == 40 * N_PATCHES  # only the rows extraction finished
 
@@ -226,21 +235,48 @@ def test_layer_and_width_errors(tmp_path: Path) -> None:
     store = id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES, layers=(1, 3))
     with pytest.raises(TraitsaeError, match=r"layer 2 .*holds layers \[1, 3\]"):
         make_dm(store, layer=2)
-    with pytest.raises(TraitsaeError, match="d_model=8.*d_model=768"):
-        make_dm(store, d_model=768)
     with pytest.raises(TraitsaeError, match="tokens"):
         make_dm(store, tokens="registers")
 
 
 def test_endless_stream_keeps_epochs_apart_even_with_a_huge_buffer(tmp_path: Path) -> None:
     dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), buffer_vectors=10**6)
-    stream = dm.train_dataset()  # epochs=None: what training iterates
+    stream = dm.train_dataset()  # epochs=None, start_batch=0: what training iterates
     n_train, ids = dm.n_train_vectors, []
     for batch in iter_batches(stream, dm.batch_size):
+        assert len(batch) == dm.batch_size  # endless: batches straddle epochs, never ragged
         ids += vector_ids(batch)
         if len(ids) >= 3 * n_train:
             break
-    for epoch in range(3):  # up to a ragged rest (< one batch) carried across each boundary
-        window = ids[epoch * n_train + dm.batch_size : (epoch + 1) * n_train - dm.batch_size]
-        assert len(set(window)) == len(window)
-    assert len(set(ids[: n_train - dm.batch_size])) == n_train - dm.batch_size
+    epochs = [ids[e * n_train : (e + 1) * n_train] for e in range(3)]
+    for epoch in epochs:  # positions [e n, (e + 1) n) are epoch e: every vector exactly once
+        assert len(set(epoch)) == n_train
+    assert epochs[0] != epochs[1]  # in a new order
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_started_at_batch_g_continues_the_uninterrupted_sequence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Resume = start at the checkpoint's batch: the same batches, in the same order, as the
+    uninterrupted stream from there on (pieces of 3 batches, so g falls inside a piece and the
+    rank's pieces alternate between the two workers)."""
+    monkeypatch.setattr(stream_module, "PIECE_BYTES", 3 * 8 * 8 * 2)
+    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), num_workers=workers)
+
+    def batches(start: int, n: int, rank: int = 0) -> list[list[int]]:
+        stream = ActivationStream(
+            dm.train_plan, dm.batch_size, dm.buffer_vectors, dm.seed,
+            rank=rank, world_size=2, start_batch=start,
+        )  # fmt: skip
+        out = []
+        for batch in dm.loader(stream):
+            out.append(vector_ids(batch))
+            if len(out) == n:
+                return out
+        raise AssertionError("an endless stream ended")
+
+    whole = batches(0, 40)
+    for start in (7, 17):  # inside a piece (on the second worker), past an epoch (~13 batches)
+        assert batches(start, 40 - start) == whole[start:]
+    assert batches(7, 5, rank=1) == batches(0, 12, rank=1)[7:]

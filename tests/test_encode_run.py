@@ -80,3 +80,66 @@ def test_sparse_codes_equal_dense_codes(planted, tmp_path):
 def test_missing_codes_file_is_a_user_error(tmp_path):
     with pytest.raises(TraitsaeError, match="eval=encode"):
         SparseCodes(tmp_path / "nope.h5")
+
+
+def _encode_cfg(root, out_dir, *overrides):
+    from discovery_helpers import compose_cfg
+
+    return compose_cfg(
+        "evaluate",
+        [
+            "eval=encode",
+            f"run={root / 'run'}",
+            f"paths.activations_dir={root / 'activations'}",
+            *overrides,
+        ],  # fmt: skip
+        out_dir=out_dir,
+    )
+
+
+def test_encode_never_overwrites_an_input_or_an_existing_file(planted, tmp_path):
+    from traitsae.evaluation.encode import run
+
+    store, _, root = planted
+    before = store.path.read_bytes()
+    for target in (store.path, root / "run" / "sae.safetensors"):
+        with pytest.raises(TraitsaeError, match="is an input of this evaluation"):
+            run(_encode_cfg(root, tmp_path, f"eval.output={target}", "eval.overwrite=true"))
+    assert store.path.read_bytes() == before
+    existing = tmp_path / "old.h5"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(TraitsaeError, match=r"already exists.*eval\.overwrite=true"):
+        run(_encode_cfg(root, tmp_path, f"eval.output={existing}"))
+    assert existing.read_bytes() == b"keep me"
+    run(_encode_cfg(root, tmp_path, f"eval.output={existing}", "eval.overwrite=true"))
+    with SparseCodes(existing) as codes:
+        assert codes.d_sae == 32
+    nested = tmp_path / "new" / "folder" / "codes.h5"  # a missing folder is created
+    assert run(_encode_cfg(root, tmp_path, f"eval.output={nested}")) == nested
+    assert sorted(p.name for p in nested.parent.iterdir()) == ["codes.h5"]  # no temporary left
+
+
+def test_evaluate_accepts_the_sae_backbone_and_refuses_another(planted, tmp_path):
+    from traitsae.evaluation.encode import run
+
+    _, _, root = planted
+    assert run(_encode_cfg(root, tmp_path, "backbone=tiny", "eval.output=a.h5")).is_file()
+    with pytest.raises(TraitsaeError, match=r"backbone=dinov2 .*trained on 'tiny'"):
+        run(_encode_cfg(root, tmp_path, "backbone=dinov2", "eval.output=b.h5"))
+    with pytest.raises(TraitsaeError, match=r"run=\S+sae.json is a file.*sae=<path"):
+        run(_encode_cfg(root, tmp_path, f"run={root / 'run' / 'sae.json'}"))
+
+
+def test_sae_json_must_match_its_weights(planted, tmp_path):
+    import json
+    import shutil
+
+    from traitsae.sae.export import load_sae
+
+    _, _, root = planted
+    shutil.copytree(root / "run", tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "sae.json").read_text())
+    record["d_model"] = 32
+    (tmp_path / "run" / "sae.json").write_text(json.dumps(record))
+    with pytest.raises(TraitsaeError, match=r"says d_model=32, but the weights .* d_model=16"):
+        load_sae(tmp_path / "run")

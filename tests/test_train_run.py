@@ -155,8 +155,6 @@ def test_user_errors(store: Path, tmp_path: Path) -> None:
                 )
             )
         )
-    with pytest.raises(TraitsaeError, match="d_model=16.*d_model=768"):
-        train(compose_train(train_overrides(store, tmp_path / "c", **{"backbone.width": 768})))
     with pytest.raises(TraitsaeError, match=r"layer 5 .*holds layers \[3\]"):
         train(compose_train(train_overrides(store, tmp_path / "d", **{"data.layer": 5})))
 

@@ -72,7 +72,6 @@ def train_overrides(store: Path, out: Path, steps: int = 20, **extra: Any) -> li
     """Overrides for a seconds-long CPU training run on `store`, outputs under `out`."""
     base = {
         "data.store": str(store),
-        "backbone.width": 16,
         "data.batch_size": 64,
         "data.num_workers": 0,
         "data.scale_sample": 512,

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.scoring import iter_valid_tokens, tokens_per_image, valid_rows
+from traitsae.evaluation.encode import iter_valid_tokens
+from traitsae.evaluation.scoring import tokens_per_image, valid_rows
 
 
 @dataclass(frozen=True)

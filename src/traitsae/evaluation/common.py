@@ -24,14 +24,29 @@ def sae_source(cfg: DictConfig) -> str:
         raise TraitsaeError(
             "no SAE given: pass run=<train.py run dir> (it holds sae.json) or sae=<path to sae.json>."
         )
+    if not cfg.get("sae_path") and Path(str(source)).is_file():
+        raise TraitsaeError(
+            f"run={source} is a file, but run= takes a train.py run dir (the folder holding "
+            "sae.json and sae.safetensors). To evaluate an exported SAE file, pass sae=<path to "
+            "sae.json>."
+        )
     return str(source)
 
 
 def resolve_sae(cfg: DictConfig) -> Any:
-    """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`."""
+    """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`; a `backbone=` given on
+    the command line must be the one the SAE was trained on (sae.json names it)."""
     from traitsae.sae.export import load_sae
 
-    return load_sae(sae_source(cfg))
+    sae = load_sae(sae_source(cfg))
+    requested = (cfg.get("backbone") or {}).get("name")
+    if requested and requested != sae.meta["backbone"]:
+        raise TraitsaeError(
+            f"backbone={requested} was given, but the SAE {sae_source(cfg)} was trained on "
+            f"{sae.meta['backbone']!r} activations (its sae.json 'backbone'); the stores it is "
+            f"evaluated on follow from that. Drop backbone= or pass backbone={sae.meta['backbone']}."
+        )
+    return sae
 
 
 def eval_store_path(cfg: DictConfig, sae: Any, split: str) -> Path:

@@ -1,9 +1,10 @@
 """Streaming SAE encoding of a store, and `eval=encode`: the sparse codes written to HDF5.
 
-`stream_codes` is the one pass every heat-map evaluation makes: it reads the store's patch
-activations in whole, chunk-aligned blocks (skipping blocks that hold no wanted image), encodes
-them in bounded sub-batches and yields dense codes per batch of images. Nothing of size
-n_images x d_sae is ever held by this module.
+`iter_valid_tokens` is the one streaming read every evaluation makes: the store's valid images
+in whole, chunk-aligned blocks (skipping blocks that hold no wanted image), as float32 on the
+device. `stream_codes` encodes those blocks in bounded sub-batches and yields dense codes per
+batch of images (the pass of every heat-map evaluation). Nothing of size n_images x d_sae is
+ever held by this module.
 
 Sparse-code file (`codes.h5`, CSR over patch rows, one row per patch of each valid image):
 - `codes/indptr` int64 [R + 1], `codes/indices` int32 [nnz], `codes/values` float [nnz]
@@ -16,6 +17,8 @@ Sparse-code file (`codes.h5`, CSR over patch rows, one row per patch of each val
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +64,33 @@ def images_per_batch(n_patches: int, batch_patches: int) -> int:
     return max(1, batch_patches // max(1, n_patches))
 
 
+def iter_valid_tokens(
+    store: Any,
+    layer: int,
+    tokens: str = "patches",
+    block: int | None = None,
+    device: str = "cpu",
+    keep: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The one streaming read of a store: (store rows [B], float32 activations [B, P, D] on
+    `device`; P = 1 for CLS tokens) of the valid (and `keep`) images in store order, `block`
+    images per read (default: whole HDF5 chunks, about _READ_BLOCK_BYTES)."""
+    block = block or read_block_rows(store.tokens(layer, tokens))
+    for rows_B, acts in store.iter_valid(layer, tokens=tokens, block=block, keep=keep):
+        acts_BPD = torch.from_numpy(np.ascontiguousarray(acts)).to(device, torch.float32)
+        yield rows_B, acts_BPD[:, None, :] if acts_BPD.ndim == 2 else acts_BPD
+
+
 @torch.inference_mode()
-def encode_patches(sae: Any, acts_BPD: np.ndarray, device: str) -> torch.Tensor:
-    """Dense codes [B, P, S] of raw float16 patch activations [B, P, D]."""
+def encode_patches(sae: Any, acts_BPD: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
+    """Dense codes [B, P, S] of raw patch activations [B, P, D]."""
     n_images, n_patches, d_model = acts_BPD.shape
-    x_ND = torch.from_numpy(np.ascontiguousarray(acts_BPD)).to(device).float().reshape(-1, d_model)
-    codes_NS = sae.encode(x_ND)
+    x_ND = (
+        torch.as_tensor(np.ascontiguousarray(acts_BPD))
+        if isinstance(acts_BPD, np.ndarray)
+        else acts_BPD
+    )
+    codes_NS = sae.encode(x_ND.to(device).float().reshape(-1, d_model))
     return codes_NS.reshape(n_images, n_patches, -1).float()
 
 
@@ -80,10 +104,8 @@ def stream_codes(
 ) -> Iterator[CodeBatch]:
     """One streaming pass: codes of every valid (and wanted) image, in store order."""
     layer = sae_layer(store, sae)
-    dataset = store.patches(layer)
-    per_batch = images_per_batch(dataset.shape[1], batch_patches)
-    blocks = store.iter_valid(layer, block=read_block_rows(dataset), keep=wanted_N)
-    for index_B, acts_BPD in blocks:
+    per_batch = images_per_batch(store.n_patches, batch_patches)
+    for index_B, acts_BPD in iter_valid_tokens(store, layer, device=device, keep=wanted_N):
         for lo in range(0, len(index_B), per_batch):
             yield CodeBatch(
                 index_B[lo : lo + per_batch],
@@ -119,9 +141,11 @@ def run(cfg: DictConfig) -> Path:
     sae.eval().to(cfg.device)
     split = cfg.eval.get("split") or cfg.split
     with eval_store(cfg, sae, split) as store:
-        out = Path(cfg.eval.get("output") or output_dir(cfg) / "codes.h5")
+        out = Path(cfg.eval.get("output") or "codes.h5")
         if not out.is_absolute():
             out = output_dir(cfg) / out
+        inputs = [store.path, sae.json_path, sae.weights_path]
+        check_output(out, inputs, overwrite=bool(cfg.eval.overwrite))
         write_sparse_codes(
             store,
             sae,
@@ -135,6 +159,22 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
+def check_output(out: Path, inputs: list[Path | None], overwrite: bool) -> None:
+    """Refuse to write over an input of this run, or over any existing file unless asked."""
+    if out.is_dir():
+        raise TraitsaeError(f"eval.output={out} is a directory; name the file to write.")
+    if any(p is not None and out.resolve() == Path(p).resolve() for p in inputs):
+        raise TraitsaeError(
+            f"eval.output={out} is an input of this evaluation (the activation store or the SAE "
+            "it reads); writing there would destroy it. Choose another eval.output."
+        )
+    if out.exists() and not overwrite:
+        raise TraitsaeError(
+            f"eval.output={out} already exists. Pass eval.overwrite=true to replace it, or "
+            "choose another eval.output."
+        )
+
+
 def write_sparse_codes(
     store: Any,
     sae: Any,
@@ -145,15 +185,29 @@ def write_sparse_codes(
     dtype: str = "float16",
     device: str = "cpu",
 ) -> Path:
-    """Stream the store through the SAE and append CSR rows to `out` (written as .tmp, renamed)."""
+    """Stream the store through the SAE and append CSR rows to `out`, through a temporary file
+    of its own next to `out` that is renamed when complete (a missing folder is created)."""
     if dtype not in ("float16", "float32"):
         raise TraitsaeError(f"eval.dtype must be float16 or float32, got {dtype!r}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        _write_codes(store, sae, tmp, sae_source, batch_patches, dtype, device)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write_codes(
+    store: Any, sae: Any, tmp: Path, sae_source: str, batch_patches: int, dtype: str, device: str
+) -> None:
     meta = store.metadata
     valid_N = np.asarray(meta["valid"], dtype=bool)
     grid_rows, grid_cols = (int(g) for g in store.grid)
     n_patches = store.n_patches
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(tmp, "w") as f:
         _write_header(f, store, sae, meta, valid_N, sae_source)
         writer = _CsrWriter(f, dtype)
@@ -173,8 +227,6 @@ def write_sparse_codes(
                 ds[-n_images * n_patches :] = np.tile(values, n_images)
         f.attrs["grid"] = [grid_rows, grid_cols]
         f.attrs["complete"] = True
-    tmp.replace(out)
-    return out
 
 
 def _write_header(

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import figures
-from traitsae.evaluation.scoring import images_per_block, iter_valid_tokens
+from traitsae.evaluation.encode import iter_valid_tokens
+from traitsae.evaluation.scoring import images_per_block
 
 CSV_FIELDS = [
     "run",

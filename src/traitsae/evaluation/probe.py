@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.scoring import images_per_block, iter_valid_tokens
+from traitsae.evaluation.encode import iter_valid_tokens
+from traitsae.evaluation.scoring import images_per_block
 
 FEATURES = ("auto", "cls", "pooled")
 

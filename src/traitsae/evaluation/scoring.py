@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from traitsae.evaluation.encode import iter_valid_tokens
+
 TokenScorer = Callable[[torch.Tensor], torch.Tensor]  # [R, D] float32 -> [R, M]
 POOLS = ("max", "mean")
 # Per-block working set of the widest method, [B, P, M] float32; bounds memory whatever M is.
@@ -64,15 +66,6 @@ def tokens_per_image(store, tokens: str) -> int:
 def images_per_block(store, tokens: str, widest: int) -> int:
     per_image = tokens_per_image(store, tokens) * max(widest, store.d_model) * 4
     return max(1, min(1024, BLOCK_BUDGET_BYTES // per_image))
-
-
-def iter_valid_tokens(store, layer: int, tokens: str, block: int, device: str = "cpu"):
-    """Yield (store rows [B], activations [B, P, D] float32) for valid images only."""
-    for rows_B, acts in store.iter_valid(layer, tokens=tokens, block=block):
-        acts_BPD = torch.from_numpy(np.asarray(acts)).to(device, torch.float32)
-        if acts_BPD.ndim == 2:  # CLS tokens: one token per image
-            acts_BPD = acts_BPD[:, None, :]
-        yield rows_B, acts_BPD
 
 
 @torch.no_grad()

@@ -34,6 +34,9 @@ class RawSpaceSAE(nn.Module):
         self.d_model = sae.d_model
         self.d_sae = sae.d_sae
         self.variant = sae.variant
+        # The files it was loaded from (set by load_sae): inputs an evaluation must not overwrite.
+        self.json_path: Path | None = None
+        self.weights_path: Path | None = None
 
     @property
     def W_dec(self) -> Tensor:
@@ -151,8 +154,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSA
     weights_path = json_path.with_name(record.get("weights", WEIGHTS_FILE))
     if not weights_path.is_file():
         raise TraitsaeError(f"{json_path} names weights {weights_path}, which does not exist.")
-    sae = build_sae(**record["architecture"])
     state = load_file(str(weights_path), device=str(device))
+    _check_sizes(record, state, json_path, weights_path)
+    sae = build_sae(**record["architecture"])
     try:
         sae.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -161,4 +165,26 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSA
             f"({record['architecture']}): {err}"
         ) from err
     model = RawSpaceSAE(sae.to(device), record["scale"], record)
+    model.json_path, model.weights_path = json_path, weights_path
     return model.eval()
+
+
+def _check_sizes(
+    record: dict[str, Any], state: dict[str, Tensor], json_path: Path, weights_path: Path
+) -> None:
+    """sae.json's d_model/d_sae (top level and architecture) must match the weights' shapes."""
+    if "b_dec" not in state or "b_enc" not in state:
+        raise TraitsaeError(
+            f"{weights_path} holds no SAE weights (tensors b_enc and b_dec missing; it has "
+            f"{sorted(state)[:6]}); re-export the SAE with train.py."
+        )
+    actual = {"d_model": state["b_dec"].shape[0], "d_sae": state["b_enc"].shape[0]}
+    for where, values in (("", record), ("architecture.", record["architecture"])):
+        for key, size in actual.items():
+            if key in values and int(values[key]) != size:
+                raise TraitsaeError(
+                    f"{json_path} says {where}{key}={values[key]}, but the weights in "
+                    f"{weights_path} have {key}={size}: the two files do not belong together. "
+                    "Re-export the SAE with train.py, or restore the sae.json written with "
+                    "these weights."
+                )
