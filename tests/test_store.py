@@ -252,8 +252,10 @@ def test_training_on_a_tmp_store_named_directly_uses_written_rows_only(tmp_path)
 
     usable = _partial(tmp_path / "tiny.h5.tmp")
     dm = ActivationsDataModule(
-        str(tmp_path), "tiny", "syn", store=str(tmp_path / "tiny.h5.tmp"), allow_incomplete=True,
-        val_fraction=0, scale_sample=N * P, num_workers=0, batch_size=16,
+        activations_dir=str(tmp_path), backbone="tiny", dataset="syn", split="train",
+        store=str(tmp_path / "tiny.h5.tmp"), allow_incomplete=True, layer=-1, tokens="patches",
+        val_fraction=0, scale_sample=N * P, num_workers=0, batch_size=16, buffer_vectors=64,
+        val_batch_size=None, seed=0, block_images=None,
     )  # fmt: skip
     dm.prepare()
     assert dm.n_train_vectors == usable.sum() * P
