@@ -244,7 +244,9 @@ def test_file_size_limit_and_free_space_are_checked_first(
     ref_path, _ = reference_store
     cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "backbone.layers=[1,-1]"])
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: sh._ntuple_diskusage(1, 1, 1000))
-    with pytest.raises(TraitsaeError, match=r"needs 0.00 GiB more, but only 0.00 GiB are free"):
+    with pytest.raises(
+        TraitsaeError, match=r"tiny.h5.tmp needs 1.\d MiB more, but only 1000 B are free"
+    ):
         extract(cfg)
     monkeypatch.undo()
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]

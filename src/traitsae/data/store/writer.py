@@ -102,7 +102,7 @@ class StoreWriter:
                 )
             tmp.unlink()
         draft = tmp.with_name(tmp.name + ".new")
-        check_room(draft, _store_bytes(attrs))
+        check_room(tmp, _store_bytes(attrs))
         try:
             _create(draft, attrs, images, fingerprint)
             os.replace(draft, tmp)
@@ -339,20 +339,27 @@ def check_room(path: Path, total_bytes: int) -> None:
     stat = path.stat() if path.exists() else None
     held, length = (stat.st_blocks * 512, stat.st_size) if stat else (0, 0)
     free = shutil.disk_usage(path.parent).free
-    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     if total_bytes - held > free:
         raise TraitsaeError(
-            f"the store {path} needs {gib(total_bytes - held)} more, but only {gib(free)} are "
+            f"the store {path} needs {_size(total_bytes - held)} more, but only {_size(free)} are "
             f"free under {path.parent}. Free space there or write elsewhere with "
             "paths.activations_dir=<dir>; rerunning the same command then resumes."
         )
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and total_bytes > max(limit, length):
         raise TraitsaeError(
-            f"the store {path} needs up to {gib(total_bytes)}, above this process's file-size "
-            f"limit of {gib(limit)} (ulimit -f). Raise the limit (ulimit -f unlimited) and run "
+            f"the store {path} needs up to {_size(total_bytes)}, above this process's file-size "
+            f"limit of {_size(limit)} (ulimit -f). Raise the limit (ulimit -f unlimited) and run "
             "the same command again."
         )
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1024
+    return ""
 
 
 def _fit(reason: str) -> bytes:
