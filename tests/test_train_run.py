@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_train_exports_a_loadable_sae_with_metrics(store: Path, tmp_path: Path) -> None:
-    run = train(compose_train(train_overrides(store, tmp_path / "run", steps=30)))
+    # data.store: d_model and backbone come from the store, whatever backbone= says (768 wide)
+    run = train(compose_train(train_overrides(store, tmp_path / "run", 30, backbone="dinov2")))
     sae = traitsae.load_sae(run)
     meta = sae.meta
     assert (meta["backbone"], meta["dataset"], meta["layer"], meta["tokens"]) == (
@@ -183,3 +185,23 @@ def test_non_finite_activations_in_the_store_are_named(tmp_path: Path) -> None:
         f["patches/3"][:, 0, 2] = np.inf
     with pytest.raises(TraitsaeError, match=r"non-finite"):
         train(compose_train(train_overrides(path, tmp_path / "run")))
+
+
+def test_the_last_step_is_validated_and_summarised(
+    store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """7 steps, validation every 5: the final metrics are those of step 7, not of step 5."""
+    overrides = train_overrides(
+        store, tmp_path / "run", steps=7, **{"trainer.val_check_interval": 5}
+    )
+    with caplog.at_level("INFO", logger="traitsae.training"):
+        run = train(compose_train(overrides))
+    figures = sorted(p.name for p in (run / "figures").glob("*.png"))
+    assert figures == ["firing_freq_step0000005.png", "firing_freq_step0000007.png"]
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done")]
+    assert len(summary) == 1
+    assert re.fullmatch(
+        r"done, step 7: val FVU [\d.]+, L0 [\d.]+, dead [\d.]+, dense [\d.]+", summary[0]
+    )
+    fvu = traitsae.load_sae(run).meta["metrics"]["val/fvu"]
+    assert summary[0].startswith(f"done, step 7: val FVU {fvu:.4g},")
