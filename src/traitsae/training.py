@@ -408,7 +408,7 @@ def train(cfg: DictConfig) -> Path:
         trainer_node = _trainer_node(cfg, has_val=dm.n_val_vectors > 0)
         module = build_module(cfg, dm, int(trainer_node["max_steps"]), run_dir)
         if ckpt_path is None:  # a resumed run takes b_dec from its checkpoint
-            module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.get("b_dec_init", "mean")))
+            module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
         log.info(
             "training sae=%s d_sae=%d on %s (layer %d, %s; %d train / %d val vectors, scale %.4g)",
             module.sae.variant, module.sae.d_sae, dm.store_path, dm.layer, dm.tokens,
