@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from train_helpers import (
     compose_train,
     dictionary_store,
     id_store,
-    subprocess_env,
     train_overrides,
 )
 
@@ -84,28 +81,6 @@ def test_a_new_penalty_is_one_class_and_a_target(store: Path, tmp_path: Path) ->
     with open(run / "csv" / "version_0" / "metrics.csv") as f:
         logged = [r["train/sparsity"] for r in csv.DictReader(f) if r.get("train/sparsity")]
     assert logged and all(float(p) > 0 for p in logged)
-
-
-def test_killed_run_resumes_from_its_last_checkpoint(store: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    overrides = train_overrides(store, run_dir, steps=12)
-    killed = subprocess.run(
-        [sys.executable, "train.py", *overrides, "+callbacks.kill._target_=train_helpers.KillAtStep",
-         "+callbacks.kill.step=7"],  # fmt: skip
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (run_dir / "sae.json").exists()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    # the same command again (without the crash), in the same run dir
-    record = [
-        "+callbacks.rec._target_=train_helpers.RecordRun",
-        f"+callbacks.rec.out_dir={tmp_path}",
-    ]
-    train(compose_train(overrides + record))
-    resumed = json.loads((tmp_path / "rank0.json").read_text())
-    assert resumed["start_step"] == 5 and resumed["end_step"] == 12  # checkpoint every 5 steps
-    assert traitsae.load_sae(run_dir).meta["steps"] == 12
 
 
 def _train_py_sweep(argv: list[str]) -> None:
