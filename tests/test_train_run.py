@@ -180,3 +180,32 @@ def test_the_last_step_is_validated_and_summarised(
     )
     fvu = traitsae.load_sae(run).meta["metrics"]["val/fvu"]
     assert summary[0].startswith(f"done, step 7: val FVU {fvu:.4g},")
+
+
+def test_lightning_lines_print_once_without_adverts() -> None:
+    """Hydra's root handler prints Lightning's records: Lightning's own console handler must not
+    print them a second time, and its cloud-logger advert is dropped."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from traitsae.training import _quiet_lightning_console
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    root = logging.getLogger()
+    handler = Collect()
+    root.addHandler(handler)
+    try:
+        _quiet_lightning_console()
+        lightning_logger = logging.getLogger("lightning")
+        assert not [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]
+        rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("💡 Tip: try installing [litlogger](https://pypi.org/project/litlogger/)")
+    finally:
+        root.removeHandler(handler)
+    assert seen == ["GPU available: False, used: False"]
