@@ -33,7 +33,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("data.val_fraction=2", r"data\.val_fraction must be a number in \[0, 1\)"),
         ("optim.lr=-0.001", r"optim\.lr must be a positive number, got -0\.001"),
         ("optim.lr=abc", r"optim\.lr must be a positive number, got 'abc'"),
-        ("trainer.max_steps=0", r"trainer\.max_steps must be a positive integer"),
+        ("trainer.max_steps=0", r"trainer\.max_steps must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_settings_are_named(store: Path, tmp_path: Path, override: str, message: str) -> None:
