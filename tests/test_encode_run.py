@@ -126,8 +126,9 @@ def test_evaluate_accepts_the_sae_backbone_and_refuses_another(planted, tmp_path
     assert run(_encode_cfg(root, tmp_path, "backbone=tiny", "eval.output=a.h5")).is_file()
     with pytest.raises(TraitsaeError, match=r"backbone=dinov2 .*trained on 'tiny'"):
         run(_encode_cfg(root, tmp_path, "backbone=dinov2", "eval.output=b.h5"))
-    with pytest.raises(TraitsaeError, match=r"run=\S+sae.json is a file.*sae=<path"):
-        run(_encode_cfg(root, tmp_path, f"run={root / 'run' / 'sae.json'}"))
+    (tmp_path / "notes.txt").write_text("not an SAE")
+    with pytest.raises(TraitsaeError, match=r"run=\S+notes.txt is a file.*sae=<path"):
+        run(_encode_cfg(root, tmp_path, f"run={tmp_path / 'notes.txt'}"))
 
 
 def test_sae_json_must_match_its_weights(planted, tmp_path):

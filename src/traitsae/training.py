@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from traitsae.config_checks import integer, number
 from traitsae.config_diff import changed_keys
 from traitsae.errors import TraitsaeError
 from traitsae.paths import hydra_output_dir
@@ -66,45 +67,19 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
         raise
 
 
-def _number(key: str, value: Any, positive: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or (positive and number <= 0):
-        raise TraitsaeError(
-            f"{key} must be a {'positive ' if positive else ''}number, got {value!r}."
-        )
-    return number
-
-
 def check_train_cfg(cfg: DictConfig) -> None:
     """Reject bad optimiser and trainer settings before anything is built."""
     optim = cfg.optim
-    _number("optim.lr", optim.lr, positive=True)
-    _number("optim.eps", optim.eps, positive=True)
-    _number("optim.min_lr_ratio", optim.min_lr_ratio)
-    betas = list(optim.betas) if OmegaConf.is_list(optim.betas) else None
-    if (
-        betas is None
-        or len(betas) != 2
-        or not all(0 <= _number("optim.betas", b) < 1 for b in betas)
-    ):
+    number("optim.lr", optim.lr, positive=True)
+    number("optim.eps", optim.eps, positive=True)
+    number("optim.min_lr_ratio", optim.min_lr_ratio)
+    betas = list(optim.betas) if OmegaConf.is_list(optim.betas) else []
+    if len(betas) != 2 or not all(0 <= number("optim.betas", b) < 1 for b in betas):
         raise TraitsaeError(f"optim.betas must be two numbers in [0, 1), got {optim.betas!r}.")
-    for key in ("warmup_steps",):
-        if not str(optim[key]).isdigit():
-            raise TraitsaeError(f"optim.{key} must be a non-negative integer, got {optim[key]!r}.")
-    if not str(cfg.trainer.max_steps).isdigit() or int(cfg.trainer.max_steps) <= 0:
-        raise TraitsaeError(
-            f"trainer.max_steps must be a positive integer (the stream is endless), got "
-            f"{cfg.trainer.max_steps!r}."
-        )
-    interval = cfg.trainer.get("val_check_interval")
-    if interval is not None and (not str(interval).isdigit() or int(interval) <= 0):
-        raise TraitsaeError(
-            f"trainer.val_check_interval must be a positive integer number of steps (the stream "
-            f"has no length), got {interval!r}."
-        )
+    integer("optim.warmup_steps", optim.warmup_steps, minimum=0)
+    integer("trainer.max_steps", cfg.trainer.max_steps, minimum=1)
+    if cfg.trainer.get("val_check_interval") is not None:  # steps: the stream has no length
+        integer("trainer.val_check_interval", cfg.trainer.val_check_interval, minimum=1)
 
 
 def sae_kwargs(cfg: DictConfig, d_model: int) -> dict[str, Any]:
@@ -408,7 +383,7 @@ def train(cfg: DictConfig) -> Path:
         trainer_node = _trainer_node(cfg, has_val=dm.n_val_vectors > 0)
         module = build_module(cfg, dm, int(trainer_node["max_steps"]), run_dir)
         if ckpt_path is None:  # a resumed run takes b_dec from its checkpoint
-            module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.get("b_dec_init", "mean")))
+            module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
         log.info(
             "training sae=%s d_sae=%d on %s (layer %d, %s; %d train / %d val vectors, scale %.4g)",
             module.sae.variant, module.sae.d_sae, dm.store_path, dm.layer, dm.tokens,

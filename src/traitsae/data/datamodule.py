@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from traitsae.config_checks import fraction, integer
 from traitsae.data.rings import PREFETCH, BatchLoader
 from traitsae.data.store import Store, tmp_path
 from traitsae.data.stream import (
@@ -34,29 +35,6 @@ TOKENS = ("patches", "cls")
 # A sample vector this many times longer than the sample's median is an outlier that would set
 # the normaliser on its own (extraction marks float16 overflows invalid; other tools may not).
 MAX_NORM_RATIO = 1000.0
-
-
-def _integer(key: str, value: Any, minimum: int | None = None) -> int:
-    """`value` as an int, or a TraitsaeError naming `key`."""
-    try:
-        number = int(value)
-        if number != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise TraitsaeError(f"{key} must be an integer, got {value!r}.") from None
-    if minimum is not None and number < minimum:
-        raise TraitsaeError(f"{key} must be an integer >= {minimum}, got {number}.")
-    return number
-
-
-def _fraction(key: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not 0.0 <= number < 1.0:
-        raise TraitsaeError(f"{key} must be a number in [0, 1), got {value!r}.")
-    return number
 
 
 class ActivationsDataModule(L.LightningDataModule):
@@ -96,22 +74,22 @@ class ActivationsDataModule(L.LightningDataModule):
         self.activations_dir = activations_dir
         self.backbone, self.dataset, self.split = backbone, dataset, split
         self.store_override = store
-        self.layer_requested = _integer("data.layer", layer)
+        self.layer_requested = integer("data.layer", layer)
         self.tokens = tokens
-        self.batch_size = _integer("data.batch_size", batch_size, minimum=1)
-        self.num_workers = _integer("data.num_workers", num_workers, minimum=0)
-        self.buffer_vectors = _integer("data.buffer_vectors", buffer_vectors, minimum=1)
-        self.val_fraction = _fraction("data.val_fraction", val_fraction)
+        self.batch_size = integer("data.batch_size", batch_size, minimum=1)
+        self.num_workers = integer("data.num_workers", num_workers, minimum=0)
+        self.buffer_vectors = integer("data.buffer_vectors", buffer_vectors, minimum=1)
+        self.val_fraction = fraction("data.val_fraction", val_fraction)
         self.val_batch_size = (
             self.batch_size
             if val_batch_size is None
-            else _integer("data.val_batch_size", val_batch_size, minimum=1)
+            else integer("data.val_batch_size", val_batch_size, minimum=1)
         )
-        self.scale_sample = _integer("data.scale_sample", scale_sample, minimum=1)
-        self.seed = _integer("seed", seed)
+        self.scale_sample = integer("data.scale_sample", scale_sample, minimum=1)
+        self.seed = integer("seed", seed)
         self.allow_incomplete = bool(allow_incomplete)
         self.block_images = (
-            None if block_images is None else _integer("data.block_images", block_images, 1)
+            None if block_images is None else integer("data.block_images", block_images, 1)
         )
         self.prepared = False
 

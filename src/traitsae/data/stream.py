@@ -169,6 +169,7 @@ class ActivationStream(IterableDataset):
         self.epochs = epochs
         self.rank, self.world_size = int(rank), int(world_size)
         self.start_batch = int(start_batch)
+        self.plan_rows = int(plan.block_rows().sum())
         # Shared output rings, handed over by BatchLoader in the main process before the
         # workers start (the one attribute set after construction: it is runtime state).
         self.outputs: SharedOutputs | None = None
@@ -178,9 +179,11 @@ class ActivationStream(IterableDataset):
         return self.plan.d_model
 
     def piece_rows(self) -> int:
-        """Rows of one output piece: whole batches, about PIECE_BYTES (at least one batch)."""
+        """Rows of one output piece: whole batches, about PIECE_BYTES but at most the plan's
+        vectors (small stores), and at least one batch."""
         batch_bytes = self.batch_size * self.plan.d_model * 2
-        return self.batch_size * max(1, PIECE_BYTES // batch_bytes)
+        batches = min(PIECE_BYTES // batch_bytes, self.plan_rows // self.batch_size)
+        return self.batch_size * max(1, batches)
 
     def placement(self, worker: int, n_workers: int) -> tuple[int, int, int]:
         """(stream id, number of streams, first position in that stream's sequence) for the

@@ -24,11 +24,12 @@ def sae_source(cfg: DictConfig) -> str:
         raise TraitsaeError(
             "no SAE given: pass run=<train.py run dir> (it holds sae.json) or sae=<path to sae.json>."
         )
-    if not cfg.get("sae_path") and Path(str(source)).is_file():
+    path = Path(str(source))
+    if not cfg.get("sae_path") and path.is_file() and path.suffix not in (".json", ".safetensors"):
         raise TraitsaeError(
             f"run={source} is a file, but run= takes a train.py run dir (the folder holding "
-            "sae.json and sae.safetensors). To evaluate an exported SAE file, pass sae=<path to "
-            "sae.json>."
+            "sae.json and sae.safetensors) or the sae.json in it. To evaluate an exported SAE "
+            "file, pass sae=<path to sae.json>."
         )
     return str(source)
 
