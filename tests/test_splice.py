@@ -113,3 +113,20 @@ def test_splice_on_the_demo(tmp_path):
     assert json.loads((tmp_path / "splice.json").read_text()) == result
     assert (tmp_path / "splice.csv").read_text().startswith("metric,clean,spliced,mean_ablated")
     assert (tmp_path / "splice.png").stat().st_size > 0
+
+
+def test_backbone_in_sae_json_must_match_the_store(tmp_path):
+    import shutil
+
+    from traitsae.errors import TraitsaeError
+    from traitsae.evaluation.splice import run
+
+    cfg = evaluate_cfg("splice", tmp_path / "out", ["split=test"])
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run, run_dir)
+    meta = json.loads((run_dir / "sae.json").read_text())
+    meta["config"]["backbone"]["init_seed"] = 7  # other random weights than the store's
+    (run_dir / "sae.json").write_text(json.dumps(meta))
+    cfg.run = str(run_dir)
+    with pytest.raises(TraitsaeError, match="init_seed: sae.json 7 vs store 0"):
+        run(cfg)
