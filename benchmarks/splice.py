@@ -34,7 +34,7 @@ from traitsae.evaluation.splice import splice_batch  # noqa: E402
 from traitsae.sae.export import RawSpaceSAE  # noqa: E402
 from traitsae.sae.model import build_sae  # noqa: E402
 
-DEFAULTS = {"dinov2_small": (-2, 64, 16), "tiny": (1, 1024, 64)}  # layer, images, batch size
+DEFAULTS = {"dinov2_small": (-2, 64, 16), "tiny": (1, 256, 64)}  # layer, images, batch size
 
 
 def backbone_cfg(name: str):
