@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from traitsae.errors import TraitsaeError
 
@@ -144,6 +145,7 @@ def write_sparse_codes(
     batch_patches: int = 4096,
     dtype: str = "float16",
     device: str = "cpu",
+    progress: bool = True,
 ) -> Path:
     """Stream the store through the SAE and append CSR rows to `out` (written as .tmp, renamed)."""
     if dtype not in ("float16", "float32"):
@@ -158,8 +160,10 @@ def write_sparse_codes(
         _write_header(f, store, sae, meta, valid_N, sae_source)
         writer = _CsrWriter(f, dtype)
         patch_P = np.arange(n_patches, dtype=np.int32)
+        bar = tqdm(total=int(valid_N.sum()), unit="img", desc="sparse codes", disable=not progress)
         for batch in stream_codes(store, sae, batch_patches=batch_patches, device=device):
             n_images = len(batch.image_index)
+            bar.update(n_images)
             writer.append(batch.codes_BPS.reshape(n_images * n_patches, -1))
             f["rows/image"].resize((writer.n_rows,))
             f["rows/image"][-n_images * n_patches :] = np.repeat(batch.image_index, n_patches)
@@ -171,6 +175,7 @@ def write_sparse_codes(
                 ds = f[f"rows/{name}"]
                 ds.resize((writer.n_rows,))
                 ds[-n_images * n_patches :] = np.tile(values, n_images)
+        bar.close()
         f.attrs["grid"] = [grid_rows, grid_cols]
         f.attrs["complete"] = True
     tmp.replace(out)
