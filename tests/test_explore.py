@@ -108,10 +108,19 @@ def test_maps_and_reconstruction_error_match_the_sae(planted, data):
 def test_search_ranks_the_planted_trait_first(data):
     species = np.asarray(data.metadata["species"])
     alpha, beta = np.flatnonzero(species == "001.Alpha"), np.flatnonzero(species == "002.Beta")
-    assert data.search(alpha[:4], beta[:4]).latent.iloc[0] == TRAIT_A
-    assert data.search(beta[:3], alpha[:5]).latent.iloc[0] == TRAIT_B
+    scores = data.image_scores
+    assert data.search(scores(alpha[:4]), scores(beta[:4])).latent.iloc[0] == TRAIT_A
+    assert data.search(scores(beta[:3]), scores(alpha[:5])).latent.iloc[0] == TRAIT_B
+    # Patches as examples: the SHARED block of Alpha images against the rest of those images.
+    r, c = BLOCKS[SHARED]
+    block = (slice(r, r + 2), slice(c, c + 2))
+    outside = (slice(0, 2), slice(0, 8))
+    pos = np.stack([data.region_scores(int(i), block) for i in alpha[:3]])
+    neg = np.stack([data.region_scores(int(i), outside) for i in alpha[:3]])
+    ranking = data.search(pos, neg)
+    assert ranking.latent.iloc[0] == SHARED and ranking.rate_gap.iloc[0] == 1.0
     with pytest.raises(TraitsaeError, match="at least one positive"):
-        data.search(np.array([], dtype=np.int64), beta)
+        data.search(np.zeros((0, data.d_sae)), scores(beta))
 
 
 # ----------------------------------------------------------------------------- pages
@@ -152,6 +161,15 @@ def test_image_page_latents_and_region(app):
     region = app.dataframe[1].value
     assert region.latent.iloc[0] == TRAIT_B and region.inside.iloc[0] == pytest.approx(1.0)
     assert any("reconstruction error" in c for img in app.get("image") for c in img.captions)
+    # The region becomes a positive example, a whole Alpha image (row before the Betas) negative.
+    beta_row = int(app.selectbox(key="image_row").value)
+    app.button(key="region_positive").click().run()
+    app.sidebar.radio(key="page").set_value("Search by example").run()
+    app.multiselect(key="neg_rows").set_value([beta_row - 1]).run()
+    ranking = app.dataframe[0].value
+    assert ranking.latent.iloc[0] == TRAIT_B, ranking.head()
+    app.button(key="clear_regions").click().run()
+    assert not app.session_state["region_examples"]
 
 
 def test_search_page_ranks_the_planted_trait_first(app):

@@ -311,29 +311,30 @@ class ExplorerData:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, positive_rows: np.ndarray, negative_rows: np.ndarray) -> Any:
-        """Latents that fire on the positive images and not on the negatives, best first.
+    def region_scores(self, row: int, region: tuple[slice, slice]) -> np.ndarray:
+        """[S] max code of every latent over a region (row slice, col slice) of an image."""
+        return self.image_codes(row).reshape(*self.grid, -1)[region].max(axis=(0, 1))
 
-        Ranked by firing-rate gap (rate on positives - rate on negatives), ties by the gap in
-        mean image score; latents that fire on no positive are left out.
+    def search(self, positives_NS: np.ndarray, negatives_NS: np.ndarray) -> Any:
+        """Latents that fire on the positive examples and not on the negatives, best first.
+
+        Examples are score vectors [n, S] (images: `image_scores`; patch regions:
+        `region_scores`). Ranked by firing-rate gap (rate on positives - rate on negatives),
+        ties by the gap in mean score; latents that fire on no positive are left out.
         """
         import pandas as pd
 
-        if len(positive_rows) == 0:
-            raise TraitsaeError("choose at least one positive image to search by example.")
-        pos_NS = self.image_scores(np.asarray(positive_rows))
-        neg_NS = (
-            self.image_scores(np.asarray(negative_rows))
-            if len(negative_rows)
-            else np.zeros((1, self.d_sae), np.float32)
-        )
+        if len(positives_NS) == 0:
+            raise TraitsaeError("choose at least one positive example to search by example.")
+        negatives_NS = np.asarray(negatives_NS).reshape(-1, self.d_sae)
+        empty = len(negatives_NS) == 0
         table = pd.DataFrame(
             {
                 "latent": np.arange(self.d_sae),
-                "rate_pos": (pos_NS > 0).mean(0),
-                "rate_neg": (neg_NS > 0).mean(0) if len(negative_rows) else 0.0,
-                "mean_pos": pos_NS.mean(0),
-                "mean_neg": neg_NS.mean(0) if len(negative_rows) else 0.0,
+                "rate_pos": (positives_NS > 0).mean(0),
+                "rate_neg": 0.0 if empty else (negatives_NS > 0).mean(0),
+                "mean_pos": positives_NS.mean(0),
+                "mean_neg": 0.0 if empty else negatives_NS.mean(0),
             }
         )
         table["rate_gap"] = table.rate_pos - table.rate_neg

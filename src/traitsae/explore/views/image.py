@@ -87,6 +87,18 @@ def render(data: Any) -> None:
         f"columns {region[1].start}-{region[1].stop - 1}"
     )
     st.dataframe(region_latents(codes_RCS, region).head(int(top)), hide_index=True, key="region")
+    left, right = st.columns(2)
+    for column, sign in ((left, "positive"), (right, "negative")):
+        if column.button(f"use this region as a {sign} example", key=f"region_{sign}"):
+            bounds = {
+                "rows": (region[0].start, region[0].stop),
+                "cols": (region[1].start, region[1].stop),
+            }
+            example = {"row": row, **bounds, "sign": sign}
+            st.session_state.setdefault("region_examples", []).append(example)
+    n_examples = len(st.session_state.get("region_examples", []))
+    if n_examples:
+        st.caption(f"{n_examples} region examples saved for Search by example.")
 
 
 def region_latents(codes_RCS: np.ndarray, region: tuple[slice, slice]) -> Any:

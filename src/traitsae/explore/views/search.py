@@ -32,6 +32,34 @@ def example_picker(data: Any, label: str, key: str) -> list[int]:
     return sorted(set(rows) | {int(r) for r in picked})
 
 
+def region_examples(data: Any) -> dict[str, list[np.ndarray]]:
+    """Score vectors of the patch regions saved on the Image page, by sign."""
+    examples = st.session_state.get("region_examples", [])
+    out: dict[str, list[np.ndarray]] = {"positive": [], "negative": []}
+    if not examples:
+        return out
+    st.markdown(
+        "Region examples (from the Image page): "
+        + "; ".join(
+            f"{e['sign']} #{e['row']} rows {e['rows'][0]}-{e['rows'][1] - 1} "
+            f"cols {e['cols'][0]}-{e['cols'][1] - 1}"
+            for e in examples
+        )
+    )
+    if st.button("clear region examples", key="clear_regions"):
+        st.session_state["region_examples"] = []
+        st.rerun()
+    for e in examples:
+        region = (slice(*e["rows"]), slice(*e["cols"]))
+        out[e["sign"]].append(data.region_scores(int(e["row"]), region))
+    return out
+
+
+def stack(data: Any, rows: list[int], regions: list[np.ndarray]) -> np.ndarray:
+    parts = [data.image_scores(np.asarray(rows, dtype=np.int64)), *(r[None] for r in regions)]
+    return np.concatenate(parts).reshape(-1, data.d_sae)
+
+
 def render(data: Any) -> None:
     st.header("Search by example")
     positives = example_picker(data, "positive", "pos")
@@ -40,11 +68,18 @@ def render(data: Any) -> None:
     if overlap:
         st.warning(f"{len(overlap)} images are both positive and negative; they count as positive.")
         negatives = [r for r in negatives if r not in overlap]
-    st.caption(f"{len(positives)} positive, {len(negatives)} negative images")
-    if not positives:
-        st.info("choose positive images (and some negatives) to rank latents.")
+    regions = region_examples(data)
+    n_pos, n_neg = (
+        len(positives) + len(regions["positive"]),
+        len(negatives) + len(regions["negative"]),
+    )
+    st.caption(f"{n_pos} positive, {n_neg} negative examples")
+    if not n_pos:
+        st.info("choose positive images or regions (and some negatives) to rank latents.")
         return
-    ranking = data.search(np.array(positives), np.array(negatives, dtype=np.int64))
+    ranking = data.search(
+        stack(data, positives, regions["positive"]), stack(data, negatives, regions["negative"])
+    )
     st.subheader("Latents that fire on the positives and not on the negatives")
     st.dataframe(ranking.head(50), hide_index=True, key="search_ranking")
     for latent in ranking.latent.head(N_GALLERIES):
