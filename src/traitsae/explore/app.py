@@ -21,10 +21,10 @@ log = logging.getLogger("traitsae.explore")
 
 @st.cache_resource(show_spinner="Loading sparse codes and indexes ...")
 def load_data(session_path: str):
-    from traitsae.explore.data import ExplorerData
+    from traitsae.explore.data import PRELOADED, ExplorerData
     from traitsae.explore.session import Session
 
-    return ExplorerData(Session.load(session_path))
+    return PRELOADED.pop(session_path, None) or ExplorerData(Session.load(session_path))
 
 
 def pages() -> dict:

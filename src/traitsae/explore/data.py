@@ -25,6 +25,8 @@ import torch
 from traitsae.errors import TraitsaeError
 from traitsae.explore.session import Session
 
+# Loaded by the server process before Streamlit starts (server.py), keyed by session path.
+PRELOADED: dict[str, ExplorerData] = {}
 _INDEX_ARRAYS = (
     "img_indptr",
     "img_latent",

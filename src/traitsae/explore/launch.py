@@ -1,8 +1,9 @@
 """explore.py's one function: check and prepare everything, then serve the Streamlit app.
 
-Streamlit runs as a child process (`python -m streamlit run app.py`), always headless: the
-browser is opened here once the server answers its health check, so Streamlit never prompts in
-the terminal, and every failure before that is a clear `error:` line rather than a page.
+Streamlit runs as a child process (`python -m traitsae.explore.server`: it loads the data, then
+runs Streamlit's own `streamlit run app.py`), always headless: the browser is opened here once the
+server answers its health check, so Streamlit never prompts in the terminal, and every failure
+before that is a clear `error:` line rather than a page.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from omegaconf import DictConfig
 from traitsae.errors import TraitsaeError
 from traitsae.explore.session import SESSION_ENV, Session, prepare
 
-APP = Path(__file__).with_name("app.py")
-STARTUP_TIMEOUT_S = 120
+STARTUP_TIMEOUT_S = 600  # preloading 1 M patches of codes on a loaded machine
 
 
 def explore(cfg: DictConfig) -> None:
@@ -46,9 +46,7 @@ def streamlit_command(address: str, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "streamlit",
-        "run",
-        str(APP),
+        "traitsae.explore.server",
         f"--server.address={address}",
         f"--server.port={port}",
         "--server.headless=true",
