@@ -68,49 +68,64 @@ def blank_image(size: int = BLANK_SIZE) -> np.ndarray:
     return np.full((size, size, 3), 200, dtype=np.uint8)
 
 
-def histogram_chart(scores: np.ndarray, n_zero: int, title: str) -> Any:
-    """Bars of a latent's image scores where it fires; how many images are at 0 in the title."""
-    import altair as alt
+def histogram_spec(scores: np.ndarray, n_zero: int, title: str) -> tuple[Any, dict]:
+    """(data, Vega-Lite spec) of a latent's image scores where it fires; zeros counted in the
+    title. Plain specs for st.vega_lite_chart: no Altair validation pass on every rerun."""
     import pandas as pd
 
     counts, edges = np.histogram(scores, bins=30) if len(scores) else (np.zeros(0), np.zeros(1))
     frame = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "images": counts})
-    return (
-        alt.Chart(frame, title=f"{title} ({n_zero} images at 0 not shown)")
-        .mark_bar()
-        .encode(
-            x=alt.X("from:Q", title="image score (max over patches)"),
-            x2="to:Q",
-            y=alt.Y("images:Q"),
+    spec = {
+        "title": f"{title} ({n_zero} images at 0 not shown)",
+        "mark": "bar",
+        "height": 180,
+        "encoding": {
+            "x": {
+                "field": "from",
+                "type": "quantitative",
+                "title": "image score (max over patches)",
+            },
+            "x2": {"field": "to"},
+            "y": {"field": "images", "type": "quantitative"},
+        },
+    }
+    return frame, spec
+
+
+def density_spec(table: Any, selected: int | None = None) -> tuple[Any, dict]:
+    """(data, Vega-Lite spec): log10 firing frequency vs log10 mean top-image score, coloured
+    by label entropy; the selected latent ringed in red."""
+    alive = table[(table.patch_freq > 0) & (table.mean_top_score > 0)]
+    frame = alive[["latent", "log10_freq", "patch_freq", "mean_top_score", "label_entropy"]].copy()
+    frame["log10_mean_top"] = np.log10(frame.mean_top_score)
+    x = {"field": "log10_freq", "type": "quantitative", "title": "log10 firing frequency"}
+    y = {"field": "log10_mean_top", "type": "quantitative", "title": "log10 mean top score"}
+    points = {
+        "mark": {"type": "circle", "size": 14, "opacity": 0.7},
+        "encoding": {
+            "x": x,
+            "y": y,
+            "color": {
+                "field": "label_entropy",
+                "type": "quantitative",
+                "title": "label entropy (bits)",
+                "scale": {"scheme": "viridis"},
+            },
+            "tooltip": [
+                {"field": f} for f in ("latent", "patch_freq", "mean_top_score", "label_entropy")
+            ],
+        },
+    }
+    layers = [points]
+    if selected is not None:
+        layers.append(
+            {
+                "transform": [{"filter": f"datum.latent == {int(selected)}"}],
+                "mark": {"type": "point", "size": 220, "color": "red", "strokeWidth": 2},
+                "encoding": {"x": x, "y": y},
+            }
         )
-        .properties(height=180)
-    )
-
-
-def density_chart(table: Any, selected: int | None = None) -> Any:
-    """log10 firing frequency vs log10 mean top-image score, coloured by label entropy."""
-    import altair as alt
-
-    alive = table[(table.patch_freq > 0) & (table.mean_top_score > 0)].copy()
-    alive["log10_mean_top"] = np.log10(alive.mean_top_score)
-    base = alt.Chart(alive).encode(
-        x=alt.X("log10_freq:Q", title="log10 firing frequency (fraction of patches)"),
-        y=alt.Y("log10_mean_top:Q", title="log10 mean score of top images"),
-        tooltip=["latent", "patch_freq", "mean_top_score", "label_entropy"],
-    )
-    points = base.mark_circle(size=14, opacity=0.7).encode(
-        color=alt.Color(
-            "label_entropy:Q", title="label entropy (bits)", scale=alt.Scale(scheme="viridis")
-        )
-    )
-    if selected is None or selected not in set(alive.latent):
-        return points.properties(height=320)
-    ring = (
-        alt.Chart(alive[alive.latent == selected])
-        .mark_point(size=220, color="red", strokeWidth=2)
-        .encode(x="log10_freq:Q", y="log10_mean_top:Q")
-    )
-    return (points + ring).properties(height=320)
+    return frame, {"height": 320, "layer": layers}
 
 
 def gallery(

@@ -31,7 +31,7 @@ def preload(session_path: str) -> None:
 
     try:
         loaded = data.ExplorerData(Session.load(session_path))
-        common.image_source(loaded)
+        latents.warm(loaded)
     except TraitsaeError as err:
         print(f"error: {err}", file=sys.stderr)
         return

@@ -9,7 +9,7 @@ import numpy as np
 import streamlit as st
 
 from traitsae.explore import draw
-from traitsae.explore.views.common import cached_table, latent_gallery
+from traitsae.explore.views.common import cached_table, latent_gallery, overlays
 
 SORTABLE = ("latent", "patch_freq", "image_freq", "mean_top_score", "label_entropy", "max_score")
 
@@ -59,7 +59,7 @@ def render(data: Any) -> None:
     st.session_state["clicked_latent"] = clicked
     latent = st.number_input("Latent", 0, data.d_sae - 1, step=1, key="latent")
     chart_col, hist_col = st.columns([3, 2])
-    chart_col.altair_chart(draw.density_chart(shown, int(latent)), width="stretch")
+    chart_col.vega_lite_chart(*draw.density_spec(shown, int(latent)), width="stretch")
     chart_col.caption(
         "Density vs mean activation (top images), coloured by label entropy: the CLIP-SAE "
         "write-up's figure. High-entropy latents in the low band fire at random."
@@ -70,8 +70,8 @@ def render(data: Any) -> None:
 def show_latent(data: Any, latent: int, hist_col: Any) -> None:
     row = cached_table(data).iloc[latent]
     scores = data.latent_scores(latent)
-    hist_col.altair_chart(
-        draw.histogram_chart(scores, data.n_images - len(scores), f"latent {latent}"),
+    hist_col.vega_lite_chart(
+        *draw.histogram_spec(scores, data.n_images - len(scores), f"latent {latent}"),
         width="stretch",
     )
     hist_col.markdown(
@@ -81,3 +81,10 @@ def show_latent(data: Any, latent: int, hist_col: Any) -> None:
     )
     st.subheader(f"Top images of latent {latent}")
     latent_gallery(data, latent, data.session.top_k)
+
+
+def warm(data: Any) -> None:
+    """Everything the first view computes once (table, image framing, colour maps)."""
+    cached_table(data)
+    rows, _ = data.top_images(int(np.argmax(data.fire_counts())), 1)
+    overlays(data, int(np.argmax(data.fire_counts())), rows)
