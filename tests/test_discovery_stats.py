@@ -287,3 +287,9 @@ def test_ranking_keeps_specific_latents_and_drops_shared_dense_rare():
     assert rank_by_specificity(table, "b", rule).tolist() == [1]
     assert table.rate_a[0] == 1.0 and table.rate_b[0] == 0.0
     assert table.dense.tolist() == [False, False, True, True, False]
+
+
+def test_smallest_p_of_large_groups_is_the_draws_floor():
+    in_a = np.arange(4000) < 2000  # C(4000, 2000) overflows a float
+    assert discovery_stats.smallest_p(in_a, np.zeros(4000, int), 999) == 1e-3
+    assert discovery_stats.smallest_p(np.arange(4) < 2, np.zeros(4, int), 999) == 1 / 6

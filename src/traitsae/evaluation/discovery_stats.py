@@ -281,7 +281,7 @@ def smallest_p(in_a_N: np.ndarray, codes_N: np.ndarray, max_draws: int) -> float
         math.comb(int((codes_N == c).sum()), int((in_a_N & (codes_N == c)).sum()))
         for c in np.unique(codes_N)
     )
-    return max(1.0 / arrangements, 1.0 / (max_draws + 1))
+    return 1.0 / min(arrangements, max_draws + 1)  # ints: arrangements can exceed any float
 
 
 # ----------------------------------------------------------------------------- held-out half
