@@ -189,6 +189,9 @@ def test_compare_page_uses_discovery_ranking(app):
     top = {g: ranking[ranking.group == g].iloc[0] for g in ("a", "b")}
     assert top["a"].latent == TRAIT_A and top["b"].latent == TRAIT_B
     assert top["a"].auroc == pytest.approx(1.0) and SHARED not in set(ranking.latent)
+    # discovery_stats' evidence: a permutation p-value and the held-out confirmation.
+    assert 0 < top["a"].p_value < 0.05 and top["a"].confirm_auroc == pytest.approx(1.0)
+    assert any("tested latents" in m.value for m in app.markdown)  # the verdict sentences
     assert len([c for img in app.get("image") for c in img.captions]) >= 12
 
 

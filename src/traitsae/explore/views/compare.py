@@ -1,10 +1,10 @@
 """Compare groups: two groups of images from metadata columns -> eval=discovery's ranking of the
-latents specific to each, with its statistics and heat-maps (traitsae.evaluation.discovery's own
-functions, fed with image scores from the sparse codes instead of a new pass over the store)."""
+latents specific to each, with its statistics (permutation p, BH q, held-out confirmation) and
+heat-maps: discovery_stats.contrast and discovery.build_candidates themselves, fed with image
+scores from the sparse codes instead of a new pass over the store."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -12,11 +12,13 @@ import streamlit as st
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import discovery, heatmaps
+from traitsae.evaluation.discovery_stats import NullOptions, RankingRule, contrast
 from traitsae.explore import draw
 from traitsae.explore.views.common import overlays
 
-TABLE_COLUMNS = ["group", "rank", "latent", "score", "auroc", "rate_a", "rate_b", "entropy",
-                 "morans_i", "support"]  # fmt: skip
+TABLE_COLUMNS = ["group", "rank", "latent", "score", "auroc", "p_value", "q_value", "discovery",
+                 "confirm_auroc", "confirmed", "rate_a", "rate_b", "entropy", "morans_i",
+                 "support"]  # fmt: skip
 
 
 def group_editor(data: Any, name: str, default: dict[str, Any]) -> dict[str, list[str]]:
@@ -43,9 +45,12 @@ def group_editor(data: Any, name: str, default: dict[str, Any]) -> dict[str, lis
     return {column: chosen} if chosen else {}
 
 
-def rank_groups(data: Any, group_a: dict, group_b: dict, rule: discovery.RankingRule) -> Any:
-    """Candidates per group (discovery's statistics and triage), cached per choice of groups."""
-    key = (repr(group_a), repr(group_b), repr(rule))
+def rank_groups(
+    data: Any, group_a: dict, group_b: dict, rule: RankingRule, null: NullOptions
+) -> tuple[list[Any], dict[str, Any]]:
+    """eval=discovery's candidates (statistics, p/q-values, confirmation, heat-map triage) and
+    summary, cached per choice of groups and options."""
+    key = (repr(group_a), repr(group_b), repr(rule), repr(null))
     cache = data.__dict__.setdefault("_compare_cache", {})
     if key not in cache:
         source = str(data.store.path)
@@ -57,55 +62,71 @@ def rank_groups(data: Any, group_a: dict, group_b: dict, rule: discovery.Ranking
                 "choose disjoint groups."
             )
         scores = data.group_scores(mask_a, mask_b)
-        stats = discovery.latent_stats(scores)
+        names = {"a": discovery.describe_group(group_a), "b": discovery.describe_group(group_b)}
+        result = contrast(scores.scores_NS, scores.in_a, rule, null, names=names, progress=False)
         candidates, _ = discovery.build_candidates(
             data.store,
             data.sae,
             scores,
-            stats,
-            rule,
+            result.candidates,
             heatmaps.TriageWeights(),
             n_top_images=6,
             device=data.session.device,
         )
-        cache[key] = (candidates, {"a": int(mask_a.sum()), "b": int(mask_b.sum())})
+        cache[key] = (candidates, result.summary)
     return cache[key]
+
+
+def options() -> tuple[RankingRule, NullOptions]:
+    """eval=discovery's ranking rule and null options, with its defaults."""
+    with st.expander("ranking rule and null (eval=discovery's options)"):
+        left, mid, right = st.columns(3)
+        rule = RankingRule(
+            min_support=left.number_input("min_support", 0.0, 1.0, 0.2, key="min_support"),
+            dense_rate=mid.number_input("dense_rate", 0.0, 1.0, 0.9, key="dense_rate"),
+            min_auroc=right.number_input("min_auroc", 0.0, 1.0, 0.8, key="min_auroc"),
+            n_candidates=int(left.number_input("n_candidates", 1, 100, 10, key="n_candidates")),
+        )
+        null = NullOptions(
+            n_permutations=int(mid.number_input("n_permutations", 0, 100_000, 1000, key="n_perm")),
+            alpha=right.number_input("alpha", 0.0, 1.0, 0.05, key="alpha"),
+            confirm=left.number_input("confirm", 0.0, 0.9, 0.5, key="confirm"),
+        )
+    return rule, null
 
 
 def render(data: Any) -> None:
     import pandas as pd
 
     st.header("Compare groups")
-    contrast = data.session.contrast or {}
-    group_a = group_editor(data, "a", dict(contrast.get("group_a") or {}))
-    group_b = group_editor(data, "b", dict(contrast.get("group_b") or {}))
-    with st.expander("ranking rule (eval=discovery's options)"):
-        left, mid, right = st.columns(3)
-        rule = discovery.RankingRule(
-            min_support=left.number_input("min_support", 0.0, 1.0, 0.2, key="min_support"),
-            dense_rate=mid.number_input("dense_rate", 0.0, 1.0, 0.9, key="dense_rate"),
-            min_auroc=right.number_input("min_auroc", 0.0, 1.0, 0.8, key="min_auroc"),
-            n_candidates=int(left.number_input("n_candidates", 1, 100, 10, key="n_candidates")),
-        )
+    contrast_pair = data.session.contrast or {}
+    group_a = group_editor(data, "a", dict(contrast_pair.get("group_a") or {}))
+    group_b = group_editor(data, "b", dict(contrast_pair.get("group_b") or {}))
+    rule, null = options()
     if not group_a or not group_b:
         st.info("choose a column and at least one value for each group.")
         return
-    candidates, sizes = rank_groups(data, group_a, group_b, rule)
-    st.caption(f"group A: {sizes['a']} images, group B: {sizes['b']} images")
+    candidates, summary = rank_groups(data, group_a, group_b, rule, null)
+    sizes = summary.get("sizes", {})
+    st.caption(f"group sizes (selection / held out): {sizes}")
+    for group, sentence in summary.get("verdict", {}).items():
+        st.markdown(f"**{group.upper()}**: {sentence}")
     if not candidates:
         st.warning("no latent passes the ranking rule for either group; loosen the rule.")
         return
-    table = pd.DataFrame([asdict(c) for c in candidates])
+    table = pd.DataFrame([c.row() for c in candidates])
     st.dataframe(table[[c for c in TABLE_COLUMNS if c in table]], hide_index=True, key="ranking")
     for cand in candidates[:4]:
-        other = "b" if cand.group == "a" else "a"
+        stats = cand.stats
+        other = "b" if stats.group == "a" else "a"
+        q = "" if stats.q_value is None else f", q {stats.q_value:.2g}"
         st.markdown(
-            f"**{cand.group.upper()}#{cand.rank}: latent {cand.latent}** (AUROC {cand.auroc:.2f}, "
-            f"rate A {cand.rate_a:.2f} / B {cand.rate_b:.2f}); upper row group "
-            f"{cand.group.upper()}, lower row group {other.upper()}"
+            f"**{stats.group.upper()}#{cand.rank}: latent {stats.latent}** (AUROC "
+            f"{stats.auroc:.2f}{q}, rate A {stats.rate_a:.2f} / B {stats.rate_b:.2f}); upper row "
+            f"group {stats.group.upper()}, lower row group {other.upper()}"
         )
         rows = np.array(cand.top_rows + cand.top_rows_other, dtype=np.int64)
-        images = overlays(data, cand.latent, rows)
+        images = overlays(data, stats.latent, rows)
         captions = [data.caption(int(r)) for r in rows]
         n_own = len(cand.top_rows)
         draw.gallery(st, images[:n_own], captions[:n_own], per_row=6)
