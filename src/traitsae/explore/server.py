@@ -24,8 +24,6 @@ def preload(session_path: str) -> None:
 
     A failure is printed and left to the page: the app tries again and shows the message there.
     """
-    import scipy.stats  # noqa: F401 - Compare groups' AUROC ranks; seconds to import
-
     from traitsae.explore import data
     from traitsae.explore.views import common, compare, image, latents, search  # noqa: F401
 

@@ -84,7 +84,10 @@ def show_latent(data: Any, latent: int, hist_col: Any) -> None:
 
 
 def warm(data: Any) -> None:
-    """Everything the first view computes once (table, image framing, colour maps)."""
+    """Everything the first views compute once (table, image framing, colour maps, the SAE)."""
     cached_table(data)
-    rows, _ = data.top_images(int(np.argmax(data.fire_counts())), 1)
-    overlays(data, int(np.argmax(data.fire_counts())), rows)
+    busiest = int(np.argmax(data.fire_counts()))
+    rows, _ = data.top_images(busiest, 1)
+    overlays(data, busiest, rows)
+    if len(rows):
+        data.reconstruction_error(int(rows[0]))

@@ -11,6 +11,7 @@ import streamlit as st
 from traitsae.explore.views.common import image_label, latent_gallery
 
 N_GALLERIES = 3
+GALLERY_SIZE = 8  # images per gallery: three galleries stay quick to draw
 
 
 def example_picker(data: Any, label: str, key: str) -> list[int]:
@@ -88,4 +89,4 @@ def render(data: Any) -> None:
             f"**latent {int(latent)}**: fires on {row.rate_pos:.0%} of positives, "
             f"{row.rate_neg:.0%} of negatives"
         )
-        latent_gallery(data, int(latent), data.session.top_k)
+        latent_gallery(data, int(latent), GALLERY_SIZE)
