@@ -132,3 +132,42 @@ def test_bad_backbone_configs():
         TraitsaeError, match="does not match its config .*width: config 32 vs model 64"
     ):
         build_backbone(backbone_cfg("tiny", width=32))
+
+
+def test_no_network_without_offline_flag_fails_within_seconds(tmp_path):
+    """HF_HUB_OFFLINE unset and the hub unreachable (an endpoint that never resolves):
+    huggingface_hub alone retries for about a minute (measured: 50 s for dinov2_small); the
+    probe makes each build fail in seconds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import json, time
+import open_clip, timm  # imported before the clock starts: only the build is timed
+from extract_helpers import backbone_cfg
+from traitsae.backbones import build_backbone
+from traitsae.errors import TraitsaeError
+out = {}
+for name in ("dinov2_small", "bioclip"):
+    started = time.monotonic()
+    try:
+        build_backbone(backbone_cfg(name))
+    except TraitsaeError as err:
+        out[name] = [time.monotonic() - started, str(err)]
+print(json.dumps(out))
+"""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env.update(HF_HOME=str(tmp_path), HF_ENDPOINT="https://hub.invalid", HTTPS_PROXY="")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(results) == {"dinov2_small", "bioclip"}
+    for name, (seconds, message) in results.items():
+        assert seconds < 15, (name, seconds)
+        assert "is unreachable" in message and "backbone.weights=<path>" in message, message

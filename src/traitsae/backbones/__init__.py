@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from traitsae.backbones.base import Backbone, Geometry, resolve_layers
+from traitsae.backbones.base import Backbone, Final, Geometry, resolve_layers
 from traitsae.errors import TraitsaeError
 
 
@@ -54,6 +54,8 @@ def build_backbone(cfg: Any, prune: bool = True) -> Backbone:
     if prune:
         # Blocks after the last requested layer never run (about 2x cheaper for a middle layer).
         backbone.trunk.prune_intermediate_layers(backbone.layers, prune_norm=True, prune_head=True)
+        backbone.pruned = True
+        backbone.text_tower = None  # extraction never needs it: free it
     return backbone
 
 
@@ -78,5 +80,5 @@ def check_geometry(cfg: Any, geometry: Geometry) -> None:
 
 
 __all__ = [
-    "Backbone", "FAMILIES", "Geometry", "build_backbone", "check_backbone_cfg", "resolve_layers",
+    "Backbone", "FAMILIES", "Final", "Geometry", "build_backbone", "check_backbone_cfg", "resolve_layers",
 ]  # fmt: skip

@@ -51,11 +51,17 @@ def resolve_layers(layers: Sequence[int], depth: int, name: str) -> list[int]:
 
 
 class Backbone(nn.Module):
-    """A frozen ViT trunk returning the residual stream after chosen blocks.
+    """A frozen ViT trunk, run as three stages: `embed` -> `blocks` -> `head`.
 
     `forward(images_BCHW)` -> (patches {L: [B, P, D]}, cls {L: [B, D]}) for each absolute layer L
-    in `self.layers`; `self.transform` maps a PIL image to the model's input tensor [C, H, W]
-    using the model's own preprocessing (size, mean, std).
+    in `self.layers` (what extraction stores); `self.transform` maps a PIL image to the model's
+    input tensor [C, H, W] using the model's own preprocessing (size, mean, std).
+
+    Interventions (splicing an SAE in, steering) cut the same stages at block L:
+    `tokens_after(images, L)` is the residual stream after block L (prefix tokens first, then
+    patches), `finish_from(tokens, L)` runs blocks L+1.. and the head on (edited) tokens. A family
+    implements `embed` (patch + position embeddings, prefix tokens, pre-norm), `blocks` and
+    `head` (final norm, pooling, projection); everything else is shared.
     """
 
     def __init__(
@@ -72,10 +78,62 @@ class Backbone(nn.Module):
         self.geometry = geometry
         self.layers = resolve_layers(layers, geometry.depth, name)
         self.transform = transform
+        # build_backbone(prune=True) sets it: no blocks after max(layers), no head.
+        self.pruned = False
+        # CLIP families: a TextTower (zero-shot classifiers from prompts); None otherwise.
+        self.text_tower = None
 
+    # ----------------------------------------------------------------- what a family implements
+    def embed(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images -> the tokens entering block 0 [B, T, D] (T = prefix tokens + patches)."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks, each [B, T, D] -> [B, T, D]."""
+        raise NotImplementedError
+
+    def head(self, tokens_BTD: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> the model's final image embedding [B, E]."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shared
     def intermediates(self, images_BCHW: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer in `self.layers`: (patches [B, P, D], prefix tokens [B, n_prefix, D])."""
-        raise NotImplementedError
+        k = self.geometry.n_prefix_tokens
+        x_BTD, out = self.embed(images_BCHW), []
+        for index, block in enumerate(self.blocks[: self.layers[-1] + 1]):
+            x_BTD = block(x_BTD)
+            if index in self.layers:
+                out.append((x_BTD[:, k:], x_BTD[:, :k]))
+        return out
+
+    def tokens_after(self, images_BCHW: torch.Tensor, layer: int) -> torch.Tensor:
+        """The residual stream after block `layer` [B, T, D] (prefix tokens, then patches)."""
+        layer = self._check_cut(layer)
+        x_BTD = self.embed(images_BCHW)
+        for block in self.blocks[: layer + 1]:
+            x_BTD = block(x_BTD)
+        return x_BTD
+
+    def finish_from(self, tokens_BTD: torch.Tensor, layer: int) -> Final:
+        """Run blocks after `layer` on `tokens_BTD` (block `layer`'s output, maybe edited), then
+        the head: the last block's tokens and the final embedding."""
+        layer = self._check_cut(layer)
+        if self.pruned:
+            raise TraitsaeError(
+                f"backbone {self.name!r} was built with prune=True (blocks after its stored layers "
+                "and the head removed); build it with build_backbone(cfg, prune=False) to run "
+                "it to the end."
+            )
+        x_BTD = tokens_BTD
+        for block in self.blocks[layer + 1 :]:
+            x_BTD = block(x_BTD)
+        return Final(tokens_BTD=x_BTD, embedding_BE=self.head(x_BTD))
+
+    def _check_cut(self, layer: int) -> int:
+        (absolute,) = resolve_layers([layer], self.geometry.depth, self.name)
+        return absolute
 
     @torch.inference_mode()
     def forward(
@@ -88,3 +146,11 @@ class Backbone(nn.Module):
             layer: pre_BKD[:, 0] for layer, (_, pre_BKD) in zip(self.layers, outputs, strict=True)
         }
         return patches, cls
+
+
+@dataclass(frozen=True)
+class Final:
+    """What the end of the model gives for a batch."""
+
+    tokens_BTD: torch.Tensor  # the last block's output (raw residual stream, before the head)
+    embedding_BE: torch.Tensor  # the model's image embedding (timm: pooled; CLIP: projected)

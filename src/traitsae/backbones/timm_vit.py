@@ -11,16 +11,17 @@ from traitsae.backbones.weights import init_kwargs, load_or_explain, local_weigh
 
 
 class TimmViT(Backbone):
-    def intermediates(self, images_BCHW: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # norm=False: the raw residual stream after each block, not the final LayerNorm's output.
-        return self.trunk.forward_intermediates(
-            images_BCHW,
-            indices=self.layers,
-            norm=False,
-            output_fmt="NLC",
-            intermediates_only=True,
-            return_prefix_tokens=True,
-        )
+    # The stages of timm's VisionTransformer.forward_features / forward_head, cut apart.
+    def embed(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        m = self.trunk
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images_BCHW))))
+
+    @property
+    def blocks(self) -> torch.nn.Sequential:
+        return self.trunk.blocks
+
+    def head(self, tokens_BTD: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_head(self.trunk.norm(tokens_BTD))
 
 
 def create_timm_model(cfg: Any) -> torch.nn.Module:

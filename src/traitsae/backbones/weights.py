@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from traitsae.errors import TraitsaeError
 
@@ -28,16 +32,27 @@ def local_weights(weights: str | None, name: str) -> Path | None:
 def load_or_explain(build: Callable[[], T], name: str, checkpoint: str) -> T:
     """Run `build()` (which downloads or reads cached weights); turn hub failures into one paragraph.
 
-    Any exception while fetching weights means the same thing to the user: this checkpoint is not
-    available here. The original error type and text are kept at the end of the message.
+    Without network and without HF_HUB_OFFLINE=1, huggingface_hub retries for about a minute
+    before failing (or before falling back to its cache). A probe of a few seconds finds that
+    out first; the build then runs in offline mode: cached weights load at once, missing ones
+    fail at once. Any exception while fetching weights means the same thing to the user: this
+    checkpoint is not available here. The original error type and text end the message.
     """
+    offline = _env_offline()
+    unreachable = not offline and not hub_reachable()
     try:
-        return build()
+        with hub_offline() if unreachable else nullcontext():
+            return build()
     except TraitsaeError:
         raise
     except Exception as err:  # noqa: BLE001 -- hub/network errors come in many types
-        offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes")
-        where = "offline (HF_HUB_OFFLINE=1) and " if offline else ""
+        where = (
+            "offline (HF_HUB_OFFLINE=1) and "
+            if offline
+            else f"the hub ({hub_endpoint()}) is unreachable and "
+            if unreachable
+            else ""
+        )
         raise TraitsaeError(
             f"cannot load pretrained weights {checkpoint!r} for backbone {name!r}: {where}they are "
             "not in the local cache. Either download them once on a machine with network (they "
@@ -45,6 +60,55 @@ def load_or_explain(build: Callable[[], T], name: str, checkpoint: str) -> T:
             f"or pass a local file with backbone.weights=<path>; or use backbone.pretrained=false "
             f"for a randomly initialised model. ({type(err).__name__}: {_first_line(err)})"
         ) from None
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes", "ON", "on")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub (or the HTTPS proxy) open within `timeout` seconds?
+
+    Run in a daemon thread so that a slow DNS resolver cannot stretch the wait either.
+    """
+    target = urlparse(
+        os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or hub_endpoint()
+    )
+    host, port = target.hostname or "", target.port or (80 if target.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode for the duration (it reads the flag at call time)."""
+    from huggingface_hub import constants
+
+    saved_flag, saved_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,0 +1,296 @@
+"""`eval=splice`: does the rest of the model still work on the SAE's reconstruction?
+
+    python evaluate.py eval=splice run=<run dir> dataset=cub split=test
+
+The SAE's backbone runs over the split's images up to block L (the SAE's layer). Block L's output
+then takes four forms, and the remaining blocks and the head run on each (in one batch of 4B):
+- clean: unchanged;
+- spliced: the edited tokens (patches, and CLS when the SAE was trained on it) replaced by the
+  SAE's reconstruction;
+- mean_ablated: the same tokens replaced by their mean over the split (per token position, from
+  the split's store, which holds block L's output);
+- zero_ablated: the same tokens set to zero.
+Metrics per condition: cosine of the final embedding to the clean one, relative error of the last
+block's tokens (||x - x_clean|| / ||x_clean|| per image), accuracy of a class probe fit on clean
+final embeddings of the train split, and for CLIP-family backbones zero-shot accuracy from class
+names. `recovered = (spliced - ablated) / (clean - ablated)` against `eval.baseline` (mean: the
+vision analogue of "loss recovered"); 1 = the SAE loses nothing downstream, 0 = no better than
+erasing the layer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from traitsae.backbones import Backbone, Final
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.downstream import (
+    ClassProbe,
+    build_full_backbone,
+    iter_image_batches,
+    sae_token_positions,
+    split_images,
+    train_class_probe,
+)
+
+log = logging.getLogger(__name__)
+CONDITIONS = ("clean", "spliced", "mean_ablated", "zero_ablated")
+BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
+
+
+# ----------------------------------------------------------------------------- the intervention
+
+
+def condition_tokens(
+    x_BTD: torch.Tensor, sae: torch.nn.Module, positions_T: torch.Tensor, mean_TD: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Block L's output under each condition; only the tokens at `positions_T` change."""
+    n_b, _, d = x_BTD.shape
+    chosen_BKD = x_BTD[:, positions_T]
+    recon_BKD = sae(chosen_BKD.reshape(-1, d)).reshape(chosen_BKD.shape).to(x_BTD.dtype)
+    out = {"clean": x_BTD}
+    for name, replacement in (
+        ("spliced", recon_BKD),
+        ("mean_ablated", mean_TD[positions_T].to(x_BTD.dtype).expand(n_b, -1, -1)),
+        ("zero_ablated", torch.zeros_like(chosen_BKD)),
+    ):
+        edited_BTD = x_BTD.clone()
+        edited_BTD[:, positions_T] = replacement
+        out[name] = edited_BTD
+    return out
+
+
+@torch.inference_mode()
+def splice_batch(
+    backbone: Backbone,
+    sae: torch.nn.Module,
+    images_BCHW: torch.Tensor,
+    layer: int,
+    positions_T: torch.Tensor,
+    mean_TD: torch.Tensor,
+) -> dict[str, Final]:
+    """The end of the model (last block's tokens, final embedding) under every condition."""
+    variants = condition_tokens(
+        backbone.tokens_after(images_BCHW, layer), sae, positions_T, mean_TD
+    )
+    final = backbone.finish_from(torch.cat(list(variants.values())), layer)
+    n_b = images_BCHW.shape[0]
+    return {
+        name: Final(
+            final.tokens_BTD[i * n_b : (i + 1) * n_b], final.embedding_BE[i * n_b : (i + 1) * n_b]
+        )
+        for i, name in enumerate(variants)
+    }
+
+
+def store_mean_tokens(store: Any, layer: int, n_tokens: int) -> torch.Tensor:
+    """[T, D] mean of block `layer`'s output over the store's valid images (CLS at position 0,
+    patches after the prefix; registers are not stored and stay zero: they are never edited)."""
+    mean_TD = torch.zeros(n_tokens, store.d_model, dtype=torch.float64)
+    n_valid = int(np.asarray(store.valid).sum())
+    if n_valid == 0:
+        raise TraitsaeError(f"store {store.path} has no valid images to average.")
+    for tokens, rows in (("patches", slice(store.n_prefix_tokens, None)), ("cls", 0)):
+        total = torch.zeros(mean_TD[rows].shape, dtype=torch.float64)
+        for _, acts in store.iter_valid(layer, tokens=tokens):
+            total += torch.from_numpy(np.asarray(acts, dtype=np.float64)).sum(0)
+        mean_TD[rows] = total / n_valid
+    return mean_TD.float()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Tally:
+    """Per-condition sums over images, and the final embeddings for the probes."""
+
+    n: int = 0
+    cosine: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CONDITIONS, 0.0))
+    rel_error: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CONDITIONS, 0.0))
+    embeddings: dict[str, list[np.ndarray]] = field(
+        default_factory=lambda: {c: [] for c in CONDITIONS}
+    )
+    rows: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, rows_B: np.ndarray, finals: dict[str, Final]) -> None:
+        clean = finals["clean"]
+        self.n += len(rows_B)
+        self.rows.append(rows_B)
+        for name, final in finals.items():
+            cos_B = torch.nn.functional.cosine_similarity(
+                final.embedding_BE.float(), clean.embedding_BE.float(), dim=-1
+            )
+            err_B = (final.tokens_BTD - clean.tokens_BTD).float().flatten(1).norm(dim=1)
+            err_B = err_B / clean.tokens_BTD.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+            self.cosine[name] += float(cos_B.sum())
+            self.rel_error[name] += float(err_B.sum())
+            self.embeddings[name].append(final.embedding_BE.float().cpu().numpy())
+
+    def embedding(self, name: str) -> np.ndarray:
+        return np.concatenate(self.embeddings[name])
+
+
+def recovered(clean: float, spliced: float, ablated: float) -> float | None:
+    """(spliced - ablated) / (clean - ablated); None when clean equals the ablation."""
+    gap = clean - ablated
+    return None if abs(gap) < 1e-12 else (spliced - ablated) / gap
+
+
+def metric_rows(values: dict[str, dict[str, float]], baseline: str) -> list[dict[str, Any]]:
+    """One row per metric: the value under each condition and the fraction recovered."""
+    ablated = BASELINES[baseline]
+    return [
+        {
+            "metric": metric,
+            **{c: float(v[c]) for c in CONDITIONS},
+            "recovered": recovered(v["clean"], v["spliced"], v[ablated]),
+        }
+        for metric, v in values.items()
+    ]
+
+
+def prompt_name(class_name: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black footed Albatross' (CUB / ImageFolder folder names)."""
+    return re.sub(r"^\d+\.", "", class_name).replace("_", " ").strip()
+
+
+def zero_shot_accuracy(
+    backbone: Backbone, emb_NE: dict[str, np.ndarray], labels_N: np.ndarray, template: str
+) -> dict[str, float]:
+    """Per condition: fraction of images whose best-matching prompt is their class's."""
+    classes = sorted(set(labels_N) - {""})
+    text_CE = backbone.text_tower.classifier([template.format(prompt_name(c)) for c in classes])
+    truth_N = np.asarray(labels_N, dtype=object)
+    out = {}
+    for name, e_NE in emb_NE.items():
+        best_N = (torch.as_tensor(e_NE) @ text_CE.T).argmax(-1).numpy()
+        out[name] = float((np.asarray(classes, dtype=object)[best_N] == truth_N).mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def check_splice_cfg(ev: DictConfig) -> None:
+    if ev.baseline not in BASELINES:
+        raise TraitsaeError(
+            f"eval.baseline must be one of {sorted(BASELINES)} (the ablation `recovered` is "
+            f"measured against), got {ev.baseline!r}."
+        )
+    if int(ev.batch_size) < 1:
+        raise TraitsaeError(f"eval.batch_size must be >= 1, got {ev.batch_size}.")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
+    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+
+    ev, device = cfg.eval, str(cfg.device)
+    check_splice_cfg(ev)
+    sae = resolve_sae(cfg).eval().to(device)
+    layer = int(sae.meta["layer"])
+    with eval_store(cfg, sae, cfg.split) as store:
+        backbone = build_full_backbone(sae, store, device)
+        n_tokens = backbone.geometry.n_prefix_tokens + backbone.geometry.n_patches
+        positions_T = sae_token_positions(
+            sae, str(ev.tokens), backbone.geometry.n_prefix_tokens, n_tokens
+        )
+        mean_TD = store_mean_tokens(store, layer, n_tokens).to(device)
+        images = split_images(cfg, cfg.split, store, str(ev.class_column))
+    probe = train_class_probe(cfg, backbone, sae, str(ev.train_split), str(ev.class_column))
+    tally = Tally()
+    for rows_B, images_BCHW in iter_image_batches(
+        backbone, images.paths, int(ev.batch_size), int(ev.num_workers), device, desc="splice"
+    ):
+        tally.add(rows_B, splice_batch(backbone, sae, images_BCHW, layer, positions_T, mean_TD))
+    result = summarise(cfg, backbone, sae, probe, tally, images.classes_N, positions_T)
+    write_outputs(result, output_dir(cfg))
+    return result
+
+
+def summarise(
+    cfg: DictConfig,
+    backbone: Backbone,
+    sae: Any,
+    probe: ClassProbe,
+    tally: Tally,
+    classes_N: np.ndarray,
+    positions_T: torch.Tensor,
+) -> dict[str, Any]:
+    ev = cfg.eval
+    labels_N = classes_N[np.concatenate(tally.rows)]
+    embeddings = {c: tally.embedding(c) for c in CONDITIONS}
+    values = {
+        "embedding_cosine": {c: tally.cosine[c] / tally.n for c in CONDITIONS},
+        "token_relative_error": {c: tally.rel_error[c] / tally.n for c in CONDITIONS},
+        "probe_accuracy": {c: probe.accuracy(embeddings[c], labels_N) for c in CONDITIONS},
+    }
+    if backbone.text_tower is not None and ev.zero_shot:
+        values["zero_shot_accuracy"] = zero_shot_accuracy(
+            backbone, embeddings, labels_N, str(ev.prompt)
+        )
+    k = backbone.geometry.n_prefix_tokens
+    return {
+        "metrics": metric_rows(values, str(ev.baseline)),
+        "meta": {
+            "sae": str(cfg.get("sae_path") or cfg.get("run")),
+            "backbone": backbone.name,
+            "layer": int(sae.meta["layer"]),
+            "depth": backbone.geometry.depth,
+            "dataset": cfg.dataset.name,
+            "split": str(cfg.split),
+            "train_split": str(ev.train_split),
+            "n_images": tally.n,
+            "n_probe_classes": len(probe.classes),
+            "edited_tokens": {
+                "cls": bool(positions_T[0]),
+                "patches": bool(positions_T[k:].all()),
+                "registers": False,
+            },
+            "baseline": BASELINES[str(ev.baseline)],
+            "recovered": "(spliced - baseline) / (clean - baseline)",
+        },
+    }
+
+
+def write_outputs(result: dict[str, Any], out) -> None:
+    from traitsae.evaluation import figures
+
+    (out / "splice.json").write_text(json.dumps(result, indent=2) + "\n")
+    columns = ["metric", *CONDITIONS, "recovered"]
+    with (out / "splice.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(result["metrics"])
+    rows = result["metrics"]
+    meta = result["meta"]
+    fig = figures.grouped_bars_with_ci(
+        [r["metric"].replace("_", "\n") for r in rows],
+        {c: [(r[c], r[c], r[c]) for r in rows] for c in CONDITIONS},
+        title=f"{meta['backbone']} block {meta['layer']}: SAE spliced in ({meta['dataset']} "
+        f"{meta['split']}, {meta['n_images']} images)",
+        ylabel="value",
+    )
+    figures.save(fig, out / "splice.png")
+    print(format_result(result))
+    print(f"splice: outputs in {out}")
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"{'metric':24s}" + "".join(f"{c:>14s}" for c in (*CONDITIONS, "recovered"))]
+    for row in result["metrics"]:
+        rec = "—" if row["recovered"] is None else f"{row['recovered']:.3f}"
+        lines.append(
+            f"{row['metric']:24s}" + "".join(f"{row[c]:14.4f}" for c in CONDITIONS) + f"{rec:>14s}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""eval=splice: the backbone cut at block L equals a forward hook that swaps block L's output
+(timm and open_clip), the four conditions edit only the chosen tokens, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from causal_helpers import evaluate_cfg
+from extract_helpers import backbone_cfg
+from test_backbones import TINY_CLIP
+
+from traitsae.backbones import build_backbone
+from traitsae.backbones.openclip_vit import create_openclip_model
+from traitsae.backbones.timm_vit import create_timm_model
+from traitsae.evaluation.splice import CONDITIONS, condition_tokens, recovered
+
+
+def _images(size: int, n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+
+def _edit(x_BTD: torch.Tensor) -> torch.Tensor:
+    """Some edit of block L's output: patch tokens scaled and shifted, prefix kept."""
+    out = x_BTD.clone()
+    out[:, 1:] = 0.5 * out[:, 1:] + 0.3
+    return out
+
+
+def _hooked(blocks, layer: int, run, last: int):
+    """The reference: the library's own forward with block `layer`'s output swapped by a hook;
+    returns (model output, the last block's output)."""
+    captured = {}
+    swap = blocks[layer].register_forward_hook(lambda _m, _i, out: _edit(out))
+    keep = blocks[last].register_forward_hook(lambda _m, _i, out: captured.setdefault("x", out))
+    try:
+        with torch.inference_mode():
+            return run(), captured["x"]
+    finally:
+        swap.remove()
+        keep.remove()
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_timm_splice_matches_a_hooked_forward(layer):
+    cfg = backbone_cfg("tiny")
+    backbone = build_backbone(cfg, prune=False)
+    x = _images(64)
+    with torch.inference_mode():
+        final = backbone.finish_from(_edit(backbone.tokens_after(x, layer)), layer)
+        clean = backbone.finish_from(backbone.tokens_after(x, layer), layer)
+    reference = create_timm_model(cfg).eval()
+    embedding, last_tokens = _hooked(reference.blocks, layer, lambda: reference(x), 3)
+    torch.testing.assert_close(final.embedding_BE, embedding, rtol=0, atol=1e-5)
+    torch.testing.assert_close(final.tokens_BTD, last_tokens, rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(clean.embedding_BE, reference(x), rtol=0, atol=1e-5)
+    assert not torch.allclose(final.embedding_BE, clean.embedding_BE)
+
+
+def test_open_clip_splice_matches_a_hooked_forward():
+    cfg = backbone_cfg("clip", **TINY_CLIP)
+    backbone = build_backbone(cfg, prune=False)
+    x = _images(32)
+    with torch.inference_mode():
+        final = backbone.finish_from(_edit(backbone.tokens_after(x, 1)), 1)
+    model, _ = create_openclip_model(cfg)
+    visual = model.visual.eval()
+    embedding, last_tokens = _hooked(visual.transformer.resblocks, 1, lambda: visual(x), 2)
+    assert embedding.shape == (3, 16)  # the projected CLIP image embedding
+    torch.testing.assert_close(final.embedding_BE, embedding, rtol=0, atol=1e-5)
+    torch.testing.assert_close(final.tokens_BTD, last_tokens, rtol=0, atol=1e-5)
+
+
+def test_pruned_backbone_refuses_to_finish():
+    backbone = build_backbone(backbone_cfg("tiny", layers=[1]))
+    with pytest.raises(Exception, match="prune=False"):
+        backbone.finish_from(backbone.tokens_after(_images(64, 1), 1), 1)
+
+
+def test_conditions_edit_only_the_chosen_tokens():
+    x_BTD = torch.randn(2, 5, 3)
+    positions_T = torch.tensor([False, True, True, False, True])
+    mean_TD = torch.arange(15.0).reshape(5, 3)
+    sae = torch.nn.Identity()
+    variants = condition_tokens(x_BTD, lambda v: 2 * v, positions_T, mean_TD)
+    assert list(variants) == list(CONDITIONS)
+    for name, v_BTD in variants.items():
+        torch.testing.assert_close(v_BTD[:, ~positions_T], x_BTD[:, ~positions_T], msg=name)
+    torch.testing.assert_close(variants["spliced"][:, positions_T], 2 * x_BTD[:, positions_T])
+    torch.testing.assert_close(
+        variants["mean_ablated"][:, positions_T], mean_TD[positions_T].expand(2, -1, -1)
+    )
+    assert variants["zero_ablated"][:, positions_T].abs().sum() == 0
+    assert sae(x_BTD) is x_BTD
+    assert recovered(1.0, 0.8, 0.0) == pytest.approx(0.8) and recovered(0.0, 0.1, 0.5) == 0.8
+    assert recovered(0.3, 0.2, 0.3) is None
+
+
+def test_splice_on_the_demo(tmp_path):
+    from traitsae.evaluation.splice import run
+
+    result = run(evaluate_cfg("splice", tmp_path, ["split=test"]))
+    rows = {r["metric"]: r for r in result["metrics"]}
+    assert set(rows) == {"embedding_cosine", "token_relative_error", "probe_accuracy"}  # no CLIP
+    cos, err = rows["embedding_cosine"], rows["token_relative_error"]
+    assert cos["clean"] == pytest.approx(1.0) and err["clean"] == 0.0
+    # The SAE's reconstruction keeps the downstream model closer to clean than erasing block 1.
+    assert cos["spliced"] > cos["mean_ablated"] and err["spliced"] < err["mean_ablated"]
+    assert 0.0 < cos["recovered"] <= 1.0 and 0.0 < err["recovered"] <= 1.0
+    assert result["meta"]["edited_tokens"] == {"cls": False, "patches": True, "registers": False}
+    assert json.loads((tmp_path / "splice.json").read_text()) == result
+    assert (tmp_path / "splice.csv").read_text().startswith("metric,clean,spliced,mean_ablated")
+    assert (tmp_path / "splice.png").stat().st_size > 0
+
+
+def test_backbone_in_sae_json_must_match_the_store(tmp_path):
+    import shutil
+
+    from traitsae.errors import TraitsaeError
+    from traitsae.evaluation.splice import run
+
+    cfg = evaluate_cfg("splice", tmp_path / "out", ["split=test"])
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run, run_dir)
+    meta = json.loads((run_dir / "sae.json").read_text())
+    meta["config"]["backbone"]["init_seed"] = 7  # other random weights than the store's
+    (run_dir / "sae.json").write_text(json.dumps(meta))
+    cfg.run = str(run_dir)
+    with pytest.raises(TraitsaeError, match="init_seed: sae.json 7 vs store 0"):
+        run(cfg)

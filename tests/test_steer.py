@@ -1,0 +1,94 @@
+"""eval=steer: classification control on the demo, the steering edit itself, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from causal_helpers import ALPHA, BETA, evaluate_cfg
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.downstream import ClassProbe
+from traitsae.evaluation.steer import run, steer_tokens
+
+
+class _Sae(torch.nn.Module):
+    """Just what steering reads: decoder rows, the normaliser, an encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W_dec = torch.eye(3)
+        self.scale = 2.0
+
+    def encode(self, x_RD: torch.Tensor) -> torch.Tensor:
+        return x_RD.clamp_min(0)
+
+
+@pytest.mark.parametrize("where", ["all", "firing"])
+def test_steer_tokens_adds_scaled_decoder_rows(where):
+    x_BTD = torch.tensor([[[9.0, 9, 9], [1, -1, 0], [-1, 1, 0]]])  # CLS, then two patches
+    positions_T = torch.tensor([False, True, True])
+    out = steer_tokens(x_BTD, _Sae(), [0, 1], torch.tensor([2.0, 4.0]), positions_T, where)
+    step = torch.tensor([1.0, 2.0, 0.0])  # (2 * e0 + 4 * e1) / scale
+    assert torch.equal(out[:, 0], x_BTD[:, 0])  # CLS untouched
+    if where == "all":
+        torch.testing.assert_close(out[0, 1:], x_BTD[0, 1:] + step)
+    else:  # patch 1 fires latent 0 only, patch 2 latent 1 only
+        torch.testing.assert_close(out[0, 1], x_BTD[0, 1] + torch.tensor([1.0, 0, 0]))
+        torch.testing.assert_close(out[0, 2], x_BTD[0, 2] + torch.tensor([0.0, 2, 0]))
+
+
+def test_probe_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 4)).astype(np.float32)
+    labels = np.where(emb[:, 0] > 0, "b", "a").astype(object)
+    probe = ClassProbe.fit(emb, labels)
+    assert probe.classes == ["a", "b"] and probe.accuracy(emb, labels) > 0.9
+    loaded = ClassProbe.load(probe.save(tmp_path / "probe.safetensors"))
+    p = probe.probabilities(torch.as_tensor(emb))
+    torch.testing.assert_close(loaded.probabilities(torch.as_tensor(emb)), p)
+    torch.testing.assert_close(p.sum(-1), torch.ones(40))
+
+
+def test_boosting_alpha_latents_in_beta_images_raises_p_alpha(tmp_path):
+    """Beta lacks Alpha's red crown spot; Alpha's top latents, added to Beta's images at block 1,
+    make the probe (on the final embedding) more sure of Alpha at every step of alpha."""
+    alphas = [0, 0.25, 0.5, 1]
+    cfg = evaluate_cfg(
+        "steer",
+        tmp_path,
+        [
+            "split=test",
+            f"eval.target_class={ALPHA}",
+            f"eval.source_class={BETA}",
+            f"eval.alphas={alphas}",
+        ],
+    )
+    result = run(cfg)
+    p_target = [point["mean_p_target"] for point in result["curve"]]
+    assert [point["alpha"] for point in result["curve"]] == alphas
+    assert all(np.diff(p_target) > 0), p_target
+    assert p_target[-1] > p_target[0] + 0.05
+    assert len(result["latents"]) == 3 and result["n_images"] == 12
+    assert {image["class"] for image in result["images"]} == {BETA}
+    assert len(result["images"]) == 12 * len(alphas) and len(result["images"][0]["top5"]) == 5
+    assert json.loads((tmp_path / "steer.json").read_text())["curve"] == result["curve"]
+    for name in ("steer_before_after.png", "steer_curve.png", "probe.safetensors"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.target_class=003.Nope", "003.Nope.* is not a class .*001.Alpha_warbler"),
+        ("eval.latents=[5,99999]", r"latents \[99999\] are out of range; this SAE has 512"),
+        ("eval.alphas=[1,2]", r"must include 0"),
+        ("eval.where=everywhere", "eval.where must be one of"),
+    ],
+)
+def test_bad_steer_input(tmp_path, override, message):
+    cfg = evaluate_cfg("steer", tmp_path, [f"eval.target_class={ALPHA}", override])
+    with pytest.raises(TraitsaeError, match=message):
+        run(cfg)
