@@ -28,13 +28,14 @@ def load_data(session_path: str):
 
 
 def pages() -> dict:
-    from traitsae.explore.views import compare, image, latents, search
+    from traitsae.explore.views import compare, image, latents, search, steer
 
     return {
         "Latents": latents,
         "Image": image,
         "Search by example": search,
         "Compare groups": compare,
+        "Steer": steer,
     }
 
 

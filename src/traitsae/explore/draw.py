@@ -128,6 +128,20 @@ def density_spec(table: Any, selected: int | None = None) -> tuple[Any, dict]:
     return frame, {"height": 320, "layer": layers}
 
 
+def probability_spec() -> dict:
+    """Vega-Lite spec of clean vs steered class probabilities (columns class, run, probability)."""
+    return {
+        "mark": "bar",
+        "height": 220,
+        "encoding": {
+            "y": {"field": "class", "type": "nominal", "sort": None, "title": None},
+            "yOffset": {"field": "run"},
+            "x": {"field": "probability", "type": "quantitative", "scale": {"domain": [0, 1]}},
+            "color": {"field": "run", "type": "nominal"},
+        },
+    }
+
+
 def gallery(
     st: Any, images: Sequence[np.ndarray], captions: Sequence[str], per_row: int = 8
 ) -> None:

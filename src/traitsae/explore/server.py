@@ -25,7 +25,7 @@ def preload(session_path: str) -> None:
     A failure is printed and left to the page: the app tries again and shows the message there.
     """
     from traitsae.explore import data
-    from traitsae.explore.views import common, compare, image, latents, search  # noqa: F401
+    from traitsae.explore.views import compare, image, latents, search, steer  # noqa: F401
 
     try:
         loaded = data.ExplorerData(Session.load(session_path))

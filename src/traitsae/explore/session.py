@@ -39,6 +39,7 @@ class Session:
     draw_images: bool = True
     cub_traits: str | None = None  # a cub_traits.json of this SAE, when one exists
     discovery: str | None = None  # a discovery output dir of this SAE, when one exists
+    probe: str | None = None  # an eval=steer probe.safetensors of this SAE, when one exists
     contrast: dict[str, Any] = field(default_factory=dict)  # the dataset's default groups
 
     def save(self, path: Path) -> Path:
@@ -189,5 +190,6 @@ def prepare(cfg: DictConfig) -> Session:
         draw_images=bool(ex.draw_images),
         cub_traits=find_eval_output(cfg, "cub_traits.json", ex.get("cub_traits")),
         discovery=str(Path(discovery).parent) if discovery else None,
+        probe=find_eval_output(cfg, "probe.safetensors", ex.get("probe")),
         contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
     )
