@@ -77,7 +77,7 @@ def histogram_spec(scores: np.ndarray, n_zero: int, title: str) -> tuple[Any, di
     frame = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "images": counts})
     spec = {
         "title": f"{title} ({n_zero} images at 0 not shown)",
-        "mark": "bar",
+        "mark": "rect",
         "height": 180,
         "encoding": {
             "x": {
@@ -87,6 +87,7 @@ def histogram_spec(scores: np.ndarray, n_zero: int, title: str) -> tuple[Any, di
             },
             "x2": {"field": "to"},
             "y": {"field": "images", "type": "quantitative"},
+            "y2": {"datum": 0},
         },
     }
     return frame, spec
