@@ -33,6 +33,17 @@ from traitsae.evaluation.encode import gather_codes, stream_codes
 from traitsae.evaluation.heatmaps import ImageSource
 from traitsae.evaluation.report import Card, write_report
 
+# Per-latent numbers of latents.csv (every latent) and of the index page's table.
+LATENT_COLUMNS = (
+    "latent",
+    "patch_freq",
+    "image_freq",
+    "mean_image_score",
+    "max_score",
+    "mean_top_score",
+    "label_entropy",
+)
+
 
 class RunningTopK:
     """Per-column top-k of a stream of [B, S] score batches, with the row id of each value."""
@@ -291,17 +302,7 @@ def write_latents_csv(
 ) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            [
-                "latent",
-                "patch_freq",
-                "image_freq",
-                "mean_image_score",
-                "max_score",
-                "mean_top_score",
-                "label_entropy",
-            ]
-        )
+        writer.writerow(LATENT_COLUMNS)
         for s in range(len(stats.patch_fires_S)):
             writer.writerow(
                 [
@@ -434,15 +435,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def write_features_index(out: Path, result: dict[str, Any]) -> Path:
-    columns = [
-        "latent",
-        "patch_freq",
-        "image_freq",
-        "mean_image_score",
-        "max_score",
-        "mean_top_score",
-        "label_entropy",
-    ]
+    columns = list(LATENT_COLUMNS)
     rows = [{**e, "anchor": f"latent-{e['latent']}"} for e in result["latents"]]
     cards = [
         Card(
