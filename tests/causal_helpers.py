@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ def demo_root() -> Path:
     """A folder holding activations/ (train, test), data/ and train/ (the SAE's run dir)."""
     from traitsae.extraction import extract
 
+    if os.environ.get("TRAITSAE_TEST_DEMO"):  # a demo built earlier (same layout): while debugging
+        return Path(os.environ["TRAITSAE_TEST_DEMO"])
     root = Path(tempfile.mkdtemp(prefix="traitsae-causal-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     demo_sae(root, layer=DEMO_LAYER)

@@ -37,3 +37,27 @@ def test_explore_latents_runs(planted):
     assert "latents firing in region (1, 3, 5, 7) of image 0: [0" in outputs_text(notebook)
     assert (root / "explore" / "codes.h5").exists()
     assert (root / "explore" / "region_query.png").exists()
+
+
+def test_classification_control_runs(tmp_path):
+    from causal_helpers import ALPHA, BETA, demo_root
+
+    root = demo_root()
+    notebook = run_notebook(
+        "classification_control",
+        {
+            "RUN": str(root / "train"),
+            "DATA_ROOT": str(root / "data" / "synthetic"),
+            "TARGET": ALPHA,
+            "SOURCE": BETA,
+            "ALPHAS": [0, 0.5, 1],
+            "OUT": str(tmp_path / "out"),
+        },
+        tmp_path,
+    )
+    text = outputs_text(notebook)
+    p_alpha = [
+        float(line.split("=")[1].split()[0]) for line in text.splitlines() if "mean p(" in line
+    ]
+    assert len(p_alpha) == 3 and p_alpha[0] < p_alpha[1] < p_alpha[2], text
+    assert (tmp_path / "out" / "before_after.png").exists()

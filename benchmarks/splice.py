@@ -1,0 +1,123 @@
+"""eval=splice's pass vs a plain forward pass of the same backbone over the same images.
+
+    .venv/bin/python benchmarks/splice.py                     # random dinov2_small and tiny
+    .venv/bin/python benchmarks/splice.py --backbone dinov2_small --layer -2 --expansion 16
+
+The splice pass runs blocks 0..L once, the SAE on block L's edited tokens, and blocks L+1.. and
+the head on the four conditions (clean, spliced, mean- and zero-ablated) at once: its cost over a
+plain forward is 3 x (blocks after L) / depth plus the SAE (target: <= 1.3x). Both loops see the
+same preprocessed batches in memory (no decoding), random weights (same compute as pretrained).
+Runs alternate (plain, splice, plain, ...); the ratio uses the fastest run of each (other
+processes only ever slow a run down) and the median ratio is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from traitsae.backbones import build_backbone  # noqa: E402
+from traitsae.evaluation.downstream import sae_token_positions  # noqa: E402
+from traitsae.evaluation.splice import splice_batch  # noqa: E402
+from traitsae.sae.export import RawSpaceSAE  # noqa: E402
+from traitsae.sae.model import build_sae  # noqa: E402
+
+DEFAULTS = {"dinov2_small": (-2, 64, 16), "tiny": (1, 1024, 64)}  # layer, images, batch size
+
+
+def backbone_cfg(name: str):
+    cfg = OmegaConf.load(REPO / "conf" / "backbone" / f"{name}.yaml")
+    with open_dict(cfg):
+        cfg.pretrained = False  # random weights: same compute, no download
+    return cfg
+
+
+@torch.inference_mode()
+def time_passes(
+    name: str, layer: int, n_images: int, batch: int, expansion: int, k: int, repeats: int
+):
+    backbone = build_backbone(backbone_cfg(name), prune=False)
+    g = backbone.geometry
+    layer = layer % g.depth
+    sae = RawSpaceSAE(
+        build_sae("topk", g.d_model, expansion * g.d_model, k).eval(),
+        scale=1.0,
+        meta={"layer": layer, "tokens": "patches"},
+    )
+    n_tokens = g.n_prefix_tokens + g.n_patches
+    positions_T = sae_token_positions(sae, "auto", g.n_prefix_tokens, n_tokens)
+    mean_TD = torch.zeros(n_tokens, g.d_model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randn(batch, 3, g.image_size, g.image_size, generator=gen)
+        for _ in range(max(1, n_images // batch))
+    ]
+    last = g.depth - 1
+
+    def plain() -> None:
+        for x in batches:
+            backbone.finish_from(backbone.tokens_after(x, last), last)
+
+    def splice() -> None:
+        for x in batches:
+            splice_batch(backbone, sae, x, layer, positions_T, mean_TD)
+
+    plain()  # warm-up
+    times = {"plain": [], "splice": []}
+    for _ in range(repeats):
+        for label, fn in (("plain", plain), ("splice", splice)):
+            started = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - started)
+    best = min(times["splice"]) / min(times["plain"])
+    median = statistics.median(s / p for s, p in zip(times["splice"], times["plain"], strict=True))
+    n = len(batches) * batch
+    print(
+        f"{name:13s} block {layer}/{g.depth - 1}, d_sae {expansion * g.d_model} k {k}, {n} images: "
+        f"plain {n / min(times['plain']):8.1f} img/s, splice {n / min(times['splice']):8.1f} img/s, "
+        f"ratio splice/plain {best:.2f}x (median {median:.2f}x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", choices=sorted(DEFAULTS), action="append")
+    parser.add_argument("--layer", type=int)
+    parser.add_argument("--images", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--expansion", type=int, default=16)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?"
+    )
+    print(f"CPU: {model}; torch threads {torch.get_num_threads()}; load: {os.getloadavg()}")
+    for name in args.backbone or list(DEFAULTS):
+        layer, images, batch = DEFAULTS[name]
+        time_passes(
+            name,
+            args.layer if args.layer is not None else layer,
+            args.images or images,
+            args.batch_size or batch,
+            args.expansion,
+            args.k,
+            args.repeats,
+        )
+
+
+if __name__ == "__main__":
+    main()
