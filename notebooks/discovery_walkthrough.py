@@ -31,7 +31,7 @@ from IPython.display import Image, display
 
 from traitsae import load_sae
 from traitsae.data.store import Store
-from traitsae.evaluation import discovery, heatmaps
+from traitsae.evaluation import discovery, discovery_stats, heatmaps
 from traitsae.evaluation.encode import gather_codes
 
 # %%
@@ -65,53 +65,59 @@ mask_b = discovery.group_mask(store.metadata, GROUP_B, "group_b", str(store.path
 print(f"group A: {mask_a.sum()} images, group B: {mask_b.sum()} images")
 
 # %% [markdown]
-# ## 2. One pass: image-level scores, then per-latent statistics
-# A latent's score on an image is its max over the image's patches. AUROC of A vs B measures
-# specificity: 1 = fires more on every A image than on any B image.
+# ## 2. One pass: image-level scores
+# A latent's score on an image is its max over the image's patches: a matrix [images, latents].
 
 # %%
 scores = discovery.collect_scores(store, sae, mask_a, mask_b)
-stats = discovery.latent_stats(scores)
-rule = discovery.RankingRule(n_candidates=5)
-dense = discovery.dense_latents(stats, rule)
-print(f"{scores.scores_NS.shape[1]} latents, {dense.sum()} dense (firing on most images of both)")
-for name, values in (("AUROC", stats.auroc), ("rate A", stats.rate_a), ("rate B", stats.rate_b)):
+print(f"score matrix: {scores.scores_NS.shape[0]} images x {scores.scores_NS.shape[1]} latents")
+
+# %% [markdown]
+# ## 3. Statistics on the score matrix
+# `discovery_stats.contrast` holds half of each group out, ranks latents on the other half by
+# AUROC (specificity: 1 = fires more on every A image than on any B image), gives each tested
+# latent a permutation p-value (group labels shuffled) and a Benjamini-Hochberg q-value, and
+# re-tests the candidates on the held-out half. With 12 images per group the halves are tiny:
+# read the verdicts.
+
+# %%
+rule = discovery_stats.RankingRule(n_candidates=5)
+result = discovery_stats.contrast(
+    scores.scores_NS, scores.in_a, rule, discovery_stats.NullOptions(), progress=False
+)
+print(f"{result.summary['tested']} latents tested, {result.summary['n_dense']} dense")
+for group, words in result.summary["verdict"].items():
+    print(f"group {group.upper()}: {words}")
+for cand in result.table():
     print(
-        f"{name:>7}: " + " ".join(f"{q:.2f}" for q in np.quantile(values, [0, 0.25, 0.5, 0.75, 1]))
+        f"{cand['group']} latent {cand['latent']:>4}: AUROC {cand['auroc']:.2f}, "
+        f"q {cand['q_value']:.2g}, held-out AUROC {cand['confirm_auroc']:.2f}, "
+        f"confirmed {cand['confirmed']}"
     )
 
 # %% [markdown]
-# ## 3. Candidates and their heat-maps
-# The most specific latents with enough support are scored by their heat-maps: normalised entropy
-# (low = narrow) and Moran's I (high = coherent); triage score = alpha*AUROC + beta*(-entropy) +
-# gamma*Moran's I.
+# ## 4. Candidates and their heat-maps
+# Each candidate's heat-maps on its top images are scored by normalised entropy (low = narrow)
+# and Moran's I (high = coherent); triage score = alpha*specificity + beta*(-entropy) +
+# gamma*Moran's I. Discoveries come first, then confirmed candidates, then the rest.
 
 # %%
-candidates, codes = discovery.build_candidates(
-    store, sae, scores, stats, rule, heatmaps.TriageWeights(), n_top_images=6
+candidates, maps = discovery.build_candidates(
+    store, sae, scores, result.candidates, heatmaps.TriageWeights(), n_top_images=6
 )
-discovery.print_summary(candidates, {"a": str(GROUP_A), "b": str(GROUP_B)})
-top = next(c for c in candidates if c.group == "a")
+top = next(c for c in candidates if c.stats.group == "a")
+print(f"top candidate for A: latent {top.stats.latent}, triage score {top.score:.2f}")
 
 # %%
-latents = sorted({c.latent for c in candidates})
 names = {"a": discovery.describe_group(GROUP_A), "b": discovery.describe_group(GROUP_B)}
 images = heatmaps.store_image_source(store, IMAGE_ROOT)
 figure = discovery.candidate_figure(
-    top,
-    codes,
-    latents.index(top.latent),
-    store.grid,
-    store.metadata,
-    names,
-    images,
-    out / "top_candidate.png",
-    scores,
+    top, maps, store.metadata, names, images, scores, out / "top_candidate.png"
 )
 display(Image(filename=str(figure)))
 
 # %% [markdown]
-# ## 4. Is it the planted trait?
+# ## 5. Is it the planted trait?
 # The demo saved each image's trait masks (in raw image pixels). Framed like the backbone framed
 # the image and reduced to the patches the trait touches, they tell how much of the top latent's
 # heat-map sits on the crown spot rather than on the rest of the bird.
@@ -122,7 +128,7 @@ if MASK_TRAIT is not None and (Path(IMAGE_ROOT) / "trait_masks.npz").exists():
 
     image_ids, masks_NTHW = load_trait_masks(IMAGE_ROOT)
     position = {int(i): n for n, i in enumerate(image_ids)}
-    top_codes = gather_codes(store, sae, np.array(top.top_rows), np.array([top.latent]))
+    top_codes = gather_codes(store, sae, np.array(top.top_rows), np.array([top.stats.latent]))
     for row in top.top_rows:
         mask_HW = masks_NTHW[position[int(store.metadata["image_id"][row])], MASK_TRAIT]
         on_trait_RC = heatmaps.patch_mask(images.frame.mask(mask_HW), store.grid)

@@ -47,6 +47,8 @@ def test_discovery_groups_from_cli_strings(planted, tmp_path):
             "eval.group_a={species: 001.Alpha}",
             "eval.group_b={species: [002.Beta], image_id: [13, 14, 15, 16, 17, 18, 19, 20]}",
             "eval.weights.gamma=1.0",
+            "eval.min_group=4",  # B: 8 images, 4 of them held out
+            "eval.n_permutations=500",
         ],
         tmp_path,
     )
@@ -54,6 +56,8 @@ def test_discovery_groups_from_cli_strings(planted, tmp_path):
     saved = json.loads((tmp_path / "discovery.json").read_text())
     assert saved["groups"]["a"]["n_images"] == 12 and saved["groups"]["b"]["n_images"] == 8
     assert saved["settings"]["weights"]["gamma"] == 1.0
+    assert saved["min_group"] == 4 and saved["n_permutations"] == 500
+    assert saved["sizes"]["b"] == {"selection": 4, "confirmation": 4}
     firsts = {c["group"]: c["latent"] for c in reversed(result["candidates"])}
     assert firsts == {"a": TRAIT_A, "b": TRAIT_B}
     assert (tmp_path / "index.html").exists() and (tmp_path / "candidates.csv").exists()
@@ -84,6 +88,20 @@ def test_empty_group_is_a_user_error(planted, tmp_path):
         tmp_path,
     )
     with pytest.raises(TraitsaeError, match=r"'001.Alpha' \(12\)"):
+        run_evaluation(cfg)
+
+
+def test_strata_that_split_the_groups_apart_are_a_user_error(planted, tmp_path):
+    cfg = evaluate_cfg(
+        [
+            *base_overrides(planted, "discovery"),
+            "eval.group_a={species: 001.Alpha}",
+            "eval.group_b={species: 002.Beta}",
+            "eval.strata=[label]",  # label is the species here: no stratum holds both groups
+        ],
+        tmp_path,
+    )
+    with pytest.raises(TraitsaeError, match="no stratum of eval.strata holds images of both"):
         run_evaluation(cfg)
 
 

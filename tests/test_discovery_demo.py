@@ -3,8 +3,8 @@
 In `dataset=synthetic`, species Alpha and Beta differ by exactly one planted trait
 (`CONTRAST_TRAIT`, present in Alpha only) and share others. With a real SAE trained on the tiny
 ViT's activations, the top-ranked Alpha candidate's heat-maps must sit mostly (>= 50 % of their
-mass) on the patches the contrast trait touches, and no candidate may be a latent for a shared
-trait (heat-map mass mostly on a shared trait's patches).
+mass) on the patches the contrast trait touches, and no discovery or confirmed candidate may be
+a latent for a shared trait (heat-map mass mostly on a shared trait's patches).
 """
 
 from __future__ import annotations
@@ -110,11 +110,14 @@ def shared_trait_latents(root, run_dir, trait: int) -> np.ndarray:
     return np.flatnonzero((rate_a >= 0.5) & (rate_b >= 0.5) & (mass_S >= 0.5))
 
 
-def test_shared_traits_are_not_ranked(demo):
+def test_shared_traits_are_not_vouched_for(demo):
     from traitsae.data.synthetic import ALPHA_TRAITS, BETA_TRAITS
 
     root, run_dir, result = demo
-    ranked = {c["latent"] for c in result["candidates"]}
+    # 6 + 6 selection images let shared-trait latents in among the candidates by chance; the
+    # null and the held-out half must not vouch for them.
+    ranked = {c["latent"] for c in result["candidates"] if c["discovery"] or c["confirmed"]}
+    assert ranked, "no discovery or confirmed candidate: test is vacuous"
     for trait in sorted(ALPHA_TRAITS & BETA_TRAITS):
         latents = shared_trait_latents(root, run_dir, trait)
         assert len(latents), f"the SAE has no latent for shared trait {trait}: test is vacuous"

@@ -1,25 +1,16 @@
-"""Heat-map metrics, AUROC, group filters, ranking and top-k: no store or SAE needed."""
+"""Heat-map metrics, group and strata filters, top-k, HTML reports: no store or SAE needed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import heatmaps
-from traitsae.evaluation.discovery import (
-    GroupScores,
-    RankingRule,
-    auroc_per_column,
-    group_mask,
-    latent_stats,
-    parse_group,
-    rank_by_specificity,
-)
+from traitsae.evaluation.discovery import group_mask, parse_group, parse_strata, strata_labels
 from traitsae.evaluation.features import RunningTopK
-from traitsae.evaluation.report import Card, write_report
+from traitsae.evaluation.report import Card, Section, write_report
 
 
 def morans_i_reference(map_RC: np.ndarray) -> float:
@@ -79,19 +70,6 @@ def test_mass_inside_counts_upsampled_patches():
     assert heatmaps.mass_inside(np.zeros((4, 4)), mask) == 0.0
 
 
-def test_auroc_matches_sklearn_with_ties():
-    rng = np.random.default_rng(1)
-    scores = np.where(rng.random((40, 6)) < 0.5, 0.0, rng.random((40, 6))).astype(np.float32)
-    positive = np.arange(40) < 15
-    scores[positive, 2] += 1.0  # a clearly specific column
-    ours = auroc_per_column(scores, positive)
-    expected = [roc_auc_score(positive, scores[:, j]) for j in range(6)]
-    np.testing.assert_allclose(ours, expected, rtol=1e-12)
-    assert ours[2] == 1.0
-    in_blocks = auroc_per_column(scores, positive, block_elements=80)  # 2 columns per block
-    np.testing.assert_allclose(in_blocks, ours, rtol=1e-12)
-
-
 METADATA = {
     "index": np.arange(6),
     "path": np.array([f"img{i}.png" for i in range(6)]),
@@ -124,27 +102,20 @@ def test_empty_group_lists_values_with_counts():
     assert "'erato' (3)" in str(err.value) and "'melpomene' (2)" in str(err.value)
 
 
+def test_strata_label_each_image_and_name_missing_columns():
+    assert parse_strata(None) == [] and parse_strata("species") == ["species"]
+    labels = strata_labels(METADATA, parse_strata(["species", "subspecies"]), "s.h5")
+    assert labels[0] == "species=erato, subspecies=lativita" and len(labels) == 6
+    with pytest.raises(TraitsaeError, match=r"\['collection'\].*'lativita' \(2\)"):
+        strata_labels(METADATA, ["collection"], "s.h5")
+    with pytest.raises(TraitsaeError, match="eval.strata must be"):
+        parse_strata({"species": 1})
+
+
 @pytest.mark.parametrize("spec", [None, {}, "erato", {"species": []}])
 def test_bad_group_spec_is_a_user_error(spec):
     with pytest.raises(TraitsaeError):
         parse_group(spec, "group_a")
-
-
-def test_ranking_keeps_specific_latents_and_drops_shared_dense_rare():
-    n_a, n_b = 20, 20
-    in_a = np.arange(n_a + n_b) < n_a
-    rng = np.random.default_rng(2)
-    scores = np.zeros((n_a + n_b, 5), dtype=np.float32)
-    scores[:n_a, 0] = 1 + rng.random(n_a)  # specific to A
-    scores[n_a:, 1] = 1 + rng.random(n_b)  # specific to B
-    scores[:, 2] = 1 + rng.random(n_a + n_b)  # shared trait: fires everywhere
-    scores[:, 3] = rng.random(n_a + n_b) + np.where(in_a, 1.0, 0.5)  # dense, stronger in A
-    scores[:2, 4] = 5.0  # specific to A but too rare
-    stats = latent_stats(GroupScores(np.arange(n_a + n_b), in_a, scores))
-    rule = RankingRule(min_support=0.2, dense_rate=0.9, min_auroc=0.75, n_candidates=5)
-    assert rank_by_specificity(stats, "a", rule).tolist() == [0]
-    assert rank_by_specificity(stats, "b", rule).tolist() == [1]
-    assert stats.rate_a[0] == 1.0 and stats.rate_b[0] == 0.0
 
 
 def test_running_topk_equals_full_sort():
@@ -175,13 +146,16 @@ def test_report_opens_from_disk_with_relative_links(tmp_path):
                 "Group A",
                 ["rank", "latent"],
                 [{"rank": 1, "latent": 7, "anchor": "a-1"}],
-                [Card("latent 7", "a-1", figure, {"auroc": 0.91234})],
-            )
+                [Card("latent 7", "a-1", figure, {"auroc": 0.91234, "q": 2e-5, "ok": True})],
+            ),
+            Section("Group B", ["rank"], [], [], note="No discoveries: none of 9 latents."),
         ],
         link_column="latent",
     ).read_text()
     assert 'src="figures/a.png"' in page and 'href="#a-1"' in page
     assert "T &lt;1&gt;" in page and "0.912" in page and "http" not in page
+    assert "q = 2.0e-05" in page and "ok = yes" in page
+    assert "No discoveries: none of 9 latents." in page and "(nothing to show)" not in page
 
 
 def test_patch_mask_marks_patches_the_trait_touches():

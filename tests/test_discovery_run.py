@@ -12,11 +12,16 @@ from discovery_helpers import SHARED, TRAIT_A, TRAIT_B, block_mask, planted_sae,
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import heatmaps
-from traitsae.evaluation.discovery import RankingRule, discover
+from traitsae.evaluation.discovery import discover
+from traitsae.evaluation.discovery_stats import NullOptions, RankingRule
 from traitsae.evaluation.encode import gather_codes
 from traitsae.evaluation.heatmaps import Frame, ImageSource
 
 CONTRACT_KEYS = {
+    "p_value",
+    "q_value",
+    "confirmed",
+    "confirm_auroc",
     "rank",
     "latent",
     "group",
@@ -68,6 +73,9 @@ def test_top_candidates_are_the_planted_traits(result, planted):
     assert top_b["latent"] == TRAIT_B
     assert top_a["auroc"] == 1.0 and top_a["rate_a"] == 1.0 and top_a["rate_b"] == 0.0
     assert top_b["auroc"] == 0.0
+    for top in (top_a, top_b):  # 12 + 12 selection images, 12 + 12 held out
+        assert top["discovery"] and top["q_value"] < 0.05 and top["p_value"] < 1e-4
+        assert top["confirmed"] and top["confirm_auroc"] == (1.0 if top is top_a else 0.0)
     assert SHARED not in {c["latent"] for c in out["candidates"]}
     assert all(c["top_images"][0].startswith("001.Alpha/") for c in by_group["a"])
 
@@ -92,20 +100,30 @@ def test_outputs_follow_the_contract(result, planted):
     saved = json.loads((out_dir / "discovery.json").read_text())
     assert saved == json.loads(json.dumps(out))
     assert saved["groups"]["a"]["n_images"] == 24 and saved["groups"]["b"]["n_images"] == 24
+    assert saved["alpha"] == 0.05 and saved["n_permutations"] == 1000
+    # Latents that never fire on 20 % of a group's images cannot be candidates: not tested.
+    assert 3 <= saved["tested"] < sae.d_sae
+    assert saved["sizes"]["a"] == {"selection": 12, "confirmation": 12}
     for cand in saved["candidates"]:
         assert set(cand) >= CONTRACT_KEYS
         assert (out_dir / cand["figure"]).stat().st_size > 1000
-    for group in ("a", "b"):
-        ranks = [c["rank"] for c in saved["candidates"] if c["group"] == group]
-        scores = [c["score"] for c in saved["candidates"] if c["group"] == group]
-        assert ranks == list(range(1, len(ranks) + 1)) and scores == sorted(scores, reverse=True)
+    for group in ("a", "b"):  # discoveries first, then confirmed, then by triage score
+        mine = [c for c in saved["candidates"] if c["group"] == group]
+        assert [c["rank"] for c in mine] == list(range(1, len(mine) + 1))
+        keys = [(not c["discovery"], not c["confirmed"], -c["score"]) for c in mine]
+        assert keys == sorted(keys)
     with (out_dir / "latents.csv").open() as f:
         latents = list(csv.DictReader(f))
     assert len(latents) == sae.d_sae and float(latents[SHARED]["auroc"]) == pytest.approx(
         0.5, abs=0.2
     )
+    assert float(latents[TRAIT_A]["q_value"]) < 0.05
+    assert sum(row["p_value"] == "" for row in latents) == sae.d_sae - saved["tested"]
+    with (out_dir / "candidates.csv").open() as f:
+        assert {"p_value", "q_value", "confirmed"} <= set(csv.DictReader(f).fieldnames)
     page = (out_dir / "index.html").read_text()
     assert all(c["figure"] in page for c in saved["candidates"])
+    assert "Discoveries specific to group A" in page and "Other candidates for group B" in page
 
 
 def test_groups_must_be_disjoint(planted, tmp_path):
@@ -116,6 +134,44 @@ def test_groups_must_be_disjoint(planted, tmp_path):
             sae,
             {"species": ["001.Alpha"]},
             {"species": ["001.Alpha", "002.Beta"]},
+            RankingRule(),
+            heatmaps.TriageWeights(),
+            tmp_path,
+            images=ImageSource(None, None),
+        )
+
+
+def test_groups_without_a_difference_say_so(planted, tmp_path):
+    """Alpha images against other Alpha images: no discoveries, in words, on every output."""
+    store, sae, _ = planted
+    with Store(store.path) as opened:
+        out = discover(
+            opened,
+            sae,
+            {"image_id": [str(i) for i in range(1, 13)]},
+            {"image_id": [str(i) for i in range(13, 25)]},
+            RankingRule(n_candidates=3),
+            heatmaps.TriageWeights(),
+            tmp_path,
+            null=NullOptions(n_permutations=200, max_permutations=2000),
+            images=ImageSource(None, None),
+        )
+    assert out["n_discoveries"] == {"a": 0, "b": 0}
+    for g in ("a", "b"):
+        assert out["verdict"][g].startswith(f"No discoveries: none of the {out['tested']} tested")
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("No discoveries: none of the") == 2
+    assert not any(c["discovery"] for c in out["candidates"])
+
+
+def test_small_groups_stop_with_their_sizes(planted, tmp_path):
+    store, sae, _ = planted
+    with Store(store.path) as opened, pytest.raises(TraitsaeError, match="has 3 images"):
+        discover(
+            opened,
+            sae,
+            {"image_id": ["1", "2", "3"]},
+            {"species": ["002.Beta"]},
             RankingRule(),
             heatmaps.TriageWeights(),
             tmp_path,

@@ -10,10 +10,13 @@ from discovery_helpers import SHARED, TRAIT_A, TRAIT_B, planted_sae, planted_sto
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.features import (
+    density_outputs,
     frequency_histogram,
     galleries,
+    label_entropy,
     scan,
     select_latents,
+    top_image_summary,
     write_features_index,
 )
 from traitsae.evaluation.heatmaps import Frame, ImageSource
@@ -93,5 +96,56 @@ def test_galleries_and_index(planted, tmp_path):
         "latents": entries,
     }
     frequency_histogram(stats, tmp_path / "frequency.png")
+    with Store(store.path) as opened:
+        mean_top_S, entropy_S = density_outputs(opened, stats, topk, tmp_path / "density.png", "t")
+    for entry in entries:
+        entry["mean_top_score"] = float(mean_top_S[entry["latent"]])
+        entry["label_entropy"] = float(entropy_S[entry["latent"]])
     page = write_features_index(tmp_path, result).read_text()
     assert by_latent[TRAIT_A]["figure"] in page and "frequency.png" in page
+    assert "density.png" in page and (tmp_path / "density.png").stat().st_size > 1000
+
+
+def test_label_entropy_weights_images_by_score():
+    labels_SK = np.array([[3, 3, 3, 3], [1, 2, 1, 2], [1, 2, -1, 5], [0, 1, 0, 0]])
+    weights_SK = np.array([[1, 2, 3, 4], [1, 1, 1, 1], [1, 3, 9, 0], [0, 0, 0, 0]], float)
+    entropy_S = label_entropy(labels_SK, weights_SK)
+    # one class; two equal classes; 1:3 (unlabelled and zero-weight entries do not count); none
+    p = np.array([0.25, 0.75])
+    np.testing.assert_allclose(entropy_S[:3], [0.0, 1.0, -(p * np.log2(p)).sum()])
+    assert np.isnan(entropy_S[3])
+
+
+def test_top_image_summary_on_the_planted_store(planted):
+    store, sae = planted
+    with Store(store.path) as opened:
+        stats, topk = scan(opened, sae, top_k=8)
+        labels_N = np.asarray(opened.metadata["label"])
+    values_SK, rows_SK = topk.values_KS.numpy().T, topk.rows_KS.numpy().T
+    mean_S, entropy_S = top_image_summary(values_SK, rows_SK, labels_N)
+    # A trait latent's top images are all of its group (one class); SHARED fires on both.
+    assert entropy_S[TRAIT_A] == 0.0 and entropy_S[TRAIT_B] == 0.0
+    assert entropy_S[SHARED] > 0.5
+    np.testing.assert_allclose(mean_S[TRAIT_A], values_SK[TRAIT_A].mean(), rtol=1e-6)
+    dead = np.flatnonzero(stats.patch_fires_S == 0)
+    assert len(dead) and np.isnan(mean_S[dead]).all() and np.isnan(entropy_S[dead]).all()
+
+
+def test_features_and_health_write_the_density_figure(planted, tmp_path):
+    from discovery_helpers import compose_cfg
+
+    from traitsae.evaluation.common import run_evaluation
+
+    store, _ = planted
+    run_dir = store.path.parents[3] / "run"
+    common = [
+        f"run={run_dir}",
+        f"paths.activations_dir={store.path.parents[2]}",
+        "eval.draw_images=false",
+    ]
+    run_evaluation(compose_cfg("evaluate", ["eval=features", *common], tmp_path / "f"))
+    header = (tmp_path / "f" / "latents.csv").read_text().splitlines()[0]
+    assert header.endswith("mean_top_score,label_entropy")
+    assert (tmp_path / "f" / "density.png").is_file()
+    run_evaluation(compose_cfg("evaluate", ["eval=health", *common[:2]], tmp_path / "h"))
+    assert (tmp_path / "h" / "health_density.png").stat().st_size > 1000

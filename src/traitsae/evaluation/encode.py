@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from traitsae.errors import TraitsaeError
 
@@ -184,6 +185,7 @@ def write_sparse_codes(
     batch_patches: int = 4096,
     dtype: str = "float16",
     device: str = "cpu",
+    progress: bool = True,
 ) -> Path:
     """Stream the store through the SAE and append CSR rows to `out`, through a temporary file
     of its own next to `out` that is renamed when complete (a missing folder is created)."""
@@ -212,8 +214,10 @@ def _write_codes(
         _write_header(f, store, sae, meta, valid_N, sae_source)
         writer = _CsrWriter(f, dtype)
         patch_P = np.arange(n_patches, dtype=np.int32)
+        bar = tqdm(total=int(valid_N.sum()), unit="img", desc="sparse codes", disable=not progress)
         for batch in stream_codes(store, sae, batch_patches=batch_patches, device=device):
             n_images = len(batch.image_index)
+            bar.update(n_images)
             writer.append(batch.codes_BPS.reshape(n_images * n_patches, -1))
             f["rows/image"].resize((writer.n_rows,))
             f["rows/image"][-n_images * n_patches :] = np.repeat(batch.image_index, n_patches)
@@ -225,6 +229,7 @@ def _write_codes(
                 ds = f[f"rows/{name}"]
                 ds.resize((writer.n_rows,))
                 ds[-n_images * n_patches :] = np.tile(values, n_images)
+        bar.close()
         f.attrs["grid"] = [grid_rows, grid_cols]
         f.attrs["complete"] = True
 

@@ -7,7 +7,10 @@
 One streaming pass over the store keeps, for every latent, firing counts and a running top-k of
 (image score, image row) — memory O(k x d_sae), never the n_images x d_sae matrix. The heat-maps
 of the few selected latents' top images are then re-encoded row by row for the figures.
-Outputs: features.json, latents.csv (every latent), frequency.png, galleries/*.png, index.html.
+Per latent, its top-k images also give the two axes of the CLIP-SAE write-up's density figure:
+the mean score of the top images and the *label entropy* of their class labels (each image
+weighted by its score; bits, 0 = all top images of one class). Outputs: features.json,
+latents.csv (every latent), frequency.png, density.png, galleries/*.png, index.html.
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ from traitsae.evaluation.discovery import image_source
 from traitsae.evaluation.encode import gather_codes, stream_codes
 from traitsae.evaluation.heatmaps import ImageSource
 from traitsae.evaluation.report import Card, write_report
+
+# Per-latent numbers of latents.csv (every latent) and of the index page's table.
+LATENT_COLUMNS = (
+    "latent",
+    "patch_freq",
+    "image_freq",
+    "mean_image_score",
+    "max_score",
+    "mean_top_score",
+    "label_entropy",
+)
 
 
 class RunningTopK:
@@ -120,6 +134,92 @@ def scan(
     return stats, topk
 
 
+def image_labels(metadata: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Class of every store image for label entropy: `label` where the dataset has classes,
+    else the finest taxon column (species, subspecies) as integer codes; -1 = no label."""
+    labels_N = np.asarray(metadata["label"], dtype=np.int64)
+    if (labels_N >= 0).any():
+        return labels_N
+    column = heatmaps.caption_column(metadata)
+    if column is None:
+        return labels_N
+    _, codes_N = np.unique(np.asarray(metadata[column]).astype(str), return_inverse=True)
+    return codes_N.astype(np.int64)
+
+
+def label_entropy(labels_SK: np.ndarray, weights_SK: np.ndarray) -> np.ndarray:
+    """Entropy (bits) of each row's label distribution, each entry weighted by its weight.
+
+    Rows are latents, entries their top images; entries with label -1 or weight <= 0 do not
+    count. A row with nothing left gets NaN (a latent that never fires has no top images).
+    """
+    labels_SK = np.asarray(labels_SK, dtype=np.int64)
+    w_SK = np.where(labels_SK >= 0, np.clip(np.asarray(weights_SK, dtype=np.float64), 0, None), 0)
+    order_SK = np.argsort(labels_SK, axis=1, kind="stable")
+    labels_SK = np.take_along_axis(labels_SK, order_SK, axis=1)
+    w_SK = np.take_along_axis(w_SK, order_SK, axis=1)
+    # Equal labels are now adjacent: number the runs and add up each run's weight.
+    new_run_SK = np.ones(labels_SK.shape, dtype=bool)
+    new_run_SK[:, 1:] = labels_SK[:, 1:] != labels_SK[:, :-1]
+    run_SK = np.cumsum(new_run_SK, axis=1) - 1
+    mass_SK = np.zeros(labels_SK.shape)
+    np.add.at(mass_SK, (np.arange(len(labels_SK))[:, None], run_SK), w_SK)
+    total_S = mass_SK.sum(axis=1)
+    p_SK = mass_SK / np.where(total_S > 0, total_S, 1.0)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy_S = -np.where(p_SK > 0, p_SK * np.log2(p_SK), 0.0).sum(axis=1)
+    return np.where(total_S > 0, entropy_S + 0.0, np.nan)  # + 0.0: no -0.0
+
+
+def top_image_summary(
+    values_SK: np.ndarray, rows_SK: np.ndarray, labels_N: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean score of the top images, label entropy of the top images) per latent.
+
+    `values_SK`/`rows_SK`: each latent's top image scores and store rows (-1 = empty slot);
+    only images where the latent fires (score > 0) count. NaN for a latent that never fires.
+    """
+    values_SK = np.asarray(values_SK, dtype=np.float64)
+    fired_SK = (values_SK > 0) & (rows_SK >= 0)
+    n_S = fired_SK.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        mean_S = np.where(fired_SK, values_SK, 0.0).sum(axis=1) / n_S
+    labels_SK = np.where(fired_SK, np.asarray(labels_N)[np.clip(rows_SK, 0, None)], -1)
+    return np.where(n_S > 0, mean_S, np.nan), label_entropy(labels_SK, values_SK * fired_SK)
+
+
+def density_figure(
+    patch_freq_S: np.ndarray, mean_top_S: np.ndarray, entropy_S: np.ndarray, title: str
+):
+    """log10 firing frequency vs log10 mean top-image score, coloured by label entropy.
+
+    The CLIP-SAE write-up's view: an ultra-low-density cluster of high-entropy latents sits
+    apart from the interpretable ones. Latents that never fire are left out (counted in the title).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alive_S = (patch_freq_S > 0) & (mean_top_S > 0)
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    points = ax.scatter(
+        np.log10(patch_freq_S[alive_S]),
+        np.log10(mean_top_S[alive_S]),
+        c=entropy_S[alive_S],
+        cmap="viridis",
+        s=6,
+        alpha=0.8,
+        plotnonfinite=True,
+    )
+    fig.colorbar(points, ax=ax, label="label entropy of top images (bits)")
+    ax.set_xlabel("log10 firing frequency (fraction of patches)")
+    ax.set_ylabel("log10 mean score of top images")
+    ax.set_title(f"{title} ({int((~alive_S).sum())} latents never fire)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def select_latents(
     stats: FiringStats,
     latents: list[int] | None,
@@ -197,10 +297,12 @@ def gallery_figure(
     return heatmaps.plot_panel_rows(lines, out_path, f"latent {latent}: top {len(panels)} images")
 
 
-def write_latents_csv(path: Path, stats: FiringStats) -> None:
+def write_latents_csv(
+    path: Path, stats: FiringStats, mean_top_S: np.ndarray, entropy_S: np.ndarray
+) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["latent", "patch_freq", "image_freq", "mean_image_score", "max_score"])
+        writer.writerow(LATENT_COLUMNS)
         for s in range(len(stats.patch_fires_S)):
             writer.writerow(
                 [
@@ -209,8 +311,35 @@ def write_latents_csv(path: Path, stats: FiringStats) -> None:
                     f"{stats.image_freq[s]:.6g}",
                     f"{stats.mean_image_max[s]:.6g}",
                     f"{stats.image_max_S[s]:.6g}",
+                    f"{mean_top_S[s]:.6g}",
+                    f"{entropy_S[s]:.6g}",
                 ]
             )
+
+
+def density_outputs(
+    store: Any, stats: FiringStats, topk: RunningTopK, out_png: Path, title: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-latent (mean top score, label entropy) of a scan, and the density figure."""
+    from traitsae.evaluation import figures
+
+    mean_top_S, entropy_S = top_image_summary(
+        topk.values_KS.numpy().T, topk.rows_KS.numpy().T, image_labels(store.metadata)
+    )
+    figures.save(density_figure(stats.patch_freq, mean_top_S, entropy_S, title), out_png)
+    return mean_top_S, entropy_S
+
+
+def density_for_health(cfg: DictConfig, sae: Any, out_png: Path, title: str) -> Path | None:
+    """eval=health's density figure: one scan of the held-out store (patch SAEs only)."""
+    from traitsae.evaluation.common import eval_store
+
+    if sae.meta.get("tokens", "patches") != "patches":
+        return None  # a CLS SAE has one token per image: no patch frequency to plot
+    with eval_store(cfg, sae, cfg.eval.split) as store:
+        stats, topk = scan(store, sae, int(cfg.eval.get("top_k", 16)), device=str(cfg.device))
+        density_outputs(store, stats, topk, out_png, title)
+    return out_png
 
 
 def galleries(
@@ -279,6 +408,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         entries = galleries(
             store, sae, stats, topk, chosen, image_source(cfg, store), out, str(cfg.device)
         )
+        mean_top_S, entropy_S = density_outputs(
+            store, stats, topk, out / "density.png", f"{stats.n_images} images"
+        )
+        for entry in entries:
+            entry["mean_top_score"] = float(mean_top_S[entry["latent"]])
+            entry["label_entropy"] = float(entropy_S[entry["latent"]])
         result = {
             "n_images": stats.n_images,
             "n_patches": stats.n_patches,
@@ -289,7 +424,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "latents": entries,
         }
     (out / "features.json").write_text(json.dumps(result, indent=2))
-    write_latents_csv(out / "latents.csv", stats)
+    write_latents_csv(out / "latents.csv", stats, mean_top_S, entropy_S)
     frequency_histogram(stats, out / "frequency.png")
     write_features_index(out, result)
     print(
@@ -300,7 +435,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def write_features_index(out: Path, result: dict[str, Any]) -> Path:
-    columns = ["latent", "patch_freq", "image_freq", "mean_image_score", "max_score"]
+    columns = list(LATENT_COLUMNS)
     rows = [{**e, "anchor": f"latent-{e['latent']}"} for e in result["latents"]]
     cards = [
         Card(
@@ -318,6 +453,13 @@ def write_features_index(out: Path, result: dict[str, Any]) -> Path:
         figure=out / "frequency.png",
         numbers={"dead": result["n_dead"], "dense": result["n_dense"], "d_sae": result["d_sae"]},
     )
+    density_card = Card(
+        heading="density vs mean activation",
+        anchor="density",
+        figure=out / "density.png",
+        numbers={},
+        note="colour: label entropy (bits) of each latent's top images, weighted by score",
+    )
     intro = (
         f"Top images per latent by image score on {result['n_images']} images "
         f"({result['n_patches']} patches), patch heat-maps overlaid. Every latent's numbers: "
@@ -327,6 +469,9 @@ def write_features_index(out: Path, result: dict[str, Any]) -> Path:
         out / "index.html",
         "Latent galleries",
         intro,
-        [("Firing frequency", [], [], [freq_card]), ("Latents", columns, rows, cards)],
+        [
+            ("Firing frequency", [], [], [freq_card, density_card]),
+            ("Latents", columns, rows, cards),
+        ],
         link_column="latent",
     )

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import figures
+from traitsae.evaluation import features, figures
 from traitsae.evaluation.encode import iter_valid_tokens
 from traitsae.evaluation.scoring import images_per_block
 
@@ -75,6 +75,9 @@ def run(cfg: DictConfig) -> list[Health]:
     mark_pareto(results)
     out = output_dir(cfg)
     write_outputs(results, out)
+    for i, r in enumerate(results):  # density vs mean activation, coloured by label entropy
+        name = "health_density.png" if len(results) == 1 else f"health_density_{i}.png"
+        features.density_for_health(cfg, load_sae(r.run), out / name, r.label)
     print(format_table(results))
     print(f"health: outputs in {out}")
     return results

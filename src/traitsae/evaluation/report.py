@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
@@ -21,6 +21,7 @@ th { background: #f0f0f0; } td.text { text-align: left; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 1em; margin: 1em 0; }
 .card img { max-width: 100%; }
 .meta { color: #555; font-size: 0.85em; }
+.note { background: #f6f6f6; border-left: 4px solid #999; padding: 0.4em 0.8em; }
 """
 
 
@@ -35,9 +36,25 @@ class Card:
     note: str = ""
 
 
+class Section(NamedTuple):
+    """A heading, a ranked table (a row's `anchor` links to its card) and the cards below it.
+
+    `note` is a sentence shown under the heading (e.g. why a table is empty); a plain
+    (heading, columns, rows, cards) tuple is a Section without a note.
+    """
+
+    heading: str
+    columns: Sequence[str]
+    rows: Sequence[Mapping[str, Any]]
+    cards: Sequence[Card]
+    note: str = ""
+
+
 def format_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "–"}[value]
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.1e}"
     if isinstance(value, (list, tuple)):
         return ", ".join(format_value(v) for v in value)
     return str(value)
@@ -83,18 +100,20 @@ def write_report(
     path: Path,
     title: str,
     intro: str,
-    sections: Sequence[tuple[str, Sequence[str], Sequence[Mapping[str, Any]], Sequence[Card]]],
+    sections: Sequence[Section | tuple],
     link_column: str | None = None,
 ) -> Path:
-    """Write `path` with, per section, a heading, a ranked table and the cards below it.
-
-    sections: (heading, table columns, table rows, cards); a row's `anchor` links to its card.
-    """
+    """Write `path` with, per section, a heading, its note, a ranked table and the cards."""
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
-    for heading, columns, rows, cards in sections:
-        body.append(f"<h2>{html.escape(heading)}</h2>")
-        body.append(_table(columns, rows, link_column) if rows else "<p>(nothing to show)</p>")
-        body.extend(_card(card, path.parent) for card in cards)
+    for section in (Section(*s) for s in sections):
+        body.append(f"<h2>{html.escape(section.heading)}</h2>")
+        if section.note:
+            body.append(f'<p class="note">{html.escape(section.note)}</p>')
+        if section.rows:
+            body.append(_table(section.columns, section.rows, link_column))
+        elif not section.note:
+            body.append("<p>(nothing to show)</p>")
+        body.extend(_card(card, path.parent) for card in section.cards)
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"

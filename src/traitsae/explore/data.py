@@ -1,0 +1,425 @@
+"""The explorer's data layer: sparse codes held in memory and the indexes every page queries.
+
+`codes.h5` (eval=encode) is CSR over patch rows. From it one pass builds, and caches on disk
+under the session's cache dir, two views of the image-level scores (max over an image's patches):
+- image-major CSR (`img_*`): the latents firing on an image, for the Image / Search / Compare pages;
+- latent-major CSC sorted by score (`lat_*`): a latent's images best first, so top images,
+  frequencies and histograms are slices, not scans.
+Image positions `v` count valid images in store order (the codes' row order); `rows_V` maps
+them to store rows, which is what the public methods take and return.
+
+Nothing here imports Streamlit: pages call these methods and the app caches the object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from traitsae.errors import TraitsaeError
+from traitsae.explore.session import Session
+
+# Loaded by the server process before Streamlit starts (server.py), keyed by session path.
+PRELOADED: dict[str, ExplorerData] = {}
+_INDEX_ARRAYS = (
+    "img_indptr",
+    "img_latent",
+    "img_score",
+    "lat_indptr",
+    "lat_image",
+    "lat_score",
+    "patch_fires",
+)
+
+
+def check_codes_match(codes: Path, store: Any, sae: Any) -> None:
+    """A codes file must come from this SAE (d_sae) and this store (patches, images)."""
+    with h5py.File(codes, "r") as f:
+        if not f.attrs.get("complete", False) or "codes/indptr" not in f:
+            raise TraitsaeError(
+                f"{codes} is not a complete sparse-code file; delete it (or drop explore.codes) "
+                "to have it made again."
+            )
+        found = {
+            "d_sae": int(f.attrs["d_sae"]),
+            "n_patches": int(f.attrs["n_patches"]),
+            "n_images": len(f["images/first_row"]),
+        }
+    wanted = {"d_sae": int(sae.d_sae), "n_patches": store.n_patches, "n_images": store.n_images}
+    if found != wanted:
+        raise TraitsaeError(
+            f"sparse codes {codes} do not belong to this SAE and store: they have {found}, the "
+            f"SAE and store {store.path} have {wanted}. Pass the codes of this run, or drop "
+            "explore.codes to have them made."
+        )
+
+
+@dataclass
+class ImageIndex:
+    """Image-level scores in both orders (see the module docstring)."""
+
+    img_indptr: np.ndarray  # [V + 1]
+    img_latent: np.ndarray  # [M] int32, increasing within an image
+    img_score: np.ndarray  # [M] float32
+    lat_indptr: np.ndarray  # [S + 1]
+    lat_image: np.ndarray  # [M] int32 image positions, best score first within a latent
+    lat_score: np.ndarray  # [M] float32
+    patch_fires: np.ndarray  # [S] int64 patches where each latent fires
+
+
+def build_index(
+    indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_patches: int, d_sae: int
+) -> ImageIndex:
+    """Max-pool CSR patch codes to images, then sort a copy latent-major, best first."""
+    n_images = (len(indptr) - 1) // n_patches
+    nnz_per_image = np.diff(indptr[::n_patches])
+    image_M = torch.repeat_interleave(
+        torch.arange(n_images, dtype=torch.int64), torch.from_numpy(nnz_per_image)
+    )
+    latent_M = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    keys, inverse = torch.unique(image_M * d_sae + latent_M, sorted=True, return_inverse=True)
+    score_U = torch.zeros(len(keys)).scatter_reduce_(
+        0,
+        inverse,
+        torch.from_numpy(np.asarray(values, dtype=np.float32)),
+        "amax",
+        include_self=False,
+    )
+    img_U, lat_U = keys // d_sae, keys % d_sae
+    by_score = torch.argsort(-score_U, stable=True)
+    order = by_score[torch.argsort(lat_U[by_score], stable=True)]
+    return ImageIndex(
+        img_indptr=_indptr(img_U, n_images),
+        img_latent=lat_U.to(torch.int32).numpy(),
+        img_score=score_U.numpy(),
+        lat_indptr=_indptr(lat_U, d_sae),
+        lat_image=img_U[order].to(torch.int32).numpy(),
+        lat_score=score_U[order].numpy(),
+        patch_fires=np.bincount(indices, minlength=d_sae).astype(np.int64),
+    )
+
+
+def _indptr(sorted_ids: torch.Tensor, n: int) -> np.ndarray:
+    counts = torch.bincount(sorted_ids, minlength=n).numpy()
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def load_or_build_index(cache: Path, codes: Any) -> ImageIndex:
+    """The index from `cache/index/*.npy` (memory-mapped), built and saved on first use."""
+    folder = cache / "index"
+    if (folder / "complete").is_file():
+        return ImageIndex(**{n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _INDEX_ARRAYS})
+    index = build_index(codes.indptr, codes.indices, codes.values, codes.n_patches, codes.d_sae)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _INDEX_ARRAYS:
+        np.save(folder / f"{name}.npy", getattr(index, name))
+    (folder / "complete").write_text("")
+    return index
+
+
+class Codes:
+    """The CSR arrays of codes.h5, read into memory once."""
+
+    def __init__(self, path: Path) -> None:
+        with h5py.File(path, "r") as f:
+            self.d_sae = int(f.attrs["d_sae"])
+            self.n_patches = int(f.attrs["n_patches"])
+            self.grid = tuple(int(g) for g in f.attrs["grid"])
+            self.indptr = f["codes/indptr"][:]
+            self.indices = f["codes/indices"][:]
+            self.values = f["codes/values"][:]
+            self.first_row = f["images/first_row"][:]
+
+    def patch_codes(self, v: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(patch, latent, value) of every nonzero code of image position v."""
+        lo_row = v * self.n_patches
+        bounds = self.indptr[lo_row : lo_row + self.n_patches + 1]
+        patch = np.repeat(np.arange(self.n_patches), np.diff(bounds))
+        lo, hi = bounds[0], bounds[-1]
+        return patch, self.indices[lo:hi], self.values[lo:hi].astype(np.float32)
+
+
+class ExplorerData:
+    """Everything the pages read, for one session. Build once per process (the app caches it)."""
+
+    def __init__(self, session: Session) -> None:
+        from traitsae.data.store import Store
+        from traitsae.evaluation.features import image_labels, top_image_summary
+        from traitsae.sae.export import load_sae
+
+        self.session = session
+        self.cache = Path(session.cache_dir)
+        self.store = Store(session.store)
+        self.sae = load_sae(session.sae, device=session.device).eval()
+        self.codes = Codes(Path(session.codes))
+        self.d_sae, self.grid = self.codes.d_sae, self.codes.grid
+        self.n_patches = self.codes.n_patches
+        self.metadata = self.store.metadata
+        self.rows_V = np.flatnonzero(self.codes.first_row >= 0)
+        self.position = np.full(len(self.codes.first_row), -1, dtype=np.int64)
+        self.position[self.rows_V] = np.arange(len(self.rows_V))
+        self.paths = np.asarray(self.metadata["path"]).astype(str)
+        self.labels_N = image_labels(self.metadata)
+        self.index = load_or_build_index(self.cache, self.codes)
+        top_values_SK, top_rows_SK = self.top_matrix(session.top_k)
+        self.mean_top_S, self.entropy_S = top_image_summary(
+            top_values_SK, top_rows_SK, self.labels_N
+        )
+        self.linked = linked_columns(session, self.d_sae)
+
+    # ------------------------------------------------------------------ latents
+
+    @property
+    def n_images(self) -> int:
+        return len(self.rows_V)
+
+    def fire_counts(self) -> np.ndarray:
+        return np.diff(self.index.lat_indptr)
+
+    def top_matrix(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """[S, k] top image scores and store rows of every latent (0 / -1 past its images)."""
+        starts_S, counts_S = self.index.lat_indptr[:-1], self.fire_counts()
+        slot_SK = starts_S[:, None] + np.arange(k)
+        filled_SK = np.arange(k) < counts_S[:, None]
+        slot_SK = np.where(filled_SK, slot_SK, 0)
+        lat_image = np.asarray(self.index.lat_image)
+        values_SK = np.where(filled_SK, np.asarray(self.index.lat_score)[slot_SK], 0.0)
+        rows_SK = np.where(filled_SK, self.rows_V[lat_image[slot_SK]], -1)
+        return values_SK, rows_SK
+
+    def latent_table(self) -> Any:
+        """One row per latent: frequencies, scores, label entropy, and linked eval outputs."""
+        import pandas as pd
+
+        counts_S = self.fire_counts()
+        scores = np.asarray(self.index.lat_score, dtype=np.float64)
+        cumulative = np.concatenate([[0.0], np.cumsum(scores)])
+        lat_indptr = self.index.lat_indptr
+        first = np.minimum(lat_indptr[:-1], max(len(scores) - 1, 0))
+        patch_freq = self.index.patch_fires / max(1, self.n_images * self.n_patches)
+        with np.errstate(divide="ignore"):
+            log_freq = np.log10(patch_freq)
+        table = pd.DataFrame(
+            {
+                "latent": np.arange(self.d_sae),
+                "patch_freq": patch_freq,
+                "log10_freq": np.where(patch_freq > 0, log_freq, np.nan),
+                "image_freq": counts_S / max(1, self.n_images),
+                "mean_image_score": (cumulative[lat_indptr[1:]] - cumulative[lat_indptr[:-1]])
+                / max(1, self.n_images),
+                "max_score": np.where(counts_S > 0, scores[first] if len(scores) else 0.0, 0.0),
+                "mean_top_score": self.mean_top_S,
+                "label_entropy": self.entropy_S,
+            }
+        )
+        for name, column in self.linked.items():
+            table[name] = column
+        return table
+
+    def top_images(self, latent: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Store rows and image scores of the latent's k best images (only where it fires)."""
+        lo, hi = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
+        hi = min(hi, lo + k)
+        return self.rows_V[self.index.lat_image[lo:hi]], np.asarray(self.index.lat_score[lo:hi])
+
+    def latent_scores(self, latent: int) -> np.ndarray:
+        """Image scores of every image where the latent fires (the others score 0)."""
+        lo, hi = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
+        return np.asarray(self.index.lat_score[lo:hi])
+
+    def latent_maps(self, latent: int, rows: np.ndarray) -> np.ndarray:
+        """[n, grid rows, grid cols] activation of one latent on the patches of each image."""
+        maps = np.zeros((len(rows), self.n_patches), dtype=np.float32)
+        for i, row in enumerate(rows):
+            patch, lat, val = self.codes.patch_codes(self.image_position(row))
+            hit = lat == latent
+            maps[i, patch[hit]] = val[hit]
+        return maps.reshape(len(rows), *self.grid)
+
+    # ------------------------------------------------------------------ images
+
+    def image_position(self, row: int) -> int:
+        if not 0 <= row < len(self.position) or self.position[row] < 0:
+            raise TraitsaeError(
+                f"image row {row} is not a valid image of store {self.store.path} (rows "
+                f"0..{len(self.position) - 1}; rows marked invalid at extraction have no codes)."
+            )
+        return int(self.position[row])
+
+    def image_codes(self, row: int) -> np.ndarray:
+        """Dense codes [P, S] of one image."""
+        patch, lat, val = self.codes.patch_codes(self.image_position(row))
+        dense_PS = np.zeros((self.n_patches, self.d_sae), dtype=np.float32)
+        dense_PS[patch, lat] = val
+        return dense_PS
+
+    def image_latents(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Latents firing on an image and their image scores, best first."""
+        v = self.image_position(row)
+        lo, hi = self.index.img_indptr[v], self.index.img_indptr[v + 1]
+        latents, scores = (
+            np.asarray(self.index.img_latent[lo:hi]),
+            np.asarray(self.index.img_score[lo:hi]),
+        )
+        order = np.argsort(-scores, kind="stable")
+        return latents[order], scores[order]
+
+    def image_scores(self, rows: np.ndarray) -> np.ndarray:
+        """Dense image scores [len(rows), S] of chosen images."""
+        out = np.zeros((len(rows), self.d_sae), dtype=np.float32)
+        for i, row in enumerate(rows):
+            v = self.image_position(int(row))
+            lo, hi = self.index.img_indptr[v], self.index.img_indptr[v + 1]
+            out[i, self.index.img_latent[lo:hi]] = self.index.img_score[lo:hi]
+        return out
+
+    @torch.inference_mode()
+    def reconstruction_error(self, row: int) -> np.ndarray:
+        """[grid] per-patch ||x - x_hat||^2 / ||x||^2 of the SAE on the store's activations."""
+        from traitsae.evaluation.encode import sae_layer
+
+        self.image_position(row)
+        acts_PD = self.store.patches(sae_layer(self.store, self.sae))[row]
+        x_PD = torch.from_numpy(np.asarray(acts_PD, dtype=np.float32)).to(self.session.device)
+        err_P = ((x_PD - self.sae.decode(self.sae.encode(x_PD))) ** 2).sum(-1)
+        norm_P = (x_PD**2).sum(-1).clamp_min(1e-12)
+        return (err_P / norm_P).cpu().numpy().reshape(self.grid)
+
+    def image_source(self) -> Any:
+        from traitsae.evaluation.heatmaps import ImageSource, store_image_source
+
+        if not self.session.draw_images:
+            return ImageSource(root=None, frame=None)
+        return store_image_source(
+            self.store, self.session.image_root, self.session.image_size, self.session.resize_mode
+        )
+
+    def caption(self, row: int) -> str:
+        from traitsae.evaluation.heatmaps import caption_column
+
+        column = caption_column(self.metadata)
+        tag = f"{self.metadata[column][row]} " if column else ""
+        return f"{tag}#{row}"
+
+    def metadata_columns(self) -> list[str]:
+        skip = {"valid", "index", "error", "done", "path"}
+        return [c for c in self.metadata if c not in skip]
+
+    # ------------------------------------------------------------------ search
+
+    def region_scores(self, row: int, region: tuple[slice, slice]) -> np.ndarray:
+        """[S] max code of every latent over a region (row slice, col slice) of an image."""
+        return self.image_codes(row).reshape(*self.grid, -1)[region].max(axis=(0, 1))
+
+    def search(self, positives_NS: np.ndarray, negatives_NS: np.ndarray) -> Any:
+        """Latents that fire on the positive examples and not on the negatives, best first.
+
+        Examples are score vectors [n, S] (images: `image_scores`; patch regions:
+        `region_scores`). Ranked by firing-rate gap (rate on positives - rate on negatives),
+        ties by the gap in mean score; latents that fire on no positive are left out.
+        """
+        import pandas as pd
+
+        if len(positives_NS) == 0:
+            raise TraitsaeError("choose at least one positive example to search by example.")
+        negatives_NS = np.asarray(negatives_NS).reshape(-1, self.d_sae)
+        empty = len(negatives_NS) == 0
+        table = pd.DataFrame(
+            {
+                "latent": np.arange(self.d_sae),
+                "rate_pos": (positives_NS > 0).mean(0),
+                "rate_neg": 0.0 if empty else (negatives_NS > 0).mean(0),
+                "mean_pos": positives_NS.mean(0),
+                "mean_neg": 0.0 if empty else negatives_NS.mean(0),
+            }
+        )
+        table["rate_gap"] = table.rate_pos - table.rate_neg
+        table["score_gap"] = table.mean_pos - table.mean_neg
+        table = table[table.rate_pos > 0]
+        return table.sort_values(["rate_gap", "score_gap"], ascending=False, kind="stable")
+
+    def class_latents(self, in_class_N: np.ndarray, n: int) -> np.ndarray:
+        """The n latents whose mean image score is highest in a class relative to the rest
+        (eval=steer's default choice, here from the codes)."""
+        in_class_V = np.asarray(in_class_N, dtype=bool)[self.rows_V]
+        if not in_class_V.any() or in_class_V.all():
+            raise TraitsaeError("the class needs images in it and outside it to rank latents.")
+        index = self.index
+        member_M = np.repeat(in_class_V, np.diff(index.img_indptr))
+        inside_S = np.bincount(
+            index.img_latent[member_M], weights=index.img_score[member_M], minlength=self.d_sae
+        )
+        total_S = np.bincount(index.img_latent, weights=index.img_score, minlength=self.d_sae)
+        n_in = in_class_V.sum()
+        gap_S = inside_S / n_in - (total_S - inside_S) / (len(in_class_V) - n_in)
+        return np.argsort(-gap_S, kind="stable")[:n]
+
+    # ------------------------------------------------------------------ groups
+
+    def group_scores(self, mask_a: np.ndarray, mask_b: np.ndarray) -> Any:
+        """discovery.GroupScores of two groups of store rows, from the codes (no re-encoding)."""
+        from traitsae.evaluation.discovery import GroupScores
+
+        has_codes_N = self.position >= 0
+        rows = np.flatnonzero((mask_a | mask_b) & has_codes_N)
+        return GroupScores(rows, mask_a[rows], self.image_scores(rows))
+
+
+def linked_columns(session: Session, d_sae: int) -> dict[str, np.ndarray]:
+    """Per-latent columns from cub_traits.json / discovery outputs of this SAE, if any."""
+    columns: dict[str, np.ndarray] = {}
+    if session.cub_traits:
+        columns.update(cub_trait_columns(Path(session.cub_traits), d_sae))
+    if session.discovery:
+        columns.update(discovery_columns(Path(session.discovery), d_sae))
+    return columns
+
+
+def cub_trait_columns(path: Path, d_sae: int) -> dict[str, np.ndarray]:
+    """Per latent: the CUB trait it is the selected SAE direction for (best precision), if any."""
+    result = json.loads(path.read_text())
+    rows = [
+        r
+        for r in result.get("per_trait", [])
+        if r.get("method") == "sae" and r.get("protocol") == "select_on_train"
+    ]
+    if not rows:
+        return {}
+    k = min(r["k"] for r in rows)
+    trait = np.full(d_sae, "", dtype=object)
+    precision = np.full(d_sae, np.nan)
+    for r in rows:
+        latent = int(r["best_direction"])
+        if r["k"] == k and 0 <= latent < d_sae and not precision[latent] >= r["precision"]:
+            trait[latent], precision[latent] = r["trait"], r["precision"]
+    return {"cub_trait": trait, f"cub_precision@{k}": precision}
+
+
+def discovery_columns(folder: Path, d_sae: int) -> dict[str, np.ndarray]:
+    """Per latent: discovery AUROC (latents.csv) and candidate rank / q-value (discovery.json)."""
+    import pandas as pd
+
+    columns: dict[str, np.ndarray] = {}
+    latents_csv = folder / "latents.csv"
+    if latents_csv.is_file():
+        table = pd.read_csv(latents_csv)
+        if "auroc" in table and len(table) == d_sae:
+            columns["discovery_auroc"] = table["auroc"].to_numpy()
+    result = json.loads((folder / "discovery.json").read_text())
+    rank = np.full(d_sae, "", dtype=object)
+    q_value = np.full(d_sae, np.nan)
+    for cand in result.get("candidates", []):
+        latent = int(cand["latent"])
+        if 0 <= latent < d_sae:
+            rank[latent] = f"{cand['group'].upper()}#{cand['rank']}"
+            q_value[latent] = cand.get("q_value", np.nan)
+    columns["discovery_rank"] = rank
+    if np.isfinite(q_value).any():
+        columns["discovery_q"] = q_value
+    return columns

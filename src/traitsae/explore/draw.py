@@ -1,0 +1,155 @@
+"""Pixels and charts for the pages: heat-map overlays as uint8 arrays, small Altair charts.
+
+Overlays are composed with numpy (no matplotlib figure per image): a gallery of 16 images
+renders in milliseconds, which keeps every interaction well under a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from traitsae.evaluation.heatmaps import upsample_map
+
+BLANK_SIZE = 128  # pixels of a heat-map drawn without its image
+
+
+def colourise(map_RC: np.ndarray, vmax: float, size: tuple[int, int], cmap: str) -> np.ndarray:
+    """[H, W, 4] float RGBA of a patch map upsampled to pixels (nearest patch)."""
+    import matplotlib
+
+    scaled_RC = np.clip(np.asarray(map_RC, dtype=np.float64) / (vmax or 1.0), 0, 1)
+    return matplotlib.colormaps[cmap](upsample_map(scaled_RC, *size))
+
+
+def overlay(
+    image_HW3: np.ndarray | None,
+    map_RC: np.ndarray,
+    vmax: float,
+    alpha: float = 0.6,
+    cmap: str = "inferno",
+) -> np.ndarray:
+    """The image with the map blended over it; patches where the map is 0 stay untouched."""
+    if image_HW3 is None:
+        return (colourise(map_RC, vmax, (BLANK_SIZE, BLANK_SIZE), cmap)[..., :3] * 255).astype(
+            np.uint8
+        )
+    height, width = image_HW3.shape[:2]
+    rgba_HW4 = colourise(map_RC, vmax, (height, width), cmap)
+    on_HW = upsample_map(np.asarray(map_RC) > 0, height, width)[..., None]
+    blended = (1 - alpha) * image_HW3 / 255.0 + alpha * rgba_HW4[..., :3]
+    return (np.where(on_HW, blended, image_HW3 / 255.0) * 255).astype(np.uint8)
+
+
+def with_grid(
+    image_HW3: np.ndarray, grid: tuple[int, int], region: tuple[slice, slice] | None = None
+) -> np.ndarray:
+    """The image with the patch grid drawn on it, and an optional region of patches outlined."""
+    out = image_HW3.copy()
+    height, width = out.shape[:2]
+    rows, cols = grid
+    for r in range(1, rows):
+        out[(r * height) // rows, :, :] = 255
+    for c in range(1, cols):
+        out[:, (c * width) // cols, :] = 255
+    if region is not None:  # (row slice, col slice) of patches, outlined in cyan
+        r0, r1 = region[0].start * height // rows, region[0].stop * height // rows - 1
+        c0, c1 = region[1].start * width // cols, region[1].stop * width // cols - 1
+        for y in (r0, r1):
+            out[y, c0 : c1 + 1] = (0, 220, 255)
+        for x in (c0, c1):
+            out[r0 : r1 + 1, x] = (0, 220, 255)
+    return out
+
+
+def blank_image(size: int = BLANK_SIZE) -> np.ndarray:
+    return np.full((size, size, 3), 200, dtype=np.uint8)
+
+
+def histogram_spec(scores: np.ndarray, n_zero: int, title: str) -> tuple[Any, dict]:
+    """(data, Vega-Lite spec) of a latent's image scores where it fires; zeros counted in the
+    title. Plain specs for st.vega_lite_chart: no Altair validation pass on every rerun."""
+    import pandas as pd
+
+    counts, edges = np.histogram(scores, bins=30) if len(scores) else (np.zeros(0), np.zeros(1))
+    frame = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "images": counts})
+    spec = {
+        "title": f"{title} ({n_zero} images at 0 not shown)",
+        "mark": "rect",
+        "height": 180,
+        "encoding": {
+            "x": {
+                "field": "from",
+                "type": "quantitative",
+                "title": "image score (max over patches)",
+            },
+            "x2": {"field": "to"},
+            "y": {"field": "images", "type": "quantitative"},
+            "y2": {"datum": 0},
+        },
+    }
+    return frame, spec
+
+
+def density_spec(table: Any, selected: int | None = None) -> tuple[Any, dict]:
+    """(data, Vega-Lite spec): log10 firing frequency vs log10 mean top-image score, coloured
+    by label entropy; the selected latent ringed in red."""
+    alive = table[(table.patch_freq > 0) & (table.mean_top_score > 0)]
+    frame = alive[["latent", "log10_freq", "patch_freq", "mean_top_score", "label_entropy"]].copy()
+    frame["log10_mean_top"] = np.log10(frame.mean_top_score)
+    x = {"field": "log10_freq", "type": "quantitative", "title": "log10 firing frequency"}
+    y = {"field": "log10_mean_top", "type": "quantitative", "title": "log10 mean top score"}
+    points = {
+        "mark": {"type": "circle", "size": 14, "opacity": 0.7},
+        "encoding": {
+            "x": x,
+            "y": y,
+            "color": {
+                "field": "label_entropy",
+                "type": "quantitative",
+                "title": "label entropy (bits)",
+                "scale": {"scheme": "viridis"},
+            },
+            "tooltip": [
+                {"field": f} for f in ("latent", "patch_freq", "mean_top_score", "label_entropy")
+            ],
+        },
+    }
+    layers = [points]
+    if selected is not None:
+        layers.append(
+            {
+                "transform": [{"filter": f"datum.latent == {int(selected)}"}],
+                "mark": {"type": "point", "size": 220, "color": "red", "strokeWidth": 2},
+                "encoding": {"x": x, "y": y},
+            }
+        )
+    return frame, {"height": 320, "layer": layers}
+
+
+def probability_spec() -> dict:
+    """Vega-Lite spec of clean vs steered class probabilities (columns class, run, probability)."""
+    return {
+        "mark": "bar",
+        "height": 220,
+        "encoding": {
+            "y": {"field": "class", "type": "nominal", "sort": None, "title": None},
+            "yOffset": {"field": "run"},
+            "x": {"field": "probability", "type": "quantitative", "scale": {"domain": [0, 1]}},
+            "color": {"field": "run", "type": "nominal"},
+        },
+    }
+
+
+def gallery(
+    st: Any, images: Sequence[np.ndarray], captions: Sequence[str], per_row: int = 8
+) -> None:
+    """Images in rows of `per_row` columns."""
+    for lo in range(0, len(images), per_row):
+        columns = st.columns(per_row)
+        for column, image, caption in zip(
+            columns, images[lo : lo + per_row], captions[lo : lo + per_row], strict=False
+        ):
+            column.image(image, caption=caption, width="stretch")

@@ -1,0 +1,95 @@
+"""explore.py's one function: check and prepare everything, then serve the Streamlit app.
+
+Streamlit runs as a child process (`python -m traitsae.explore.server`: it loads the data, then
+runs Streamlit's own `streamlit run app.py`), always headless: the browser is opened here once the
+server answers its health check, so Streamlit never prompts in the terminal, and every failure
+before that is a clear `error:` line rather than a page.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import webbrowser
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from traitsae.errors import TraitsaeError
+from traitsae.explore.session import SESSION_ENV, Session, prepare
+
+STARTUP_TIMEOUT_S = 600  # preloading 1 M patches of codes on a loaded machine
+
+
+def explore(cfg: DictConfig) -> None:
+    from traitsae.evaluation.common import output_dir
+
+    session = prepare(cfg)
+    path = session.save(output_dir(cfg) / "session.json")
+    warm_index(session)
+    serve(path, str(cfg.explore.address), int(cfg.explore.port), bool(cfg.explore.browser))
+
+
+def warm_index(session: Session) -> None:
+    """Build the cached image indexes now (terminal), so the app's first page opens fast."""
+    from traitsae.explore.data import Codes, load_or_build_index
+
+    if not (Path(session.cache_dir) / "index" / "complete").is_file():
+        print("indexing the sparse codes (once per SAE and store) ...")
+        load_or_build_index(Path(session.cache_dir), Codes(Path(session.codes)))
+
+
+def streamlit_command(address: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "traitsae.explore.server",
+        f"--server.address={address}",
+        f"--server.port={port}",
+        "--server.headless=true",
+        "--server.fileWatcherType=none",
+        "--browser.gatherUsageStats=false",
+        f"--browser.serverAddress={address}",
+        "--client.showErrorDetails=none",
+        "--client.toolbarMode=viewer",
+        "--global.developmentMode=false",
+    ]
+
+
+def start_server(session_path: Path, address: str, port: int) -> subprocess.Popen:
+    """The Streamlit child process, returned once it answers (or an error if it died)."""
+    env = {**os.environ, SESSION_ENV: str(session_path)}
+    proc = subprocess.Popen(streamlit_command(address, port), env=env)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TraitsaeError(
+                f"the Streamlit server exited with status {proc.returncode} before serving on "
+                f"{address}:{port}; its messages are above."
+            )
+        try:
+            with urllib.request.urlopen(f"http://{address}:{port}/_stcore/health", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise TraitsaeError(f"the Streamlit server did not answer on {address}:{port} in time.")
+
+
+def serve(session_path: Path, address: str, port: int, browser: bool) -> None:
+    proc = start_server(session_path, address, port)
+    url = f"http://{address}:{port}/"
+    print(f"traitsae explorer at {url}  (Ctrl-C stops it)", flush=True)
+    if browser:
+        webbrowser.open(url)
+    try:
+        status = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return
+    if status != 0:
+        raise TraitsaeError(f"the Streamlit server stopped with exit status {status}.")

@@ -1,0 +1,48 @@
+"""The Streamlit server process: load the session's data first, then serve app.py.
+
+Importing torch and torchvision and reading the codes take seconds (tens on a loaded machine).
+Done here, before explore.py announces the URL, the first page view only draws the page: the
+Streamlit script runs in this same process and picks the loaded data up from
+`data.PRELOADED`. Run as `python -m traitsae.explore.server <streamlit flags>` with
+$TRAITSAE_EXPLORE_SESSION set (launch.py does both).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from traitsae.errors import TraitsaeError
+from traitsae.explore.session import SESSION_ENV, Session
+
+APP = Path(__file__).with_name("app.py")
+
+
+def preload(session_path: str) -> None:
+    """ExplorerData and the page modules (altair, pandas, the image framing) into memory.
+
+    A failure is printed and left to the page: the app tries again and shows the message there.
+    """
+    from traitsae.explore import data
+    from traitsae.explore.views import compare, image, latents, search, steer  # noqa: F401
+
+    try:
+        loaded = data.ExplorerData(Session.load(session_path))
+        latents.warm(loaded)
+    except TraitsaeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return
+    data.PRELOADED[session_path] = loaded
+
+
+def main(streamlit_flags: list[str]) -> None:
+    from streamlit.web import cli
+
+    preload(os.environ[SESSION_ENV])
+    sys.argv = ["streamlit", "run", str(APP), *streamlit_flags]
+    cli.main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

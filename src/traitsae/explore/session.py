@@ -1,0 +1,195 @@
+"""What one explorer launch reads, resolved and checked once by `explore.py` before the app starts.
+
+A `Session` holds absolute paths only (SAE, store, sparse codes, cache) plus display options; it
+is written as `session.json` into the app's own output dir and read by the Streamlit script. The
+explorer never writes into a store or a train run dir: codes made on first use and the derived
+indexes go under `explore.cache_dir` (inside the app's hydra.run.dir by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from traitsae.errors import TraitsaeError
+
+RESIZE_MODES = ("backbone", "center_crop", "stretch")
+SESSION_ENV = "TRAITSAE_EXPLORE_SESSION"  # how the Streamlit script finds session.json
+
+
+@dataclass(frozen=True)
+class Session:
+    sae: str  # run dir or sae.json
+    store: str
+    codes: str
+    cache_dir: str
+    dataset: str
+    split: str
+    top_k: int = 16
+    device: str = "cpu"
+    image_root: str | None = None
+    image_size: int | None = None
+    resize_mode: str = "backbone"
+    draw_images: bool = True
+    cub_traits: str | None = None  # a cub_traits.json of this SAE, when one exists
+    discovery: str | None = None  # a discovery output dir of this SAE, when one exists
+    probe: str | None = None  # an eval=steer probe.safetensors of this SAE, when one exists
+    contrast: dict[str, Any] = field(default_factory=dict)  # the dataset's default groups
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Session:
+        path = Path(path)
+        if not path.is_file():
+            raise TraitsaeError(
+                f"explorer session file {path} does not exist; start the explorer with "
+                "python explore.py run=<run dir> dataset=<name> split=<split>."
+            )
+        return cls(**json.loads(path.read_text()))
+
+
+def check_options(ex: DictConfig) -> None:
+    """Reject bad `explore.*` values before anything is loaded."""
+    port = ex.port
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise TraitsaeError(f"explore.port must be an integer in 1..65535, got {port!r}.")
+    if not isinstance(ex.top_k, int) or ex.top_k < 1:
+        raise TraitsaeError(f"explore.top_k must be a positive integer, got {ex.top_k!r}.")
+    if ex.resize_mode not in RESIZE_MODES:
+        raise TraitsaeError(
+            f"explore.resize_mode must be one of {RESIZE_MODES}, got {ex.resize_mode!r}."
+        )
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Fail before any work when the port is taken (Streamlit would pick another silently)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, port))
+        except OSError as err:
+            raise TraitsaeError(
+                f"port {port} on {address} is in use ({err.strerror}): another explorer or "
+                f"program is serving there. Stop it, or pass a free port, e.g. "
+                f"explore.port={free_port(address)}."
+            ) from None
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def check_backbone(cfg: DictConfig, sae: Any) -> None:
+    """`backbone=<name>` on the command line must name the SAE's backbone (DESIGN.md)."""
+    chosen = (cfg.get("backbone") or {}).get("name")
+    trained = sae.meta["backbone"]
+    if chosen and chosen != trained:
+        raise TraitsaeError(
+            f"backbone={chosen} was given but the SAE ({sae.meta.get('store', 'sae.json')}) was "
+            f"trained on {trained!r} activations; drop backbone= or pass backbone={trained}, "
+            "or explore an SAE trained on that backbone."
+        )
+
+
+def cache_key(sae_source: str, store: Path) -> str:
+    """Digest of the SAE weights and the store (path, size, mtime): new inputs, new cache."""
+    weights = Path(sae_source)
+    weights = (weights if weights.is_file() else weights / "sae.json").with_suffix(".safetensors")
+    parts = []
+    for path in (weights, store):
+        stat = path.stat()
+        parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def find_eval_output(cfg: DictConfig, name: str, explicit: str | None) -> str | None:
+    """`explicit`, else an evaluate.py output dir holding `name` whose config names this SAE.
+
+    Looked for in the run dir's own subfolders and its siblings (the demo's layout:
+    logs/demo/train next to logs/demo/cub_traits); the first match in name order wins.
+    """
+    if explicit:
+        path = Path(explicit)
+        if not path.exists():
+            raise TraitsaeError(f"{path} (explore.{name.split('.')[0]}) does not exist.")
+        return str(path.resolve())
+    source = Path(cfg.get("sae_path") or cfg.get("run"))
+    run_dir = (source.parent if source.is_file() else source).resolve()
+    for candidate in sorted([*run_dir.glob(f"*/{name}"), *run_dir.parent.glob(f"*/{name}")]):
+        hydra_cfg = candidate.parent / ".hydra" / "config.yaml"
+        if not hydra_cfg.is_file():
+            continue
+        evaluated = OmegaConf.load(hydra_cfg)
+        target = evaluated.get("sae_path") or evaluated.get("run")
+        if target and Path(target).resolve() in (run_dir, run_dir / "sae.json"):
+            return str(candidate.resolve())
+    return None
+
+
+def prepare(cfg: DictConfig) -> Session:
+    """Validate everything the app needs; make the sparse codes when missing (progress bar)."""
+    from traitsae.evaluation.common import eval_store, resolve_sae, sae_source
+    from traitsae.evaluation.encode import write_sparse_codes
+    from traitsae.explore.data import check_codes_match
+
+    ex = cfg.explore
+    check_options(ex)
+    check_port_free(str(ex.address), int(ex.port))
+    sae = resolve_sae(cfg)
+    check_backbone(cfg, sae)
+    split = str(cfg.split)
+    with eval_store(cfg, sae, split) as store:
+        store_path = store.path.resolve()
+        cache = (
+            Path(ex.cache_dir).resolve()
+            / f"{cfg.dataset.name}_{split}_{cache_key(sae_source(cfg), store_path)}"
+        )
+        codes = Path(ex.codes).resolve() if ex.codes else cache / "codes.h5"
+        if ex.codes and not codes.is_file():
+            raise TraitsaeError(
+                f"explore.codes={ex.codes} does not exist; write it with python evaluate.py "
+                "eval=encode run=<run dir>, or drop explore.codes to have it made here."
+            )
+        if not codes.is_file():
+            print(f"no sparse codes for this SAE and store yet: encoding {store_path} once ...")
+            sae.eval().to(cfg.device)
+            write_sparse_codes(
+                store,
+                sae,
+                codes,
+                sae_source=sae_source(cfg),
+                batch_patches=int(ex.batch_patches),
+                device=str(cfg.device),
+            )
+        check_codes_match(codes, store, sae)
+    discovery = find_eval_output(cfg, "discovery.json", ex.get("discovery"))
+    contrast = cfg.dataset.get("contrast") or {}
+    return Session(
+        sae=str(Path(sae_source(cfg)).resolve()),
+        store=str(store_path),
+        codes=str(codes),
+        cache_dir=str(cache),
+        dataset=str(cfg.dataset.name),
+        split=split,
+        top_k=int(ex.top_k),
+        device=str(cfg.device),
+        image_root=str(ex.image_root or cfg.dataset.get("root") or "") or None,
+        image_size=ex.get("image_size"),
+        resize_mode=str(ex.resize_mode),
+        draw_images=bool(ex.draw_images),
+        cub_traits=find_eval_output(cfg, "cub_traits.json", ex.get("cub_traits")),
+        discovery=str(Path(discovery).parent) if discovery else None,
+        probe=find_eval_output(cfg, "probe.safetensors", ex.get("probe")),
+        contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
+    )

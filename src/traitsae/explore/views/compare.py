@@ -1,0 +1,133 @@
+"""Compare groups: two groups of images from metadata columns -> eval=discovery's ranking of the
+latents specific to each, with its statistics (permutation p, BH q, held-out confirmation) and
+heat-maps: discovery_stats.contrast and discovery.build_candidates themselves, fed with image
+scores from the sparse codes instead of a new pass over the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation import discovery, heatmaps
+from traitsae.evaluation.discovery_stats import NullOptions, RankingRule, contrast
+from traitsae.explore import draw
+from traitsae.explore.views.common import overlays
+
+TABLE_COLUMNS = ["group", "rank", "latent", "score", "auroc", "p_value", "q_value", "discovery",
+                 "confirm_auroc", "confirmed", "rate_a", "rate_b", "entropy", "morans_i",
+                 "support"]  # fmt: skip
+
+
+def group_editor(data: Any, name: str, default: dict[str, Any]) -> dict[str, list[str]]:
+    """{column: [values]} picked in two widgets, starting from the dataset's contrast pair."""
+    columns = data.metadata_columns()
+    default_column = next(iter(default), columns[0] if columns else None)
+    left, right = st.columns([1, 3])
+    column = left.selectbox(
+        f"group {name.upper()}: column",
+        columns,
+        index=columns.index(default_column) if default_column in columns else 0,
+        key=f"group_{name}_col",
+    )
+    values = np.asarray(data.metadata[column]).astype(str)
+    options = sorted(set(values[data.rows_V]))
+    wanted = default.get(column, [])
+    wanted = [str(v) for v in (wanted if isinstance(wanted, list) else [wanted])]
+    chosen = right.multiselect(
+        f"group {name.upper()}: values",
+        options,
+        default=[v for v in wanted if v in options],
+        key=f"group_{name}_vals",
+    )
+    return {column: chosen} if chosen else {}
+
+
+def rank_groups(
+    data: Any, group_a: dict, group_b: dict, rule: RankingRule, null: NullOptions
+) -> tuple[list[Any], dict[str, Any]]:
+    """eval=discovery's candidates (statistics, p/q-values, confirmation, heat-map triage) and
+    summary, cached per choice of groups and options."""
+    key = (repr(group_a), repr(group_b), repr(rule), repr(null))
+    cache = data.__dict__.setdefault("_compare_cache", {})
+    if key not in cache:
+        source = str(data.store.path)
+        mask_a = discovery.group_mask(data.metadata, group_a, "group_a", source)
+        mask_b = discovery.group_mask(data.metadata, group_b, "group_b", source)
+        if (mask_a & mask_b).any():
+            raise TraitsaeError(
+                f"groups {group_a} and {group_b} share {int((mask_a & mask_b).sum())} images; "
+                "choose disjoint groups."
+            )
+        scores = data.group_scores(mask_a, mask_b)
+        names = {"a": discovery.describe_group(group_a), "b": discovery.describe_group(group_b)}
+        result = contrast(scores.scores_NS, scores.in_a, rule, null, names=names, progress=False)
+        candidates, _ = discovery.build_candidates(
+            data.store,
+            data.sae,
+            scores,
+            result.candidates,
+            heatmaps.TriageWeights(),
+            n_top_images=6,
+            device=data.session.device,
+        )
+        cache[key] = (candidates, result.summary)
+    return cache[key]
+
+
+def options() -> tuple[RankingRule, NullOptions]:
+    """eval=discovery's ranking rule and null options, with its defaults."""
+    with st.expander("ranking rule and null (eval=discovery's options)"):
+        left, mid, right = st.columns(3)
+        rule = RankingRule(
+            min_support=left.number_input("min_support", 0.0, 1.0, 0.2, key="min_support"),
+            dense_rate=mid.number_input("dense_rate", 0.0, 1.0, 0.9, key="dense_rate"),
+            min_auroc=right.number_input("min_auroc", 0.0, 1.0, 0.8, key="min_auroc"),
+            n_candidates=int(left.number_input("n_candidates", 1, 100, 10, key="n_candidates")),
+        )
+        null = NullOptions(
+            n_permutations=int(mid.number_input("n_permutations", 0, 100_000, 1000, key="n_perm")),
+            alpha=right.number_input("alpha", 0.0, 1.0, 0.05, key="alpha"),
+            confirm=left.number_input("confirm", 0.0, 0.9, 0.5, key="confirm"),
+        )
+    return rule, null
+
+
+def render(data: Any) -> None:
+    import pandas as pd
+
+    st.header("Compare groups")
+    contrast_pair = data.session.contrast or {}
+    group_a = group_editor(data, "a", dict(contrast_pair.get("group_a") or {}))
+    group_b = group_editor(data, "b", dict(contrast_pair.get("group_b") or {}))
+    rule, null = options()
+    if not group_a or not group_b:
+        st.info("choose a column and at least one value for each group.")
+        return
+    candidates, summary = rank_groups(data, group_a, group_b, rule, null)
+    sizes = summary.get("sizes", {})
+    st.caption(f"group sizes (selection / held out): {sizes}")
+    for group, sentence in summary.get("verdict", {}).items():
+        st.markdown(f"**{group.upper()}**: {sentence}")
+    if not candidates:
+        st.warning("no latent passes the ranking rule for either group; loosen the rule.")
+        return
+    table = pd.DataFrame([c.row() for c in candidates])
+    st.dataframe(table[[c for c in TABLE_COLUMNS if c in table]], hide_index=True, key="ranking")
+    for cand in candidates[:4]:
+        stats = cand.stats
+        other = "b" if stats.group == "a" else "a"
+        q = "" if stats.q_value is None else f", q {stats.q_value:.2g}"
+        st.markdown(
+            f"**{stats.group.upper()}#{cand.rank}: latent {stats.latent}** (AUROC "
+            f"{stats.auroc:.2f}{q}, rate A {stats.rate_a:.2f} / B {stats.rate_b:.2f}); upper row "
+            f"group {stats.group.upper()}, lower row group {other.upper()}"
+        )
+        rows = np.array(cand.top_rows + cand.top_rows_other, dtype=np.int64)
+        images = overlays(data, stats.latent, rows)
+        captions = [data.caption(int(r)) for r in rows]
+        n_own = len(cand.top_rows)
+        draw.gallery(st, images[:n_own], captions[:n_own], per_row=6)
+        draw.gallery(st, images[n_own:], captions[n_own:], per_row=6)

@@ -1,0 +1,40 @@
+"""A prepared explorer session on the planted store (discovery_helpers), for the explorer tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from discovery_helpers import compose_cfg, planted_sae, planted_store
+
+APP = Path(__file__).resolve().parents[1] / "src" / "traitsae" / "explore" / "app.py"
+
+
+def explore_overrides(root: Path, *extra: str) -> list[str]:
+    return [
+        f"run={root / 'run'}",
+        f"paths.activations_dir={root / 'activations'}",
+        f"explore.image_root={root / 'images'}",
+        "explore.resize_mode=stretch",
+        "explore.port=1",  # never served by these tests: any valid port number
+        "dataset.contrast.group_a={species: 001.Alpha}",
+        "dataset.contrast.group_b={species: 002.Beta}",
+        *extra,
+    ]
+
+
+def planted_session(root: Path, *extra: str):
+    """Store + SAE under `root`, then explore.py's prepare(): codes made in root/explore/cache."""
+    from traitsae.explore.session import prepare
+
+    store = planted_store(root, n_per_group=12)
+    planted_sae(root / "run", store)
+    cfg = compose_cfg("explore", explore_overrides(root, *extra), root / "explore")
+    return cfg, prepare_without_port(cfg, prepare), store
+
+
+def prepare_without_port(cfg, prepare):
+    """prepare() checks that explore.port is free; port 1 needs root, so skip that one check."""
+    from unittest import mock
+
+    with mock.patch("traitsae.explore.session.check_port_free"):
+        return prepare(cfg)

@@ -1,0 +1,268 @@
+"""The explorer: its data layer against direct computations, every page driven by AppTest on the
+planted store (trait latents 0 and 1 sit on known patches of group A / B images), bad input."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from discovery_helpers import BLOCKS, SHARED, TRAIT_A, TRAIT_B, compose_cfg
+from explore_helpers import APP, explore_overrides, planted_session, prepare_without_port
+
+from traitsae.data.store import Store
+from traitsae.errors import TraitsaeError
+from traitsae.explore.data import ExplorerData, build_index
+from traitsae.explore.session import SESSION_ENV, check_port_free, prepare
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explore")
+    cfg, session, store = planted_session(root)
+    path = session.save(root / "explore" / "session.json")
+    return root, session, path, store
+
+
+@pytest.fixture(scope="module")
+def data(planted):
+    return ExplorerData(planted[1])
+
+
+@pytest.fixture
+def app(planted, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv(SESSION_ENV, str(planted[2]))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    return at
+
+
+def dense_codes(store_path, sae) -> np.ndarray:
+    with Store(store_path) as store, torch.no_grad():
+        acts_NPD = torch.from_numpy(store.patches(3)[()].astype(np.float32))
+        codes = sae.encode(acts_NPD.reshape(-1, acts_NPD.shape[-1]))
+    return codes.reshape(acts_NPD.shape[0], acts_NPD.shape[1], -1).numpy()
+
+
+# ----------------------------------------------------------------------------- data layer
+
+
+def test_index_matches_dense_max_pooling():
+    rng = np.random.default_rng(0)
+    codes_NPS = rng.random((7, 4, 5)) * (rng.random((7, 4, 5)) < 0.3)
+    flat_RS = codes_NPS.reshape(-1, 5)
+    rows, cols = np.nonzero(flat_RS)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(flat_RS)))])
+    index = build_index(indptr, cols.astype(np.int32), flat_RS[rows, cols], 4, 5)
+    scores_NS = codes_NPS.max(axis=1)
+    for v in range(7):
+        lo, hi = index.img_indptr[v], index.img_indptr[v + 1]
+        dense = np.zeros(5)
+        dense[index.img_latent[lo:hi]] = index.img_score[lo:hi]
+        np.testing.assert_allclose(dense, scores_NS[v], rtol=1e-6)
+    for s in range(5):
+        lo, hi = index.lat_indptr[s], index.lat_indptr[s + 1]
+        expected = np.sort(scores_NS[:, s][scores_NS[:, s] > 0])[::-1]
+        np.testing.assert_allclose(index.lat_score[lo:hi], expected, rtol=1e-6)
+        np.testing.assert_allclose(scores_NS[index.lat_image[lo:hi], s], expected, rtol=1e-6)
+    np.testing.assert_array_equal(index.patch_fires, (flat_RS > 0).sum(axis=0))
+
+
+def test_latent_table_agrees_with_eval_features(planted, data):
+    from traitsae.evaluation.features import scan
+
+    _, _, _, store = planted
+    with Store(store.path) as opened:
+        stats, _ = scan(opened, data.sae, top_k=16)
+    table = data.latent_table()
+    assert len(table) == data.d_sae == 32
+    # Codes are stored as float16: scores agree to float16 precision.
+    np.testing.assert_allclose(table.patch_freq, stats.patch_freq)
+    np.testing.assert_allclose(table.image_freq, stats.image_freq)
+    np.testing.assert_allclose(table.max_score, stats.image_max_S, rtol=2e-3)
+    np.testing.assert_allclose(table.mean_image_score, stats.mean_image_max, rtol=2e-3, atol=1e-6)
+    assert table.label_entropy[TRAIT_A] == 0 and table.label_entropy[SHARED] > 0.5
+
+
+def test_maps_and_reconstruction_error_match_the_sae(planted, data):
+    _, _, _, store = planted
+    codes_NPS = dense_codes(store.path, data.sae)
+    rows, _ = data.top_images(TRAIT_A, 3)
+    maps = data.latent_maps(TRAIT_A, rows)
+    np.testing.assert_allclose(maps.reshape(3, -1), codes_NPS[rows, :, TRAIT_A], rtol=2e-3)
+    r, c = BLOCKS[TRAIT_A]
+    assert (maps[:, r : r + 2, c : c + 2] > 0).all() and maps.sum() == pytest.approx(
+        maps[:, r : r + 2, c : c + 2].sum()
+    )
+    with Store(store.path) as opened:
+        x_PD = torch.from_numpy(opened.patches(3)[int(rows[0])].astype(np.float32))
+    with torch.no_grad():
+        err_P = ((x_PD - data.sae.decode(data.sae.encode(x_PD))) ** 2).sum(-1) / (x_PD**2).sum(-1)
+    np.testing.assert_allclose(data.reconstruction_error(int(rows[0])).ravel(), err_P, rtol=1e-5)
+
+
+def test_search_ranks_the_planted_trait_first(data):
+    species = np.asarray(data.metadata["species"])
+    alpha, beta = np.flatnonzero(species == "001.Alpha"), np.flatnonzero(species == "002.Beta")
+    scores = data.image_scores
+    assert data.search(scores(alpha[:4]), scores(beta[:4])).latent.iloc[0] == TRAIT_A
+    assert data.search(scores(beta[:3]), scores(alpha[:5])).latent.iloc[0] == TRAIT_B
+    # Patches as examples: the SHARED block of Alpha images against the rest of those images.
+    r, c = BLOCKS[SHARED]
+    block = (slice(r, r + 2), slice(c, c + 2))
+    outside = (slice(0, 2), slice(0, 8))
+    pos = np.stack([data.region_scores(int(i), block) for i in alpha[:3]])
+    neg = np.stack([data.region_scores(int(i), outside) for i in alpha[:3]])
+    ranking = data.search(pos, neg)
+    assert ranking.latent.iloc[0] == SHARED and ranking.rate_gap.iloc[0] == 1.0
+    with pytest.raises(TraitsaeError, match="at least one positive"):
+        data.search(np.zeros((0, data.d_sae)), scores(beta))
+
+
+# ----------------------------------------------------------------------------- pages
+
+
+def test_latents_page_table_and_gallery(app):
+    table = app.dataframe(key="latent_table").value
+    assert len(table) == 32 and {"patch_freq", "label_entropy", "mean_top_score"} <= set(table)
+    app.number_input(key="latent").set_value(TRAIT_A).run()
+    images = app.get("image")
+    captions = [c for img in images for c in img.captions]
+    top = [c for c in captions if "max=" in c]
+    assert len(top) == 12 and all(c.startswith("001.Alpha") for c in top)
+    assert any("latent 0" in m.value and "label entropy 0 bits" in m.value for m in app.markdown)
+
+
+def test_latents_page_sort_and_filter(app):
+    app.selectbox(key="sort_by").set_value("latent").run()
+    assert app.dataframe(key="latent_table").value.latent.iloc[0] == 31
+    app.checkbox(key="hide_dead").check().run()
+    shown = app.dataframe(key="latent_table").value
+    assert {TRAIT_A, TRAIT_B, SHARED} <= set(shown.latent) and (shown.patch_freq > 0).all()
+    lo, hi = app.slider(key="window_log10_freq").value
+    app.slider(key="window_log10_freq").set_value((lo, (lo + hi) / 2)).run()
+    # SHARED fires on twice the patches of the trait latents: the lower window drops it.
+    assert SHARED not in set(app.dataframe(key="latent_table").value.latent)
+
+
+def test_image_page_latents_and_region(app):
+    app.sidebar.radio(key="page").set_value("Image").run()
+    app.selectbox(key="image_column").set_value("species").run()
+    app.selectbox(key="image_value").set_value("002.Beta").run()
+    latents = app.dataframe[0].value
+    assert {TRAIT_B, SHARED} <= set(latents.latent.head(2)) and TRAIT_A not in set(latents.latent)
+    r, c = BLOCKS[TRAIT_B]
+    app.slider(key="region_rows").set_value((r, r + 2))
+    app.slider(key="region_cols").set_value((c, c + 2)).run()
+    region = app.dataframe[1].value
+    assert region.latent.iloc[0] == TRAIT_B and region.inside.iloc[0] == pytest.approx(1.0)
+    assert any("reconstruction error" in c for img in app.get("image") for c in img.captions)
+    # The region becomes a positive example, a whole Alpha image (row before the Betas) negative.
+    beta_row = int(app.selectbox(key="image_row").value)
+    app.button(key="region_positive").click().run()
+    app.sidebar.radio(key="page").set_value("Search by example").run()
+    app.multiselect(key="neg_rows").set_value([beta_row - 1]).run()
+    ranking = app.dataframe[0].value
+    assert ranking.latent.iloc[0] == TRAIT_B, ranking.head()
+    app.button(key="clear_regions").click().run()
+    assert not app.session_state["region_examples"]
+
+
+def test_search_page_ranks_the_planted_trait_first(app):
+    app.sidebar.radio(key="page").set_value("Search by example").run()
+    app.selectbox(key="pos_col").set_value("species").run()
+    app.selectbox(key="pos_val").set_value("001.Alpha").run()
+    app.selectbox(key="neg_col").set_value("species").run()
+    app.selectbox(key="neg_val").set_value("002.Beta").run()
+    ranking = app.dataframe[0].value
+    assert ranking.latent.iloc[0] == TRAIT_A and ranking.rate_gap.iloc[0] == 1.0
+    assert not app.exception
+
+
+def test_compare_page_uses_discovery_ranking(app):
+    app.sidebar.radio(key="page").set_value("Compare groups").run()
+    ranking = app.dataframe[0].value  # the dataset's contrast pair by default
+    top = {g: ranking[ranking.group == g].iloc[0] for g in ("a", "b")}
+    assert top["a"].latent == TRAIT_A and top["b"].latent == TRAIT_B
+    assert top["a"].auroc == pytest.approx(1.0) and SHARED not in set(ranking.latent)
+    # discovery_stats' evidence: a permutation p-value and the held-out confirmation.
+    assert 0 < top["a"].p_value < 0.05 and top["a"].confirm_auroc == pytest.approx(1.0)
+    assert any("tested latents" in m.value for m in app.markdown)  # the verdict sentences
+    assert len([c for img in app.get("image") for c in img.captions]) >= 12
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_app_without_session_says_how_to_start(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.delenv(SESSION_ENV, raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception and "python explore.py" in at.error[0].value
+
+
+def test_app_shows_a_broken_session_as_a_message(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from traitsae.explore.session import Session
+
+    bad = Session(
+        sae=str(tmp_path / "run"),
+        store=str(tmp_path / "missing.h5"),
+        codes=str(tmp_path / "codes.h5"),
+        cache_dir=str(tmp_path),
+        dataset="synthetic",
+        split="test",
+    ).save(tmp_path / "session.json")
+    monkeypatch.setenv(SESSION_ENV, str(bad))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception and "missing.h5" in at.error[0].value
+
+
+def test_no_store_and_no_codes_names_the_extract_command(tmp_path):
+    from discovery_helpers import planted_sae, planted_store
+
+    planted_sae(tmp_path / "run", planted_store(tmp_path / "elsewhere", n_per_group=2))
+    cfg = compose_cfg("explore", explore_overrides(tmp_path), tmp_path / "explore")
+    with pytest.raises(TraitsaeError, match="python extract.py backbone=tiny dataset=synthetic"):
+        prepare_without_port(cfg, prepare)
+
+
+def test_run_from_another_backbone_is_refused(planted, tmp_path):
+    root = planted[0]
+    cfg = compose_cfg("explore", [*explore_overrides(root), "backbone=dinov2_small"], tmp_path)
+    with pytest.raises(TraitsaeError, match="trained on 'tiny'"):
+        prepare_without_port(cfg, prepare)
+
+
+def test_port_in_use_is_refused():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(TraitsaeError, match=f"port {port} .* in use.*explore.port="):
+            check_port_free("127.0.0.1", port)
+
+
+def test_prepare_reuses_codes_and_never_writes_into_store_or_run(planted, tmp_path):
+    root, session, _, store = planted
+
+    def snapshot():
+        return {
+            p: p.stat().st_mtime_ns
+            for folder in (root / "run", store.path.parent)
+            for p in folder.rglob("*")
+        }
+
+    before = snapshot()
+    codes_mtime = os.stat(session.codes).st_mtime_ns
+    cfg = compose_cfg("explore", explore_overrides(root), root / "explore")
+    again = prepare_without_port(cfg, prepare)
+    assert again.codes == session.codes and os.stat(session.codes).st_mtime_ns == codes_mtime
+    assert snapshot() == before
+    assert str(root / "explore" / "cache") in session.cache_dir

@@ -1,0 +1,108 @@
+"""The real thing: `python explore.py` serves the app; headless system Chromium (Playwright) loads
+it, chooses a latent and waits for its gallery; a second explorer on the same port is refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from discovery_helpers import TRAIT_A, planted_sae, planted_store
+
+from traitsae.explore.session import free_port
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def explore_command(root: Path, port: int) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "explore.py"),
+        f"run={root / 'run'}",
+        f"paths.activations_dir={root / 'activations'}",
+        f"explore.image_root={root / 'images'}",
+        "explore.resize_mode=stretch",
+        f"explore.port={port}",
+        "explore.browser=false",
+        f"hydra.run.dir={root / 'explore'}",
+    ]
+
+
+def wait_until_served(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            with urllib.request.urlopen(url + "_stcore/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"explorer did not answer at {url}")
+
+
+@pytest.fixture
+def served(tmp_path):
+    planted_sae(tmp_path / "run", planted_store(tmp_path, n_per_group=12))
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        explore_command(tmp_path, port),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the Streamlit child goes down with it
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_served(proc, url)
+        yield tmp_path, port, url, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (CI installs it in .ci/run)")
+def test_browser_chooses_a_latent_and_sees_its_gallery(served):
+    from playwright.sync_api import expect, sync_playwright
+
+    root, port, url, env = served
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(url, wait_until="networkidle", timeout=120_000)
+        expect(page.get_by_role("heading", name="Latents")).to_be_visible(timeout=120_000)
+        # The first script run imports torch and loads the codes: give a loaded machine time.
+        box = page.locator('[data-testid="stNumberInput"] input').first
+        expect(box).to_be_visible(timeout=240_000)
+        box.fill(str(TRAIT_A))
+        box.press("Enter")
+        caption = page.get_by_text("001.Alpha #", exact=False).first
+        expect(caption).to_be_visible(timeout=120_000)
+        gallery = page.locator('[data-testid="stImage"] img')
+        expect(gallery.first).to_be_visible(timeout=60_000)
+        assert gallery.count() >= 12
+        assert "Traceback" not in page.content()
+        shot = root / "explorer.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
+
+    # A second explorer on the same port: one clear line, exit status 2, no traceback.
+    second = subprocess.run(
+        explore_command(root, port), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 2, second.stderr
+    assert f"error: port {port} on 127.0.0.1 is in use" in second.stderr
+    assert "Traceback" not in second.stderr
