@@ -66,18 +66,35 @@ def images_per_block(store, tokens: str, widest: int) -> int:
     return max(1, min(1024, BLOCK_BUDGET_BYTES // per_image))
 
 
-def iter_valid_tokens(store, layer: int, tokens: str, block: int, device: str = "cpu"):
-    """Yield (store rows [B], activations [B, P, D] float32) for valid images only."""
-    for rows_B, acts in store.iter_valid(layer, tokens=tokens, block=block):
-        acts_BPD = torch.from_numpy(np.asarray(acts)).to(device, torch.float32)
-        if acts_BPD.ndim == 2:  # CLS tokens: one token per image
-            acts_BPD = acts_BPD[:, None, :]
-        yield rows_B, acts_BPD
+def iter_valid_tokens(
+    store, layer: int, tokens: str, block: int, device: str = "cpu", desc: str | None = None
+):
+    """Yield (store rows [B], activations [B, P, D] float32) for valid images only.
+
+    With `desc`, a progress bar (images/s) on stderr names the pass.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=valid_rows(store).size, desc=desc, unit="img", disable=desc is None, leave=False
+    )
+    with bar:
+        for rows_B, acts in store.iter_valid(layer, tokens=tokens, block=block):
+            acts_BPD = torch.from_numpy(np.asarray(acts)).to(device, torch.float32)
+            if acts_BPD.ndim == 2:  # CLS tokens: one token per image
+                acts_BPD = acts_BPD[:, None, :]
+            yield rows_B, acts_BPD
+            bar.update(len(rows_B))
 
 
 @torch.no_grad()
 def image_scores(
-    store, layer: int, methods: Mapping[str, Method], tokens: str = "patches", device: str = "cpu"
+    store,
+    layer: int,
+    methods: Mapping[str, Method],
+    tokens: str = "patches",
+    device: str = "cpu",
+    desc: str | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Scores [N_valid, M] per method, and the store rows they belong to ([N_valid])."""
     widest = max(m.n_directions for m in methods.values())
@@ -88,7 +105,7 @@ def image_scores(
     }
     rows = np.empty(n_valid, dtype=np.int64)
     filled = 0
-    for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block, device):
+    for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block, device, desc):
         n_b, n_p, d = acts_BPD.shape
         flat_RD = acts_BPD.reshape(n_b * n_p, d)
         for name, method in methods.items():
