@@ -93,8 +93,11 @@ def kmeans_directions(tokens_SD: np.ndarray, n_clusters: int, seed: int) -> np.n
 def untrained_sae(sae: torch.nn.Module, tokens_SD: np.ndarray, seed: int) -> torch.nn.Module:
     """`sae`'s architecture as training starts it, drawn with `seed`, in raw activation space.
 
-    Same variant, width, k and normaliser scale; tied random unit rows (the model's own init) and
-    b_dec from the token sample by the rule the run was trained with (sae.b_dec_init).
+    Same variant, width, k and normaliser scale; tied random unit rows (the model's own init);
+    b_dec at the token sample's mean (zeros for runs trained with sae.b_dec_init=zeros). Runs
+    that start from the geometric median start near it too; centring shifts each latent's scores
+    by a constant and matters only through TopK's competition between latents. (Not the exact
+    geometric median: that lives beside the training loop, whose import costs lightning.)
     """
     from traitsae.sae.export import RawSpaceSAE
     from traitsae.sae.model import build_sae
@@ -103,13 +106,9 @@ def untrained_sae(sae: torch.nn.Module, tokens_SD: np.ndarray, seed: int) -> tor
         torch.manual_seed(seed)
         init = build_sae(**sae.sae.architecture())
     rule = ((sae.meta.get("config") or {}).get("sae") or {}).get("b_dec_init", "mean")
-    x_SD = torch.from_numpy(np.asarray(tokens_SD, dtype=np.float32)) * float(sae.scale)
-    with torch.no_grad():
-        if rule == "geometric_median":
-            from traitsae.sae.module import geometric_median  # imports lightning: only if needed
-
-            init.b_dec.copy_(geometric_median(x_SD.double()).float())
-        elif rule != "zeros":
+    if rule != "zeros":
+        x_SD = torch.from_numpy(np.asarray(tokens_SD, dtype=np.float32)) * float(sae.scale)
+        with torch.no_grad():
             init.b_dec.copy_(x_SD.mean(0))
     device = sae.sae.W_enc.device
     return RawSpaceSAE(init.to(device), sae.scale, {**sae.meta, "untrained_seed": seed}).eval()

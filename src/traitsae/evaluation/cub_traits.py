@@ -517,7 +517,8 @@ def _probe_union(
     )
     oof_NX, test_NX = probe_scores(probes, train_store, test_store, layer, tokens, opts.device)
     own = probe_candidates(oof_NX, test_NX, *labels, len(opts.probe_l2), ks, opts.block)
-    return union("probe", [own, *others])
+    # The probes last: on a tie in training precision the direction with no fitted weights wins.
+    return union("probe", [*others, own])
 
 
 def _traits_with_positives(
@@ -825,5 +826,4 @@ def format_table(report: TraitReport) -> str:
         lines.append(f"  skipped {s['trait']}: {s['reason']}")
     if len(report.skipped_traits) > 10:
         lines.append(f"  ... and {len(report.skipped_traits) - 10} more (cub_traits_skipped.csv)")
-    lines.extend(report.notes)
     return "\n".join(lines)
