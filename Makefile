@@ -18,7 +18,10 @@ DEMO ?= logs/demo
 # Block 1 of the tiny random ViT: its last blocks' near-uniform random attention blurs patches.
 DEMO_LAYER ?= 1
 DEMO_PATHS ?= paths.activations_dir=$(DEMO)/activations
-DEMO_SAE ?= sae=topk sae.expansion=8 sae.k=8 trainer.max_steps=600 data.batch_size=1024
+# A small dictionary (128 latents, 4 active): with 512 latents in 64 dimensions random directions
+# already tile the space so densely that an untrained SAE scores almost like a trained one, and
+# cub_traits could not tell them apart (README, "What the demo shows").
+DEMO_SAE ?= sae=topk sae.expansion=2 sae.k=4 trainer.max_steps=1200 data.batch_size=1024
 demo: install
 	$(PY) extract.py -m $(DEMO_PATHS) backbone=tiny dataset=synthetic split=train,test "backbone.layers=[$(DEMO_LAYER)]" hydra.sweep.dir=$(DEMO)/extract
 	$(PY) train.py $(DEMO_PATHS) backbone=tiny dataset=synthetic data.layer=$(DEMO_LAYER) $(DEMO_SAE) hydra.run.dir=$(DEMO)/train

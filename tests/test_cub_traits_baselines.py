@@ -67,3 +67,75 @@ def test_probe_regularisation_is_chosen_per_trait_on_held_out_images():
     # shrunk hard: its probe would otherwise fit 40 random features to 120 coin flips.
     assert abs(w_TD[0, 0]) > 1.0
     assert np.abs(w_TD[1]).max() < 0.05
+
+
+def test_centring_cannot_change_max_pooled_ranks_but_topk_does():
+    """The issue's suspicion: 'random scores uncentred activations while the SAE subtracts
+    b_dec'. For a linear direction, max_p u.(x_p - b) = max_p u.x_p - u.b: every image moves by
+    the same constant, so rankings and precision@k are unchanged. What separates an SAE at init
+    from random directions is TopK's competition between latents: sae_init measures that."""
+    import torch
+
+    from traitsae.evaluation.precision import precision_at_k
+    from traitsae.sae.activations import topk_dense
+
+    rng = np.random.default_rng(0)
+    x_NPD = torch.from_numpy(rng.standard_normal((80, 9, 12)).astype(np.float32) + 2.0)
+    labels_NT = rng.random((80, 3)) < 0.3
+    u_MD = torch.from_numpy(baselines.random_directions(12, 40, seed=1))
+    b_D = x_NPD.reshape(-1, 12).mean(0)
+    raw_NM = (x_NPD @ u_MD.T).amax(1)
+    centred_NM = ((x_NPD - b_D) @ u_MD.T).amax(1)
+    topk_NM = topk_dense(((x_NPD - b_D) @ u_MD.T).reshape(-1, 40), 3).reshape(80, 9, 40).amax(1)
+    p_raw, p_centred, p_topk = (
+        precision_at_k(s.numpy(), labels_NT, [10])[10] for s in (raw_NM, centred_NM, topk_NM)
+    )
+    np.testing.assert_allclose(p_raw, p_centred, atol=1e-6)
+    assert not np.allclose(p_raw, p_topk)
+
+
+def test_untrained_sae_is_the_architecture_at_init(tmp_path):
+    import torch
+    from eval_helpers import make_sae
+
+    from traitsae import load_sae
+    from traitsae.sae.activations import topk_dense
+
+    sae = load_sae(make_sae(tmp_path / "run", 16, 48, variant="topk", seed=3))
+    tokens_SD = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32) + 1.0
+    init = baselines.untrained_sae(sae, tokens_SD, seed=7)
+    assert init.sae.architecture() == sae.sae.architecture() and init.scale == sae.scale
+    w_SD = init.sae.W_enc.detach()
+    np.testing.assert_allclose(w_SD, init.sae.W_dec.detach())  # tied
+    np.testing.assert_allclose(w_SD.norm(dim=1), 1.0, rtol=1e-5)  # unit rows
+    np.testing.assert_allclose(init.sae.b_dec.detach(), tokens_SD.mean(0) * sae.scale, rtol=1e-5)
+    x_BD = torch.from_numpy(tokens_SD[:20])
+    expected_BS = topk_dense((x_BD * sae.scale - init.sae.b_dec) @ w_SD.T, 8)
+    np.testing.assert_allclose(init.encode(x_BD).detach(), expected_BS.detach(), atol=1e-5)
+    again = baselines.untrained_sae(sae, tokens_SD, seed=7)
+    assert torch.equal(again.sae.W_enc, init.sae.W_enc)  # seeded, and the global RNG untouched
+    assert not torch.equal(baselines.untrained_sae(sae, tokens_SD, seed=8).sae.W_enc, w_SD)
+
+
+def test_patch_level_probe_learns_the_planted_direction(tmp_path):
+    from eval_helpers import make_store, planted_activations, trait_directions
+
+    from traitsae.data.store import Store
+    from traitsae.evaluation.trait_probes import fit_trait_probes, probe_scores
+
+    rng = np.random.default_rng(4)
+    labels_NT = rng.random((90, 2)) < 0.4
+    dirs_TD = trait_directions(2, 16)
+    patches, cls = planted_activations(labels_NT, dirs_TD, n_patches=16, seed=5)
+    path = make_store(tmp_path, "train", np.arange(1, 91), patches, cls)
+    with Store(path) as store:
+        sample = baselines.sample_train_activations(store, 3, "patches", 5000, seed=0)
+        probes = fit_trait_probes(store, 3, "patches", sample, labels_NT, [1e-3], 3, 2, 50, 0)
+        oof_NX, test_NX = probe_scores(probes, store, store, 3, "patches")
+    w_TD = probes.w_CD[probes.final_columns()].numpy()
+    cos_T = (w_TD * dirs_TD).sum(1) / np.linalg.norm(w_TD, axis=1)
+    assert (cos_T > 0.9).all()  # one patch in 16 carries the trait: the mean would dilute it
+    # Out-of-fold scores come from the fold fits, the test scores from the fit on everything.
+    assert oof_NX.shape == test_NX.shape == (90, 2) and not np.allclose(oof_NX, test_NX)
+    for t in range(2):
+        assert labels_NT[np.argsort(-oof_NX[:, t])[:20], t].mean() > 0.9

@@ -21,7 +21,12 @@ FAST = [
     "eval.kmeans_clusters=8",
     "eval.n_samples=2000",
     "eval.n_bootstrap=200",
+    "eval.seeds=[0,1]",
+    "eval.probe_l2=[1.0e-3,1.0e-1]",
+    "eval.probe_rounds=2",
+    "eval.probe_max_iter=50",
 ]
+METHODS = ("sae", "sae_init", "random", "pca", "kmeans", "probe")
 SUMMARY_KEYS = {
     "method",
     "protocol",
@@ -52,23 +57,24 @@ def report(experiment, tmp_path_factory):
 def test_json_follows_the_contract(report):
     _, out = report
     data = json.loads((out / "cub_traits.json").read_text())
-    assert {frozenset(row) for row in data["summary"]} == {frozenset(SUMMARY_KEYS)}
-    assert {frozenset(row) for row in data["per_trait"]} == {frozenset(PER_TRAIT_KEYS)}
+    assert all(set(row) >= SUMMARY_KEYS for row in data["summary"])
+    assert all(set(row) >= PER_TRAIT_KEYS for row in data["per_trait"])
     combos = {(r["method"], r["protocol"], r["k"]) for r in data["summary"]}
     assert combos == {
-        (m, p, k)
-        for m in ("sae", "random", "pca", "kmeans", "probe")
-        for p in ("select_on_train", "select_on_test")
-        for k in (5, 20)
+        (m, p, k) for m in METHODS for p in ("select_on_train", "select_on_test") for k in (5, 20)
     }
+    r_rows = data["r_precision"]["summary"]
+    assert {(r["method"], r["protocol"]) for r in r_rows} == {(m, p) for m, p, _ in combos}
     n_dirs = {r["method"]: r["n_directions"] for r in data["summary"]}
+    # PCA: 16 x 2 signs; the probe: 2 L2 values per trait plus every other method's directions.
     assert n_dirs == {
         "sae": 32,
+        "sae_init": 32,
         "random": 32,
         "pca": 32,
         "kmeans": 8,
-        "probe": 5,
-    }  # PCA: 16 x 2 signs
+        "probe": 2 + 32 + 32 + 32 + 32 + 8,
+    }
     for name in ("summary", "per_trait", "skipped", "differences"):
         assert (out / f"cub_traits_{name}.csv").stat().st_size > 0
     for name in ("methods", "precision_distribution"):
@@ -98,7 +104,7 @@ def test_oracle_sae_finds_every_trait_and_beats_random(report, experiment):
     assert n_pos["has_trait_0::colour"] == int(experiment["test_NT"][:, 0].sum())
     # Selecting on the test split can only look better than (or equal to) selecting on train.
     for (m, p, k), row in summary.items():
-        if p == "select_on_train" and m != "probe":
+        if p == "select_on_train":
             assert (
                 summary[(m, "select_on_test", k)]["mean_precision"] >= row["mean_precision"] - 1e-6
             )
@@ -114,9 +120,16 @@ def test_sae_export_path_and_mean_pool(experiment, tmp_path):
     assert {r["method"] for r in rep.summary} == {"sae", "random"}
 
 
-def test_k_larger_than_split(experiment, tmp_path):
-    cfg = compose_evaluate(experiment_overrides(experiment, *FAST, "eval.k=[10,500]"), tmp_path)
-    with pytest.raises(TraitsaeError, match="top 500 images but the train split"):
+def test_k_larger_than_split_is_skipped_with_one_line(experiment, tmp_path, capsys):
+    fast = [o for o in FAST if not o.startswith("eval.k=")] + ["eval.methods=[sae,random]"]
+    cfg = compose_evaluate(experiment_overrides(experiment, *fast, "eval.k=[10,500]"), tmp_path)
+    rep = run_evaluation(cfg)
+    assert {r["k"] for r in rep.summary} == {10}
+    out = capsys.readouterr().out
+    assert out.count("eval.k: skipping k=500: the train split") == 1
+    assert "only 120 valid images" in out
+    cfg = compose_evaluate(experiment_overrides(experiment, *fast, "eval.k=[500]"), tmp_path)
+    with pytest.raises(TraitsaeError, match="every k exceeds the 120 valid images"):
         run_evaluation(cfg)
 
 
@@ -159,6 +172,8 @@ def test_bad_options(experiment, tmp_path):
         ("eval.pool=median", "eval.pool"),
         ("eval.methods=[sae,ica]", "eval.methods"),
         ("eval.certainty=[5]", "eval.certainty"),
+        ("eval.seeds=[1,1]", "eval.seeds"),
+        ("eval.probe_folds=1", "eval.probe_folds"),
     ):
         cfg = compose_evaluate(experiment_overrides(experiment, *FAST, override), tmp_path)
         with pytest.raises(TraitsaeError, match=message):
@@ -170,7 +185,7 @@ def test_short_table_is_printed(experiment, tmp_path, capsys):
         compose_evaluate(experiment_overrides(experiment, *FAST, "eval.methods=[sae]"), tmp_path)
     )
     out = capsys.readouterr().out
-    assert "mean P@k" in out and "recall@0.8" in out
+    assert "k = R: R-precision" in out and "recall@0.8" in out
     assert "skipped has_trait_5::colour: no positives in the train and test split" in out
 
 
@@ -194,7 +209,7 @@ def test_cli_bad_input_exits_2_without_traceback(experiment, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     bad = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert bad.returncode == 2
-    assert bad.stderr.startswith("error: eval.k=[1000]") and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: eval.k=[1000]: every k") and "Traceback" not in bad.stderr
 
 
 def test_missing_stores_print_every_extract_command(experiment, tmp_path):

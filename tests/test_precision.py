@@ -13,6 +13,7 @@ from traitsae.evaluation.precision import (
     precision_at_k,
     precision_at_k_loop,
     select_best,
+    usable_ks,
 )
 
 
@@ -103,3 +104,11 @@ def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
     assert narrow == pytest.approx((0.7, 0.7))
     wide_low, wide_high = bootstrap_ci(values_T[:20], n_boot=500, seed=1)
     assert wide_high - wide_low > high - low  # fewer traits, wider interval
+
+
+def test_usable_ks_skips_what_a_small_split_cannot_rank():
+    ks, notes = usable_ks([100, 10, 50, 10], 90, "the train split (x.h5)")
+    assert ks == [10, 50]
+    assert notes == ["eval.k: skipping k=100: the train split (x.h5) has only 90 valid images"]
+    with pytest.raises(TraitsaeError, match="every k exceeds the 5 valid images"):
+        usable_ks([10], 5, "the test split")

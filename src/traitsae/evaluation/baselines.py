@@ -1,7 +1,11 @@
-"""Cheap directions an SAE must beat: random, PCA, k-means; and per-trait linear probes (upper bound).
+"""Directions an SAE must beat: random, PCA, k-means, the SAE's own initialisation; logistic fits.
 
-All are fit on the training split: PCA and k-means on a random sample of token activations,
-probes on mean-pooled image activations.
+All are fit on the training split: PCA and k-means on a random sample of token activations.
+`untrained_sae` is the trained SAE's architecture at initialisation (random tied unit rows, b_dec
+from the data, the same TopK/ReLU/JumpReLU and normaliser): "random directions through the same
+encoder", so "beats random" and "training helped" are separate questions.
+`fit_logistic` solves many independent L2 logistic regressions at once (mean-pooled probes here,
+the patch-level probes of `trait_probes`).
 """
 
 from __future__ import annotations
@@ -81,32 +85,75 @@ def kmeans_directions(tokens_SD: np.ndarray, n_clusters: int, seed: int) -> np.n
             f"eval.kmeans_clusters={n_clusters} exceeds the {tokens_SD.shape[0]} sampled tokens; "
             "lower it or raise eval.n_samples."
         )
-    km = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, n_init=3, batch_size=4096)
+    # One k-means++ start per call: eval.seeds repeats the fit, and k-means++ on 1024 centroids
+    # was most of a demo run's time with three starts.
+    km = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, n_init=1, batch_size=4096)
     return km.fit(tokens_SD).cluster_centers_.astype(np.float32)
 
 
-def _fit_logistic(
-    z_ND: torch.Tensor, y_NT: torch.Tensor, l2_T: torch.Tensor, max_iter: int
+def untrained_sae(sae: torch.nn.Module, tokens_SD: np.ndarray, seed: int) -> torch.nn.Module:
+    """`sae`'s architecture as training starts it, drawn with `seed`, in raw activation space.
+
+    Same variant, width, k and normaliser scale; tied random unit rows (the model's own init);
+    b_dec at the token sample's mean (zeros for runs trained with sae.b_dec_init=zeros). Runs
+    that start from the geometric median start near it too; centring shifts each latent's scores
+    by a constant and matters only through TopK's competition between latents. (Not the exact
+    geometric median: that lives beside the training loop, whose import costs lightning.)
+    """
+    from traitsae.sae.export import RawSpaceSAE
+    from traitsae.sae.model import build_sae
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        init = build_sae(**sae.sae.architecture())
+    rule = ((sae.meta.get("config") or {}).get("sae") or {}).get("b_dec_init", "mean")
+    if rule != "zeros":
+        x_SD = torch.from_numpy(np.asarray(tokens_SD, dtype=np.float32)) * float(sae.scale)
+        with torch.no_grad():
+            init.b_dec.copy_(x_SD.mean(0))
+    device = sae.sae.W_enc.device
+    return RawSpaceSAE(init.to(device), sae.scale, {**sae.meta, "untrained_seed": seed}).eval()
+
+
+def fit_logistic(
+    z_ND: torch.Tensor,
+    y_NC: torch.Tensor,
+    l2_C: torch.Tensor,
+    max_iter: int,
+    mask_NC: torch.Tensor | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint L-BFGS fit of T independent L2 logistic regressions; returns (w [D, T], b [T])."""
-    w_DT = torch.zeros(z_ND.shape[1], y_NT.shape[1], requires_grad=True)
-    # Start at the base rate so traits with few positives do not begin far from optimum.
-    rate_T = y_NT.mean(0).clamp(1e-4, 1 - 1e-4)
-    b_T = torch.log(rate_T / (1 - rate_T)).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w_DT, b_T], max_iter=max_iter, line_search_fn="strong_wolfe")
+    """Joint L-BFGS fit of C independent L2 logistic regressions; returns (w [D, C], b [C]).
+
+    z_ND holds features shared by all columns, or z_NCD one feature vector per image and column
+    (the patch-level probes: each trait's own witness patch). mask_NC says which images each
+    column is fit on (cross-fitting folds); `init` warm-starts (w, b).
+    """
+    n_cols = y_NC.shape[1]
+    mask_NC = torch.ones_like(y_NC) if mask_NC is None else mask_NC.to(y_NC.dtype)
+    n_fit_C = mask_NC.sum(0).clamp_min(1.0)
+    if init is None:
+        # Start at the base rate so traits with few positives do not begin far from optimum.
+        rate_C = ((y_NC * mask_NC).sum(0) / n_fit_C).clamp(1e-4, 1 - 1e-4)
+        init = (torch.zeros(z_ND.shape[-1], n_cols), torch.log(rate_C / (1 - rate_C)))
+    w_DC = init[0].clone().requires_grad_(True)
+    b_C = init[1].clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w_DC, b_C], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        # Sum over traits of (mean BCE + l2_t |w_t|^2): the traits' problems stay independent.
-        bce_T = F.binary_cross_entropy_with_logits(z_ND @ w_DT + b_T, y_NT, reduction="none").mean(
-            0
-        )
-        loss = (bce_T + l2_T * (w_DT**2).sum(0)).sum()
+        if z_ND.ndim == 2:
+            logits_NC = z_ND @ w_DC + b_C
+        else:
+            logits_NC = torch.einsum("ncd,dc->nc", z_ND, w_DC) + b_C
+        bce_NC = F.binary_cross_entropy_with_logits(logits_NC, y_NC, reduction="none")
+        # Sum over columns of (mean BCE + l2 |w|^2): the columns' problems stay independent.
+        loss = ((bce_NC * mask_NC).sum(0) / n_fit_C + l2_C * (w_DC**2).sum(0)).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return w_DT.detach(), b_T.detach()
+    return w_DC.detach(), b_C.detach()
 
 
 def linear_probes(
@@ -133,7 +180,7 @@ def linear_probes(
     l2_T = torch.full((y_NT.shape[1],), grid[0])
     if len(grid) > 1:
         l2_T = _select_l2(z_ND, y_NT, grid, max_iter, val_fraction, seed)
-    w_DT, b_T = _fit_logistic(z_ND, y_NT, l2_T, max_iter)
+    w_DT, b_T = fit_logistic(z_ND, y_NT, l2_T, max_iter)
     w_raw_DT = w_DT / sd_D[:, None]
     b_raw_T = b_T - mu_D @ w_raw_DT
     return w_raw_DT.T.contiguous().numpy(), b_raw_T.numpy()
@@ -153,7 +200,7 @@ def _select_l2(
     val, fit = perm_N[:n_val], perm_N[n_val:]
     losses_LT = []
     for value in grid:
-        w_DT, b_T = _fit_logistic(
+        w_DT, b_T = fit_logistic(
             z_ND[fit], y_NT[fit], torch.full((y_NT.shape[1],), value), max_iter
         )
         logits_VT = z_ND[val] @ w_DT + b_T

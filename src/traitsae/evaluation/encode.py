@@ -72,14 +72,23 @@ def iter_valid_tokens(
     block: int | None = None,
     device: str = "cpu",
     keep: np.ndarray | None = None,
+    *,
+    desc: str | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """The one streaming read of a store: (store rows [B], float32 activations [B, P, D] on
     `device`; P = 1 for CLS tokens) of the valid (and `keep`) images in store order, `block`
-    images per read (default: whole HDF5 chunks, about _READ_BLOCK_BYTES)."""
+    images per read (default: whole HDF5 chunks, about _READ_BLOCK_BYTES). With `desc`, a
+    progress bar (images/s) on stderr names the pass."""
+    from tqdm.auto import tqdm
+
     block = block or read_block_rows(store.tokens(layer, tokens))
-    for rows_B, acts in store.iter_valid(layer, tokens=tokens, block=block, keep=keep):
-        acts_BPD = torch.from_numpy(np.ascontiguousarray(acts)).to(device, torch.float32)
-        yield rows_B, acts_BPD[:, None, :] if acts_BPD.ndim == 2 else acts_BPD
+    wanted_N = np.asarray(store.valid, dtype=bool) if keep is None else store.valid & keep
+    bar = tqdm(total=int(wanted_N.sum()), desc=desc, unit="img", disable=desc is None, leave=False)
+    with bar:
+        for rows_B, acts in store.iter_valid(layer, tokens=tokens, block=block, keep=keep):
+            acts_BPD = torch.from_numpy(np.ascontiguousarray(acts)).to(device, torch.float32)
+            yield rows_B, acts_BPD[:, None, :] if acts_BPD.ndim == 2 else acts_BPD
+            bar.update(len(rows_B))
 
 
 @torch.inference_mode()

@@ -36,6 +36,29 @@ def check_k(ks: Sequence[int], n_images: int, what: str = "the evaluation split"
     return ks
 
 
+def usable_ks(ks: Sequence[int], n_images: int, what: str) -> tuple[list[int], list[str]]:
+    """The k values a split of `n_images` can rank, and one line per k it cannot (skipped).
+
+    A default like k=[10, 50, 100] must not stop a run on a small split: k above the split's size
+    is dropped with a message; only when no k is left is it an error.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise TraitsaeError(f"eval.k must be a non-empty list of positive integers, got {ks}.")
+    kept = [k for k in ks if k <= n_images]
+    notes = [
+        f"eval.k: skipping k={k}: {what} has only {n_images} valid images"
+        for k in ks
+        if k > n_images
+    ]
+    if not kept:
+        raise TraitsaeError(
+            f"eval.k={ks}: every k exceeds the {n_images} valid images of {what}; pass smaller "
+            f"values, e.g. eval.k=[{min(10, n_images)}]."
+        )
+    return kept, notes
+
+
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
@@ -45,11 +68,14 @@ def precision_at_k(
     labels_NT: np.ndarray | torch.Tensor,
     ks: Sequence[int],
     block: int = 2048,
+    traits_for_k: np.ndarray | None = None,
 ) -> dict[int, np.ndarray]:
     """precision@k for all M directions x T traits, for every k in `ks`.
 
     scores_NM: image scores [N images, M directions]; labels_NT: 0/1 trait labels [N, T].
-    Returns {k: precision [M, T] float32}. Peak extra memory is a few [block, N] float32 arrays.
+    Returns {k: precision [M, T] float32}. With `traits_for_k` (a k per trait, [T]) each k is
+    computed only for its own traits: {k: [M, T_k]} (see precision_at_trait_k).
+    Peak extra memory is a few [block, N] float32 arrays.
     """
     scores_NM = _as_tensor(scores_NM)
     labels_NT = _as_tensor(labels_NT).to(torch.float32)
@@ -60,7 +86,14 @@ def precision_at_k(
             "they must be aligned image by image."
         )
     ks = check_k(ks, n_images)
-    out = {k: np.empty((n_dirs, labels_NT.shape[1]), dtype=np.float32) for k in ks}
+    columns = {
+        k: slice(None)
+        if traits_for_k is None
+        else torch.from_numpy(np.flatnonzero(traits_for_k == k))
+        for k in ks
+    }
+    labels_by_k = {k: labels_NT[:, cols] for k, cols in columns.items()}
+    out = {k: np.empty((n_dirs, lab.shape[1]), dtype=np.float32) for k, lab in labels_by_k.items()}
     # One more than k_max, to see whether the k-th score is tied with the next one.
     n_top = min(ks[-1] + 1, n_images)
     for start in range(0, n_dirs, block):
@@ -75,7 +108,7 @@ def precision_at_k(
             )
         for k in ks:
             weights_BN = _topk_weights(s_BN, top_BK, idx_BK, k)
-            out[k][start : start + s_BN.shape[0]] = (weights_BN @ labels_NT / k).numpy()
+            out[k][start : start + s_BN.shape[0]] = (weights_BN @ labels_by_k[k] / k).numpy()
     return out
 
 
@@ -96,6 +129,32 @@ def _topk_weights(
         share_R = (k - n_above_R).to(torch.float32) / tied_RN.sum(1).to(torch.float32)
         weights_BN[rows] = torch.where(tied_RN, share_R[:, None], (s_RN > kth_R).to(torch.float32))
     return weights_BN
+
+
+def precision_at_trait_k(
+    scores_NM: np.ndarray | torch.Tensor,
+    labels_NT: np.ndarray | torch.Tensor,
+    k_T: Sequence[int] | np.ndarray,
+    block: int = 2048,
+) -> np.ndarray:
+    """precision at a per-trait k [M, T]; with k_T = n_pos_T this is R-precision.
+
+    R-precision (precision at k = the trait's number of positives) never asks for more positives
+    than exist, so it does not saturate the way a fixed k does on rare traits. Traits sharing a k
+    are computed together (one top-k weight matrix per distinct k and block).
+    """
+    k_T = np.asarray(k_T, dtype=np.int64)
+    labels_NT = _as_tensor(labels_NT).to(torch.float32)
+    if k_T.shape != (labels_NT.shape[1],) or (k_T < 1).any():
+        raise TraitsaeError(
+            f"per-trait k must be one positive integer per trait ({labels_NT.shape[1]}), got {k_T}."
+        )
+    out_MT = np.empty((_as_tensor(scores_NM).shape[1], k_T.size), dtype=np.float32)
+    distinct = np.unique(k_T)
+    prec = precision_at_k(scores_NM, labels_NT, distinct.tolist(), block, traits_for_k=k_T)
+    for k in distinct:
+        out_MT[:, k_T == k] = prec[int(k)]
+    return out_MT
 
 
 def precision_at_k_loop(scores_NM: np.ndarray, labels_NT: np.ndarray, k: int) -> np.ndarray:

@@ -70,7 +70,12 @@ def images_per_block(store, tokens: str, widest: int) -> int:
 
 @torch.no_grad()
 def image_scores(
-    store, layer: int, methods: Mapping[str, Method], tokens: str = "patches", device: str = "cpu"
+    store,
+    layer: int,
+    methods: Mapping[str, Method],
+    tokens: str = "patches",
+    device: str = "cpu",
+    desc: str | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Scores [N_valid, M] per method, and the store rows they belong to ([N_valid])."""
     widest = max(m.n_directions for m in methods.values())
@@ -81,7 +86,7 @@ def image_scores(
     }
     rows = np.empty(n_valid, dtype=np.int64)
     filled = 0
-    for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block, device):
+    for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block, device, desc=desc):
         n_b, n_p, d = acts_BPD.shape
         flat_RD = acts_BPD.reshape(n_b * n_p, d)
         for name, method in methods.items():
