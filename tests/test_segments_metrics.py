@@ -40,8 +40,8 @@ def naive_purity(s_R, y_R, k, rng_draws=500, seed=0):
 
 
 def naive_coverage(s_R, y_R, tau):
-    shifted = s_R - s_R.min()
-    fires = [shifted[i] >= tau * shifted.max() and shifted[i] > 0 for i in range(s_R.size)]
+    act = [max(float(v), 0.0) for v in s_R]
+    fires = [a >= tau * max(act) and a > 0 for a in act]
     return sum(f and y for f, y in zip(fires, y_R, strict=True)) / y_R.sum()
 
 

@@ -8,8 +8,9 @@ in blocks of directions so the working memory stays within `budget` bytes.
   by the number of positives; patches tied at a score count as one threshold (as sklearn).
 - purity@k: the fraction of the k highest-scoring patches that belong to the class (ties at the
   k-th score share the remaining places: `precision.precision_at_k` over patches).
-- coverage@tau: with s' = s - min over patches, the latent *fires strongly* on a patch when
-  s' >= tau * max s' and s' > 0; coverage is the fraction of the class's patches where it does.
+- coverage@tau: with the activation a = max(s, 0) (an SAE latent's own value; for a centred
+  projection, its positive part), the direction *fires strongly* on a patch when
+  a >= tau * max a and a > 0; coverage is the fraction of the class's patches where it does.
 - 1-D logistic probes p = sigmoid(a + b z), z the direction's standardised score, one per
   (direction, class), all fitted together by Newton's method (`fit_probes_1d`).
 """
@@ -88,9 +89,8 @@ def coverage_at_tau(
 ) -> np.ndarray:
     """Fraction of each class's patches where each direction fires strongly, [M, C] float64.
 
-    Strongly = s - min(s) >= tau * max(s - min(s)) and > 0, min and max over the R patches; for
-    a non-negative latent that is silent somewhere this is `activation >= tau x its max`. A
-    direction that is constant over the patches fires nowhere.
+    Strongly = a >= tau * max(a) and a > 0 with a = max(s, 0), max over the R patches: for an
+    SAE latent `activation >= tau x its max`. A direction that is never positive fires nowhere.
     """
     scores_RM, labels_RC = _tensor(scores_RM), _tensor(labels_RC)
     n_rows, n_dirs = scores_RM.shape
@@ -99,8 +99,8 @@ def coverage_at_tau(
     block = _block(n_rows, 12, budget, n_dirs)
     for start in range(0, n_dirs, block):
         s_RB = scores_RM[:, start : start + block]
-        shifted_RB = s_RB - s_RB.min(0).values
-        fires_RB = (shifted_RB >= tau * shifted_RB.max(0).values) & (shifted_RB > 0)
+        act_RB = s_RB.clamp_min(0)
+        fires_RB = (act_RB >= tau * act_RB.max(0).values) & (act_RB > 0)
         hits_BC = fires_RB.to(torch.float64).T @ labels_RC.to(torch.float64)
         out_MC[start : start + s_RB.shape[1]] = (hits_BC / n_pos_C).numpy()
     out_MC[:, (n_pos_C == 0).numpy()] = np.nan
@@ -163,7 +163,7 @@ def fit_probes_1d(
     y_RC = y_RC.to(torch.float64)
     for start in range(0, n_dirs, 256):
         sl = slice(start, start + 256)
-        z_RB = _standardise(scores_RM[:, sl], mean_M[sl], std_M[sl]).to(torch.float64)
+        z_RB = _standardise(scores_RM[:, sl], mean_M[sl], std_M[sl])
         a_BC, b_BC = intercept_MC[sl], slope_MC[sl]
         for _ in range(steps):
             g_a, g_b, h_aa, h_ab, h_bb = _newton_sums(z_RB, y_RC, a_BC, b_BC, chunk)
@@ -180,17 +180,27 @@ def fit_probes_1d(
 def _newton_sums(
     z_RB: torch.Tensor, y_RC: torch.Tensor, a_BC: torch.Tensor, b_BC: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, ...]:
-    """Gradient and Hessian sums over patches of the un-normalised BCE, each [B, C]."""
+    """Gradient and Hessian sums over patches of the un-normalised BCE, each [B, C] float64.
+
+    Elementwise work in float32 (the [r, B, C] tensors dominate the cost), sums in float64.
+    """
     sums = [torch.zeros_like(a_BC) for _ in range(5)]
+    a32_BC, b32_BC = a_BC.float(), b_BC.float()
     for lo in range(0, z_RB.shape[0], chunk):
-        z_rB = z_RB[lo : lo + chunk, :, None]
-        p_rBC = torch.sigmoid(a_BC + b_BC * z_rB)
-        resid_rBC = p_rBC - y_RC[lo : lo + chunk, None, :]
-        w_rBC = p_rBC * (1 - p_rBC)
-        for acc, term in zip(
-            sums, (resid_rBC, resid_rBC * z_rB, w_rBC, w_rBC * z_rB, w_rBC * z_rB**2), strict=True
-        ):
-            acc += term.sum(0)
+        z_rB = z_RB[lo : lo + chunk].float()
+        p_rBC = torch.sigmoid(torch.addcmul(a32_BC, b32_BC, z_rB[:, :, None]))
+        resid_rBC = p_rBC - y_RC[lo : lo + chunk, None, :].float()
+        w_rBC = p_rBC.sub_(p_rBC * p_rBC)  # p (1 - p), in place of p
+        zz_rB = z_rB * z_rB
+        terms = (
+            resid_rBC.sum(0),
+            torch.einsum("rbc,rb->bc", resid_rBC, z_rB),
+            w_rBC.sum(0),
+            torch.einsum("rbc,rb->bc", w_rBC, z_rB),
+            torch.einsum("rbc,rb->bc", w_rBC, zz_rB),
+        )
+        for acc, term in zip(sums, terms, strict=True):
+            acc += term.double()
     return tuple(sums)
 
 

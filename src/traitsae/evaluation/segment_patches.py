@@ -7,6 +7,7 @@ resize/crop ops, or an explicit `center_crop` / `stretch`), then cut into the sa
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,20 +61,29 @@ def store_frame(store: Any, mode: str) -> Frame:
         )
     from omegaconf import OmegaConf
 
-    from traitsae.backbones import build_backbone
-
-    # The transform depends on the architecture, not the weights: build it randomly initialised.
-    backbone_cfg = OmegaConf.create(OmegaConf.create(store.config).backbone)
-    backbone_cfg.pretrained, backbone_cfg.weights = False, None
+    backbone_yaml = OmegaConf.to_yaml(OmegaConf.create(store.config).backbone)
     try:
-        transform = build_backbone(backbone_cfg).transform
+        transform = _backbone_transform(backbone_yaml)
     except (OSError, RuntimeError, ValueError) as err:
         raise TraitsaeError(
-            f"could not rebuild backbone {backbone_cfg.get('name')!r} of store {store.path} to "
-            f"frame the masks like its images ({err}); pass eval.frame=center_crop or "
-            "eval.frame=stretch if you know that is its preprocessing."
+            f"could not rebuild the backbone of store {store.path} to frame the masks like its "
+            f"images ({err}); pass eval.frame=center_crop or eval.frame=stretch if you know "
+            "that is its preprocessing."
         ) from err
     return Frame.from_transform(transform, size)
+
+
+@functools.lru_cache(maxsize=4)
+def _backbone_transform(backbone_yaml: str) -> Any:
+    """The preprocessing of a backbone config; it depends on the architecture, not the weights,
+    so the model is built randomly initialised (once per config: train and test share it)."""
+    from omegaconf import OmegaConf
+
+    from traitsae.backbones import build_backbone
+
+    cfg = OmegaConf.create(backbone_yaml)
+    cfg.pretrained, cfg.weights = False, None
+    return build_backbone(cfg).transform
 
 
 def image_patch_labels(

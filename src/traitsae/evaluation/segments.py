@@ -46,7 +46,7 @@ class Options:
     probe_max_iter: int = 200
     probe_max_patches: int = 200_000
     n_samples: int = 100_000
-    kmeans_clusters: int = 1024
+    kmeans_clusters: int = 512
     n_random: int | None = None
     pca_both_signs: bool = True
     max_images: int | None = None
