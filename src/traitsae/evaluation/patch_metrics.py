@@ -146,8 +146,10 @@ def fit_probes_1d(
     Minimises mean_r BCE(a + b z_r, y_r) + (l2 / 2) b^2 per pair (the intercept is not
     penalised; z = (s - mean) / std, the population std over the R patches, 1 for a constant
     direction) with `steps` Newton steps from the base rate (a = logit of the class frequency,
-    b = 0), each step's components clipped to +-max_step. The objective is strictly convex for
-    l2 > 0; equals sklearn's LogisticRegression(C = 1 / (l2 R)) on z.
+    b = 0), each step's components clipped to +-max_step. A step that raises a pair's objective
+    (near-separable classes, where the Hessian vanishes) is halved instead of taken, so the
+    objective never increases; the last candidate is checked too. Strictly convex for l2 > 0;
+    equals sklearn's LogisticRegression(C = 1 / (l2 R)) on z.
     """
     scores_RM, y_RC = _tensor(scores_RM), _tensor(labels_RC)
     n_rows, n_dirs = scores_RM.shape
@@ -165,34 +167,52 @@ def fit_probes_1d(
         sl = slice(start, start + 256)
         z_RB = _standardise(scores_RM[:, sl], mean_M[sl], std_M[sl])
         a_BC, b_BC = intercept_MC[sl], slope_MC[sl]
-        for _ in range(steps):
-            g_a, g_b, h_aa, h_ab, h_bb = _newton_sums(z_RB, y_RC, a_BC, b_BC, chunk)
+        best = (a_BC, b_BC, torch.full_like(a_BC, torch.inf))  # last accepted (a, b, objective)
+        step_a = step_b = torch.zeros_like(a_BC)
+        for i in range(steps + 1):
+            loss, g_a, g_b, h_aa, h_ab, h_bb = _newton_sums(z_RB, y_RC, a_BC, b_BC, chunk)
+            objective = loss / n_rows + 0.5 * l2 * b_BC**2
+            # float32 sums carry ~1e-7 relative noise: only a clear rise counts as worse.
+            worse = objective > best[2] + 1e-6 * best[2].abs().clamp_max(1e30) + 1e-9
+            # Worse pairs retry half their step from the accepted point; the others move on.
+            best = tuple(
+                torch.where(worse, old, new)
+                for old, new in zip(best, (a_BC, b_BC, objective), strict=True)
+            )
+            if i == steps:
+                break
             g_a, g_b = g_a / n_rows, g_b / n_rows + l2 * b_BC
             h_aa, h_ab, h_bb = h_aa / n_rows, h_ab / n_rows, h_bb / n_rows + l2
             det = (h_aa * h_bb - h_ab**2).clamp_min(1e-300)
-            step_a = ((h_bb * g_a - h_ab * g_b) / det).clamp(-max_step, max_step)
-            step_b = ((h_aa * g_b - h_ab * g_a) / det).clamp(-max_step, max_step)
-            a_BC, b_BC = a_BC - step_a, b_BC - step_b
-        intercept_MC[sl], slope_MC[sl] = a_BC, b_BC
+            new_a = ((h_bb * g_a - h_ab * g_b) / det).clamp(-max_step, max_step)
+            new_b = ((h_aa * g_b - h_ab * g_a) / det).clamp(-max_step, max_step)
+            step_a = torch.where(worse, 0.5 * step_a, new_a)
+            step_b = torch.where(worse, 0.5 * step_b, new_b)
+            a_BC, b_BC = best[0] - step_a, best[1] - step_b
+        intercept_MC[sl], slope_MC[sl] = best[0], best[1]
     return Probes1D(intercept_MC, slope_MC, mean_M, std_M)
 
 
 def _newton_sums(
     z_RB: torch.Tensor, y_RC: torch.Tensor, a_BC: torch.Tensor, b_BC: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, ...]:
-    """Gradient and Hessian sums over patches of the un-normalised BCE, each [B, C] float64.
+    """BCE, gradient and Hessian sums over patches (un-normalised), each [B, C] float64.
 
     Elementwise work in float32 (the [r, B, C] tensors dominate the cost), sums in float64.
     """
-    sums = [torch.zeros_like(a_BC) for _ in range(5)]
+    sums = [torch.zeros_like(a_BC) for _ in range(6)]
     a32_BC, b32_BC = a_BC.float(), b_BC.float()
     for lo in range(0, z_RB.shape[0], chunk):
         z_rB = z_RB[lo : lo + chunk].float()
-        p_rBC = torch.sigmoid(torch.addcmul(a32_BC, b32_BC, z_rB[:, :, None]))
-        resid_rBC = p_rBC - y_RC[lo : lo + chunk, None, :].float()
+        logit_rBC = torch.addcmul(a32_BC, b32_BC, z_rB[:, :, None])
+        y_rC = y_RC[lo : lo + chunk, None, :].float()
+        bce_BC = (F.softplus(logit_rBC) - y_rC * logit_rBC).sum(0)
+        p_rBC = torch.sigmoid(logit_rBC)
+        resid_rBC = p_rBC - y_rC
         w_rBC = p_rBC.sub_(p_rBC * p_rBC)  # p (1 - p), in place of p
         zz_rB = z_rB * z_rB
         terms = (
+            bce_BC,
             resid_rBC.sum(0),
             torch.einsum("rbc,rb->bc", resid_rBC, z_rB),
             w_rBC.sum(0),
