@@ -74,6 +74,8 @@ def overrides(ex, *extra):
         "eval.n_samples=2000",
         "eval.n_bootstrap=200",
         "eval.probe_l2=[0.01]",
+        "eval.probe_max_iter=50",
+        "eval.methods=[sae,random,pca,probe]",
         *extra,
     ]
 
