@@ -19,7 +19,10 @@ Files written under `root` (the CUB-200-2011 layout, so the real `cub` loader re
   train_test_split.txt, attributes.txt, attributes/certainties.txt,
   attributes/image_attribute_labels.txt (`<image_id> <attr_id> <is_present> <certainty_id> <time>`),
   trait_masks.npz (`image_ids` int64 [N], `masks` bool [N, T, H, W] in image pixels),
-  and `.complete` last (generation is atomic: a temporary folder renamed into place).
+  the same masks in the Fish-Vista-like layout that `eval=segments` reads
+  (`traitsae.data.images.masks`): masks/<class>/<name>.png (pixel = trait index + 1 where the
+  trait is visible, 0 elsewhere; a later trait drawn over an earlier one wins, as in the image)
+  with mask_classes.txt (`<id> <trait name>`), and `.complete` last (generation is atomic: a temporary folder renamed into place).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from traitsae.data.images.common import read_table
 from traitsae.errors import TraitsaeError
 
 Painter = Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]  # (yy, xx, dy, dx) -> mask
@@ -122,6 +126,8 @@ GREEK = [
 ]
 BODY_COLOUR = np.array([150, 115, 80], dtype=np.float32)
 CERTAINTIES = ("not visible", "guessing", "probably", "definitely")
+MASKS_DIR = "masks"  # dataset.masks of conf/dataset/synthetic.yaml
+MASK_CLASSES = "mask_classes.txt"  # dataset.mask_classes
 
 
 def species_names(n_species: int) -> list[str]:
@@ -211,7 +217,7 @@ def _write_all(
     p_label_noise: float,
 ) -> None:
     images, labels, split, attr_lines = [], [], [], []
-    ids, all_masks = [], []
+    ids, rels, all_masks = [], [], []
     image_id = 0
     for class_id, (name, traits) in enumerate(zip(names, trait_sets, strict=True), start=1):
         (out / "images" / name).mkdir(parents=True)
@@ -226,6 +232,7 @@ def _write_all(
             split.append(f"{image_id} {int(j % 2 == 0)}")  # alternate: half train, half test
             attr_lines += _annotations(image_id, shown, rng, p_label_noise)
             ids.append(image_id)
+            rels.append(rel)
             all_masks.append(masks)
     _write_lines(out / "images.txt", images)
     _write_lines(out / "image_class_labels.txt", labels)
@@ -240,6 +247,42 @@ def _write_all(
     np.savez_compressed(
         out / "trait_masks.npz", image_ids=np.array(ids, dtype=np.int64), masks=np.stack(all_masks)
     )
+    _write_label_masks(out, rels, all_masks)
+
+
+def label_map(masks_THW: np.ndarray) -> np.ndarray:
+    """uint8 [H, W]: trait index + 1 per pixel, 0 = background; traits drawn in index order."""
+    labels_HW = np.zeros(masks_THW.shape[1:], dtype=np.uint8)
+    for t, mask_HW in enumerate(masks_THW):
+        labels_HW[mask_HW] = t + 1  # render_image paints in sorted order: the last one shows
+    return labels_HW
+
+
+def _write_label_masks(out: Path, rels: list[str], masks: list[np.ndarray]) -> None:
+    """masks/<rel> class-id PNGs and the classes file (the layout eval=segments reads)."""
+    _write_lines(out / MASK_CLASSES, [f"{i} {t.name}" for i, t in enumerate(TRAITS, start=1)])
+    for rel, masks_THW in zip(rels, masks, strict=True):
+        (out / MASKS_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(label_map(masks_THW)).save(out / MASKS_DIR / rel)
+
+
+def add_label_masks(root: str | Path) -> Path:
+    """Write the segmentation-mask layout into a complete dataset generated before it existed.
+
+    The masks come from its trait_masks.npz, so the images (and stores extracted from them) stay
+    untouched. The folder appears atomically (written aside, then renamed).
+    """
+    root = Path(root)
+    ids_N, masks_NTHW = load_trait_masks(root)
+    rel_of = dict(read_table(root / "images.txt", 2))
+    tmp = Path(tempfile.mkdtemp(prefix=".masks.", dir=root))
+    try:
+        _write_label_masks(tmp, [rel_of[str(int(i))] for i in ids_N], list(masks_NTHW))
+        os.replace(tmp / MASK_CLASSES, root / MASK_CLASSES)
+        os.replace(tmp / MASKS_DIR, root / MASKS_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def _annotations(
@@ -267,6 +310,8 @@ def ensure_synthetic(root: str | Path, seed: int = 0, **kwargs: int | float) -> 
     """Generate the demo dataset at `root` unless a complete one is already there."""
     root = Path(root)
     if is_generated(root):
+        if not (root / MASKS_DIR).is_dir():  # generated before the segmentation masks existed
+            add_label_masks(root)
         return root
     if root.exists() and any(root.iterdir()):
         raise TraitsaeError(

@@ -35,8 +35,10 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "dataset")
     }
-    # Evaluation-only dataset keys (the discovery contrast pair) do not change activations.
-    out["dataset"].pop("contrast", None)
+    # Evaluation-only dataset keys (the discovery contrast pair, the segmentation-mask layout)
+    # do not change activations.
+    for key in ("contrast", "masks", "mask_classes"):
+        out["dataset"].pop(key, None)
     out.update(split=str(cfg.split), seed=int(cfg.seed))
     out["extract"] = {"precision": str(cfg.extract.precision)}
     return out
