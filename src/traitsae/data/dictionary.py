@@ -237,7 +237,9 @@ def write_dictionary_store(cfg: DictConfig) -> Path:
 
 def _split_rng(spec: DictionarySpec, split: str, start: int) -> np.random.Generator:
     # Each block of images has its own stream, so a resumed run writes the same vectors.
-    return np.random.default_rng([spec.seed, 1, int.from_bytes(split.encode()[:8], "little"), start])
+    return np.random.default_rng(
+        [spec.seed, 1, int.from_bytes(split.encode()[:8], "little"), start]
+    )
 
 
 def _write_truth(file: h5py.File, spec: DictionarySpec, truth: Dictionary, split: str) -> None:
