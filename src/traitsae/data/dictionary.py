@@ -15,7 +15,7 @@ Magnitudes are |N(magnitude_mean, magnitude_sd)|.
 The store is written through the real `StoreWriter` at the standard store path (one layer, 0;
 `patches_per_image` vectors per "image"), so train.py streams it unchanged. The truth lives in
 the store under `ground_truth/`: `features` float32 [F, D], `parents` int64 [F] (-1 = none),
-`frequency` float64 [F] (firing probability), and the true codes of the first `truth_images`
+`frequency` float64 [F] (firing probability), `bias` float32 [D], and the true codes of the first `truth_images`
 images as CSR (`codes_indptr` int64, `codes_indices` int32, `codes_values` float32).
 The dictionary depends only on `seed`; the vectors on `seed` and the split.
 """
@@ -31,6 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from scipy import sparse
 from scipy.special import ndtri
 from tqdm.auto import tqdm
 
@@ -154,28 +155,33 @@ def make_dictionary(spec: DictionarySpec) -> Dictionary:
     )
 
 
-def sample_codes(spec: DictionarySpec, truth: Dictionary, n: int, rng: np.random.Generator):
-    """True codes [n, F] float32 (dense; zero = not firing)."""
+def sample_codes(
+    spec: DictionarySpec, truth: Dictionary, n: int, rng: np.random.Generator
+) -> sparse.csr_matrix:
+    """True codes of `n` vectors as a CSR matrix [n, F] float32 (row-major, sorted columns)."""
     F = spec.n_features
     rho = spec.correlation
-    noise_NF = rng.standard_normal((n, F))
-    shared_NF = rng.standard_normal((n, truth.factor_RF.shape[0])) @ truth.factor_RF
-    z_NF = np.sqrt(rho) * shared_NF + np.sqrt(1 - rho) * noise_NF  # N(0, 1) marginals
+    z_NF = rng.standard_normal((n, F), dtype=np.float32)
+    if rho > 0:
+        shared_NR = rng.standard_normal((n, truth.factor_RF.shape[0]), dtype=np.float32)
+        z_NF *= np.float32(np.sqrt(1 - rho))
+        z_NF += np.float32(np.sqrt(rho)) * (shared_NR @ truth.factor_RF.astype(np.float32))
     with np.errstate(divide="ignore"):
-        cut_F = ndtri(truth.base_prob_F)  # -inf where the probability is 0 (children)
-    fires_NF = z_NF < cut_F
+        cut_F = ndtri(truth.base_prob_F).astype(np.float32)  # -inf where the probability is 0
+    fires_NF = z_NF < cut_F  # N(0, 1) marginals: feature f fires with probability base_prob_F
     n_par, cpp = spec.n_parents, spec.children_per_parent
     if n_par and cpp:
         # One uniform per (vector, parent) picks at most one child among the parent's children.
-        u_NP = rng.random((n, n_par))
+        u_NP = rng.random((n, n_par), dtype=np.float32)
         probs_PC = truth.child_prob_F[n_par : n_par + n_par * cpp].reshape(n_par, cpp)
-        upper_PC = probs_PC.cumsum(1)
+        upper_PC = probs_PC.cumsum(1).astype(np.float32)
         pick_NP = (u_NP[:, :, None] >= upper_PC[None]).sum(2)  # cpp means "no child"
         chosen_NP = (pick_NP < cpp) & fires_NF[:, :n_par]
         rows, parents = np.nonzero(chosen_NP)
         fires_NF[rows, n_par + parents * cpp + pick_NP[rows, parents]] = True
-    magnitude_NF = np.abs(spec.magnitude_mean + spec.magnitude_sd * rng.standard_normal((n, F)))
-    return (fires_NF * magnitude_NF).astype(np.float32)
+    rows, cols = np.nonzero(fires_NF)
+    magnitude = np.abs(spec.magnitude_mean + spec.magnitude_sd * rng.standard_normal(len(rows)))
+    return sparse.csr_matrix((magnitude.astype(np.float32), (rows, cols)), shape=(n, F))
 
 
 def fingerprint(spec: DictionarySpec, split: str) -> str:
@@ -224,7 +230,7 @@ def write_dictionary_store(cfg: DictConfig) -> Path:
     )
     try:
         _write_truth(writer.file, spec, truth, str(cfg.split))
-        _write_vectors(writer, spec, truth, str(cfg.split))
+        _write_vectors(writer, spec, truth, str(cfg.split), bool(cfg.extract.progress))
     finally:
         writer.close()
     path = StoreWriter.resume(out).finish()
@@ -249,17 +255,14 @@ def _write_truth(file: h5py.File, spec: DictionarySpec, truth: Dictionary, split
     group.create_dataset("features", data=truth.features_FD.astype(np.float32))
     group.create_dataset("parents", data=truth.parents_F)
     group.create_dataset("frequency", data=truth.frequency_F)
+    group.create_dataset("bias", data=truth.bias_D.astype(np.float32))
     n_truth = min(spec.truth_images, spec.n_images)
-    indptr, indices, values = [np.zeros(1, np.int64)], [], []
-    for _, codes_NF, _ in _code_blocks(spec, truth, split, 0, n_truth):
-        rows, cols = np.nonzero(codes_NF)
-        counts = np.bincount(rows, minlength=codes_NF.shape[0])
-        indptr.append(indptr[-1][-1] + np.cumsum(counts))
-        indices.append(cols.astype(np.int32))
-        values.append(codes_NF[rows, cols])
-    group.create_dataset("codes_indptr", data=np.concatenate(indptr))
-    group.create_dataset("codes_indices", data=np.concatenate(indices or [np.zeros(0, np.int32)]))
-    group.create_dataset("codes_values", data=np.concatenate(values or [np.zeros(0, np.float32)]))
+    F = spec.n_features
+    blocks = [codes for _, codes, _ in _code_blocks(spec, truth, split, 0, n_truth)]
+    codes = sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, F))
+    group.create_dataset("codes_indptr", data=codes.indptr.astype(np.int64))
+    group.create_dataset("codes_indices", data=codes.indices.astype(np.int32))
+    group.create_dataset("codes_values", data=codes.data.astype(np.float32))
     group.attrs["truth_vectors"] = n_truth * spec.patches_per_image
     file.flush()
 
@@ -272,33 +275,36 @@ def _code_blocks(spec: DictionarySpec, truth: Dictionary, split: str, lo: int, h
         stop = min(start + block, spec.n_images)
         rng = _split_rng(spec, split, start)
         codes_NF = sample_codes(spec, truth, (stop - start) * P, rng)
-        noise_ND = rng.standard_normal((codes_NF.shape[0], spec.d_model)).astype(np.float32)
+        noise_ND = rng.standard_normal((codes_NF.shape[0], spec.d_model), dtype=np.float32)
         rows = slice(max(lo - start, 0) * P, (min(stop, hi) - start) * P)
         yield max(start, lo), codes_NF[rows], noise_ND[rows]
 
 
-def _write_vectors(writer: Any, spec: DictionarySpec, truth: Dictionary, split: str) -> None:
+def _write_vectors(
+    writer: Any, spec: DictionarySpec, truth: Dictionary, split: str, progress: bool
+) -> None:
     first = writer.first_pending()
     features_FD = truth.features_FD.astype(np.float32)
-    bar = tqdm(total=spec.n_images, initial=first, unit="img", desc="dictionary store")
+    bar = tqdm(total=spec.n_images, initial=first, unit="img", desc="dictionary store",
+               disable=not progress)  # fmt: skip
     for start, codes_NF, noise_ND in _code_blocks(spec, truth, split, first, spec.n_images):
-        acts_ND = codes_NF @ features_FD + truth.bias_D + spec.noise_sd * noise_ND
+        acts_ND = codes_NF @ features_FD + truth.bias_D + spec.noise_sd * noise_ND  # sparse @ dense
         acts_BPD = acts_ND.astype(np.float16).reshape(-1, spec.patches_per_image, spec.d_model)
         writer.write(start, {0: acts_BPD}, {0: acts_BPD[:, 0]}, np.ones(len(acts_BPD), bool))
         bar.update(len(acts_BPD))
     bar.close()
 
 
-def read_truth(path: str | Path) -> dict[str, np.ndarray]:
-    """The ground truth of a dictionary store: features, parents, frequency, CSR codes."""
-    with h5py.File(path, "r", locking=False) as f:
-        if TRUTH_GROUP not in f:
-            raise TraitsaeError(
-                f"store {path} has no {TRUTH_GROUP}/ group, so there is nothing to score the SAE "
-                "against: eval=dictionary needs a store generated by `python extract.py "
-                "dataset=dictionary` (or pass data.store=<such a store>)."
-            )
-        group = f[TRUTH_GROUP]
-        truth = {key: group[key][()] for key in group}
-        truth["truth_vectors"] = int(group.attrs["truth_vectors"])
+def read_truth(store: Any) -> dict[str, np.ndarray]:
+    """The ground truth of an open dictionary `Store`: features, parents, frequency, CSR codes."""
+    if TRUTH_GROUP not in store.file:
+        raise TraitsaeError(
+            f"store {store.path} has no {TRUTH_GROUP}/ group (it holds {store.backbone} "
+            f"activations of {store.dataset}), so there is nothing to score the SAE against: "
+            "eval=dictionary needs a store written by `python extract.py dataset=dictionary`. "
+            "Pass data.store=<such a store>, or evaluate an SAE trained on one."
+        )
+    group = store.file[TRUTH_GROUP]
+    truth = {key: group[key][()] for key in group}
+    truth["truth_vectors"] = int(group.attrs["truth_vectors"])
     return truth

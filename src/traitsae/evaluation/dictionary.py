@@ -112,7 +112,11 @@ def score_sae(sae: Any, store_path: Path, min_support: int = 10, batch: int = 81
     from traitsae.data.store import Store
     from traitsae.sae.metrics import FractionOfVarianceUnexplained
 
-    truth = read_truth(store_path)
+    with Store(store_path) as store:
+        truth = read_truth(store)
+        n_images = truth["truth_vectors"] // store.n_patches
+        x_ND = np.asarray(store.patches(0)[:n_images], dtype=np.float32)
+    x_ND = torch.from_numpy(x_ND.reshape(-1, x_ND.shape[-1]))
     features_FD = torch.from_numpy(truth["features"])
     if features_FD.shape[1] != sae.meta["d_model"]:
         raise TraitsaeError(
@@ -124,9 +128,6 @@ def score_sae(sae: Any, store_path: Path, min_support: int = 10, batch: int = 81
     parents_F = torch.from_numpy(truth["parents"])
     stats = _Streams(cos_FS, parents_F)
     fvu = FractionOfVarianceUnexplained(features_FD.shape[1])
-    with Store(store_path) as store:
-        x_ND = store.patches(0)[: truth["truth_vectors"] // store.n_patches]
-        x_ND = torch.from_numpy(np.asarray(x_ND, dtype=np.float32).reshape(-1, store.d_model))
     indptr, indices, values = truth["codes_indptr"], truth["codes_indices"], truth["codes_values"]
     for lo in range(0, x_ND.shape[0], batch):
         hi = min(lo + batch, x_ND.shape[0])
@@ -234,7 +235,7 @@ class _Streams:
         return float(f1_S.mean())
 
     def absorption(self, min_support: int) -> dict[str, int]:
-        child = torch.flatnonzero(self.parents_F >= 0)
+        child = torch.nonzero(self.parents_F >= 0).squeeze(1)
         parent = self.parents_F[child]
         ok = (self.active_F[child] >= min_support) & (self.alone_F[parent] >= min_support)
         recall_child = self.parent_hits_F[child] / self.active_F[child].clamp_min(1)

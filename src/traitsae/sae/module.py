@@ -129,7 +129,10 @@ class SAEModule(L.LightningModule):
         self.dead_after_steps = int(sae["dead_after_steps"])
         check_target_l0(sae, self.sae, self.penalty)
         target_l0 = sae.get("target_l0")
-        self.l0_controller = L0Controller(float(target_l0)) if target_l0 is not None else None
+        self.l0_controller = None
+        if target_l0 is not None:  # the controller sets the coefficient: no warm-up ramp
+            self.l0_controller = L0Controller(float(target_l0))
+            self.penalty.warmup_steps = 0
         self.dense_freq = dense_frequency(
             float(sae["dense_threshold"]), self.sae.d_sae, self.sae.activation.k or target_l0
         )
@@ -179,7 +182,7 @@ class SAEModule(L.LightningModule):
         self._check_finite(loss, losses.mse, x_BD)
         l0 = out.l0().mean()
         if self.l0_controller is not None:
-            self.l0_controller.update(float(l0), self.global_step >= self.penalty.warmup_steps)
+            self.l0_controller.update(float(l0))
             self.log("train/sparsity_coeff", self.penalty.weight(self.global_step) * factor)
         with torch.no_grad():
             fvu = fraction_of_variance_unexplained(out.recon_BD.float(), x_BD.float())

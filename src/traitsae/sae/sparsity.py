@@ -112,6 +112,9 @@ class L0Penalty(SparsityPenalty):
         return step_ste(out.pre_BS, act.threshold, act.bandwidth).sum(1)
 
 
+MAX_LOG_FACTOR = math.log(1e4)
+
+
 class L0Controller(nn.Module):
     """Sparsity on request (`sae.target_l0`): adapts the penalty coefficient until the L0 of
     training batches reaches the target.
@@ -119,15 +122,15 @@ class L0Controller(nn.Module):
     A PI controller in log space: with e = log(L0_ema / target) (an exponential moving average
     of the batch L0), the coefficient is multiplied by exp(integral_gain * sum(e) +
     proportional_gain * e). Log space makes it scale-free (the same gains for an L0 of 8 or
-    of 800) and keeps the coefficient positive. The integral waits for the penalty's warm-up
-    to end (no wind-up while the coefficient ramps). Its state is in buffers, so checkpoints
-    resume it.
+    of 800) and keeps the coefficient positive. It replaces the penalty's warm-up ramp (a
+    ramp under an integrating controller winds it up). Its state is in buffers, so
+    checkpoints resume it.
     """
 
     def __init__(
         self,
         target: float,
-        integral_gain: float = 0.01,
+        integral_gain: float = 0.03,
         proportional_gain: float = 1.0,
         ema_momentum: float = 0.1,
     ) -> None:
@@ -147,15 +150,17 @@ class L0Controller(nn.Module):
         return math.exp(float(self.log_integral) + self.proportional_gain * error)
 
     @torch.no_grad()
-    def update(self, l0: float, integrate: bool) -> None:
+    def update(self, l0: float) -> None:
         """Feed one batch's mean L0 (after its step)."""
         if self.l0_ema.item() < 0:
             self.l0_ema.fill_(l0)
         else:
             self.l0_ema.lerp_(torch.tensor(l0, dtype=torch.float64), self.ema_momentum)
-        if integrate:
-            # bounded steps: a batch with L0 = 0 must not throw the coefficient away
-            self.log_integral += self.integral_gain * max(-2.0, min(2.0, self._error()))
+        # bounded steps: a batch with L0 = 0 must not throw the coefficient away; bounded
+        # integral (anti-wind-up): beyond 1e4 x the start, Adam's step size, not the
+        # coefficient, is what limits how fast L0 moves
+        step = self.integral_gain * max(-2.0, min(2.0, self._error()))
+        self.log_integral.copy_((self.log_integral + step).clamp(-MAX_LOG_FACTOR, MAX_LOG_FACTOR))
 
     def _error(self) -> float:
         return math.log(max(float(self.l0_ema), 1e-3) / self.target)
