@@ -21,7 +21,7 @@ from traitsae.sae.model import SAEOutput, SparseAutoencoder
 class SparsityPenalty:
     name = "penalty"
 
-    def __init__(self, coeff: float, warmup_steps: int) -> None:
+    def __init__(self, coeff: float, warmup_steps: int = 0) -> None:  # 0: no ramp
         if coeff < 0:
             raise TraitsaeError(f"sparsity.coeff must be >= 0, got {coeff}.")
         self.coeff = float(coeff)
