@@ -235,7 +235,10 @@ class SAEModule(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
-        fused = self.device.type in ("cpu", "cuda")
+        # Lightning's mixed-precision plugin cannot clip the gradients of a fused optimiser
+        # (it unscales internally), so fused Adam is for full precision only.
+        mixed = "mixed" in str(self.trainer.precision) if self._trainer else False
+        fused = self.device.type in ("cpu", "cuda") and not mixed
         optimizer = torch.optim.Adam(
             self.parameters(),
             lr=float(cfg["lr"]),
