@@ -56,7 +56,7 @@ def train_sae(args: argparse.Namespace, store: Path, out: Path) -> Path:
         f"sae.d_sae={args.d_sae}", f"sae.k={args.k}", f"trainer.max_steps={args.steps}",
         f"data.batch_size={args.batch}", "data.num_workers=1", "trainer.val_check_interval=500",
         "trainer.limit_val_batches=5", "trainer.enable_progress_bar=false", f"optim.lr={args.lr}",
-        "sae.dead_after_steps=200", "torch_threads=1", f"hydra.run.dir={out}", f"paths.activations_dir={out}",
+        "sae.dead_after_steps=200", "torch_threads=1", f"trainer.precision={args.precision}", f"hydra.run.dir={out}", f"paths.activations_dir={out}",
     ]  # fmt: skip
     with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="32-true", help="trainer.precision (bf16-mixed)")
     args = parser.parse_args()
 
     import traitsae
@@ -103,6 +104,7 @@ def main() -> None:
     )
     print(
         f"SAE : TopK d_sae={args.d_sae} k={args.k}, {args.steps} steps x batch {args.batch}, "
+        f"precision {args.precision}, "
         f"lr {args.lr} ({elapsed:.0f} s incl. start-up), val FVU {fvu:.3f}"
     )
     print(f"median best cosine {np.median(best_F):.3f}; recovered (cos > 0.9): {recovered:.1%}"

@@ -62,7 +62,8 @@ def test_single_run_metrics_match_direct_computation(setup, tmp_path):
     np.testing.assert_allclose(result.firing_frequency, freq_S, atol=1e-6)
     assert result.dead_fraction == pytest.approx(float((freq_S == 0).mean()))
     assert result.dense_fraction == pytest.approx(float((freq_S > 0.01).mean()))
-    assert result.label == "sae=relu sae.d_sae=8"  # hydra.* overrides left out
+    assert result.label == "sae=relu d_sae=8"  # one run: all its overrides, hydra.* left out
+    assert result.dense_freq == pytest.approx(0.01)  # relu: 10 x the untargeted rate 1e-3
     assert (tmp_path / "health_firing_frequency.png").is_file()
 
 
@@ -71,13 +72,15 @@ def test_sweep_dir_gives_csv_and_pareto(setup, tmp_path):
         compose_evaluate(overrides(setup, setup["sweep"]) + ["eval.max_tokens=500"], tmp_path)
     )
     assert [r.label for r in results] == [
-        "sae=relu sae.d_sae=8",
-        "sae=topk sae.d_sae=32",
-        "sae=relu sae.d_sae=64",
+        "sae=relu d_sae=8",
+        "sae=topk d_sae=32",
+        "sae=relu d_sae=64",
     ]
     assert all(r.n_tokens == 500 for r in results)
+    assert results[1].dense_freq == pytest.approx(10 * 8 / 32)  # topk: 10 x k / d_sae
     rows = list(csv.DictReader((tmp_path / "health.csv").open()))
     assert [int(r["d_sae"]) for r in rows] == [8, 32, 64]
+    assert [r["sae"] for r in rows] == ["relu", "topk", "relu"]  # swept overrides as columns
     l0 = np.array([r.l0 for r in results])
     fvu = np.array([r.fvu for r in results])
     for i, r in enumerate(results):  # on the frontier iff no other run is at least as good on both
@@ -91,6 +94,22 @@ def test_sweep_dir_gives_csv_and_pareto(setup, tmp_path):
     data = json.loads((tmp_path / "health.json").read_text())
     assert len(data["runs"]) == 3 and "log10_frequency_histogram" in data["runs"][0]
     assert (tmp_path / "health_pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_labels_name_only_what_differs_and_stay_short(tmp_path):
+    from traitsae.evaluation.health import run_labels, short_names
+
+    runs = []
+    for job, (k, lr) in enumerate(((16, "0.001"), (32, "0.001"), (16, "0.0004"))):
+        run = tmp_path / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        overrides = f"- sae=topk\n- sae.k={k}\n- optim.lr={lr}\n- hydra.job.num={job}\n"
+        (run / ".hydra" / "overrides.yaml").write_text(overrides)
+        runs.append(run)
+    assert run_labels(runs) == ["k=16 lr=0.001", "k=32 lr=0.001", "k=16 lr=0.0004"]
+    assert short_names(["sae.k", "data.k", "optim.lr"]) == {
+        "sae.k": "sae.k", "data.k": "data.k", "optim.lr": "lr",
+    }  # fmt: skip
 
 
 def test_empty_dir_is_an_error(setup, tmp_path):

@@ -1,9 +1,11 @@
 """`eval=health`: reconstruction and sparsity of one SAE, or of every run of a sweep.
 
 On the held-out store: MSE, FVU (fraction of variance unexplained), L0, dead and dense latent
-fractions, and the log10 firing-frequency histogram. With `run=<multirun sweep dir>` every job
-that exported an SAE is measured; a Pareto plot of L0 vs FVU marks the frontier and labels runs
-by their Hydra overrides.
+fractions, and the log10 firing-frequency histogram. A latent is dense when it fires more than
+`eval.dense_threshold` times the rate the SAE is built for (k / d_sae, target_l0 / d_sae;
+metrics.expected_firing_rate). With `run=<multirun sweep dir>` every job that exported an SAE is
+measured: runs are labelled by the overrides that differ across the sweep (short names, also CSV
+columns), and the Pareto plots (L0 vs FVU with the frontier; L0 vs dead fraction) mark them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,8 @@ from traitsae.evaluation.scoring import images_per_block
 
 CSV_FIELDS = [
     "run",
-    "label",
+    "label",  # the overrides that differ across the sweep; one column each follows
+    "swept",
     "variant",
     "d_sae",
     "layer",
@@ -37,6 +40,7 @@ CSV_FIELDS = [
     "l0",
     "dead_fraction",
     "dense_fraction",
+    "dense_freq",
     "pareto",
 ]
 
@@ -54,9 +58,11 @@ class Health:
     fvu: float  # sum ||x - x_hat||^2 / sum ||x - mean x||^2
     l0: float  # mean number of active latents per token
     dead_fraction: float  # latents that never fire on the held-out store
-    dense_fraction: float  # latents firing on more than `dense_threshold` of tokens
+    dense_fraction: float  # latents firing on more than `dense_freq` of tokens
+    dense_freq: float  # eval.dense_threshold x the expected firing rate
     firing_frequency: list[float]  # per latent, fraction of tokens where it fires
     pareto: bool = False
+    swept: dict[str, str] = field(default_factory=dict)  # short override name -> value
 
 
 # ---------------------------------------------------------------- entry point
@@ -67,11 +73,12 @@ def run(cfg: DictConfig) -> list[Health]:
     from traitsae.evaluation.common import output_dir, sae_source
     from traitsae.sae.export import load_sae
 
-    target = sae_source(cfg)
+    runs = find_runs(sae_source(cfg))
+    swept = swept_overrides(runs)
     results = []
-    for run_dir in find_runs(target):
+    for run_dir, label, overrides in zip(runs, run_labels(runs), swept, strict=True):
         sae = load_sae(run_dir, device=cfg.get("device", "cpu"))
-        results.append(measure_run(cfg, sae, run_dir))
+        results.append(measure_run(cfg, sae, run_dir, label, overrides))
     mark_pareto(results)
     out = output_dir(cfg)
     write_outputs(results, out)
@@ -102,22 +109,61 @@ def find_runs(target: str | Path) -> list[Path]:
     )
 
 
-def run_label(run_dir: Path) -> str:
-    """A run's Hydra overrides (from .hydra/overrides.yaml), else its directory name."""
+def run_overrides(run_dir: Path) -> dict[str, str]:
+    """A run's Hydra overrides (from .hydra/overrides.yaml) as key -> value, hydra.* left out."""
     from omegaconf import OmegaConf
 
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
     path = run_dir / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        overrides = [str(o) for o in OmegaConf.load(path) if not str(o).startswith("hydra.")]
-        if overrides:
-            return " ".join(overrides)
-    return run_dir.name
+    if not path.is_file():
+        return {}
+    pairs = (str(o).split("=", 1) for o in OmegaConf.load(path) if not str(o).startswith("hydra."))
+    return {p[0].lstrip("+~"): p[1] if len(p) > 1 else "" for p in pairs}
 
 
-def measure_run(cfg: DictConfig, sae: torch.nn.Module, run_dir: Path) -> Health:
+def short_names(keys: list[str]) -> dict[str, str]:
+    """key -> its last dotted part (`sae.k` -> `k`), or more parts where that is ambiguous."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for depth in range(1, len(parts) + 1):
+            name = ".".join(parts[-depth:])
+            clash = [k for k in keys if k != key and ".".join(k.split(".")[-depth:]) == name]
+            if not clash:
+                break
+        names[key] = name
+    return names
+
+
+def swept_overrides(runs: list[Path]) -> list[dict[str, str]]:
+    """Per run: the overrides whose value differs across `runs`, under short names. A single
+    run (nothing differs) keeps all its overrides."""
+    overrides = [run_overrides(r) for r in runs]
+    keys = list(dict.fromkeys(k for o in overrides for k in o))
+    if len(runs) > 1:
+        keys = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
+    names = short_names(keys)
+    return [{names[k]: o.get(k, "") for k in keys} for o in overrides]
+
+
+def run_labels(runs: list[Path]) -> list[str]:
+    """Short labels that tell the runs apart (`k=16 sae=topk`), else their directory names."""
+    labels = [" ".join(f"{k}={v}" for k, v in o.items()) for o in swept_overrides(runs)]
+    return [
+        label or (r if r.is_dir() else r.parent).name for label, r in zip(labels, runs, strict=True)
+    ]
+
+
+def measure_run(
+    cfg: DictConfig,
+    sae: torch.nn.Module,
+    run_dir: Path,
+    label: str | None = None,
+    swept: dict[str, str] | None = None,
+) -> Health:
     """Health of one SAE on the store of its backbone x `cfg.dataset` x `eval.split`."""
     from traitsae.evaluation.common import eval_store
+    from traitsae.sae.metrics import dense_frequency
 
     store = eval_store(cfg, sae, cfg.eval.split)
     try:
@@ -132,15 +178,22 @@ def measure_run(cfg: DictConfig, sae: torch.nn.Module, run_dir: Path) -> Health:
     finally:
         store.close()
     freq_S = stats.pop("firing_frequency")
+    d_sae = int(freq_S.size)
+    target_l0 = ((sae.meta.get("config") or {}).get("sae") or {}).get("target_l0")
+    dense_freq = dense_frequency(
+        float(cfg.eval.dense_threshold), d_sae, sae.meta["architecture"].get("k") or target_l0
+    )
     return Health(
         run=str(run_dir),
-        label=run_label(Path(run_dir)),
+        label=label if label is not None else run_labels([Path(run_dir)])[0],
+        swept=dict(swept or {}),
         variant=str(sae.meta.get("variant", "")),
-        d_sae=int(freq_S.size),
+        d_sae=d_sae,
         layer=int(sae.meta["layer"]),
         tokens=str(sae.meta.get("tokens", "patches")),
         dead_fraction=float((freq_S == 0).mean()),
-        dense_fraction=float((freq_S > cfg.eval.dense_threshold).mean()),
+        dense_fraction=float((freq_S > dense_freq).mean()),
+        dense_freq=dense_freq,
         firing_frequency=freq_S.tolist(),
         **stats,
     )
@@ -174,31 +227,23 @@ def reconstruction_stats(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Streaming MSE, FVU, L0 and per-latent firing frequency over the store's valid tokens."""
+    from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained
+
     d_sae = int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0)))
-    n = 0
-    sq_err = sum_sq = 0.0  # float64 Python accumulators: millions of tokens
-    sum_D = torch.zeros(store.d_model, dtype=torch.float64)
-    active = 0
-    fires_S = torch.zeros(d_sae, dtype=torch.float64)
+    fvu = FractionOfVarianceUnexplained(store.d_model)
+    freq = FiringFrequency(d_sae)
     for x_RD in _token_batches(store, layer, tokens, d_sae, max_tokens, device):
         codes_RS = sae.encode(x_RD)
-        x_hat_RD = sae.decode(codes_RS)
-        fired_RS = codes_RS > 0
-        n += x_RD.shape[0]
-        sq_err += float(((x_RD - x_hat_RD) ** 2).sum(dtype=torch.float64))
-        sum_sq += float((x_RD.double() ** 2).sum())
-        sum_D += x_RD.double().sum(0).cpu()
-        active += int(fired_RS.sum())
-        fires_S += fired_RS.sum(0, dtype=torch.float64).cpu()
-    if n == 0:
+        fvu.update(sae.decode(codes_RS).cpu(), x_RD.cpu())
+        freq.update((codes_RS > 0).sum(0).cpu(), x_RD.shape[0])
+    if freq.n.item() == 0:
         raise TraitsaeError(f"store {store.path} has no valid tokens to measure the SAE on.")
-    total_var = sum_sq - float((sum_D**2).sum()) / n  # sum ||x - mean||^2
     return {
-        "n_tokens": n,
-        "mse": sq_err / (n * store.d_model),
-        "fvu": sq_err / total_var if total_var > 0 else float("nan"),
-        "l0": active / n,
-        "firing_frequency": (fires_S / n).numpy(),
+        "n_tokens": int(freq.n.item()),
+        "mse": float(fvu.mse()),
+        "fvu": float(fvu.compute()),
+        "l0": float(freq.l0()),
+        "firing_frequency": freq.compute().numpy(),
     }
 
 
@@ -217,13 +262,17 @@ def mark_pareto(results: list[Health]) -> None:
 
 
 def write_outputs(results: list[Health], out: Path) -> dict[str, Path]:
-    """health.csv, health.json (with the frequency histograms), and PNGs in `out`."""
+    """health.csv (one column per swept override), health.json (with the frequency
+    histograms), and PNGs in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "health.csv", "json": out / "health.json"}
+    swept_keys = list(dict.fromkeys(k for r in results for k in r.swept))
+    fields = [f for f in CSV_FIELDS if f != "swept"]
+    fields[2:2] = [k for k in swept_keys if k not in fields]
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
+        writer.writerows({**r.swept, **asdict(r)} for r in results)
     payload = []
     for r in results:
         row = asdict(r)
@@ -237,17 +286,7 @@ def write_outputs(results: list[Health], out: Path) -> dict[str, Path]:
         }
         payload.append(row)
     paths["json"].write_text(json.dumps({"runs": payload}, indent=2))
-    paths["pareto_png"] = figures.save(
-        figures.pareto_plot(
-            [r.l0 for r in results],
-            [r.fvu for r in results],
-            [r.label for r in results],
-            xlabel="L0 (active latents per token)",
-            ylabel="FVU",
-            title="sparsity vs reconstruction",
-        ),
-        out / "health_pareto.png",
-    )
+    paths["pareto_png"] = figures.save(pareto_figure(results), out / "health_pareto.png")
     for i, r in enumerate(results):
         suffix = "" if len(results) == 1 else f"_{i}"
         paths[f"frequency_png{suffix}"] = figures.save(
@@ -259,12 +298,48 @@ def write_outputs(results: list[Health], out: Path) -> dict[str, Path]:
     return paths
 
 
+def pareto_figure(results: list[Health]):
+    """L0 vs FVU (frontier joined) and L0 vs dead fraction, side by side. Points carry their
+    run number; the key below the axes gives each number's label, so long labels never
+    cover the data or run off the figure."""
+    plt = figures._pyplot()
+    fig, (ax_fvu, ax_dead) = plt.subplots(1, 2, figsize=(10, 4))
+    l0 = np.array([r.l0 for r in results])
+    order = np.argsort(l0)
+    front = [i for i in order if results[i].pareto]
+    for ax, values, ylabel in (
+        (ax_fvu, [r.fvu for r in results], "FVU (fraction of variance unexplained)"),
+        (ax_dead, [r.dead_fraction for r in results], "dead fraction"),
+    ):
+        colours = ["tab:red" if r.pareto else "tab:blue" for r in results]
+        ax.scatter(l0, values, c=colours, s=28, zorder=3)
+        for i, (x, y) in enumerate(zip(l0, values, strict=True)):
+            ax.annotate(str(i), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8,
+                        annotation_clip=True)  # fmt: skip
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.margins(0.12)  # room for the numbers inside the axes
+    ax_fvu.plot(l0[front], [results[i].fvu for i in front], color="tab:red", lw=1,
+                label="Pareto front", zorder=2)  # fmt: skip
+    ax_fvu.legend(fontsize=8, loc="upper right")
+    ax_fvu.set_title("sparsity vs reconstruction")
+    ax_dead.set_title("dead latents")
+    key = "\n".join(
+        f"{i}: {r.label}{'  (front)' if r.pareto else ''}" for i, r in enumerate(results)
+    )
+    fig.text(0.01, -0.02, key, va="top", ha="left", fontsize=8, family="monospace", wrap=True)
+    fig.tight_layout()
+    return fig
+
+
 def format_table(results: list[Health]) -> str:
-    head = f"{'run':<40} {'L0':>8} {'FVU':>7} {'MSE':>10} {'dead':>6} {'dense':>6}  pareto"
+    width = max([len("run")] + [len(r.label) for r in results])
+    head = f"{'run':<{width}} {'L0':>8} {'FVU':>7} {'MSE':>10} {'dead':>6} {'dense':>6}  pareto"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.label[:40]:<40} {r.l0:>8.2f} {r.fvu:>7.3f} {r.mse:>10.4g} "
+            f"{r.label:<{width}} {r.l0:>8.2f} {r.fvu:>7.3f} {r.mse:>10.4g} "
             f"{r.dead_fraction:>6.3f} {r.dense_fraction:>6.3f}  {'*' if r.pareto else ''}"
         )
     return "\n".join(lines)

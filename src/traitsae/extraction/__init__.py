@@ -49,6 +49,10 @@ __all__ = [
 
 def extract(cfg: DictConfig) -> Path:
     """Write (or finish, or join) the store of cfg.backbone x cfg.dataset x cfg.split."""
+    if cfg.dataset.get("format") == "dictionary":  # generated activations: no images, no backbone
+        from traitsae.data.dictionary import write_dictionary_store
+
+        return write_dictionary_store(cfg)
     torch.manual_seed(int(cfg.seed))
     check_extract_cfg(cfg)
     images = load_image_list(cfg.dataset, cfg.split)

@@ -1,8 +1,9 @@
 """The `f` of x_hat = W_dec f(W_enc (x - b_dec) + b_enc) + b_dec: one class per SAE family.
 
 Every activation maps pre-activations [B, S] to codes [B, S] >= 0. `forward` is the inference
-rule (what `encode` uses, batch-independent); `train_codes` is the rule while training (BatchTopK
-differs: it selects over the whole batch and learns the inference threshold from it).
+rule (what `encode` uses, batch-independent); sparse families also `select` the entries a
+training step keeps (BatchTopK differs there: it selects over the whole batch and learns the
+inference threshold from it).
 """
 
 from __future__ import annotations
@@ -12,17 +13,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from traitsae.sae.sparse_ops import topk_indices
+from traitsae.sae.sparse_ops import batch_topk_entries, row_offsets, topk_indices
 
 
 class Activation(nn.Module):
-    """Base class; `spec()` is what sae.json records to rebuild the activation."""
+    """Base class; `spec()` is what sae.json records to rebuild the activation.
 
-    #: True when training runs on (values, indices) of fixed width k (see sparse_ops).
-    sparse_k: int | None = None
+    Sparse families (TopK, BatchTopK) also implement `select`: which (vector, latent) entries
+    a training step keeps, as flat latent indices in row order plus their CSR row pointer; the
+    model then trains on those entries only (sparse_ops). Dense families train on `forward`.
+    """
 
-    def train_codes(self, pre_BS: Tensor) -> Tensor:
-        return self(pre_BS)
+    #: True when training keeps a selection of entries (`select`), not dense codes.
+    sparse: bool = False
+    #: Active latents per vector the family is built for (k), when it fixes one.
+    k: int | None = None
+
+    def select(self, pre_BS: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
 
     def spec(self) -> dict[str, Any]:
         return {}
@@ -41,10 +49,16 @@ def topk_dense(pre_BS: Tensor, k: int) -> Tensor:
 
 
 class TopK(Activation):
+    sparse = True
+
     def __init__(self, k: int) -> None:
         super().__init__()
         self.k = int(k)
-        self.sparse_k = self.k
+
+    def select(self, pre_BS: Tensor) -> tuple[Tensor, Tensor]:
+        n_rows = pre_BS.shape[0]
+        crow = torch.arange(0, n_rows * self.k + 1, self.k, device=pre_BS.device)
+        return topk_indices(pre_BS, self.k).reshape(-1), crow
 
     def forward(self, pre_BS: Tensor) -> Tensor:
         return topk_dense(pre_BS, self.k)
@@ -54,13 +68,16 @@ class TopK(Activation):
 
 
 class BatchTopK(Activation):
-    """Top k*B activations over the batch in training; a learned threshold at inference.
+    """Top k*B positive activations over the batch in training; a learned threshold at
+    inference.
 
     The threshold is a running mean of the smallest activation kept in each training batch,
     so that inference keeps about k latents per vector without looking at its batch.
     """
 
-    def __init__(self, k: int, threshold_momentum: float = 0.01) -> None:
+    sparse = True
+
+    def __init__(self, k: int, threshold_momentum: float) -> None:
         super().__init__()
         self.k = int(k)
         self.momentum = float(threshold_momentum)
@@ -72,16 +89,11 @@ class BatchTopK(Activation):
             return topk_dense(pre_BS, self.k)
         return torch.where(pre_BS > self.threshold, pre_BS, torch.zeros_like(pre_BS))
 
-    def train_codes(self, pre_BS: Tensor) -> Tensor:
-        acts_BS = torch.relu(pre_BS)
-        n_keep = min(self.k * acts_BS.shape[0], acts_BS.numel())
-        kept = acts_BS.detach().flatten().topk(n_keep, sorted=False)
-        mask = torch.zeros(acts_BS.numel(), dtype=torch.bool, device=acts_BS.device)
-        mask[kept.indices] = True
-        mask &= acts_BS.detach().flatten() > 0
-        if self.training and mask.any():
-            self._update_threshold(acts_BS.detach().flatten()[mask].min())
-        return acts_BS * mask.view_as(acts_BS)
+    def select(self, pre_BS: Tensor) -> tuple[Tensor, Tensor]:
+        rows_N, idx_N = batch_topk_entries(pre_BS, self.k * pre_BS.shape[0])
+        if self.training and rows_N.numel():
+            self._update_threshold(pre_BS[rows_N, idx_N].min().float())
+        return idx_N, row_offsets(rows_N, pre_BS.shape[0])
 
     @torch.no_grad()
     def _update_threshold(self, smallest_kept: Tensor) -> None:
@@ -142,7 +154,7 @@ def step_ste(pre_BS: Tensor, theta_S: Tensor, bandwidth: float) -> Tensor:
 class JumpReLU(Activation):
     """Per-latent thresholds theta = exp(log_theta) trained with a straight-through estimator."""
 
-    def __init__(self, d_sae: int, threshold_init: float = 0.05, bandwidth: float = 0.05) -> None:
+    def __init__(self, d_sae: int, threshold_init: float, bandwidth: float) -> None:
         super().__init__()
         self.bandwidth = float(bandwidth)
         self.threshold_init = float(threshold_init)

@@ -14,50 +14,63 @@ from torch import Tensor, nn
 
 from traitsae.errors import TraitsaeError
 from traitsae.sae.activations import Activation, BatchTopK, JumpReLU, ReLU, TopK
-from traitsae.sae.sparse_ops import sparse_decode, sparse_encode, topk_indices
+from traitsae.sae.metrics import fraction_of_variance_unexplained
+from traitsae.sae.sparse_ops import (
+    owners,
+    project_out_parallel_,
+    row_offsets,
+    sparse_decode,
+    sparse_encode,
+)
 
 VARIANTS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 
 
 @dataclass
 class SAEOutput:
-    """One forward pass. Dense variants fill `codes_BS`; the TopK fast path fills
-    (`values_BK`, `indices_BK`) and builds dense codes only when asked."""
+    """One forward pass. Dense variants fill `codes_BS`; the sparse training path fills the
+    kept entries (`values_N`, `indices_N`, `rows_N`, in row order) and builds dense codes only
+    when asked."""
 
     recon_BD: Tensor
     pre_BS: Tensor  # pre-activations (detached on the sparse path)
     codes_BS: Tensor | None = None
-    values_BK: Tensor | None = None
-    indices_BK: Tensor | None = None
+    values_N: Tensor | None = None
+    indices_N: Tensor | None = None
+    rows_N: Tensor | None = None
     prefix_recons: list[Tensor] = field(default_factory=list)  # Matryoshka: one per prefix
+
+    @property
+    def sparse(self) -> bool:
+        return self.codes_BS is None and self.values_N is not None
 
     def dense_codes(self) -> Tensor:
         if self.codes_BS is None:
-            assert self.values_BK is not None and self.indices_BK is not None
-            zeros_BS = self.values_BK.new_zeros(self.pre_BS.shape)
-            self.codes_BS = zeros_BS.scatter(1, self.indices_BK, self.values_BK)
+            assert self.values_N is not None and self.rows_N is not None
+            zeros_BS = self.values_N.new_zeros(self.pre_BS.shape)
+            self.codes_BS = zeros_BS.index_put((self.rows_N, self.indices_N), self.values_N)
         return self.codes_BS
 
     def fire_counts(self) -> Tensor:
         """How many vectors of the batch fired each latent -> [S] (no gradient)."""
         n_latents = self.pre_BS.shape[1]
-        if self.codes_BS is None and self.indices_BK is not None:
-            active = self.indices_BK[self.values_BK.detach() > 0]
-            return torch.bincount(active, minlength=n_latents)
+        if self.sparse:
+            return torch.bincount(self.indices_N[self.values_N.detach() > 0], minlength=n_latents)
         return (self.dense_codes().detach() > 0).sum(0)
 
     def l0(self) -> Tensor:
         """Active latents per vector -> [B] float."""
-        if self.codes_BS is None and self.values_BK is not None:
-            return (self.values_BK.detach() > 0).sum(1).float()
+        if self.sparse:
+            fired_rows = self.rows_N[self.values_N.detach() > 0]
+            return torch.bincount(fired_rows, minlength=self.pre_BS.shape[0]).float()
         return (self.dense_codes().detach() > 0).sum(1).float()
 
-
-def normalized_mse(recon_BD: Tensor, x_BD: Tensor) -> Tensor:
-    """||x_hat - x||^2 / ||x - mean(x)||^2 over the batch (scale-free, for auxiliary losses)."""
-    err = (recon_BD - x_BD).pow(2).sum()
-    var = (x_BD - x_BD.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return err / var
+    def l1(self) -> Tensor:
+        """Mean sum of |codes| per vector (no gradient)."""
+        with torch.no_grad():
+            if self.sparse:
+                return self.values_N.abs().sum() / self.pre_BS.shape[0]
+            return self.dense_codes().abs().sum(1).mean()
 
 
 class SparseAutoencoder(nn.Module):
@@ -103,25 +116,56 @@ class SparseAutoencoder(nn.Module):
 
     # ---- training ------------------------------------------------------------------------
     def forward(self, x_BD: Tensor) -> SAEOutput:
-        if self.training and self.activation.sparse_k is not None and not self.prefixes:
-            return self._forward_sparse(x_BD, self.activation.sparse_k)
+        if self.training and self.activation.sparse:
+            return self._forward_sparse(x_BD)
         pre_BS = self.pre_acts(x_BD)
-        act = self.activation
-        codes_BS = act.train_codes(pre_BS) if self.training else act(pre_BS)
+        codes_BS = self.activation(pre_BS)
         if not self.prefixes:
             return SAEOutput(recon_BD=self.decode(codes_BS), pre_BS=pre_BS, codes_BS=codes_BS)
         recons = self._prefix_recons(codes_BS)  # the last prefix is the whole dictionary
         return SAEOutput(recons[-1], pre_BS=pre_BS, codes_BS=codes_BS, prefix_recons=recons)
 
-    def _forward_sparse(self, x_BD: Tensor, k: int) -> SAEOutput:
-        """TopK step: one dense GEMM (no autograd), then everything on the k winners."""
+    def _forward_sparse(self, x_BD: Tensor) -> SAEOutput:
+        """One dense GEMM without autograd (bf16 under autocast), the activation's selection,
+        then everything on the kept entries, in float32."""
         xc_BD = x_BD - self.b_dec
+        n_rows = x_BD.shape[0]
         with torch.no_grad():
             pre_BS = torch.addmm(self.b_enc, xc_BD, self.W_enc.t())
-            idx_BK = topk_indices(pre_BS, k)
-        vals_BK = torch.relu(sparse_encode(xc_BD, self.W_enc, self.b_enc, idx_BK, pre_BS))
-        recon_BD = sparse_decode(vals_BK, idx_BK, self.W_dec, self.unit_norm_decoder) + self.b_dec
-        return SAEOutput(recon_BD=recon_BD, pre_BS=pre_BS, values_BK=vals_BK, indices_BK=idx_BK)
+            idx_N, crow = self.activation.select(pre_BS)
+            rows_N = owners(crow, idx_N.numel())
+            if self.prefixes:  # Matryoshka: one bag per (row, prefix segment)
+                bounds = torch.tensor(self.prefix_sizes()[:-1], device=idx_N.device)
+                n_seg = len(bounds) + 1
+                bag_N = rows_N * n_seg + torch.bucketize(idx_N, bounds, right=True)
+                if (bag_N[1:] < bag_N[:-1]).any():  # BatchTopK's entries come sorted already
+                    order = bag_N.argsort(stable=True)  # rows stay in order: bags are row-major
+                    idx_N, rows_N, bag_N = idx_N[order], rows_N[order], bag_N[order]
+                bags = row_offsets(bag_N, n_rows * n_seg)
+        with torch.autocast(x_BD.device.type, enabled=False):
+            vals_N = sparse_encode(
+                xc_BD.to(self.W_enc.dtype), self.W_enc, self.b_enc, idx_N, crow, pre_BS
+            )
+            vals_N = torch.relu(vals_N)
+            if not self.prefixes:
+                recon_BD = sparse_decode(vals_N, idx_N, self.W_dec, crow, self.unit_norm_decoder)
+                recon_BD = recon_BD + self.b_dec
+                prefix_recons = []
+            else:
+                seg_XD = sparse_decode(vals_N, idx_N, self.W_dec, bags, self.unit_norm_decoder)
+                seg_BGD = seg_XD.view(n_rows, n_seg, -1)
+                prefix_recons = [seg_BGD[:, 0] + self.b_dec]
+                for g in range(1, n_seg):  # each prefix = the previous one + its segment
+                    prefix_recons.append(prefix_recons[-1] + seg_BGD[:, g])
+                recon_BD = prefix_recons[-1]
+        return SAEOutput(
+            recon_BD=recon_BD,
+            pre_BS=pre_BS,
+            values_N=vals_N,
+            indices_N=idx_N,
+            rows_N=rows_N,
+            prefix_recons=prefix_recons,
+        )
 
     def prefix_sizes(self) -> list[int]:
         """Matryoshka prefix sizes for this step: fixed, or sampled anew in training."""
@@ -155,15 +199,18 @@ class SparseAutoencoder(nn.Module):
         dead_idx = dead_S.nonzero().squeeze(1)
         if dead_idx.numel() == 0 or k_aux <= 0:
             return x_BD.new_zeros(())
-        resid_BD = (x_BD - out.recon_BD).detach()
+        resid_BD = (x_BD - out.recon_BD).detach().to(self.W_enc.dtype)
         k = min(k_aux, dead_idx.numel())
+        n_rows = x_BD.shape[0]
         with torch.no_grad():
             pre_dead_BN = out.pre_BS.detach().index_select(1, dead_idx)
-            idx_BK = dead_idx[pre_dead_BN.topk(k, dim=1, sorted=False).indices]
-        xc_BD = x_BD - self.b_dec.detach()
-        vals_BK = torch.relu(sparse_encode(xc_BD, self.W_enc, self.b_enc, idx_BK))
-        aux_BD = sparse_decode(vals_BK, idx_BK, self.W_dec, self.unit_norm_decoder)
-        return normalized_mse(aux_BD, resid_BD)
+            idx_N = dead_idx[pre_dead_BN.topk(k, dim=1, sorted=False).indices].reshape(-1)
+            crow = torch.arange(0, n_rows * k + 1, k, device=x_BD.device)
+        with torch.autocast(x_BD.device.type, enabled=False):
+            xc_BD = (x_BD - self.b_dec.detach()).to(self.W_enc.dtype)
+            vals_N = torch.relu(sparse_encode(xc_BD, self.W_enc, self.b_enc, idx_N, crow))
+            aux_BD = sparse_decode(vals_N, idx_N, self.W_dec, crow, self.unit_norm_decoder)
+            return fraction_of_variance_unexplained(aux_BD, resid_BD)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -174,10 +221,8 @@ class SparseAutoencoder(nn.Module):
         """Project W_dec's gradient onto the tangent of the unit sphere (dense paths; the
         sparse decode already returns a projected gradient)."""
         grad = self.W_dec.grad
-        if grad is None:
-            return
-        parallel_S = torch.linalg.vecdot(grad, self.W_dec)
-        grad.addcmul_(self.W_dec, parallel_S[:, None], value=-1.0)
+        if grad is not None:
+            project_out_parallel_(grad, self.W_dec, torch.linalg.vecdot(grad, self.W_dec))
 
     def architecture(self) -> dict[str, Any]:
         """Everything `build_sae` needs to rebuild this SAE (recorded in sae.json)."""
@@ -195,6 +240,16 @@ class SparseAutoencoder(nn.Module):
                 prefix_weights=self.prefix_weights,
             )
         return arch
+
+
+def _needed(variant: str, **option: Any) -> float:
+    ((name, value),) = option.items()
+    if value is None:
+        raise TraitsaeError(
+            f"sae={variant} needs `sae.{name}`; none given. Its default is in "
+            f"conf/sae/{variant}.yaml: compose the config from there (or pass sae.{name}=...)."
+        )
+    return float(value)
 
 
 def _check_k(k: int | None, d_sae: int, variant: str) -> int:
@@ -241,16 +296,20 @@ def build_sae(
     d_sae: int,
     k: int | None = None,
     *,
-    threshold_momentum: float = 0.01,
-    threshold_init: float = 0.05,
-    bandwidth: float = 0.05,
+    threshold_momentum: float | None = None,
+    threshold_init: float | None = None,
+    bandwidth: float | None = None,
     prefixes: list[int] | None = None,
     sampled_prefixes: int = 0,
     prefix_weights: list[float] | None = None,
     unit_norm_decoder: bool = True,
     **ignored: Any,
 ) -> SparseAutoencoder:
-    """Build an SAE of one family; `ignored` swallows training-only keys of the `sae` config."""
+    """Build an SAE of one family; `ignored` swallows training-only keys of the `sae` config.
+
+    A family's hyperparameters (threshold_momentum for BatchTopK and Matryoshka,
+    threshold_init and bandwidth for JumpReLU) have their defaults in conf/sae/ only: they
+    must be given here."""
     if variant not in VARIANTS:
         raise TraitsaeError(
             f"unknown SAE variant sae={variant!r}; available: {', '.join(VARIANTS)} "
@@ -265,11 +324,19 @@ def build_sae(
     elif variant == "topk":
         act = TopK(_check_k(k, d_sae, variant))
     elif variant == "batchtopk":
-        act = BatchTopK(_check_k(k, d_sae, variant), threshold_momentum)
+        act = BatchTopK(
+            _check_k(k, d_sae, variant), _needed(variant, threshold_momentum=threshold_momentum)
+        )
     elif variant == "jumprelu":
-        act = JumpReLU(d_sae, threshold_init, bandwidth)
+        act = JumpReLU(
+            d_sae,
+            _needed(variant, threshold_init=threshold_init),
+            _needed(variant, bandwidth=bandwidth),
+        )
     else:
-        act = BatchTopK(_check_k(k, d_sae, variant), threshold_momentum)
+        act = BatchTopK(
+            _check_k(k, d_sae, variant), _needed(variant, threshold_momentum=threshold_momentum)
+        )
         sizes = _check_prefixes(prefixes, d_sae, int(sampled_prefixes))
     return SparseAutoencoder(
         variant,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from traitsae.errors import TraitsaeError
-from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained
-from traitsae.sae.model import SAEOutput, build_sae
-
-# Latents firing on more than this fraction of vectors are "dense" (uninterpretable).
-DENSE_FREQ = 1e-2
+from traitsae.sae.metrics import (
+    FiringFrequency,
+    FractionOfVarianceUnexplained,
+    dense_frequency,
+    fraction_of_variance_unexplained,
+)
+from traitsae.sae.model import SAEOutput, SparseAutoencoder, build_sae
+from traitsae.sae.sparsity import L0Controller, NoPenalty, SparsityPenalty
 
 
 def geometric_median(points_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
@@ -48,6 +52,57 @@ def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) 
     raise TraitsaeError(f"optim.decay={decay!r} is unknown; use cosine, linear or constant.")
 
 
+@dataclass
+class StepLoss:
+    """The loss of one batch and its parts -- the one definition training and validation log.
+
+    `recon` is the reconstruction objective (Matryoshka: the weighted mean over its prefixes);
+    `mse` is always the full dictionary's MSE per element, so train/mse and val/mse compare.
+    """
+
+    loss: Tensor
+    recon: Tensor
+    mse: Tensor
+    sparsity: Tensor
+    auxk: Tensor | None = None
+
+
+def step_loss(
+    sae: SparseAutoencoder,
+    x_BD: Tensor,
+    out: SAEOutput,
+    penalty: SparsityPenalty,
+    step: int,
+    penalty_factor: float = 1.0,
+) -> StepLoss:
+    """Reconstruction + sparsity penalty (AuxK is added by the training step)."""
+    recon = sae.reconstruction_loss(x_BD, out)
+    mse = recon if not out.prefix_recons else (out.recon_BD - x_BD).pow(2).mean()
+    sparsity = penalty(out, sae, step, penalty_factor)
+    return StepLoss(loss=recon + sparsity, recon=recon, mse=mse, sparsity=sparsity)
+
+
+def check_target_l0(sae_cfg: dict[str, Any], sae: SparseAutoencoder, penalty: Any) -> None:
+    """`sae.target_l0` only where the L0 is not fixed already, and with a penalty to adapt."""
+    target = sae_cfg.get("target_l0")
+    if target is None:
+        return
+    if sae.activation.k is not None:
+        raise TraitsaeError(
+            f"sae.target_l0={target} does not apply to sae={sae.variant}: its L0 is fixed by "
+            f"sae.k={sae.activation.k} already. Set sae.k={int(round(float(target)))} instead, "
+            "or use target_l0 with sae=relu or sae=jumprelu."
+        )
+    if not float(target) > 0:
+        raise TraitsaeError(f"sae.target_l0={target} must be a positive number of latents.")
+    if isinstance(penalty, NoPenalty) or penalty.coeff <= 0:
+        raise TraitsaeError(
+            f"sae.target_l0={target} adapts the sparsity coefficient, but sparsity={penalty!r} "
+            "has none to adapt; use sparsity=l1, tanh or l0 (sae=relu/jumprelu pick one) with "
+            "a positive sparsity.coeff as the starting point."
+        )
+
+
 class SAEModule(L.LightningModule):
     """Loss = reconstruction MSE + sparsity penalty + aux_coeff * AuxK (TopK family).
 
@@ -70,15 +125,24 @@ class SAEModule(L.LightningModule):
         self.penalty = instantiate(sparsity)
         self.optim_cfg = dict(optim)
         self.aux_k = int(sae.get("aux_k") or self.sae.d_model // 2)
-        self.aux_coeff = float(sae.get("aux_coeff", 0.0) or 0.0)
-        self.dead_after_steps = int(sae.get("dead_after_steps", 1000))
+        self.aux_coeff = float(sae["aux_coeff"])
+        self.dead_after_steps = int(sae["dead_after_steps"])
+        check_target_l0(sae, self.sae, self.penalty)
+        target_l0 = sae.get("target_l0")
+        self.l0_controller = None
+        if target_l0 is not None:  # the controller sets the coefficient: no warm-up ramp
+            self.l0_controller = L0Controller(float(target_l0))
+            self.penalty.warmup_steps = 0
+        self.dense_freq = dense_frequency(
+            float(sae["dense_threshold"]), self.sae.d_sae, self.sae.activation.k or target_l0
+        )
         self.figures_dir = Path(figures_dir) if figures_dir else None
         self.register_buffer("scale", torch.tensor(float(scale)))
         # Steps since each latent last fired on any rank (dead-latent tracking, AuxK).
         self.register_buffer("steps_since_fired", torch.zeros(self.sae.d_sae, dtype=torch.long))
         d_model, d_sae = self.sae.d_model, self.sae.d_sae
-        self.val_mse = MeanMetric()
-        self.val_l0 = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_recon = MeanMetric()
         self.val_l1 = MeanMetric()
         self.val_fvu = FractionOfVarianceUnexplained(d_model)
         self.val_freq = FiringFrequency(d_sae)
@@ -107,27 +171,34 @@ class SAEModule(L.LightningModule):
     def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor:
         x_BD = self.normalise(batch_BD)
         out = self.sae(x_BD)
-        mse = self.sae.reconstruction_loss(x_BD, out)
-        penalty = self.penalty(out, self.sae, self.global_step)
-        loss = mse + penalty
+        factor = self.l0_controller.factor() if self.l0_controller is not None else 1.0
+        losses = step_loss(self.sae, x_BD, out, self.penalty, self.global_step, factor)
+        loss = losses.loss
         dead_S = self._track_firing(out)
         if self.aux_coeff > 0:
             aux = self.sae.auxk_loss(x_BD, out, dead_S, self.aux_k)
             loss = loss + self.aux_coeff * aux
             self.log("train/auxk", aux, on_step=True)
-        self._check_finite(loss, mse, x_BD)
+        self._check_finite(loss, losses.mse, x_BD)
+        l0 = out.l0().mean()
+        if self.l0_controller is not None:
+            self.l0_controller.update(float(l0))
+            self.log("train/sparsity_coeff", self.penalty.weight(self.global_step) * factor)
+        with torch.no_grad():
+            fvu = fraction_of_variance_unexplained(out.recon_BD.float(), x_BD.float())
         self.log_dict(
             {
                 "train/loss": loss,
-                "train/mse": mse,
-                "train/sparsity": penalty,
-                "train/fvu": self._batch_fvu(x_BD, out),
-                "train/l1": self._l1(out),
+                "train/recon": losses.recon,
+                "train/mse": losses.mse,
+                "train/sparsity": losses.sparsity,
+                "train/fvu": fvu,
+                "train/l1": out.l1(),
                 "train/dead_frac": dead_S.float().mean(),
             },
             on_step=True,
         )
-        self.log("train/l0", out.l0().mean(), on_step=True, prog_bar=True)
+        self.log("train/l0", l0, on_step=True, prog_bar=True)
         self._log_throughput(x_BD.shape[0])
         return loss
 
@@ -139,19 +210,6 @@ class SAEModule(L.LightningModule):
         self.steps_since_fired += 1
         self.steps_since_fired[counts_S > 0] = 0
         return self.steps_since_fired >= self.dead_after_steps
-
-    @staticmethod
-    def _batch_fvu(x_BD: Tensor, out: SAEOutput) -> Tensor:
-        with torch.no_grad():
-            err = (out.recon_BD - x_BD).pow(2).sum()
-            return err / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-    @staticmethod
-    def _l1(out: SAEOutput) -> Tensor:
-        with torch.no_grad():
-            if out.codes_BS is None and out.values_BK is not None:
-                return out.values_BK.abs().sum(1).mean()
-            return out.dense_codes().abs().sum(1).mean()
 
     def _check_finite(self, loss: Tensor, mse: Tensor, x_BD: Tensor) -> None:
         if torch.isfinite(loss):
@@ -177,7 +235,10 @@ class SAEModule(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
-        fused = self.device.type in ("cpu", "cuda")
+        # Lightning's mixed-precision plugin cannot clip the gradients of a fused optimiser
+        # (it unscales internally), so fused Adam is for full precision only.
+        mixed = "mixed" in str(self.trainer.precision) if self._trainer else False
+        fused = self.device.type in ("cpu", "cuda") and not mixed
         optimizer = torch.optim.Adam(
             self.parameters(),
             lr=float(cfg["lr"]),
@@ -197,9 +258,8 @@ class SAEModule(L.LightningModule):
         }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # The sparse TopK decode returns an already-projected decoder gradient.
-        sparse = self.sae.activation.sparse_k is not None and not self.sae.prefixes
-        if self.sae.unit_norm_decoder and not sparse:
+        # The sparse decode (TopK, BatchTopK, Matryoshka) returns a projected decoder gradient.
+        if self.sae.unit_norm_decoder and not self.sae.activation.sparse:
             self.sae.remove_parallel_grad()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -211,11 +271,12 @@ class SAEModule(L.LightningModule):
     def validation_step(self, batch_BD: Tensor, batch_idx: int) -> None:
         x_BD = self.normalise(batch_BD)
         out = self.sae(x_BD)
-        codes_BS = out.dense_codes()
+        factor = self.l0_controller.factor() if self.l0_controller is not None else 1.0
+        losses = step_loss(self.sae, x_BD, out, self.penalty, self.global_step, factor)
         n = x_BD.shape[0]
-        self.val_mse.update((out.recon_BD - x_BD).pow(2).mean(1))
-        self.val_l0.update((codes_BS > 0).sum(1).float())
-        self.val_l1.update(codes_BS.abs().sum(1))
+        self.val_loss.update(losses.loss, n)
+        self.val_recon.update(losses.recon, n)
+        self.val_l1.update(out.l1(), n)
         self.val_fvu.update(out.recon_BD, x_BD)
         self.val_freq.update(out.fire_counts(), n)
 
@@ -225,19 +286,21 @@ class SAEModule(L.LightningModule):
         freq_S = self.val_freq.compute()
         self.log_dict(
             {
-                "val/mse": self.val_mse.compute(),
-                "val/fvu": self.val_fvu.compute(),
-                "val/l0": self.val_l0.compute(),
+                "val/loss": self.val_loss.compute(),
+                "val/recon": self.val_recon.compute(),
+                "val/mse": self.val_fvu.mse().float(),
+                "val/fvu": self.val_fvu.compute().float(),
+                "val/l0": self.val_freq.l0().float(),
                 "val/l1": self.val_l1.compute(),
                 "val/dead_frac": (freq_S == 0).float().mean(),
-                "val/dense_frac": (freq_S > DENSE_FREQ).float().mean(),
+                "val/dense_frac": (freq_S > self.dense_freq).float().mean(),
             },
             prog_bar=False,
         )
-        for metric in (self.val_mse, self.val_l0, self.val_l1, self.val_fvu, self.val_freq):
+        for metric in (self.val_loss, self.val_recon, self.val_l1, self.val_fvu, self.val_freq):
             metric.reset()
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._save_histogram(freq_S.cpu())
+            self._save_histogram(freq_S.float().cpu())
 
     def _save_histogram(self, freq_S: Tensor) -> None:
         from traitsae.sae.plots import firing_histogram
@@ -245,7 +308,8 @@ class SAEModule(L.LightningModule):
         if self.figures_dir is None:
             return
         path = self.figures_dir / f"firing_freq_step{self.global_step:07d}.png"
-        firing_histogram(freq_S, path, title=f"{self.sae.variant} step {self.global_step}")
+        title = f"{self.sae.variant} step {self.global_step}"
+        firing_histogram(freq_S, path, dense_freq=self.dense_freq, title=title)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # wandb
                 logger.log_image(key="val/firing_freq", images=[str(path)], step=self.global_step)

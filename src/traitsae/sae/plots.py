@@ -8,8 +8,9 @@ import numpy as np
 from torch import Tensor
 
 
-def firing_histogram(freq_S: Tensor, path: Path, title: str = "") -> Path:
-    """log10 firing-frequency histogram; never-firing latents counted in the title."""
+def firing_histogram(freq_S: Tensor, path: Path, dense_freq: float, title: str = "") -> Path:
+    """log10 firing-frequency histogram with the dense threshold marked; never-firing latents
+    counted in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,8 @@ def firing_histogram(freq_S: Tensor, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     if alive.size:
         ax.hist(np.log10(alive), bins=50, color="tab:blue")
-    ax.axvline(-2, color="tab:red", lw=1, ls="--", label="dense (1e-2)")
+    ax.axvline(np.log10(dense_freq), color="tab:red", lw=1, ls="--",
+               label=f"dense (> {dense_freq:.3g})")  # fmt: skip
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     dead = int((freq == 0).sum())

@@ -1,12 +1,13 @@
-"""k-sparse building blocks for the TopK training step.
+"""k-sparse building blocks for the TopK, BatchTopK and Matryoshka training steps.
 
-A TopK SAE step needs one dense GEMM (the encoder forward). Everything after the top-k choice
-touches only the k active latents per row, so decode, both weight gradients and the input
-gradient are written here on (values, indices) pairs instead of dense [B, S] codes:
-- decode:           embedding_bag(indices, W, per_sample_weights=values)     # gather-sum
-- grad of values:   sampled_addmm over the active pattern                      # SDDMM
-- grad of W rows:   embedding_bag over the transposed pattern (bags = latents) # scatter-sum
-The dense B x S code matrix is never built.
+These steps need one dense GEMM (the encoder forward). Everything after the selection touches
+only the kept (vector, latent) entries, held flat and sorted by vector ("rows", CSR order):
+`idx_N` (latent of entry n), `crow` (entries of row r are crow[r]:crow[r+1]). Decoding sums
+entries into "bags" -- a bag is a row, or for Matryoshka one (row, prefix segment) pair -- so
+decode, both weight gradients and the input gradient run on entries, never on dense [B, S]:
+- decode:           embedding_bag(idx, W, offsets, per_sample_weights=values)  # gather-sum
+- grad of values:   sampled_addmm over the active pattern                       # SDDMM
+- grad of W rows:   embedding_bag over the transposed pattern (bags = latents)  # scatter-sum
 """
 
 from __future__ import annotations
@@ -42,126 +43,186 @@ def topk_indices(pre_BS: Tensor, k: int) -> Tensor:
     return best_groups_Bk.gather(1, win_Bk // group) * group + win_Bk % group
 
 
+def batch_topk_entries(pre_BS: Tensor, n_keep: int, sample_rows: int = 16) -> tuple[Tensor, Tensor]:
+    """The `n_keep` largest positive entries of the whole batch -> (rows_N, idx_N), row-major.
+
+    Exact, without sorting B*S values. A cut from a sample of rows, set low enough to let
+    ~1.5 x n_keep entries through, picks candidates; the exact top n_keep is taken among them.
+    Candidates are found on group maxima (groups of 8 columns, one vectorised amax pass), so
+    the only full pass over [B, S] is that amax. Every entry above the cut is a candidate, so
+    the result is exact whenever the candidates number at least n_keep (else: a lower cut,
+    finally a full top-k).
+    """
+    n_rows, n_cols = pre_BS.shape
+    n_keep = min(n_keep, pre_BS.numel())
+    group = _MIN_GROUP if n_cols % _MIN_GROUP == 0 else 1
+    gmax_BG = pre_BS.view(n_rows, n_cols // group, group).amax(2) if group > 1 else pre_BS
+    sample = pre_BS[:: max(1, n_rows // sample_rows)].reshape(-1)
+    share = n_keep / pre_BS.numel()
+    for margin in (1.5, 4.0):
+        rank = min(sample.numel(), max(1, int(margin * share * sample.numel())))
+        cut = max(float(sample.topk(rank, sorted=False).values.min()), 0.0)
+        g_rows, g_cols = (gmax_BG > cut).nonzero(as_tuple=True)
+        # the candidate groups' entries, row-major: flat positions in [B * S]
+        flat_N = ((g_rows * n_cols + g_cols * group)[:, None] + torch.arange(group)).reshape(-1)
+        vals_N = pre_BS.reshape(-1)[flat_N]
+        above = vals_N > cut
+        flat_N, vals_N = flat_N[above], vals_N[above]
+        if flat_N.numel() >= n_keep or cut == 0.0:  # cut 0: every positive entry is in
+            break
+    else:  # too many ties at the cut to trust it: sort everything
+        flat_N = pre_BS.reshape(-1).topk(n_keep, sorted=False).indices.sort().values
+        flat_N = flat_N[pre_BS.reshape(-1)[flat_N] > 0]
+        return flat_N.div(n_cols, rounding_mode="floor"), flat_N % n_cols
+    if flat_N.numel() > n_keep:
+        flat_N = flat_N[vals_N.topk(n_keep, sorted=False).indices.sort().values]  # row-major
+    return flat_N.div(n_cols, rounding_mode="floor"), flat_N % n_cols
+
+
+def row_offsets(rows_N: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointer [n_rows + 1] of entries sorted by row."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows_N.device)
+    crow[1:] = torch.bincount(rows_N, minlength=n_rows).cumsum(0)
+    return crow
+
+
+def owners(crow: Tensor, n_entries: int) -> Tensor:
+    """Row (or bag) of each entry from a CSR pointer -> [N]."""
+    counts = crow[1:] - crow[:-1]
+    return torch.repeat_interleave(torch.arange(len(counts), device=crow.device), counts,
+                                   output_size=n_entries)  # fmt: skip
+
+
+def project_out_parallel_(grad_SD: Tensor, w_SD: Tensor, parallel_S: Tensor) -> Tensor:
+    """grad[s] -= parallel[s] * w[s]: with parallel = <grad[s], w[s]> and unit rows w[s] this
+    keeps only the gradient tangent to the unit sphere (unit-norm decoder rows)."""
+    return grad_SD.addcmul_(w_SD, parallel_S[:, None].to(grad_SD.dtype), value=-1.0)
+
+
 class _Pattern:
-    """The active (row, latent) pairs sorted by latent: bags for the scatter-sums.
+    """The entries sorted by latent: bags for the scatter-sums into [S, D].
 
     Built once per index tensor and shared by the encoder and decoder backward passes."""
 
     _cache: tuple[Tensor, int, _Pattern] | None = None
 
     @classmethod
-    def of(cls, idx_BK: Tensor, n_latents: int) -> _Pattern:
+    def of(cls, idx_N: Tensor, n_latents: int) -> _Pattern:
         cached = cls._cache
-        if cached is not None and cached[0] is idx_BK and cached[1] == n_latents:
+        if cached is not None and cached[0] is idx_N and cached[1] == n_latents:
             return cached[2]
-        pattern = cls(idx_BK, n_latents)
-        cls._cache = (idx_BK, n_latents, pattern)
+        pattern = cls(idx_N, n_latents)
+        cls._cache = (idx_N, n_latents, pattern)
         return pattern
 
-    def __init__(self, idx_BK: Tensor, n_latents: int) -> None:
-        flat = idx_BK.reshape(-1)
-        self.order = flat.argsort()
-        self.rows = torch.div(self.order, idx_BK.shape[1], rounding_mode="floor")
-        counts = torch.bincount(flat, minlength=n_latents)
-        self.offsets = torch.zeros(n_latents, dtype=torch.long, device=idx_BK.device)
+    def __init__(self, idx_N: Tensor, n_latents: int) -> None:
+        self.order = idx_N.argsort()
+        counts = torch.bincount(idx_N, minlength=n_latents)
+        self.offsets = torch.zeros(n_latents, dtype=torch.long, device=idx_N.device)
         self.offsets[1:] = counts.cumsum(0)[:-1]
 
-    def scatter_rows(self, weights_BK: Tensor, rows_BD: Tensor) -> Tensor:
-        """out[s] = sum over active (b, k) with idx[b,k] = s of weights[b,k] * rows[b] -> [S, D]."""
+    def scatter_rows(self, weights_N: Tensor, rows_XD: Tensor, owner_N: Tensor) -> Tensor:
+        """out[s] = sum over entries n of latent s of weights[n] * rows[owner[n]] -> [S, D]."""
         return F.embedding_bag(
-            self.rows,
-            rows_BD,
+            owner_N[self.order],
+            rows_XD,
             self.offsets,
             mode="sum",
-            per_sample_weights=weights_BK.reshape(-1)[self.order],
+            per_sample_weights=weights_N[self.order],
         )
 
 
-def gather_dot(a_BD: Tensor, w_SD: Tensor, idx_BK: Tensor) -> Tensor:
-    """out[b, k] = <a[b], w[idx[b, k]]> without materialising w[idx] ([B, K, D])."""
-    n_rows, k = idx_BK.shape
-    crow = torch.arange(0, n_rows * k + 1, k, device=idx_BK.device)
+def gather_dot(a_XD: Tensor, w_SD: Tensor, idx_N: Tensor, crow: Tensor) -> Tensor:
+    """out[n] = <a[owner(n)], w[idx[n]]> without materialising w[idx] ([N, D])."""
     with warnings.catch_warnings():  # the CSR "beta" notice is noise: it only carries a pattern
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
             crow,
-            idx_BK.reshape(-1),
-            a_BD.new_zeros(n_rows * k),
-            (n_rows, w_SD.shape[0]),
+            idx_N,
+            a_XD.new_zeros(idx_N.numel()),
+            (a_XD.shape[0], w_SD.shape[0]),
             check_invariants=False,
         )
-    return torch.sparse.sampled_addmm(pattern, a_BD, w_SD.t(), beta=0.0).values().view(n_rows, k)
+    return torch.sparse.sampled_addmm(pattern, a_XD, w_SD.t(), beta=0.0).values()
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, vals_BK: Tensor, idx_BK: Tensor, w_SD: Tensor, unit_rows: bool) -> Tensor:
-        ctx.save_for_backward(vals_BK, idx_BK, w_SD)
+    def forward(
+        ctx: Any, vals_N: Tensor, idx_N: Tensor, w_SD: Tensor, crow: Tensor, unit_rows: bool
+    ) -> Tensor:
+        ctx.save_for_backward(vals_N, idx_N, w_SD, crow)
         ctx.unit_rows = unit_rows
-        return F.embedding_bag(idx_BK, w_SD, mode="sum", per_sample_weights=vals_BK)
+        return F.embedding_bag(idx_N, w_SD, crow[:-1], mode="sum", per_sample_weights=vals_N)
 
     @staticmethod
-    def backward(ctx: Any, grad_BD: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
-        vals_BK, idx_BK, w_SD = ctx.saved_tensors
-        grad_vals_BK = gather_dot(grad_BD, w_SD, idx_BK)
+    def backward(ctx: Any, grad_XD: Tensor) -> tuple[Tensor | None, ...]:
+        vals_N, idx_N, w_SD, crow = ctx.saved_tensors
+        grad_XD = grad_XD.contiguous()
+        grad_vals_N = gather_dot(grad_XD, w_SD, idx_N, crow)
         grad_w_SD = None
         if ctx.needs_input_grad[2]:
-            pattern = _Pattern.of(idx_BK, w_SD.shape[0])
-            grad_w_SD = pattern.scatter_rows(vals_BK, grad_BD)
+            pattern = _Pattern.of(idx_N, w_SD.shape[0])
+            grad_w_SD = pattern.scatter_rows(vals_N, grad_XD, owners(crow, idx_N.numel()))
             if ctx.unit_rows:
-                # Remove the component parallel to each (unit) row; <grad[b], w[s]> for active
-                # pairs is grad_vals, so the projection costs one bincount, not a [S, D] pass.
-                parallel_S = torch.bincount(
-                    idx_BK.reshape(-1),
-                    (vals_BK * grad_vals_BK).reshape(-1),
-                    minlength=w_SD.shape[0],
-                )
-                grad_w_SD.addcmul_(w_SD, parallel_S[:, None], value=-1.0)
-        return grad_vals_BK, None, grad_w_SD, None
+                # <grad[b], w[s]> over active pairs is grad_vals: the projection costs one
+                # bincount, not a pass over [S, D].
+                parallel_S = torch.bincount(idx_N, vals_N * grad_vals_N, minlength=w_SD.shape[0])
+                project_out_parallel_(grad_w_SD, w_SD, parallel_S)
+        return grad_vals_N, None, grad_w_SD, None, None
 
 
 class _SparseEncodeValues(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, xc_BD: Tensor, w_SD: Tensor, b_S: Tensor, idx_BK: Tensor, vals_BK: Tensor
-    ) -> Tensor:
-        ctx.save_for_backward(xc_BD, w_SD, idx_BK)
-        return vals_BK
+        ctx: Any, xc_BD: Tensor, w_SD: Tensor, b_S: Tensor, idx_N: Tensor, crow: Tensor,
+        vals_N: Tensor,
+    ) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(xc_BD, w_SD, idx_N, crow)
+        return vals_N
 
     @staticmethod
-    def backward(ctx: Any, grad_BK: Tensor) -> tuple[Tensor | None, ...]:
-        xc_BD, w_SD, idx_BK = ctx.saved_tensors
+    def backward(ctx: Any, grad_N: Tensor) -> tuple[Tensor | None, ...]:
+        xc_BD, w_SD, idx_N, crow = ctx.saved_tensors
         n_latents = w_SD.shape[0]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx_BK, w_SD, mode="sum", per_sample_weights=grad_BK)
+            grad_x = F.embedding_bag(idx_N, w_SD, crow[:-1], mode="sum", per_sample_weights=grad_N)
         if ctx.needs_input_grad[1]:
-            grad_w = _Pattern.of(idx_BK, n_latents).scatter_rows(grad_BK, xc_BD)
+            pattern = _Pattern.of(idx_N, n_latents)
+            grad_w = pattern.scatter_rows(grad_N, xc_BD, owners(crow, idx_N.numel()))
         if ctx.needs_input_grad[2]:
-            grad_b = torch.bincount(idx_BK.reshape(-1), grad_BK.reshape(-1), minlength=n_latents)
-            grad_b = grad_b.to(grad_BK.dtype)
-        return grad_x, grad_w, grad_b, None, None
+            grad_b = torch.bincount(idx_N, grad_N, minlength=n_latents).to(grad_N.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
-def sparse_decode(vals_BK: Tensor, idx_BK: Tensor, w_SD: Tensor, unit_rows: bool = False) -> Tensor:
-    """sum_k vals[b, k] * w[idx[b, k]] -> [B, D]; `unit_rows` projects w's gradient onto the
-    tangent of the unit sphere (for decoders whose rows are kept at unit norm)."""
-    return _SparseDecode.apply(vals_BK, idx_BK, w_SD, unit_rows)
+def sparse_decode(
+    vals_N: Tensor, idx_N: Tensor, w_SD: Tensor, crow: Tensor, unit_rows: bool = False
+) -> Tensor:
+    """Bag sums sum_{n in bag} vals[n] * w[idx[n]] -> [n_bags, D] (bags given by `crow`);
+    `unit_rows` projects w's gradient onto the tangent of the unit sphere."""
+    return _SparseDecode.apply(vals_N, idx_N, w_SD, crow, unit_rows)
 
 
 def sparse_encode(
-    xc_BD: Tensor, w_SD: Tensor, b_S: Tensor, idx_BK: Tensor, pre_BS: Tensor | None = None
+    xc_BD: Tensor,
+    w_SD: Tensor,
+    b_S: Tensor,
+    idx_N: Tensor,
+    crow: Tensor,
+    pre_BS: Tensor | None = None,
 ) -> Tensor:
-    """Pre-activations at the chosen latents, differentiable w.r.t. xc, w and b.
+    """Pre-activations at the kept entries [N], differentiable w.r.t. xc, w and b.
 
     `pre_BS` (the dense forward, computed without autograd) supplies the values when given;
-    otherwise they are recomputed on the k latents only.
+    otherwise they are recomputed on the kept entries only.
     """
     if pre_BS is not None:
-        vals_BK = pre_BS.gather(1, idx_BK)
+        flat_N = owners(crow, idx_N.numel()) * pre_BS.shape[1] + idx_N
+        vals_N = pre_BS.reshape(-1)[flat_N].to(w_SD.dtype)
     else:
-        vals_BK = gather_dot(xc_BD.detach(), w_SD.detach(), idx_BK) + b_S.detach()[idx_BK]
-    return _SparseEncodeValues.apply(xc_BD, w_SD, b_S, idx_BK, vals_BK)
+        vals_N = gather_dot(xc_BD.detach(), w_SD.detach(), idx_N, crow) + b_S.detach()[idx_N]
+    return _SparseEncodeValues.apply(xc_BD, w_SD, b_S, idx_N, crow, vals_N)
 
 
 def keep_freed_memory() -> bool:

@@ -8,8 +8,10 @@ before it is pushed to be sparse). To add one: subclass `SparsityPenalty`, imple
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from traitsae.errors import TraitsaeError
 from traitsae.sae.activations import JumpReLU, step_ste
@@ -19,7 +21,7 @@ from traitsae.sae.model import SAEOutput, SparseAutoencoder
 class SparsityPenalty:
     name = "penalty"
 
-    def __init__(self, coeff: float = 0.0, warmup_steps: int = 0) -> None:
+    def __init__(self, coeff: float, warmup_steps: int = 0) -> None:  # 0: no ramp
         if coeff < 0:
             raise TraitsaeError(f"sparsity.coeff must be >= 0, got {coeff}.")
         self.coeff = float(coeff)
@@ -35,8 +37,11 @@ class SparsityPenalty:
         """Penalty of each vector of the batch -> [B]."""
         raise NotImplementedError
 
-    def __call__(self, out: SAEOutput, sae: SparseAutoencoder, step: int) -> Tensor:
-        weight = self.weight(step)
+    def __call__(
+        self, out: SAEOutput, sae: SparseAutoencoder, step: int, factor: float = 1.0
+    ) -> Tensor:
+        """The penalty of this batch; `factor` scales the coefficient (see L0Controller)."""
+        weight = self.weight(step) * factor
         if weight == 0.0:
             return out.recon_BD.new_zeros(())
         return weight * self.per_vector(out, sae).mean()
@@ -50,7 +55,12 @@ class NoPenalty(SparsityPenalty):
 
     name = "none"
 
-    def __call__(self, out: SAEOutput, sae: SparseAutoencoder, step: int) -> Tensor:
+    def __init__(self) -> None:
+        super().__init__(coeff=0.0, warmup_steps=0)
+
+    def __call__(
+        self, out: SAEOutput, sae: SparseAutoencoder, step: int, factor: float = 1.0
+    ) -> Tensor:
         return out.recon_BD.new_zeros(())
 
 
@@ -60,9 +70,7 @@ class L1Penalty(SparsityPenalty):
 
     name = "l1"
 
-    def __init__(
-        self, coeff: float = 1.0, warmup_steps: int = 0, weight_by_decoder_norm: bool = True
-    ) -> None:
+    def __init__(self, coeff: float, warmup_steps: int, weight_by_decoder_norm: bool) -> None:
         super().__init__(coeff, warmup_steps)
         self.weight_by_decoder_norm = weight_by_decoder_norm
 
@@ -79,7 +87,7 @@ class TanhPenalty(SparsityPenalty):
 
     name = "tanh"
 
-    def __init__(self, coeff: float = 1.0, warmup_steps: int = 0, scale: float = 1.0) -> None:
+    def __init__(self, coeff: float, warmup_steps: int, scale: float) -> None:
         super().__init__(coeff, warmup_steps)
         self.scale = float(scale)
 
@@ -102,3 +110,57 @@ class L0Penalty(SparsityPenalty):
                 f"sae={sae.variant} has none. Use sparsity=l1 or sparsity=tanh instead."
             )
         return step_ste(out.pre_BS, act.threshold, act.bandwidth).sum(1)
+
+
+MAX_LOG_FACTOR = math.log(1e4)
+
+
+class L0Controller(nn.Module):
+    """Sparsity on request (`sae.target_l0`): adapts the penalty coefficient until the L0 of
+    training batches reaches the target.
+
+    A PI controller in log space: with e = log(L0_ema / target) (an exponential moving average
+    of the batch L0), the coefficient is multiplied by exp(integral_gain * sum(e) +
+    proportional_gain * e). Log space makes it scale-free (the same gains for an L0 of 8 or
+    of 800) and keeps the coefficient positive. It replaces the penalty's warm-up ramp (a
+    ramp under an integrating controller winds it up). Its state is in buffers, so
+    checkpoints resume it.
+    """
+
+    def __init__(
+        self,
+        target: float,
+        integral_gain: float = 0.03,
+        proportional_gain: float = 1.0,
+        ema_momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.target = float(target)
+        self.integral_gain = integral_gain
+        self.proportional_gain = proportional_gain
+        self.ema_momentum = ema_momentum
+        self.register_buffer("log_integral", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("l0_ema", torch.tensor(-1.0, dtype=torch.float64))
+
+    def factor(self) -> float:
+        """The multiplier of the penalty coefficient for the next step."""
+        if self.l0_ema.item() < 0:
+            return 1.0
+        error = self._error()
+        return math.exp(float(self.log_integral) + self.proportional_gain * error)
+
+    @torch.no_grad()
+    def update(self, l0: float) -> None:
+        """Feed one batch's mean L0 (after its step)."""
+        if self.l0_ema.item() < 0:
+            self.l0_ema.fill_(l0)
+        else:
+            self.l0_ema.lerp_(torch.tensor(l0, dtype=torch.float64), self.ema_momentum)
+        # bounded steps: a batch with L0 = 0 must not throw the coefficient away; bounded
+        # integral (anti-wind-up): beyond 1e4 x the start, Adam's step size, not the
+        # coefficient, is what limits how fast L0 moves
+        step = self.integral_gain * max(-2.0, min(2.0, self._error()))
+        self.log_integral.copy_((self.log_integral + step).clamp(-MAX_LOG_FACTOR, MAX_LOG_FACTOR))
+
+    def _error(self) -> float:
+        return math.log(max(float(self.l0_ema), 1e-3) / self.target)
