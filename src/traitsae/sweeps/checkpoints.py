@@ -121,7 +121,8 @@ class GroupCheckpointIO(TorchCheckpointIO):
                 f"the same step: {', '.join(missing)}. Re-run the sweep in a new hydra.sweep.dir, "
                 "or pass resume=false to start every job of the group afresh."
             )
-        parts = [super().load_checkpoint(p, map_location, weights_only) for p in paths]
+        load = super().load_checkpoint  # (a comprehension has no zero-argument super())
+        parts = [load(p, map_location, weights_only) for p in paths]
         steps = {part.get("global_step") for part in parts}
         if len(steps) > 1:
             raise TraitsaeError(
