@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,8 +98,9 @@ def test_jobs_with_other_data_form_their_own_group(store: Path, tmp_path: Path) 
     assert splitting_keys(jobs, groups) == ["data.layer"]
 
 
-def test_a_killed_group_resumes_as_a_killed_solo_run(store: Path, tmp_path: Path) -> None:
-    """Every job of the group checkpoints into its own dir; re-running the sweep resumes all."""
+def test_a_killed_group_resumes_from_its_jobs_checkpoints(store: Path, tmp_path: Path) -> None:
+    """Every job checkpoints into its own dir, in a solo run's layout; re-running the sweep
+    resumes the group from them, as a solo run resumes from the same file."""
     sweep = tmp_path / "sweep"
     argv = ["sae.k=2,4", f"hydra.sweep.dir={sweep}", *_sweep_overrides(store, steps=12)]
     kill = ["+callbacks.kill._target_=train_helpers.KillAtStep", "+callbacks.kill.step=7"]
@@ -107,28 +109,36 @@ def test_a_killed_group_resumes_as_a_killed_solo_run(store: Path, tmp_path: Path
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-2000:]
-    checkpoints = [
-        torch.load(sweep / j / "checkpoints" / "last.ckpt", weights_only=False) for j in "01"
-    ]
-    assert {c["global_step"] for c in checkpoints} == {5}
-    assert not any(k.startswith("members.") for k in checkpoints[0]["state_dict"])
-    joined = join_checkpoints(checkpoints)
-    for index, part in enumerate(checkpoints):  # split(join(parts)) gives the parts back
+    parts = [torch.load(sweep / j / "checkpoints" / "last.ckpt", weights_only=False) for j in "01"]
+    assert {part["global_step"] for part in parts} == {5}
+    assert not any(key.startswith("members.") for key in parts[0]["state_dict"])
+    joined = join_checkpoints(parts)
+    for index, part in enumerate(parts):  # split(join(parts)) gives the parts back
         again = split_checkpoint(joined, index)
         assert again["state_dict"].keys() == part["state_dict"].keys()
-        assert (
-            again["optimizer_states"][0]["param_groups"]
-            == part["optimizer_states"][0]["param_groups"]
-        )
-    _grouped_sweep(argv)  # the same sweep again: resumes from step 5
+        assert again["optimizer_states"] == part["optimizer_states"]
+        assert again["lr_schedulers"] == part["lr_schedulers"]
 
-    solo = tmp_path / "solo"
-    overrides = train_overrides(store, solo, steps=12, **{"sae.k": 4})
-    killed = subprocess.run(
-        [sys.executable, "train.py", *overrides, *kill],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    train(compose_train(overrides))
+    solo = tmp_path / "solo"  # a solo run of job 1's config, resuming from job 1's checkpoint
+    shutil.copytree(sweep / "1" / "checkpoints", solo / "checkpoints")
+    train(compose_train(train_overrides(store, solo, steps=12, **{"sae.k": 4})))
+    _grouped_sweep(argv)  # the same sweep command again: the group resumes from step 5
     assert traitsae.load_sae(sweep / "1").meta["steps"] == 12
     _assert_same_weights(sweep / "1", solo)
+
+
+def test_grouped_slurm_submits_one_job_per_group(store: Path, tmp_path: Path) -> None:
+    """hydra/launcher=grouped_slurm through submitit's local executor (the same code path)."""
+    sweep = tmp_path / "sweep"
+    argv = ["-m", "hydra/launcher=grouped_slurm", "hydra.launcher.submitit.cluster=local",
+            "hydra.launcher.submitit.parameters.timeout_min=10", f"hydra.sweep.dir={sweep}",
+            "sae.k=2,4", *_sweep_overrides(store, steps=4)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "train.py", *argv],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 jobs in 1 group(s)" in proc.stderr + proc.stdout
+    ks = sorted(traitsae.load_sae(p).sae.activation.k for p in sweep.glob("*/sae.json"))
+    assert ks == [2, 4]
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 1  # one job per group

@@ -34,9 +34,30 @@ def _prepare_job(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return cfg, Path(HydraConfig.get().runtime.output_dir)
 
 
+class TrainGroup:
+    """One group's training as a callable: run here, or pickled into a submitit job.
+
+    A Slurm job that times out is requeued with the same arguments (`checkpoint`), and the
+    group resumes from its jobs' last.ckpt files.
+    """
+
+    def __call__(self, jobs: list[tuple[DictConfig, Path]], hydra_cfg: DictConfig) -> list[Path]:
+        from traitsae.errors import exit_on_user_error
+        from traitsae.sweeps.train import train_group
+
+        HydraConfig.instance().set_config(hydra_cfg)  # as inside the group's first job
+        return exit_on_user_error(train_group)(jobs)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
 class GroupedLauncher(Launcher):
-    def __init__(self) -> None:
+    def __init__(self, submitit: DictConfig | None = None) -> None:
         super().__init__()
+        self.submitit = OmegaConf.to_container(submitit, resolve=True) if submitit else None
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
@@ -49,6 +70,12 @@ class GroupedLauncher(Launcher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         from traitsae.errors import exit_on_user_error
+
+        return exit_on_user_error(self._launch)(job_overrides, initial_job_idx)
+
+    def _launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
         from traitsae.sweeps.grouping import group_jobs, splitting_keys
 
         assert self.config is not None and self.hydra_context is not None
@@ -65,14 +92,32 @@ class GroupedLauncher(Launcher):
             "%d jobs in %d group(s)%s", len(jobs), len(groups),
             f", kept apart by {', '.join(split_by)}" if split_by else "",
         )  # fmt: skip
-        train = exit_on_user_error(self._train_group)
+        payloads = [([jobs[i] for i in group], prepared[group[0]][1]) for group in groups]
         for group in groups:
             log.info("group: jobs %s", ", ".join(f"#{initial_job_idx + i}" for i in group))
-            HydraConfig.instance().set_config(prepared[group[0]][1])  # as inside its first job
-            results = train([jobs[i] for i in group])
-            for i, job_dir in zip(group, results, strict=True):
+        for group, job_dirs in zip(groups, self._run(payloads), strict=True):
+            for i, job_dir in zip(group, job_dirs, strict=True):
                 runs[i].return_value = job_dir
         return runs
+
+    def _run(self, payloads: list[tuple[list[Any], DictConfig]]) -> list[list[Path]]:
+        """Train every group: one after the other here, or one submitit job per group."""
+        if self.submitit is None:
+            return [TrainGroup()(jobs, hydra_cfg) for jobs, hydra_cfg in payloads]
+        import submitit
+
+        options = dict(self.submitit)
+        cluster = options.pop("cluster")
+        executor = submitit.AutoExecutor(
+            folder=options.pop("folder"),
+            cluster=cluster,
+            **{f"{cluster}_max_num_timeout": options.pop("max_num_timeout", 3)},
+        )
+        parameters = {k: v for k, v in options.pop("parameters", {}).items() if v is not None}
+        executor.update_parameters(**parameters)
+        submitted = executor.map_array(TrainGroup(), *zip(*payloads, strict=True))
+        log.info("submitted %d group job(s) to %s", len(submitted), cluster)
+        return [_result(job) for job in submitted]
 
     def _prepare(self, idx: int, overrides: Sequence[str]) -> tuple[JobReturn, DictConfig]:
         """Hydra's job set-up (job dir, `.hydra/` record) without training yet."""
@@ -95,8 +140,21 @@ class GroupedLauncher(Launcher):
             _ = ret.return_value  # re-raises the job's error
         return ret, sweep_config
 
-    @staticmethod
-    def _train_group(jobs: list[Any]) -> list[Path]:
-        from traitsae.sweeps.train import train_group
 
-        return train_group(jobs)
+def _result(job: Any) -> list[Path]:
+    """A group job's job dirs, or its error as one paragraph (not submitit's traceback)."""
+    from submitit.core.utils import UncompletedJobError
+
+    from traitsae.errors import TraitsaeError
+
+    try:
+        return job.results()[0]
+    except UncompletedJobError as err:
+        stderr = Path(job.paths.stderr)
+        lines = stderr.read_text().strip().splitlines() if stderr.is_file() else []
+        said = next((line for line in reversed(lines) if line.startswith("error: ")), None)
+        reason = said[len("error: ") :] if said else str(err).splitlines()[0]
+        raise TraitsaeError(
+            f"group job {job.job_id} failed: {reason} (its log: {stderr}). Fix the cause and "
+            "re-run the same sweep command: finished groups are not retrained, the others resume."
+        ) from None
