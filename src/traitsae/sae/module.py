@@ -169,24 +169,36 @@ class SAEModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------
     def training_step(self, batch_BD: Tensor, batch_idx: int) -> Tensor:
+        loss, logs = self.training_loss(batch_BD)
+        l0 = logs.pop("train/l0")
+        self.log_dict(logs, on_step=True)
+        self.log("train/l0", l0, on_step=True, prog_bar=True)
+        self._log_throughput(batch_BD.shape[0])
+        return loss
+
+    def training_loss(self, batch_BD: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step's loss and the metrics to log (no logging here: a grouped sweep trains
+        several SAE modules on one batch and logs each under its own job)."""
         x_BD = self.normalise(batch_BD)
         out = self.sae(x_BD)
         factor = self.l0_controller.factor() if self.l0_controller is not None else 1.0
         losses = step_loss(self.sae, x_BD, out, self.penalty, self.global_step, factor)
         loss = losses.loss
         dead_S = self._track_firing(out)
+        logs: dict[str, Tensor] = {}
         if self.aux_coeff > 0:
             aux = self.sae.auxk_loss(x_BD, out, dead_S, self.aux_k)
             loss = loss + self.aux_coeff * aux
-            self.log("train/auxk", aux, on_step=True)
+            logs["train/auxk"] = aux
         self._check_finite(loss, losses.mse, x_BD)
         l0 = out.l0().mean()
         if self.l0_controller is not None:
             self.l0_controller.update(float(l0))
-            self.log("train/sparsity_coeff", self.penalty.weight(self.global_step) * factor)
+            coeff = self.penalty.weight(self.global_step) * factor
+            logs["train/sparsity_coeff"] = torch.as_tensor(float(coeff))
         with torch.no_grad():
             fvu = fraction_of_variance_unexplained(out.recon_BD.float(), x_BD.float())
-        self.log_dict(
+        logs.update(
             {
                 "train/loss": loss,
                 "train/recon": losses.recon,
@@ -195,12 +207,10 @@ class SAEModule(L.LightningModule):
                 "train/fvu": fvu,
                 "train/l1": out.l1(),
                 "train/dead_frac": dead_S.float().mean(),
-            },
-            on_step=True,
+                "train/l0": l0,
+            }
         )
-        self.log("train/l0", l0, on_step=True, prog_bar=True)
-        self._log_throughput(x_BD.shape[0])
-        return loss
+        return loss, logs
 
     @torch.no_grad()
     def _track_firing(self, out: SAEOutput) -> Tensor:
@@ -264,6 +274,9 @@ class SAEModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.on_after_optimizer_step()
+
+    def on_after_optimizer_step(self) -> None:
         if self.sae.unit_norm_decoder:
             self.sae.normalize_decoder()
 
@@ -281,26 +294,30 @@ class SAEModule(L.LightningModule):
         self.val_freq.update(out.fire_counts(), n)
 
     def on_validation_epoch_end(self) -> None:
+        logs = self.validation_logs()
+        if logs is not None:
+            self.log_dict(logs, prog_bar=False)
+
+    def validation_logs(self) -> dict[str, Tensor] | None:
+        """The round's validation metrics (None when it had no data); resets them."""
         if self.val_freq.n.item() == 0 and self.trainer.world_size == 1:
-            return  # no validation data this round
+            return None  # no validation data this round
         freq_S = self.val_freq.compute()
-        self.log_dict(
-            {
-                "val/loss": self.val_loss.compute(),
-                "val/recon": self.val_recon.compute(),
-                "val/mse": self.val_fvu.mse().float(),
-                "val/fvu": self.val_fvu.compute().float(),
-                "val/l0": self.val_freq.l0().float(),
-                "val/l1": self.val_l1.compute(),
-                "val/dead_frac": (freq_S == 0).float().mean(),
-                "val/dense_frac": (freq_S > self.dense_freq).float().mean(),
-            },
-            prog_bar=False,
-        )
+        logs = {
+            "val/loss": self.val_loss.compute(),
+            "val/recon": self.val_recon.compute(),
+            "val/mse": self.val_fvu.mse().float(),
+            "val/fvu": self.val_fvu.compute().float(),
+            "val/l0": self.val_freq.l0().float(),
+            "val/l1": self.val_l1.compute(),
+            "val/dead_frac": (freq_S == 0).float().mean(),
+            "val/dense_frac": (freq_S > self.dense_freq).float().mean(),
+        }
         for metric in (self.val_loss, self.val_recon, self.val_l1, self.val_fvu, self.val_freq):
             metric.reset()
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._save_histogram(freq_S.float().cpu())
+        return logs
 
     def _save_histogram(self, freq_S: Tensor) -> None:
         from traitsae.sae.plots import firing_histogram

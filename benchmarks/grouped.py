@@ -1,0 +1,97 @@
+"""A grouped sweep's training step vs N solo steps: the cost of training N SAEs on one batch.
+
+    python benchmarks/grouped.py [--members 8 --d-model 768 --d-sae 12288 --k 32 --batch 1024]
+
+Both go through Lightning's fit loop on the same in-memory float16 batches: a solo SAEModule,
+and an SAEGroupModule of `--members` SAEModules (what hydra/launcher=grouped trains). Fits
+alternate solo / group `--rounds` times so machine load drifts hit both alike; per-step medians
+(after warm-up steps) are compared. Target: group step <= 1.05 x members x solo step. The data
+side is shared by construction: a group reads each batch from the store once for all members.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from traitsae.sae.module import SAEModule
+from traitsae.sae.sparse_ops import keep_freed_memory
+from traitsae.sweeps.module import SAEGroupModule
+
+WARMUP = 2
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def member(args: argparse.Namespace, seed: int) -> SAEModule:
+    torch.manual_seed(seed)
+    sae = {
+        "variant": "topk",
+        "d_model": args.d_model,
+        "d_sae": args.d_sae,
+        "k": args.k,
+        "aux_coeff": 1 / 32,
+        "dead_after_steps": 1,
+    }  # fmt: skip  (AuxK runs every step)
+    optim = {"lr": 1e-4, "warmup_steps": 0, "decay": "constant"}
+    return SAEModule(sae, {"_target_": "traitsae.sae.sparsity.NoPenalty"}, optim, max_steps=10**6)
+
+
+def fit_steps(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float]:
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+        callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return timer.times[WARMUP:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-sae", type=int, default=12288)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per fit")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    keep_freed_memory()  # what train() does
+    batches = [torch.randn(args.batch, args.d_model).half() for _ in range(WARMUP + args.steps)]
+    solo_s, group_s = [], []
+    for _ in range(args.rounds):
+        solo_s += fit_steps(member(args, 0), batches)
+        group = SAEGroupModule([member(args, seed) for seed in range(args.members)])
+        group_s += fit_steps(group, batches)
+    t_solo, t_group = statistics.median(solo_s), statistics.median(group_s)
+    print(
+        f"TopK SAEs d_model={args.d_model} d_sae={args.d_sae} k={args.k} batch={args.batch} fp32, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps"
+    )
+    print(f"solo step            : {t_solo * 1e3:8.1f} ms")
+    print(f"group of {args.members} step      : {t_group * 1e3:8.1f} ms")
+    ratio = t_group / (args.members * t_solo)
+    print(f"group / ({args.members} x solo) = {ratio:.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

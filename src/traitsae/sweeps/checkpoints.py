@@ -1,0 +1,137 @@
+"""Each job of a group keeps its own checkpoint files: the group's checkpoint, cut by member.
+
+A member's file has the layout of a solo run's checkpoint (its weights, its optimiser and lr
+schedule state, the shared loop and data state); resuming a group reads every member's file at the
+same step and joins them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from traitsae.errors import TraitsaeError
+
+# LambdaLR's state entries that hold one value per param group (= per member).
+PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "_last_lr", "lr_lambdas")
+
+
+def split_checkpoint(checkpoint: dict[str, Any], index: int) -> dict[str, Any]:
+    """Member `index`'s part of a group checkpoint, in a solo run's layout."""
+    prefix = f"members.{index}."
+    part = dict(checkpoint)
+    part["state_dict"] = {
+        key[len(prefix) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(prefix)
+    }
+    part["optimizer_states"] = [_split_optimizer(s, index) for s in checkpoint["optimizer_states"]]
+    part["lr_schedulers"] = [
+        {k: [v[index]] if k in PER_GROUP_SCHEDULER_KEYS else v for k, v in s.items()}
+        for s in checkpoint["lr_schedulers"]
+    ]
+    return part
+
+
+def _split_optimizer(state: dict[str, Any], index: int) -> dict[str, Any]:
+    group = state["param_groups"][index]
+    return {
+        "state": {
+            new: state["state"][old]
+            for new, old in enumerate(group["params"])
+            if old in state["state"]
+        },
+        "param_groups": [{**group, "params": list(range(len(group["params"])))}],
+    }
+
+
+def join_checkpoints(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The group checkpoint from its members' parts (inverse of `split_checkpoint`)."""
+    joined = dict(parts[0])
+    joined["state_dict"] = {
+        f"members.{index}.{key}": value
+        for index, part in enumerate(parts)
+        for key, value in part["state_dict"].items()
+    }
+    joined["optimizer_states"] = [
+        _join_optimizers([part["optimizer_states"][i] for part in parts])
+        for i in range(len(parts[0]["optimizer_states"]))
+    ]
+    joined["lr_schedulers"] = []
+    for i, first in enumerate(parts[0]["lr_schedulers"]):
+        states = [part["lr_schedulers"][i] for part in parts]
+        joined["lr_schedulers"].append(
+            {
+                k: [s[k][0] for s in states] if k in PER_GROUP_SCHEDULER_KEYS else v
+                for k, v in first.items()
+            }
+        )
+    return joined
+
+
+def _join_optimizers(states: list[dict[str, Any]]) -> dict[str, Any]:
+    joined: dict[str, Any] = {"state": {}, "param_groups": []}
+    offset = 0
+    for state in states:
+        (group,) = state["param_groups"]
+        n = len(group["params"])
+        joined["state"].update({offset + k: v for k, v in state["state"].items()})
+        joined["param_groups"].append({**group, "params": list(range(offset, offset + n))})
+        offset += n
+    return joined
+
+
+class GroupCheckpointIO(TorchCheckpointIO):
+    """Saves a group checkpoint as one file per job, at the same path inside each job dir.
+
+    Lightning names checkpoint paths inside the first job's dir; member i's file is the same
+    path relative to job dir i.
+    """
+
+    def __init__(self, job_dirs: list[Path]) -> None:
+        super().__init__()
+        self.job_dirs = [Path(d) for d in job_dirs]
+
+    def member_paths(self, path: str | Path) -> list[Path]:
+        relative = Path(path).resolve().relative_to(self.job_dirs[0].resolve())
+        return [job_dir / relative for job_dir in self.job_dirs]
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        for index, member_path in enumerate(self.member_paths(path)):
+            super().save_checkpoint(
+                split_checkpoint(checkpoint, index), member_path, storage_options
+            )
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        paths = self.member_paths(path)
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise TraitsaeError(
+                f"cannot resume the grouped sweep from {path}: these jobs have no checkpoint at "
+                f"the same step: {', '.join(missing)}. Re-run the sweep in a new hydra.sweep.dir, "
+                "or pass resume=false to start every job of the group afresh."
+            )
+        load = super().load_checkpoint  # (a comprehension has no zero-argument super())
+        parts = [load(p, map_location, weights_only) for p in paths]
+        steps = {part.get("global_step") for part in parts}
+        if len(steps) > 1:
+            raise TraitsaeError(
+                f"cannot resume the grouped sweep: its jobs' checkpoints {[str(p) for p in paths]} "
+                f"are at different steps {sorted(steps)}. Re-run in a new hydra.sweep.dir or with "
+                "resume=false."
+            )
+        return join_checkpoints(parts)
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        for member_path in self.member_paths(path):
+            super().remove_checkpoint(member_path)
