@@ -34,8 +34,10 @@ class Geometry:
 
 def resolve_layers(layers: Sequence[int], depth: int, name: str) -> list[int]:
     """Absolute, sorted, unique block indices; negative indices count from the end."""
-    if isinstance(layers, str | bytes) or not isinstance(layers, Sequence) or not all(
-        isinstance(layer, int) and not isinstance(layer, bool) for layer in layers
+    if (
+        isinstance(layers, str | bytes)
+        or not isinstance(layers, Sequence)
+        or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers)
     ):
         raise TraitsaeError(
             f"backbone.layers={layers!r} for {name!r} must be a list of block indices, e.g. "

@@ -65,7 +65,9 @@ def eval_stores(cfg: DictConfig, sae: Any, splits: list[str]) -> list:
     missing = [s for s in dict.fromkeys(splits) if not eval_store_path(cfg, sae, s).exists()]
     if missing:
         paths = [eval_store_path(cfg, sae, s) for s in missing]
-        commands = [extract_command(backbone, dataset, s, cfg.paths.activations_dir) for s in missing]
+        commands = [
+            extract_command(backbone, dataset, s, cfg.paths.activations_dir) for s in missing
+        ]
         raise TraitsaeError(missing_store_message(paths, commands))
     stores = [Store(eval_store_path(cfg, sae, s)) for s in splits]
     for store in stores:

@@ -205,7 +205,7 @@ def write_sparse_codes(
     os.close(fd)
     tmp = Path(name)
     try:
-        _write_codes(store, sae, tmp, sae_source, batch_patches, dtype, device)
+        _write_codes(store, sae, tmp, sae_source, batch_patches, dtype, device, progress)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -213,7 +213,14 @@ def write_sparse_codes(
 
 
 def _write_codes(
-    store: Any, sae: Any, tmp: Path, sae_source: str, batch_patches: int, dtype: str, device: str
+    store: Any,
+    sae: Any,
+    tmp: Path,
+    sae_source: str,
+    batch_patches: int,
+    dtype: str,
+    device: str,
+    progress: bool,
 ) -> None:
     meta = store.metadata
     valid_N = np.asarray(meta["valid"], dtype=bool)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Config nodes that must be equal for jobs to share one stream and one Lightning Trainer: the data
 # (store, layer, tokens, batch size, seed, ...), the training length and precision, checkpointing.
-SHARED_NODES = ("data", "trainer", "checkpoint", "torch_threads", "resume")
+SHARED_NODES = ("data", "trainer", "checkpoint", "torch_threads", "train.resume")
 
 
 Job = tuple[DictConfig, Path]  # a job's resolved config and its job dir

@@ -11,11 +11,15 @@ from omegaconf import DictConfig
 from traitsae.training import (
     CHECKPOINT_DIR,
     _callbacks,
+    _last_validation_step,
     _loggers,
     _process_settings,
-    _trainer_kwargs,
+    _quiet_lightning_console,
+    _trainer_node,
     build_module,
+    check_train_cfg,
     export_meta,
+    instantiate_checked,
 )
 
 log = logging.getLogger(__name__)
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 def _resume_path(cfg: DictConfig, job_dirs: list[Path]) -> str | None:
     """The first job's last.ckpt when the group resumes (the checkpoint IO checks the others)."""
     last = job_dirs[0] / CHECKPOINT_DIR / "last.ckpt"
-    if cfg.get("resume", True) and last.is_file():
+    if cfg.train.resume and last.is_file():
         log.info("resuming the group from %s (and its jobs' checkpoints)", last)
         return str(last)
     return None
@@ -37,31 +41,28 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
     seed (initialisation), optimiser, logger, checkpoints and export in its own job dir.
     """
     import lightning as L
-    from hydra.utils import instantiate
 
     from traitsae.sae.export import save_sae
     from traitsae.sweeps.checkpoints import GroupCheckpointIO
     from traitsae.sweeps.module import MemberLogger, SAEGroupModule, member_metrics
 
     first, job_dirs = jobs[0][0], [Path(job_dir) for _, job_dir in jobs]
-    for job_dir in job_dirs:
+    for cfg, job_dir in jobs:
+        check_train_cfg(cfg)
         job_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_lightning_console()
+    ckpt_path = _resume_path(first, job_dirs)
     with _process_settings(first):
-        L.seed_everything(int(first.seed), workers=True)
-        dm = instantiate(first.data)
+        L.seed_everything(int(first.seed), workers=True, verbose=False)
+        dm = instantiate_checked(first.data)
         dm.prepare()
-        trainer_kwargs = _trainer_kwargs(first)
-        if dm.n_val_vectors == 0:
-            trainer_kwargs["limit_val_batches"] = 0
-        ckpt_path = _resume_path(first, job_dirs)
+        trainer_node = _trainer_node(first, has_val=dm.n_val_vectors > 0)
         members = []
         for cfg, job_dir in jobs:
             torch.manual_seed(int(cfg.seed))  # each SAE starts as its solo run would
-            member = build_module(cfg, dm, int(trainer_kwargs["max_steps"]), job_dir)
+            member = build_module(cfg, dm, int(trainer_node["max_steps"]), job_dir)
             if ckpt_path is None:
-                member.init_b_dec(
-                    torch.from_numpy(dm.sample), str(cfg.sae.get("b_dec_init", "mean"))
-                )
+                member.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
             members.append(member)
         log.info(
             "training a group of %d SAEs on one stream from %s (layer %d, %s): %s",
@@ -74,18 +75,27 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
             for logger in _loggers(cfg)
         ]
         group = SAEGroupModule(members)
-        trainer = L.Trainer(
-            **trainer_kwargs,
+        trainer = instantiate_checked(
+            trainer_node,
             callbacks=_callbacks(first, job_dirs[0]),
             logger=loggers or False,
             plugins=[GroupCheckpointIO(job_dirs)],
         )
-        trainer.fit(group, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.fit(group, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        if dm.n_val_vectors and _last_validation_step(trainer) != trainer.global_step:
+            trainer.validate(group, datamodule=dm, verbose=False)
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         for index, ((cfg, job_dir), member) in enumerate(zip(jobs, members, strict=True)):
-            if cfg.get("export", True):
+            own = member_metrics(metrics, index)
+            log.info(
+                "done %s, step %d: val FVU %.4g, L0 %.3g, dead %.3g, dense %.3g", job_dir,
+                trainer.global_step, own.get("val/fvu", float("nan")),
+                own.get("val/l0", float("nan")), own.get("val/dead_frac", float("nan")),
+                own.get("val/dense_frac", float("nan")),
+            )  # fmt: skip
+            if cfg.train.export:
                 meta = export_meta(cfg, dm, trainer)
-                meta["metrics"] = member_metrics(metrics, index)
+                meta["metrics"] = own
                 log.info("exported %s", save_sae(member.sae.cpu(), job_dir, meta))
     return job_dirs
