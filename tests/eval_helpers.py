@@ -84,7 +84,7 @@ def make_store(
     backbone: str = BACKBONE,
     layer: int = LAYER,
 ) -> Path:
-    """A complete store at the DESIGN.md path for (backbone, synthetic, split)."""
+    """A complete store at the standard store path for (backbone, synthetic, split)."""
     n_images = len(image_ids)
     images = {
         "path": np.array([f"img_{i}.png" for i in image_ids], dtype=object),

@@ -128,7 +128,7 @@ class Options:
 
 @dataclass
 class TraitReport:
-    """Everything cub_traits.json holds; `summary` and `per_trait` rows follow DESIGN.md."""
+    """Everything cub_traits.json holds; `summary` and `per_trait` rows follow the contract in docs/ARCHITECTURE.md."""
 
     summary: list[dict[str, Any]]
     per_trait: list[dict[str, Any]]

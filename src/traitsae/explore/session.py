@@ -91,7 +91,7 @@ def free_port(address: str = "127.0.0.1") -> int:
 
 
 def check_backbone(cfg: DictConfig, sae: Any) -> None:
-    """`backbone=<name>` on the command line must name the SAE's backbone (DESIGN.md)."""
+    """`backbone=<name>` on the command line must name the SAE's backbone (docs/ARCHITECTURE.md)."""
     chosen = (cfg.get("backbone") or {}).get("name")
     trained = sae.meta["backbone"]
     if chosen and chosen != trained:
