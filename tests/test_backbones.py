@@ -162,6 +162,9 @@ print(json.dumps(out))
         k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     }
     env.update(HF_HOME=str(tmp_path), HF_ENDPOINT="https://hub.invalid", HTTPS_PROXY="")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")]
+    )
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )

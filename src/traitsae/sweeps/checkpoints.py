@@ -19,10 +19,19 @@ from traitsae.errors import TraitsaeError
 PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "_last_lr", "lr_lambdas")
 
 
-def split_checkpoint(checkpoint: dict[str, Any], index: int) -> dict[str, Any]:
-    """Member `index`'s part of a group checkpoint, in a solo run's layout."""
+def split_checkpoint(
+    checkpoint: dict[str, Any], index: int, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Member `index`'s part of a group checkpoint, in a solo run's layout; `config` (the job's
+    own run config) replaces the group's in the resume state, so each job's resume is checked
+    against its own settings."""
     prefix = f"members.{index}."
     part = dict(checkpoint)
+    if config is not None:
+        part["callbacks"] = {
+            key: {**state, "config": config} if "config" in state else state
+            for key, state in (checkpoint.get("callbacks") or {}).items()
+        }
     part["state_dict"] = {
         key[len(prefix) :]: value
         for key, value in checkpoint["state_dict"].items()
@@ -91,9 +100,10 @@ class GroupCheckpointIO(TorchCheckpointIO):
     path relative to job dir i.
     """
 
-    def __init__(self, job_dirs: list[Path]) -> None:
+    def __init__(self, job_dirs: list[Path], configs: list[dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.job_dirs = [Path(d) for d in job_dirs]
+        self.configs = configs or [None] * len(self.job_dirs)
 
     def member_paths(self, path: str | Path) -> list[Path]:
         relative = Path(path).resolve().relative_to(self.job_dirs[0].resolve())
@@ -103,9 +113,8 @@ class GroupCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
         for index, member_path in enumerate(self.member_paths(path)):
-            super().save_checkpoint(
-                split_checkpoint(checkpoint, index), member_path, storage_options
-            )
+            part = split_checkpoint(checkpoint, index, self.configs[index])
+            super().save_checkpoint(part, member_path, storage_options)
 
     def load_checkpoint(
         self,

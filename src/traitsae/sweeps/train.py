@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from traitsae.errors import TraitsaeError
 from traitsae.training import (
-    CHECKPOINT_DIR,
     _callbacks,
     _last_validation_step,
     _loggers,
@@ -20,18 +20,30 @@ from traitsae.training import (
     check_train_cfg,
     export_meta,
     instantiate_checked,
+    resume_checkpoint,
+    run_config,
 )
 
 log = logging.getLogger(__name__)
 
 
-def _resume_path(cfg: DictConfig, job_dirs: list[Path]) -> str | None:
-    """The first job's last.ckpt when the group resumes (the checkpoint IO checks the others)."""
-    last = job_dirs[0] / CHECKPOINT_DIR / "last.ckpt"
-    if cfg.train.resume and last.is_file():
-        log.info("resuming the group from %s (and its jobs' checkpoints)", last)
-        return str(last)
-    return None
+def _resume_path(jobs: list[tuple[DictConfig, Path]]) -> str | None:
+    """The first job's last.ckpt when the whole group resumes; every job's checkpoint is checked
+    against its own config, as a solo run's is."""
+    paths = [resume_checkpoint(cfg, job_dir) for cfg, job_dir in jobs]
+    if all(path is None for path in paths):
+        return None
+    if any(path is None for path in paths):
+        fresh = [
+            str(job_dir) for (_, job_dir), path in zip(jobs, paths, strict=True) if path is None
+        ]
+        raise TraitsaeError(
+            f"cannot resume the grouped sweep: jobs {', '.join(fresh)} have no checkpoint while "
+            "the others of their group do. Re-run in a new hydra.sweep.dir, or pass "
+            "train.overwrite=true to start every job of the group afresh."
+        )
+    log.info("resuming the group from its jobs' checkpoints (%s, ...)", paths[0])
+    return paths[0]
 
 
 def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
@@ -51,7 +63,7 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
         check_train_cfg(cfg)
         job_dir.mkdir(parents=True, exist_ok=True)
     _quiet_lightning_console()
-    ckpt_path = _resume_path(first, job_dirs)
+    ckpt_path = _resume_path(jobs)
     with _process_settings(first):
         L.seed_everything(int(first.seed), workers=True, verbose=False)
         dm = instantiate_checked(first.data)
@@ -79,7 +91,7 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
             trainer_node,
             callbacks=_callbacks(first, job_dirs[0]),
             logger=loggers or False,
-            plugins=[GroupCheckpointIO(job_dirs)],
+            plugins=[GroupCheckpointIO(job_dirs, [run_config(cfg) for cfg, _ in jobs])],
         )
         trainer.fit(group, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         if dm.n_val_vectors and _last_validation_step(trainer) != trainer.global_step:
