@@ -86,7 +86,8 @@ class SharedOutputs:
 
     def __init__(self, n_workers: int, piece_rows: int, d_model: int) -> None:
         self.slots_WRPD = empty_f16((n_workers, RING_SIZE, piece_rows, d_model), shared=True)
-        self.released_W = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
+        with torch.inference_mode(False):
+            self.released_W = torch.zeros(n_workers, dtype=torch.int64).share_memory_()
         self.count = 0  # pieces claimed; each worker counts in its own copy
         self.owner = os.getpid()
 
@@ -135,7 +136,10 @@ def run_ahead(pieces: Iterator[Piece]) -> Iterator[Piece]:
         yield item
 
 
+@torch.inference_mode(False)
 def empty_f16(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """A normal (not inference-mode) tensor even when Lightning builds a loader inside inference
+    mode (trainer.validate after fit): the loader writes into it outside that mode."""
     if not shared:
         return torch.empty(shape, dtype=torch.float16)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)
