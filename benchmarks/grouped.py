@@ -1,6 +1,7 @@
 """A grouped sweep's training step vs N solo steps: the cost of training N SAEs on one batch.
 
     python benchmarks/grouped.py [--members 8 --d-model 768 --d-sae 12288 --k 32 --batch 1024]
+                                 [--steps 6 --rounds 2] [--auxk]
 
 Both go through Lightning's fit loop on the same in-memory float16 batches: a solo SAEModule,
 and an SAEGroupModule of `--members` SAEModules (what hydra/launcher=grouped trains). Fits
@@ -14,15 +15,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from traitsae.sae.module import SAEModule
 from traitsae.sae.sparse_ops import keep_freed_memory
 from traitsae.sweeps.module import SAEGroupModule
+from traitsae.training import sae_kwargs
+
+REPO = Path(__file__).resolve().parents[1]
 
 WARMUP = 2
 
@@ -40,17 +47,20 @@ class StepTimer(L.Callback):
 
 
 def member(args: argparse.Namespace, seed: int) -> SAEModule:
+    """A TopK member built from the real conf/ (so the benchmark follows the config's keys)."""
+    overrides = ["sae=topk", f"sae.k={args.k}", f"sae.d_sae={args.d_sae}", "sparsity=none",
+                 "optim.lr=1e-4", "optim.warmup_steps=0", "optim.decay=constant"]  # fmt: skip
+    if args.auxk:  # every latent that missed the last batch counts as dead: AuxK every step
+        overrides.append("sae.dead_after_steps=1")
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("train", overrides=overrides)
     torch.manual_seed(seed)
-    sae = {
-        "variant": "topk",
-        "d_model": args.d_model,
-        "d_sae": args.d_sae,
-        "k": args.k,
-        "aux_coeff": 1 / 32,
-        "dead_after_steps": 1,
-    }  # fmt: skip  (AuxK runs every step)
-    optim = {"lr": 1e-4, "warmup_steps": 0, "decay": "constant"}
-    return SAEModule(sae, {"_target_": "traitsae.sae.sparsity.NoPenalty"}, optim, max_steps=10**6)
+    return SAEModule(
+        sae_kwargs(cfg, args.d_model),
+        OmegaConf.to_container(cfg.sparsity, resolve=True),
+        OmegaConf.to_container(cfg.optim, resolve=True),
+        max_steps=10**6,
+    )
 
 
 def fit_steps(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float]:
@@ -73,6 +83,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per fit")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--auxk", action="store_true", help="AuxK every step (slower steps)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     keep_freed_memory()  # what train() does
