@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, <= 5 minutes on one CUDA device:
 #   1. the SAE step benchmark (benchmarks/sae_step.py) on the GPU, fp32 and bf16, for TopK,
-#      BatchTopK and Matryoshka at 768 x 12288, k 32, batch 1024;
+#      BatchTopK and Matryoshka at 768 x 12288, k 32, batch 1024; a grouped sweep of 4 TopK SAEs
+#      (benchmarks/grouped.py) against 4 solo steps;
 #   2. a 2-minute training through `train.py trainer=gpu` on a generated store
 #      (dataset=dictionary, 768 dims), printing samples/s and the loader's share of step time.
 # Without CUDA it says so and exits 0. Usage: bash benchmarks/gpu.sh   (PYTHON=<interpreter>)
@@ -18,8 +19,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 echo "== 1. SAE step vs encoder matmul on the GPU (fp32 and bf16)"
 "$PY" benchmarks/sae_step.py --device cuda --bf16 --reps 20
-# TODO(grouped sweeps): time a grouped sweep of 4 SAEs here once `hydra/launcher=grouped`
-# exists (issue 12 item 1), e.g. `train.py -m hydra/launcher=grouped sae.k=16,32,64,128`.
+echo "== 1b. a grouped sweep of 4 SAEs (one fit, shared batches) vs 4 solo steps, fp32 and bf16"
+"$PY" benchmarks/grouped.py --device gpu --members 4 --steps 10 --rounds 2
+"$PY" benchmarks/grouped.py --device gpu --members 4 --steps 10 --rounds 2 --precision bf16-mixed
 
 echo "== 2. 2-minute training through train.py trainer=gpu on a generated store"
 work=$(mktemp -d)
