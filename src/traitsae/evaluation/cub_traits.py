@@ -40,9 +40,11 @@ from traitsae.evaluation import baselines, figures
 from traitsae.evaluation.precision import (
     average_precision_columns,
     bootstrap_ci,
+    paired_difference,
     precision_at_k,
     precision_at_trait_k,
     select_best,
+    splits_without_positives,
     usable_ks,
 )
 from traitsae.evaluation.scoring import (
@@ -526,20 +528,18 @@ def _traits_with_positives(
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Traits usable in both splits; the others listed with the reason (not NaNs in a mean)."""
     pos_train_T, pos_test_T = labels_train_NT.sum(0), labels_test_NT.sum(0)
-    keep_T = (pos_train_T > 0) & (pos_test_T > 0)
+    missing = splits_without_positives(pos_train_T, pos_test_T)
     skipped = [
         {
             "trait": names[t],
             "n_pos_train": int(pos_train_T[t]),
             "n_pos_test": int(pos_test_T[t]),
-            "reason": "no positives in the "
-            + " and ".join(
-                s for s, n in (("train", pos_train_T[t]), ("test", pos_test_T[t])) if n == 0
-            )
-            + " split",
+            "reason": f"no positives in the {splits} split",
         }
-        for t in np.flatnonzero(~keep_T)
+        for t, splits in missing.items()
     ]
+    keep_T = np.ones(len(names), dtype=bool)
+    keep_T[list(missing)] = False
     return keep_T, skipped
 
 
@@ -593,20 +593,14 @@ def _paired_differences(
         sae_T = seed_means.get(("sae", protocol, key))
         if name == "sae" or sae_T is None:
             continue
-        diff_T = (sae_T - values_T)[np.isfinite(values_T)]
-        low, high = bootstrap_ci(diff_T, opts.n_bootstrap, opts.seed, opts.ci_level)
+        difference = paired_difference(
+            sae_T, values_T, opts.n_bootstrap, opts.seed, opts.ci_level, "traits"
+        )
+        metric = "r_precision" if key == R else "precision_at_k"
         rows.append(
-            {
-                "method": name,
-                "protocol": protocol,
-                "metric": "r_precision" if key == R else "precision_at_k",
-                "k": None if key == R else key,
-                "sae_minus_method": float(diff_T.mean()),
-                "ci_low": low,
-                "ci_high": high,
-                "excludes_zero": bool(low > 0 or high < 0),
-                "n_traits": int(diff_T.size),
-            }
+            {"method": name, "protocol": protocol, "metric": metric}
+            | {"k": None if key == R else key}
+            | difference
         )
     return rows
 

@@ -16,6 +16,7 @@ would score whatever the sort order of its zeros happens to be.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,3 +219,32 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2
     low, high = np.quantile(means_B, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def paired_difference(
+    a_U: np.ndarray, b_U: np.ndarray, n_boot: int, seed: int, level: float, unit: str
+) -> dict[str, Any]:
+    """Mean of a - b over paired units (traits, classes: their difficulty cancels) with a
+    percentile bootstrap CI over the units; units where either side is NaN are left out."""
+    diff_U = np.asarray(a_U, dtype=np.float64) - np.asarray(b_U, dtype=np.float64)
+    diff_U = diff_U[np.isfinite(diff_U)]
+    low, high = bootstrap_ci(diff_U, n_boot, seed, level)
+    return {
+        "sae_minus_method": float(diff_U.mean()) if diff_U.size else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "excludes_zero": bool(low > 0 or high < 0),
+        f"n_{unit}": int(diff_U.size),
+    }
+
+
+def splits_without_positives(pos_train_U: np.ndarray, pos_test_U: np.ndarray) -> dict[int, str]:
+    """Units lacking positives in a split -> which split(s): "train", "test" or "train and test".
+
+    Such units are reported as skipped rather than averaged in as NaNs."""
+    return {
+        int(u): " and ".join(
+            s for s, n in (("train", pos_train_U[u]), ("test", pos_test_U[u])) if n == 0
+        )
+        for u in np.flatnonzero((pos_train_U == 0) | (pos_test_U == 0))
+    }

@@ -21,7 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from traitsae.data.images.masks import RULES, MaskLayout, load_mask_layout
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation import baselines, patch_metrics
-from traitsae.evaluation.precision import bootstrap_ci
+from traitsae.evaluation.precision import (
+    bootstrap_ci,
+    paired_difference,
+    splits_without_positives,
+)
 from traitsae.evaluation.segment_patches import FRAMES, SplitPatches, collect_patches, store_frame
 
 METHODS = ("sae", "random", "pca", "kmeans", "probe")
@@ -287,21 +291,19 @@ def _classes_with_patches(
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Classes with labelled patches in both splits; the others listed with the reason."""
     pos_train_C, pos_test_C = labels_train_RC.sum(0), labels_test_RC.sum(0)
-    keep_C = (pos_train_C > 0) & (pos_test_C > 0)
+    missing = splits_without_positives(pos_train_C, pos_test_C)
     skipped = [
         {
             "class_id": int(layout.class_ids[c]),
             "class": layout.classes[layout.class_ids[c]],
             "n_pos_train": int(pos_train_C[c]),
             "n_pos_test": int(pos_test_C[c]),
-            "reason": "no labelled patches in the "
-            + " and ".join(
-                s for s, n in (("train", pos_train_C[c]), ("test", pos_test_C[c])) if n == 0
-            )
-            + " split",
+            "reason": f"no labelled patches in the {splits} split",
         }
-        for c in np.flatnonzero(~keep_C)
+        for c, splits in missing.items()
     ]
+    keep_C = np.ones(len(pos_train_C), dtype=bool)
+    keep_C[list(missing)] = False
     return keep_C, skipped
 
 
@@ -381,18 +383,10 @@ def _paired_differences(
         sae_C = per_values.get(("sae", metric))
         if name == "sae" or sae_C is None:
             continue
-        diff_C = sae_C - values_C
-        low, high = bootstrap_ci(diff_C, opts.n_bootstrap, opts.seed, opts.ci_level)
-        rows.append(
-            {
-                "method": name,
-                "metric": metric,
-                "sae_minus_method": float(diff_C.mean()),
-                "ci_low": low,
-                "ci_high": high,
-                "excludes_zero": bool(low > 0 or high < 0),
-            }
+        difference = paired_difference(
+            sae_C, values_C, opts.n_bootstrap, opts.seed, opts.ci_level, "classes"
         )
+        rows.append({"method": name, "metric": metric} | difference)
     return rows
 
 
