@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from traitsae import __version__
 from traitsae.backbones import check_backbone_cfg, resolve_layers
+from traitsae.config_diff import changed_keys
 from traitsae.data.images import ImageList
 from traitsae.data.store import Store, read_fingerprint
 
@@ -108,20 +109,7 @@ def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
 def config_difference(old: str | None, new: str) -> str:
     """Human summary of how two JSON configs differ: `key: old -> new` for each changed key."""
     try:
-        before, after = flatten(json.loads(old or "")), flatten(json.loads(new))
+        before, after = json.loads(old or ""), json.loads(new)
     except json.JSONDecodeError:
         return "the existing file carries no traitsae fingerprint"
-    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    return "; ".join(f"{k}: {before.get(k)} -> {after.get(k)}" for k in keys) or "no difference"
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"a.b.c": leaf}."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(
-            flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
-        )
-    return flat
+    return "; ".join(map(str, changed_keys(before, after))) or "no difference"
