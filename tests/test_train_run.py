@@ -189,7 +189,7 @@ def test_lightning_lines_print_once_without_adverts() -> None:
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-    from traitsae.training import _quiet_lightning_console
+    from traitsae.training import quiet_lightning_console
 
     seen: list[str] = []
 
@@ -201,7 +201,7 @@ def test_lightning_lines_print_once_without_adverts() -> None:
     handler = Collect()
     root.addHandler(handler)
     try:
-        _quiet_lightning_console()
+        quiet_lightning_console()
         lightning_logger = logging.getLogger("lightning")
         assert not [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]
         rank_zero_info("GPU available: False, used: False")

@@ -251,7 +251,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
+def run_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     every = int(cfg.checkpoint.every_n_train_steps)
@@ -273,7 +273,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return callbacks
 
 
-def _loggers(cfg: DictConfig) -> list[Any]:
+def run_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate_checked(n) for n in (cfg.get("logger") or {}).values() if n is not None]
 
 
@@ -309,7 +309,7 @@ def summary(trainer: Any) -> str:
     )
 
 
-def _quiet_lightning_console() -> None:
+def quiet_lightning_console() -> None:
     """Keep Lightning's console output to what helps. Its `lightning` logger has a console
     handler of its own *and* propagates to the root, where Hydra's handler prints the same
     record again: with root handlers present, drop Lightning's. Also drop its advert for a
@@ -333,7 +333,7 @@ def _drop_lightning_adverts(record: logging.LogRecord) -> bool:
 
 
 @contextmanager
-def _process_settings(cfg: DictConfig) -> Iterator[None]:
+def process_settings(cfg: DictConfig) -> Iterator[None]:
     """CPU settings for the run, restored afterwards (train() may run inside a notebook)."""
     from traitsae.sae.sparse_ops import keep_freed_memory
 
@@ -363,24 +363,38 @@ def build_module(cfg: DictConfig, dm: Any, max_steps: int, run_dir: Path) -> Any
     )
 
 
+def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
+    """Seed everything, build and prepare the data module; the trainer's node to go with it."""
+    import lightning as L
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    dm = instantiate_checked(cfg.data)
+    dm.prepare()
+    return dm, _trainer_node(cfg, has_val=dm.n_val_vectors > 0)
+
+
+def fit(trainer: Any, module: Any, dm: Any, ckpt_path: str | None) -> None:
+    """Fit (resuming from `ckpt_path`), then validate at the last step when fit's own
+    validations stopped short of it, so the reported metrics are the final weights'."""
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    if dm.n_val_vectors and _last_validation_step(trainer) != trainer.global_step:
+        trainer.validate(module, datamodule=dm, verbose=False)
+
+
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as configured; returns the run dir (holding sae.json)."""
-    import lightning as L
 
     from traitsae.sae.export import save_sae
 
     check_train_cfg(cfg)
-    _quiet_lightning_console()
+    quiet_lightning_console()
     run_dir = hydra_output_dir()
     if run_dir.exists() and not run_dir.is_dir():
         raise TraitsaeError(f"hydra.run.dir={run_dir} is a file; the run dir must be a folder.")
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    with _process_settings(cfg):
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        dm = instantiate_checked(cfg.data)
-        dm.prepare()
-        trainer_node = _trainer_node(cfg, has_val=dm.n_val_vectors > 0)
+    with process_settings(cfg):
+        dm, trainer_node = prepare_data(cfg)
         module = build_module(cfg, dm, int(trainer_node["max_steps"]), run_dir)
         if ckpt_path is None:  # a resumed run takes b_dec from its checkpoint
             module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
@@ -390,11 +404,9 @@ def train(cfg: DictConfig) -> Path:
             dm.n_train_vectors, dm.n_val_vectors, dm.scale,
         )  # fmt: skip
         trainer = instantiate_checked(
-            trainer_node, callbacks=_callbacks(cfg, run_dir), logger=_loggers(cfg) or False
+            trainer_node, callbacks=run_callbacks(cfg, run_dir), logger=run_loggers(cfg) or False
         )
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-        if dm.n_val_vectors and _last_validation_step(trainer) != trainer.global_step:
-            trainer.validate(module, datamodule=dm, verbose=False)
+        fit(trainer, module, dm, ckpt_path)
     if trainer.is_global_zero:
         log.info("done, %s", summary(trainer))
         if cfg.train.export:

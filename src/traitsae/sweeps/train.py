@@ -10,18 +10,18 @@ from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
 from traitsae.training import (
-    _callbacks,
-    _last_validation_step,
-    _loggers,
-    _process_settings,
-    _quiet_lightning_console,
-    _trainer_node,
     build_module,
     check_train_cfg,
     export_meta,
+    fit,
     instantiate_checked,
+    prepare_data,
+    process_settings,
+    quiet_lightning_console,
     resume_checkpoint,
+    run_callbacks,
     run_config,
+    run_loggers,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
     The configs agree on `traitsae.sweeps.grouping.SHARED_NODES`; each job keeps its own SAE,
     seed (initialisation), optimiser, logger, checkpoints and export in its own job dir.
     """
-    import lightning as L
 
     from traitsae.sae.export import save_sae
     from traitsae.sweeps.checkpoints import GroupCheckpointIO
@@ -62,13 +61,10 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
     for cfg, job_dir in jobs:
         check_train_cfg(cfg)
         job_dir.mkdir(parents=True, exist_ok=True)
-    _quiet_lightning_console()
+    quiet_lightning_console()
     ckpt_path = _resume_path(jobs)
-    with _process_settings(first):
-        L.seed_everything(int(first.seed), workers=True, verbose=False)
-        dm = instantiate_checked(first.data)
-        dm.prepare()
-        trainer_node = _trainer_node(first, has_val=dm.n_val_vectors > 0)
+    with process_settings(first):
+        dm, trainer_node = prepare_data(first)
         members = []
         for cfg, job_dir in jobs:
             torch.manual_seed(int(cfg.seed))  # each SAE starts as its solo run would
@@ -84,18 +80,16 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
         loggers = [
             MemberLogger(index, logger)
             for index, (cfg, _) in enumerate(jobs)
-            for logger in _loggers(cfg)
+            for logger in run_loggers(cfg)
         ]
         group = SAEGroupModule(members)
         trainer = instantiate_checked(
             trainer_node,
-            callbacks=_callbacks(first, job_dirs[0]),
+            callbacks=run_callbacks(first, job_dirs[0]),
             logger=loggers or False,
             plugins=[GroupCheckpointIO(job_dirs, [run_config(cfg) for cfg, _ in jobs])],
         )
-        trainer.fit(group, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-        if dm.n_val_vectors and _last_validation_step(trainer) != trainer.global_step:
-            trainer.validate(group, datamodule=dm, verbose=False)
+        fit(trainer, group, dm, ckpt_path)
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         for index, ((cfg, job_dir), member) in enumerate(zip(jobs, members, strict=True)):
