@@ -58,10 +58,30 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_grouped_jobs_train_as_their_solo_runs(store: Path, tmp_path: Path) -> None:
+class StreamCounter:
+    """Counts the passes started over the store (train and validation streams alike)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from traitsae.data.stream import ActivationStream
+
+        self.passes = 0
+        pieces = ActivationStream._pieces
+
+        def counted(stream: ActivationStream):
+            self.passes += 1
+            return pieces(stream)
+
+        monkeypatch.setattr(ActivationStream, "_pieces", counted)
+
+
+def test_grouped_jobs_train_as_their_solo_runs(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sweep = tmp_path / "sweep"
+    reads = StreamCounter(monkeypatch)
     _grouped_sweep(["sae=topk,matryoshka", "sae.k=2,4", f"hydra.sweep.dir={sweep}",
                     *_sweep_overrides(store, steps=12)])  # fmt: skip
+    group_passes, reads.passes = reads.passes, 0
     runs = sorted(p.parent for p in sweep.glob("*/sae.json"))
     assert [r.name for r in runs] == ["0", "1", "2", "3"]  # the basic launcher's job dirs
     for run in runs:
@@ -77,6 +97,8 @@ def test_grouped_jobs_train_as_their_solo_runs(store: Path, tmp_path: Path) -> N
         solo = tmp_path / f"solo_{variant}{k}"
         overrides = train_overrides(store, solo, steps=12, **{"sae.k": k})
         train(compose_train([f"sae={variant}", *overrides]))
+        assert group_passes == reads.passes > 0  # four SAEs, the store read as for one
+        reads.passes = 0
         (grouped,) = [r for r, v in zip(runs, variants, strict=True) if v == (variant, k)]
         _assert_same_weights(grouped, solo)
         assert traitsae.load_sae(grouped).meta["metrics"]["val/fvu"] == pytest.approx(
