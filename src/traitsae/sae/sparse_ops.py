@@ -48,34 +48,36 @@ def batch_topk_entries(pre_BS: Tensor, n_keep: int, sample_rows: int = 16) -> tu
 
     Exact, without sorting B*S values. A cut from a sample of rows, set low enough to let
     ~1.5 x n_keep entries through, picks candidates; the exact top n_keep is taken among them.
-    Candidates are found on group maxima (groups of 8 columns, one vectorised amax pass), so
-    the only full pass over [B, S] is that amax. Every entry above the cut is a candidate, so
-    the result is exact whenever the candidates number at least n_keep (else: a lower cut,
-    finally a full top-k).
+    Candidates are found on group maxima -- a group is 8 columns S/8 apart, so the maxima are
+    one vertical reduction over contiguous rows, the only full pass over [B, S]. Every entry
+    above the cut is a candidate, so the result is exact whenever the candidates number at
+    least n_keep (else: a lower cut, finally a full top-k).
     """
     n_rows, n_cols = pre_BS.shape
     n_keep = min(n_keep, pre_BS.numel())
     group = _MIN_GROUP if n_cols % _MIN_GROUP == 0 else 1
-    gmax_BG = pre_BS.view(n_rows, n_cols // group, group).amax(2) if group > 1 else pre_BS
+    stride = n_cols // group  # group (b, j) holds columns j, j + stride, j + 2 stride, ...
+    gmax_BG = pre_BS.view(n_rows, group, stride).amax(1) if group > 1 else pre_BS
     sample = pre_BS[:: max(1, n_rows // sample_rows)].reshape(-1)
     share = n_keep / pre_BS.numel()
+    members = torch.arange(group, device=pre_BS.device) * stride
     for margin in (1.5, 4.0):
         rank = min(sample.numel(), max(1, int(margin * share * sample.numel())))
         cut = max(float(sample.topk(rank, sorted=False).values.min()), 0.0)
         g_rows, g_cols = (gmax_BG > cut).nonzero(as_tuple=True)
-        # the candidate groups' entries, row-major: flat positions in [B * S]
-        flat_N = ((g_rows * n_cols + g_cols * group)[:, None] + torch.arange(group)).reshape(-1)
+        # the candidate groups' entries: flat positions in [B * S]
+        flat_N = ((g_rows * n_cols + g_cols)[:, None] + members).reshape(-1)
         vals_N = pre_BS.reshape(-1)[flat_N]
         above = vals_N > cut
         flat_N, vals_N = flat_N[above], vals_N[above]
         if flat_N.numel() >= n_keep or cut == 0.0:  # cut 0: every positive entry is in
             break
     else:  # too many ties at the cut to trust it: sort everything
-        flat_N = pre_BS.reshape(-1).topk(n_keep, sorted=False).indices.sort().values
+        flat_N = pre_BS.reshape(-1).topk(n_keep, sorted=False).indices
         flat_N = flat_N[pre_BS.reshape(-1)[flat_N] > 0]
-        return flat_N.div(n_cols, rounding_mode="floor"), flat_N % n_cols
     if flat_N.numel() > n_keep:
-        flat_N = flat_N[vals_N.topk(n_keep, sorted=False).indices.sort().values]  # row-major
+        flat_N = flat_N[vals_N.topk(n_keep, sorted=False).indices]
+    flat_N = flat_N.sort().values  # row-major
     return flat_N.div(n_cols, rounding_mode="floor"), flat_N % n_cols
 
 
