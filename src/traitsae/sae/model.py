@@ -128,10 +128,9 @@ class SparseAutoencoder(nn.Module):
     def _forward_sparse(self, x_BD: Tensor) -> SAEOutput:
         """One dense GEMM without autograd (bf16 under autocast), the activation's selection,
         then everything on the kept entries, in float32."""
-        xc_BD = x_BD - self.b_dec
         n_rows = x_BD.shape[0]
         with torch.no_grad():
-            pre_BS = torch.addmm(self.b_enc, xc_BD, self.W_enc.t())
+            pre_BS = torch.addmm(self.b_enc, x_BD - self.b_dec, self.W_enc.t())
             idx_N, crow = self.activation.select(pre_BS)
             rows_N = owners(crow, idx_N.numel())
             if self.prefixes:  # Matryoshka: one bag per (row, prefix segment)
@@ -143,9 +142,8 @@ class SparseAutoencoder(nn.Module):
                     idx_N, rows_N, bag_N = idx_N[order], rows_N[order], bag_N[order]
                 bags = row_offsets(bag_N, n_rows * n_seg)
         with torch.autocast(x_BD.device.type, enabled=False):
-            vals_N = sparse_encode(
-                xc_BD.to(self.W_enc.dtype), self.W_enc, self.b_enc, idx_N, crow, pre_BS
-            )
+            x_BD = x_BD.to(self.W_enc.dtype)
+            vals_N = sparse_encode(x_BD, self.b_dec, self.W_enc, self.b_enc, idx_N, crow, pre_BS)
             vals_N = torch.relu(vals_N)
             if not self.prefixes:
                 recon_BD = sparse_decode(vals_N, idx_N, self.W_dec, crow, self.unit_norm_decoder)
@@ -207,8 +205,8 @@ class SparseAutoencoder(nn.Module):
             idx_N = dead_idx[pre_dead_BN.topk(k, dim=1, sorted=False).indices].reshape(-1)
             crow = torch.arange(0, n_rows * k + 1, k, device=x_BD.device)
         with torch.autocast(x_BD.device.type, enabled=False):
-            xc_BD = (x_BD - self.b_dec.detach()).to(self.W_enc.dtype)
-            vals_N = torch.relu(sparse_encode(xc_BD, self.W_enc, self.b_enc, idx_N, crow))
+            x_BD, b_dec_D = x_BD.to(self.W_enc.dtype), self.b_dec.detach()
+            vals_N = torch.relu(sparse_encode(x_BD, b_dec_D, self.W_enc, self.b_enc, idx_N, crow))
             aux_BD = sparse_decode(vals_N, idx_N, self.W_dec, crow, self.unit_norm_decoder)
             return fraction_of_variance_unexplained(aux_BD, resid_BD)
 

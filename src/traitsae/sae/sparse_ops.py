@@ -177,25 +177,29 @@ class _SparseDecode(torch.autograd.Function):
 class _SparseEncodeValues(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, xc_BD: Tensor, w_SD: Tensor, b_S: Tensor, idx_N: Tensor, crow: Tensor,
-        vals_N: Tensor,
+        ctx: Any, x_BD: Tensor, b_dec_D: Tensor, w_SD: Tensor, b_S: Tensor, idx_N: Tensor,
+        crow: Tensor, vals_N: Tensor,
     ) -> Tensor:  # fmt: skip
-        ctx.save_for_backward(xc_BD, w_SD, idx_N, crow)
+        ctx.save_for_backward(x_BD - b_dec_D, w_SD, idx_N, crow)
         return vals_N
 
     @staticmethod
     def backward(ctx: Any, grad_N: Tensor) -> tuple[Tensor | None, ...]:
         xc_BD, w_SD, idx_N, crow = ctx.saved_tensors
-        n_latents = w_SD.shape[0]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        needs_x, needs_b_dec, needs_w, needs_b = ctx.needs_input_grad[:4]
+        grad_x = grad_b_dec = grad_w = grad_b = None
+        if needs_b_dec or needs_b:  # d/d b_enc: the entries' gradients summed per latent
+            grad_b = torch.bincount(idx_N, grad_N, minlength=w_SD.shape[0]).to(grad_N.dtype)
+        if needs_x:
             grad_x = F.embedding_bag(idx_N, w_SD, crow[:-1], mode="sum", per_sample_weights=grad_N)
-        if ctx.needs_input_grad[1]:
-            pattern = _Pattern.of(idx_N, n_latents)
+        if needs_b_dec:
+            # pre = W (x - b_dec) + b_enc, so d/d b_dec = -(d/d b_enc) @ W: one pass over W
+            # instead of summing a gathered row of W per entry.
+            grad_b_dec = -(grad_b @ w_SD)
+        if needs_w:
+            pattern = _Pattern.of(idx_N, w_SD.shape[0])
             grad_w = pattern.scatter_rows(grad_N, xc_BD, owners(crow, idx_N.numel()))
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.bincount(idx_N, grad_N, minlength=n_latents).to(grad_N.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_b_dec, grad_w, grad_b if needs_b else None, None, None, None
 
 
 def sparse_decode(
@@ -207,14 +211,16 @@ def sparse_decode(
 
 
 def sparse_encode(
-    xc_BD: Tensor,
+    x_BD: Tensor,
+    b_dec_D: Tensor,
     w_SD: Tensor,
     b_S: Tensor,
     idx_N: Tensor,
     crow: Tensor,
     pre_BS: Tensor | None = None,
 ) -> Tensor:
-    """Pre-activations at the kept entries [N], differentiable w.r.t. xc, w and b.
+    """Pre-activations <x - b_dec, w[s]> + b[s] at the kept entries [N], differentiable
+    w.r.t. x, b_dec, w and b.
 
     `pre_BS` (the dense forward, computed without autograd) supplies the values when given;
     otherwise they are recomputed on the kept entries only.
@@ -223,8 +229,9 @@ def sparse_encode(
         flat_N = owners(crow, idx_N.numel()) * pre_BS.shape[1] + idx_N
         vals_N = pre_BS.reshape(-1)[flat_N].to(w_SD.dtype)
     else:
-        vals_N = gather_dot(xc_BD.detach(), w_SD.detach(), idx_N, crow) + b_S.detach()[idx_N]
-    return _SparseEncodeValues.apply(xc_BD, w_SD, b_S, idx_N, crow, vals_N)
+        xc_BD = (x_BD - b_dec_D).detach()
+        vals_N = gather_dot(xc_BD, w_SD.detach(), idx_N, crow) + b_S.detach()[idx_N]
+    return _SparseEncodeValues.apply(x_BD, b_dec_D, w_SD, b_S, idx_N, crow, vals_N)
 
 
 def keep_freed_memory() -> bool:
