@@ -9,7 +9,7 @@ import numpy as np
 import streamlit as st
 
 from traitsae.explore import draw
-from traitsae.explore.views.common import image_label, load_image
+from traitsae.explore.views.common import image_label
 
 MAX_LISTED = 2000  # images offered in one select box; narrow by metadata first
 
@@ -49,7 +49,7 @@ def render(data: Any) -> None:
     r0, r1 = st.slider("region rows (patches)", 0, rows, (0, rows), key="region_rows")
     c0, c1 = st.slider("region columns (patches)", 0, cols, (0, cols), key="region_cols")
     region = (slice(r0, max(r1, r0 + 1)), slice(c0, max(c1, c0 + 1)))
-    picture = load_image(data, row)
+    picture = data.image(row)
     codes_PS = data.image_codes(row)
     codes_RCS = codes_PS.reshape(rows, cols, -1)
     left, mid, right = st.columns(3)

@@ -11,6 +11,7 @@ import streamlit as st
 from traitsae.explore import draw
 from traitsae.explore.views.common import cached_table, latent_gallery, overlays
 
+FIRST_LATENT = 0  # shown before any choice: the number box starts at its minimum
 SORTABLE = ("latent", "patch_freq", "image_freq", "mean_top_score", "label_entropy", "max_score")
 
 
@@ -84,10 +85,6 @@ def show_latent(data: Any, latent: int, hist_col: Any) -> None:
 
 
 def warm(data: Any) -> None:
-    """Everything the first views compute once (table, image framing, colour maps, the SAE)."""
+    """What the first view computes once (the table, colour maps, its gallery's pictures)."""
     cached_table(data)
-    busiest = int(np.argmax(data.fire_counts()))
-    rows, _ = data.top_images(busiest, 1)
-    overlays(data, busiest, rows)
-    if len(rows):
-        data.reconstruction_error(int(rows[0]))
+    overlays(data, FIRST_LATENT, data.top_images(FIRST_LATENT, data.session.top_k)[0])
