@@ -38,3 +38,19 @@ def prepare_without_port(cfg, prepare):
 
     with mock.patch("traitsae.explore.session.check_port_free"):
         return prepare(cfg)
+
+
+def select_on_chart(at, key: str, selection: dict):
+    """Rerun `at` as the browser does after a selection on the Vega-Lite chart `key`: the
+    chart's widget value becomes {"selection": selection} (point selections: a list of the
+    picked points' fields; interval selections: {field: [lo, hi]}). AppTest has no chart
+    element to drive (charts are UnknownElements), so this sends the widget state itself
+    through AppTest's private _tree / _run."""
+    import json
+
+    chart = next(e for e in at.get("vega_lite_chart") if e.key == key)
+    states = at._tree.get_widget_states()
+    state = states.widgets.add()
+    state.id = chart.proto.id
+    state.string_value = json.dumps({"selection": selection})
+    return at._run(states)

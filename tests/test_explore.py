@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 from discovery_helpers import BLOCKS, SHARED, TRAIT_A, TRAIT_B, compose_cfg
-from explore_helpers import APP, explore_overrides, planted_session, prepare_without_port
+from explore_helpers import (
+    APP,
+    explore_overrides,
+    planted_session,
+    prepare_without_port,
+    select_on_chart,
+)
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
@@ -135,6 +141,27 @@ def test_latents_page_table_and_gallery(app):
     top = [c for c in captions if "max=" in c]
     assert len(top) == 12 and all(c.startswith("001.Alpha") for c in top)
     assert any("latent 0" in m.value and "label entropy 0 bits" in m.value for m in app.markdown)
+
+
+def test_density_click_chooses_that_latent(app):
+    from traitsae.explore.draw import DENSITY_PICK
+
+    chosen = app.number_input(key="latent").value
+    assert chosen != SHARED
+    select_on_chart(app, "density", {DENSITY_PICK: [{"latent": SHARED}]})
+    assert not app.exception and app.number_input(key="latent").value == SHARED
+    assert any(h.value == f"Top images of latent {SHARED}" for h in app.subheader)
+    top = [c for img in app.get("image") for c in img.captions if "max=" in c]
+    assert len(top) == 16  # SHARED fires on every image: a full gallery
+
+
+def test_clicked_latent_reads_the_point_selection():
+    from traitsae.explore.draw import DENSITY_PICK
+    from traitsae.explore.views.latents import clicked_latent
+
+    assert clicked_latent(None) is None
+    assert clicked_latent({"selection": {DENSITY_PICK: {}}}) is None  # nothing picked yet
+    assert clicked_latent({"selection": {DENSITY_PICK: [{"latent": 7}]}}) == 7
 
 
 def test_latents_page_sort_and_filter(app):

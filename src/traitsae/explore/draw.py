@@ -93,16 +93,26 @@ def histogram_spec(scores: np.ndarray, n_zero: int, title: str) -> tuple[Any, di
     return frame, spec
 
 
+DENSITY_PICK = "pick"  # the density scatter's point selection: the latent clicked
+
+
 def density_spec(table: Any, selected: int | None = None) -> tuple[Any, dict]:
     """(data, Vega-Lite spec): log10 firing frequency vs log10 mean top-image score, coloured
-    by label entropy; the selected latent ringed in red."""
+    by label entropy; the selected latent ringed in red. A click picks the nearest point's
+    latent (selection DENSITY_PICK: [{"latent": s}])."""
     alive = table[(table.patch_freq > 0) & (table.mean_top_score > 0)]
     frame = alive[["latent", "log10_freq", "patch_freq", "mean_top_score", "label_entropy"]].copy()
     frame["log10_mean_top"] = np.log10(frame.mean_top_score)
     x = {"field": "log10_freq", "type": "quantitative", "title": "log10 firing frequency"}
     y = {"field": "log10_mean_top", "type": "quantitative", "title": "log10 mean top score"}
     points = {
-        "mark": {"type": "circle", "size": 14, "opacity": 0.7},
+        "params": [
+            {
+                "name": DENSITY_PICK,
+                "select": {"type": "point", "fields": ["latent"], "nearest": True},
+            }
+        ],
+        "mark": {"type": "circle", "size": 14, "opacity": 0.7, "cursor": "pointer"},
         "encoding": {
             "x": x,
             "y": y,
