@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 import torch
-from discovery_helpers import BLOCKS, SHARED, TRAIT_A, TRAIT_B, compose_cfg
+from discovery_helpers import BLOCKS, SHARED, TRAIT_A, TRAIT_B, block_mask, compose_cfg
 from explore_helpers import (
     APP,
     explore_overrides,
@@ -118,9 +118,8 @@ def test_search_ranks_the_planted_trait_first(data):
     assert data.search(scores(alpha[:4]), scores(beta[:4])).latent.iloc[0] == TRAIT_A
     assert data.search(scores(beta[:3]), scores(alpha[:5])).latent.iloc[0] == TRAIT_B
     # Patches as examples: the SHARED block of Alpha images against the rest of those images.
-    r, c = BLOCKS[SHARED]
-    block = (slice(r, r + 2), slice(c, c + 2))
-    outside = (slice(0, 2), slice(0, 8))
+    block = np.flatnonzero(block_mask(SHARED).ravel())
+    outside = np.arange(16)  # the top two patch rows
     pos = np.stack([data.region_scores(int(i), block) for i in alpha[:3]])
     neg = np.stack([data.region_scores(int(i), outside) for i in alpha[:3]])
     ranking = data.search(pos, neg)
@@ -176,20 +175,57 @@ def test_latents_page_sort_and_filter(app):
     assert SHARED not in set(app.dataframe(key="latent_table").value.latent)
 
 
-def test_image_page_latents_and_region(app):
+def open_beta_image(app):
     app.sidebar.radio(key="page").set_value("Image").run()
     app.selectbox(key="image_column").set_value("species").run()
     app.selectbox(key="image_value").set_value("002.Beta").run()
-    latents = app.dataframe[0].value
+    return int(app.selectbox(key="image_row").value)
+
+
+def test_image_page_latents_and_chosen_patches(app):
+    from traitsae.explore.draw import PATCH_BOX, PATCH_PICK
+
+    row = open_beta_image(app)
+    latents = app.dataframe[0].value  # the latents firing most on the image
     assert {TRAIT_B, SHARED} <= set(latents.latent.head(2)) and TRAIT_A not in set(latents.latent)
-    r, c = BLOCKS[TRAIT_B]
-    app.slider(key="region_rows").set_value((r, r + 2))
-    app.slider(key="region_cols").set_value((c, c + 2)).run()
-    region = app.dataframe[1].value
-    assert region.latent.iloc[0] == TRAIT_B and region.inside.iloc[0] == pytest.approx(1.0)
     assert any("reconstruction error" in c for img in app.get("image") for c in img.captions)
-    # The region becomes a positive example, a whole Alpha image (row before the Betas) negative.
-    beta_row = int(app.selectbox(key="image_row").value)
+    assert len(app.dataframe) == 1  # no patch chosen yet: no second table
+    # A box over TRAIT_B's 2x2 block (patch units; patches whose centre lies inside).
+    r, c = BLOCKS[TRAIT_B]
+    select_on_chart(app, f"patch_grid_{row}", {PATCH_BOX: {"col": [c, c + 2], "row": [r, r + 2]}})
+    chosen = app.dataframe[1].value
+    assert chosen.latent.iloc[0] == TRAIT_B and chosen.inside.iloc[0] == pytest.approx(1.0)
+    assert chosen.fires_on.iloc[0] == 4 and chosen.elsewhere.iloc[0] == 0
+    assert SHARED not in set(chosen.latent)
+    # Two patches clicked one by one: one of TRAIT_B's block, one of SHARED's.
+    rs, cs = BLOCKS[SHARED]
+    picks = [{"patch": r * 8 + c}, {"patch": rs * 8 + cs}]
+    select_on_chart(app, f"patch_grid_{row}", {PATCH_PICK: picks})
+    chosen = app.dataframe[1].value
+    assert set(chosen.latent.head(2)) == {TRAIT_B, SHARED}
+    assert (chosen.set_index("latent").loc[[TRAIT_B, SHARED], "fires_on"] == 1).all()
+    assert (chosen.set_index("latent").loc[[TRAIT_B, SHARED], "elsewhere"] == 3).all()
+
+
+def test_chosen_patches_are_the_picks_and_the_box():
+    from traitsae.explore.draw import PATCH_BOX, PATCH_PICK
+    from traitsae.explore.views.image import chosen_patches
+
+    assert len(chosen_patches({PATCH_PICK: {}, PATCH_BOX: {}}, (4, 5))) == 0
+    box = {"col": [3.2, 1.0], "row": [0.4, 1.6]}  # centres 1.5, 2.5 x 0.5, 1.5
+    assert chosen_patches({PATCH_BOX: box}, (4, 5)).tolist() == [1, 2, 6, 7]
+    both = {PATCH_PICK: [{"patch": 19}, {"patch": 2}], PATCH_BOX: box}
+    assert chosen_patches(both, (4, 5)).tolist() == [1, 2, 6, 7, 19]
+
+
+def test_chosen_patches_become_a_search_example(app):
+    from traitsae.explore.draw import PATCH_BOX
+
+    beta_row = open_beta_image(app)
+    r, c = BLOCKS[TRAIT_B]
+    box = {"col": [c, c + 2], "row": [r, r + 2]}
+    select_on_chart(app, f"patch_grid_{beta_row}", {PATCH_BOX: box})
+    # These patches positive, a whole Alpha image (the row before the Betas) negative.
     app.button(key="region_positive").click().run()
     app.sidebar.radio(key="page").set_value("Search by example").run()
     app.multiselect(key="neg_rows").set_value([beta_row - 1]).run()

@@ -367,9 +367,9 @@ class ExplorerData:
 
     # ------------------------------------------------------------------ search
 
-    def region_scores(self, row: int, region: tuple[slice, slice]) -> np.ndarray:
-        """[S] max code of every latent over a region (row slice, col slice) of an image."""
-        return self.image_codes(row).reshape(*self.grid, -1)[region].max(axis=(0, 1))
+    def region_scores(self, row: int, patches: np.ndarray) -> np.ndarray:
+        """[S] max code of every latent over chosen patches (flat indices) of an image."""
+        return self.image_codes(row)[np.asarray(patches, dtype=np.int64)].max(axis=0)
 
     def search(self, positives_NS: np.ndarray, negatives_NS: np.ndarray) -> Any:
         """Latents that fire on the positive examples and not on the negatives, best first.
