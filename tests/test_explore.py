@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,8 @@ from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.explore.data import ExplorerData, build_index
 from traitsae.explore.session import SESSION_ENV, check_port_free, prepare
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +334,36 @@ def test_prepare_reuses_codes_and_never_writes_into_store_or_run(planted, tmp_pa
     assert again.codes == session.codes and os.stat(session.codes).st_mtime_ns == codes_mtime
     assert snapshot() == before
     assert str(root / "explore" / "cache") in session.cache_dir
+
+
+def explore_cli(root, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """`python explore.py` on the planted store, never opening a browser."""
+    overrides = [o for o in explore_overrides(root) if not o.startswith("explore.port=")]
+    command = [sys.executable, str(REPO / "explore.py"), *overrides, "explore.browser=false"]
+    command += [f"hydra.run.dir={tmp_path / 'explore'}", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path])}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("case", ["no store", "other backbone", "port in use"])
+def test_cli_bad_input_is_one_error_line_and_exit_2(planted, tmp_path, case):
+    from discovery_helpers import planted_sae, planted_store
+
+    root = planted[0]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        if case == "no store":  # an SAE whose store was never extracted here, and no codes
+            root = tmp_path / "fresh"
+            planted_sae(root / "run", planted_store(tmp_path / "elsewhere", n_per_group=2))
+            result, expected = explore_cli(root, tmp_path), "python extract.py backbone=tiny"
+        elif case == "other backbone":
+            result = explore_cli(root, tmp_path, "backbone=dinov2_small")
+            expected = "trained on 'tiny'"
+        else:
+            result = explore_cli(root, tmp_path, f"explore.port={port}")
+            expected = f"port {port} on 127.0.0.1 is in use"
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import threading
+import time
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +35,9 @@ def load_data(session_path: str):
     return PRELOADED.pop(session_path, None) or ExplorerData(Session.load(session_path))
 
 
+# The browser fetches the first page's pictures after its script has run: let it have the
+# interpreter (the GIL) before the warm-up's imports take it.
+WARM_UP_DELAY_S = 2.0
 # Sidebar name -> module of traitsae.explore.views drawing it.
 PAGES = {
     "Latents": "latents",
@@ -51,6 +55,7 @@ def page_module(name: str) -> ModuleType:
 def warm_up(data: Any) -> None:
     """Import every page, load the SAE and the image framing (torch), so that the first visit of
     a page, or of a picture not framed yet, is quick."""
+    time.sleep(WARM_UP_DELAY_S)
     try:
         for name in PAGES:
             page_module(name)
