@@ -367,3 +367,31 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(planted, tmp_path, case):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_framed_pictures_are_cached_and_read_back(planted, data):
+    row = int(data.top_images(TRAIT_A, 1)[0][0])
+    cached = data.image_cache / f"{row}.png"
+    cached.unlink(missing_ok=True)
+    framed = data.image(row)
+    assert cached.is_file() and framed.shape == (64, 64, 3)
+    np.testing.assert_array_equal(data.image(row), framed)  # now from the PNG
+    np.testing.assert_array_equal(data.image_source().load(str(data.paths[row])), framed)
+    assert str(planted[0] / "explore" / "cache") in str(cached)  # the app's own folder
+
+
+def test_server_preload_does_not_import_torch(planted):
+    """Once explore.py has warmed the cache (index, the first page's pictures), the server
+    opens the Latents page before torch is imported (the warm-up loads it afterwards)."""
+    from traitsae.explore.launch import warm_cache
+
+    warm_cache(planted[1])
+    check = (
+        "import sys; from traitsae.explore import server; "
+        f"server.preload({str(planted[2])!r}); "
+        "assert 'torch' not in sys.modules; "
+        "from traitsae.explore.data import PRELOADED; assert PRELOADED"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,5 +1,6 @@
 """The real thing: `python explore.py` serves the app; headless system Chromium (Playwright) loads
-it, chooses a latent and waits for its gallery; a second explorer on the same port is refused."""
+it, chooses a latent and waits for its gallery, clicks a point of the density scatter, chooses a
+patch on the Image page; a second explorer on the same port is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from discovery_helpers import TRAIT_A, planted_sae, planted_store
+from discovery_helpers import SHARED, TRAIT_A, planted_sae, planted_store
 
 from traitsae.explore.session import free_port
 
@@ -46,6 +47,15 @@ def wait_until_served(proc: subprocess.Popen, url: str, timeout: float = 300) ->
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"explorer did not answer at {url}")
+
+
+def click_density_right_half(page) -> None:
+    """Click the density scatter right of its middle, halfway up: the nearest point is the
+    rightmost one, SHARED (it fires on twice the patches of the trait latents)."""
+    chart = page.locator('[data-testid="stVegaLiteChart"]').first
+    chart.scroll_into_view_if_needed()
+    bounds = chart.bounding_box()  # the plot area spans most of it (axis left, legend right)
+    page.mouse.click(bounds["x"] + 0.7 * bounds["width"], bounds["y"] + 0.5 * bounds["height"])
 
 
 @pytest.fixture
@@ -93,9 +103,20 @@ def test_browser_chooses_a_latent_and_sees_its_gallery(served):
         gallery = page.locator('[data-testid="stImage"] img')
         expect(gallery.first).to_be_visible(timeout=60_000)
         assert gallery.count() >= 12
-        assert "Traceback" not in page.content()
         shot = root / "explorer.png"
         page.screenshot(path=str(shot), full_page=True)
+        click_density_right_half(page)
+        expect(page.get_by_text(f"Top images of latent {SHARED}")).to_be_visible(timeout=60_000)
+        assert box.input_value() == str(SHARED)
+        page.get_by_text("Image", exact=True).first.click()  # the sidebar's page choice
+        grid = page.locator('[data-testid="stVegaLiteChart"]').first
+        expect(grid).to_be_visible(timeout=120_000)
+        bounds = grid.bounding_box()
+        page.mouse.click(bounds["x"] + bounds["width"] / 2, bounds["y"] + bounds["height"] / 2)
+        expect(page.get_by_text("Latents firing on the 1 chosen patches")).to_be_visible(
+            timeout=60_000
+        )
+        assert "Traceback" not in page.content()
         browser.close()
     assert shot.stat().st_size > 10_000
 
