@@ -380,18 +380,30 @@ def test_framed_pictures_are_cached_and_read_back(planted, data):
     assert str(planted[0] / "explore" / "cache") in str(cached)  # the app's own folder
 
 
-def test_server_preload_does_not_import_torch(planted):
-    """Once explore.py has warmed the cache (index, the first page's pictures), the server
-    opens the Latents page before torch is imported (the warm-up loads it afterwards)."""
+def test_later_launch_imports_no_torch(planted, tmp_path):
+    """Once codes, index and the first page's pictures exist, explore.py's checks and the
+    server's preload run without torch (the app's warm-up loads it after the first page)."""
+    from omegaconf import OmegaConf
+
     from traitsae.explore.launch import warm_cache
 
-    warm_cache(planted[1])
-    check = (
-        "import sys; from traitsae.explore import server; "
-        f"server.preload({str(planted[2])!r}); "
-        "assert 'torch' not in sys.modules; "
-        "from traitsae.explore.data import PRELOADED; assert PRELOADED"
-    )
+    root, session, path, _ = planted
+    warm_cache(session)
+    cfg = compose_cfg("explore", explore_overrides(root), root / "explore")
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # resolvable
+    OmegaConf.save(plain, tmp_path / "cfg.yaml", resolve=True)
+    check = f"""
+import sys
+from unittest import mock
+from omegaconf import OmegaConf
+from traitsae.explore import server
+from traitsae.explore.session import prepare
+with mock.patch("traitsae.explore.session.check_port_free"):  # port 1 of the test config
+    assert prepare(OmegaConf.load({str(tmp_path / "cfg.yaml")!r})).codes == {session.codes!r}
+server.preload({str(path)!r})
+from traitsae.explore.data import PRELOADED
+assert PRELOADED and "torch" not in sys.modules
+"""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
