@@ -407,3 +407,36 @@ assert PRELOADED and "torch" not in sys.modules
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_chart_specs_are_valid_vega_lite():
+    """The hand-written specs (selection params, the picture layer) against Altair's Vega-Lite
+    schema: the browser would otherwise show an empty chart, which AppTest cannot see."""
+    import altair as alt
+    import pandas as pd
+
+    from traitsae.explore import draw
+
+    table = pd.DataFrame(
+        {
+            "latent": [0, 1],
+            "log10_freq": [-1.0, -2.0],
+            "patch_freq": [0.1, 0.01],
+            "mean_top_score": [1.0, 2.0],
+            "label_entropy": [0.0, 1.0],
+        }
+    )
+    charts = [
+        draw.density_spec(table, 1),
+        draw.patch_grid_spec(np.zeros((64, 64, 3), np.uint8), (8, 8)),
+        draw.histogram_spec(np.array([0.5, 1.0]), 3, "latent 0"),
+    ]
+
+    def validate(frame, spec):
+        full = {**spec, "data": {"values": frame.to_dict("records")}}
+        (alt.LayerChart if "layer" in spec else alt.Chart).from_dict(full, validate=True)
+
+    for frame, spec in charts:
+        validate(frame, spec)
+    with pytest.raises(Exception, match="Failed validating"):  # the check can fail
+        validate(charts[1][0], {**charts[1][1], "layer": [{"mark": "no such mark"}]})
