@@ -160,8 +160,11 @@ def launch(workdir: Path, label: str) -> Path:
     The store is linked where explore.py looks for it (dataset=synthetic, backbone bench); the
     codes are passed with explore.codes. Returns the session.json explore.py wrote.
     """
+    from explore_helpers import ServedSession
+
     from traitsae.explore.session import free_port
 
+    port = free_port()
     link = workdir / "activations" / "synthetic" / "test" / "bench.h5"
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
@@ -175,7 +178,7 @@ def launch(workdir: Path, label: str) -> Path:
         f"explore.codes={workdir / 'codes.h5'}",
         f"explore.image_root={workdir / 'images'}",
         "explore.resize_mode=stretch",
-        f"explore.port={free_port()}",
+        f"explore.port={port}",
         "explore.browser=false",
         "dataset.contrast.group_a={species: erato}",
         "dataset.contrast.group_b={species: melpomene}",
@@ -188,8 +191,13 @@ def launch(workdir: Path, label: str) -> Path:
     try:
         for line in proc.stdout:
             if line.startswith("traitsae explorer at"):
-                wall = time.perf_counter() - start
-                report(label, wall, cpu_seconds(proc.pid))
+                wall, cpu = time.perf_counter() - start, cpu_seconds(proc.pid)
+                report(f"{label}: URL printed", wall, cpu)
+                session = ServedSession(port)
+                images = sum(len(e.imgs.imgs) for e in session.run() if e.HasField("imgs"))
+                shown, cpu_shown = time.perf_counter() - start, cpu_seconds(proc.pid)
+                session.close()
+                report(f"{label}: first page sent ({images} pictures; websocket)", shown, cpu_shown)
                 break
         else:
             raise AssertionError(f"explore.py exited with status {proc.wait()}")
@@ -210,7 +218,6 @@ def app_run(session_path: Path, n_images: int) -> None:
     server.preload(str(session_path))
     steps.append(("preload (codes, indexes, latent table, first gallery)", *clock.lap()))
     torch_before = "torch" in sys.modules
-    sys.path.insert(0, str(HERE.parent / "tests"))
     from explore_helpers import select_on_chart
 
     from traitsae.explore.draw import DENSITY_PICK, PATCH_BOX, PATCH_PICK
@@ -317,6 +324,7 @@ def main() -> None:
     parser.add_argument("--app-run", action="store_true", help=argparse.SUPPRESS)  # the child
     parser.add_argument("--session", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent / "tests"))  # explore_helpers: AppTest and websocket drivers
     if args.app_run:
         app_run(args.session, args.images)
         return
@@ -335,8 +343,8 @@ def main() -> None:
     print(
         f"python explore.py until it prints the URL (wall; CPU of it and its server); load {load()}"
     )
-    launch(args.workdir, "first launch: + index build, first pictures framed")
-    path = launch(args.workdir, "later launch: codes, index, pictures cached")
+    launch(args.workdir, "first launch")  # + index build, first pictures framed
+    path = launch(args.workdir, "later launch")  # codes, index, pictures cached
     print("the app in a fresh process (Streamlit AppTest), as the server process runs it:")
     command = [sys.executable, __file__, "--app-run", "--workdir", str(args.workdir)]
     subprocess.run([*command, "--images", str(args.images), "--session", str(path)], check=True)

@@ -1,9 +1,11 @@
-"""The real thing: `python explore.py` serves the app; headless system Chromium (Playwright) loads
-it, chooses a latent and waits for its gallery, clicks a point of the density scatter, chooses a
-patch on the Image page; a second explorer on the same port is refused."""
+"""The real thing: `python explore.py` serves the app. Over Streamlit's websocket (no browser):
+the first page and a density click sent as the browser sends it. In headless system Chromium
+(Playwright): choose a latent and wait for its gallery, click a point of the density scatter,
+choose a patch on the Image page; a second explorer on the same port is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from discovery_helpers import SHARED, TRAIT_A, planted_sae, planted_store
+from explore_helpers import ServedSession, element_texts
 
 from traitsae.explore.session import free_port
 
@@ -81,6 +84,34 @@ def served(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_served_page_and_density_click_over_the_websocket(served):
+    pytest.importorskip("websockets.sync.client")  # a Streamlit dependency since its 1.5x
+    from streamlit.runtime.state.common import user_key_from_element_id
+
+    from traitsae.explore.draw import DENSITY_PICK
+
+    _, port, _, _ = served
+    session = ServedSession(port)
+    page = session.run()
+    kinds = [e.WhichOneof("type") for e in page]
+    assert "exception" not in kinds and not element_texts(page, "alert"), element_texts(
+        page, "alert"
+    )
+    assert element_texts(page, "heading")[:2] == ["Latents", "Top images of latent 0"]
+    assert sum(len(e.imgs.imgs) for e in page if e.WhichOneof("type") == "imgs") == 12
+    density = next(
+        e.vega_lite_chart.id
+        for e in page
+        if e.WhichOneof("type") == "vega_lite_chart"
+        and user_key_from_element_id(e.vega_lite_chart.id) == "density"
+    )
+    click = json.dumps({"selection": {DENSITY_PICK: [{"latent": SHARED}]}})
+    page = session.run({density: click})  # the chart's on_select callback runs first
+    session.close()
+    assert f"Top images of latent {SHARED}" in element_texts(page, "heading")
+    assert sum(len(e.imgs.imgs) for e in page if e.WhichOneof("type") == "imgs") == 16
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (CI installs it in .ci/run)")
