@@ -315,7 +315,8 @@ class ExplorerData:
         """The store row's picture framed like extraction (None: drawn without pictures).
 
         Framing needs the backbone's transform (torchvision, timm: seconds to import), so each
-        framed picture is kept as a PNG in the explorer's cache and read back with PIL alone.
+        framed picture is kept as a PNG in the explorer's cache and read back with PIL alone
+        (an image file replaced on disk later keeps its old picture until that folder goes).
         """
         if not self.session.draw_images:
             return None

@@ -3,9 +3,10 @@
 Reading the codes and building the latent table take a second (several on a loaded machine).
 Done here, before explore.py announces the URL, the first page view only draws the page: the
 Streamlit script runs in this same process and picks the loaded data up from
-`data.PRELOADED`. Only the Latents page's libraries are loaded here (no torch: app.py loads the
-rest in the background once the first page is up). Run as `python -m traitsae.explore.server <streamlit flags>` with
-$TRAITSAE_EXPLORE_SESSION set (launch.py does both).
+`data.PRELOADED`. Only the Latents page's libraries are loaded here, no torch: app.py loads the
+rest in the background once the first page is up. Run as
+`python -m traitsae.explore.server <streamlit flags>` with $TRAITSAE_EXPLORE_SESSION set
+(launch.py does both).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ APP = Path(__file__).with_name("app.py")
 
 
 def preload(session_path: str) -> None:
-    """ExplorerData and the Latents page (pandas, the table, colour maps, image framing).
+    """ExplorerData and the Latents page (pandas, the table, colour maps, its pictures).
 
     A failure is printed and left to the page: the app tries again and shows the message there.
     """
