@@ -440,3 +440,20 @@ def test_chart_specs_are_valid_vega_lite():
         validate(frame, spec)
     with pytest.raises(Exception, match="Failed validating"):  # the check can fail
         validate(charts[1][0], {**charts[1][1], "layer": [{"mark": "no such mark"}]})
+
+
+def test_sae_gone_after_launch_is_a_message_on_the_pages_that_need_it(
+    planted, tmp_path, monkeypatch
+):
+    """The SAE loads lazily: without it the Latents page still works, the Image page says why
+    it cannot show the reconstruction error (no traceback)."""
+    import dataclasses
+
+    from streamlit.testing.v1 import AppTest
+
+    session = dataclasses.replace(planted[1], sae=str(tmp_path / "moved_run"))
+    monkeypatch.setenv(SESSION_ENV, str(session.save(tmp_path / "session.json")))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception and not at.error and len(at.dataframe[0].value) == 32
+    at.sidebar.radio(key="page").set_value("Image").run()
+    assert not at.exception and "no exported SAE at" in at.error[0].value
