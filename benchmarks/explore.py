@@ -10,12 +10,18 @@ uniformly, and encoding 1 M patches x 16,384 latents takes tens of minutes on 2 
 which is eval=encode's cost, not the explorer's). The Image page's reconstruction error still
 runs the real SAE on the store.
 
-Timed, in this one process, with Streamlit's AppTest driving the real app script:
-- building the cached index from the codes (first launch only);
-- opening the app once codes and index exist: the server process's preload (imports of the
-  pages' libraries, codes into memory; before the URL is announced), then the first page view;
-- interactions: choosing latents (gallery of 16 heat-maps + histogram), sorting and filtering
-  the table, switching to the Image page and picking images and regions, a search by example;
+Timed (wall and CPU = process time, since the machine is shared: a wall figure far above its
+CPU figure is time spent waiting for a core):
+- building the cached index from the codes and framing the first page's pictures (first launch
+  only; explore.py does both in the terminal before serving);
+- the real server process (`python -m traitsae.explore.server`, what explore.py starts) until
+  Streamlit answers its health check: its imports and preload, once codes and index exist;
+- in a second fresh process, with Streamlit's AppTest driving the real app script: imports,
+  preload, the first page view, then (after the background warm-up that loads torch and the SAE
+  has finished, timed too) the interactions: choosing latents (gallery of 16 heat-maps +
+  histogram) in the number box and by a click on the density scatter, sorting and filtering
+  the table, the Image page (pick images, choose patches by a box and one by one), a search by
+  example with three galleries;
 - Compare groups (a full discovery ranking of two groups, an analysis rather than a click).
 Targets (issue 11): open < 15 s once codes exist, each interaction < 1 s.
 """
@@ -29,7 +35,9 @@ import platform
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,105 +104,158 @@ def write_codes(path: Path, store_path: Path, run_dir: Path, d_sae: int, k: int)
         f.attrs["complete"] = True
 
 
-def prepare(workdir: Path, args: argparse.Namespace):
-    """Store, SAE, images and codes in `workdir` (reused when present); returns the Session."""
-    from traitsae.explore.session import Session
-
-    store_path, run_dir = workdir / "bench.h5", workdir / "sae"
-    codes, cache = workdir / "codes.h5", workdir / "cache"
-    if not codes.exists():
+def make_inputs(workdir: Path, args: argparse.Namespace) -> None:
+    """Store, SAE, images and codes in `workdir` (reused when present)."""
+    if not (workdir / "codes.h5").exists():
         bench = discovery_benchmark()
-        bench.make_store(store_path, args.images, args.grid, args.d_model)
-        bench.make_sae(run_dir, args.d_model, args.d_sae, args.k)
+        bench.make_store(workdir / "bench.h5", args.images, args.grid, args.d_model)
+        bench.make_sae(workdir / "sae", args.d_model, args.d_sae, args.k)
         write_images(workdir / "images", args.images, args.grid * 8)
-        write_codes(codes, store_path, run_dir, args.d_sae, args.k)
-    return Session(
-        sae=str(run_dir),
-        store=str(store_path),
-        codes=str(codes),
-        cache_dir=str(cache),
-        dataset="bench",
-        split="test",
-        image_root=str(workdir / "images"),
-        resize_mode="stretch",
-        contrast={"group_a": {"species": "erato"}, "group_b": {"species": "melpomene"}},
-    )
+        write_codes(workdir / "codes.h5", workdir / "bench.h5", workdir / "sae", args.d_sae, args.k)
+
+
+class Clock:
+    """Wall and CPU (this process's time on all its threads) since the last lap."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        spent = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return spent
+
+
+def report(label: str, wall: float, cpu: float) -> None:
+    print(f"  {label:<58} {wall:6.2f} s wall {cpu:6.2f} s CPU", flush=True)
 
 
 def timed(label: str, action, results: list) -> None:
-    start = time.perf_counter()
+    clock = Clock()
     at = action()
-    seconds = time.perf_counter() - start
+    wall, cpu = clock.lap()
     assert not at.exception and not at.error, (label, at.exception, [e.value for e in at.error])
-    results.append((label, seconds))
-    print(f"  {label:<52} {seconds:6.2f} s", flush=True)
+    results.append((label, wall, cpu))
+    report(label, wall, cpu)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4096)
-    parser.add_argument("--grid", type=int, default=16, help="patch grid side (P = grid^2)")
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--d-sae", type=int, default=16384)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument(
-        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "traitsae_bench_explore"
-    )
-    args = parser.parse_args()
-    print(platform.processor() or "", subprocess.getoutput("lscpu | grep 'Model name'"))
-    print("load:", subprocess.getoutput("uptime"))
+def load() -> str:
+    return subprocess.getoutput("uptime").split("load average:")[-1].strip()
 
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process and of its live children (the Streamlit server)."""
+    total = 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for each in (pid, *map(int, children)):
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def launch(workdir: Path, label: str) -> Path:
+    """`python explore.py` on the benchmark store until it prints the URL (the server answers).
+
+    The store is linked where explore.py looks for it (dataset=synthetic, backbone bench); the
+    codes are passed with explore.codes. Returns the session.json explore.py wrote.
+    """
+    from explore_helpers import ServedSession
+
+    from traitsae.explore.session import free_port
+
+    port = free_port()
+    link = workdir / "activations" / "synthetic" / "test" / "bench.h5"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(workdir / "bench.h5")
+    run_dir = workdir / "explore_run"
+    command = [
+        sys.executable,
+        str(HERE.parent / "explore.py"),
+        f"run={workdir / 'sae'}",
+        f"paths.activations_dir={workdir / 'activations'}",
+        f"explore.codes={workdir / 'codes.h5'}",
+        f"explore.image_root={workdir / 'images'}",
+        "explore.resize_mode=stretch",
+        f"explore.port={port}",
+        "explore.browser=false",
+        "dataset.contrast.group_a={species: erato}",
+        "dataset.contrast.group_b={species: melpomene}",
+        f"hydra.run.dir={run_dir}",
+    ]
     start = time.perf_counter()
-    import streamlit  # noqa: F401
-    import torch
-
-    from traitsae.explore.data import Codes, load_or_build_index
-    from traitsae.explore.session import SESSION_ENV
-
-    print(f"imports (streamlit, torch, traitsae): {time.perf_counter() - start:.1f} s")
-    torch.set_flush_denormal(True)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    session = prepare(args.workdir, args)
-    path = session.save(args.workdir / "session.json")
-    n_patches = args.images * args.grid**2
-    print(
-        f"store: {args.images} images x {args.grid**2} patches = {n_patches:,} patches, "
-        f"d_model {args.d_model}; SAE: TopK d_sae {args.d_sae}, k {args.k}; codes "
-        f"{os.path.getsize(session.codes) / 2**20:.0f} MiB"
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1
     )
+    try:
+        for line in proc.stdout:
+            if line.startswith("traitsae explorer at"):
+                wall, cpu = time.perf_counter() - start, cpu_seconds(proc.pid)
+                report(f"{label}: URL printed", wall, cpu)
+                session = ServedSession(port)
+                images = sum(len(e.imgs.imgs) for e in session.run() if e.HasField("imgs"))
+                shown, cpu_shown = time.perf_counter() - start, cpu_seconds(proc.pid)
+                session.close()
+                report(f"{label}: first page sent ({images} pictures; websocket)", shown, cpu_shown)
+                break
+        else:
+            raise AssertionError(f"explore.py exited with status {proc.wait()}")
+    finally:
+        proc.terminate()  # serve() stops its Streamlit child on the way out
+        proc.wait()
+    return run_dir / "session.json"
 
-    shutil.rmtree(Path(session.cache_dir) / "index", ignore_errors=True)
-    start = time.perf_counter()
-    index = load_or_build_index(Path(session.cache_dir), Codes(Path(session.codes)))
-    print(
-        f"index built once (first launch): {time.perf_counter() - start:.1f} s, "
-        f"{len(index.img_score):,} image-level entries"
-    )
-    del index
 
+def app_run(session_path: Path, n_images: int) -> None:
+    """Fresh process: what the server process does (imports, preload), then the page views."""
+    clock = Clock()
     from streamlit.testing.v1 import AppTest
 
-    from traitsae.explore.server import preload
+    from traitsae.explore import server
 
-    start = time.perf_counter()
-    preload(str(path))
-    print(
-        f"server start once codes and index exist (page imports, codes, table inputs): "
-        f"{time.perf_counter() - start:.1f} s"
-    )
-    os.environ[SESSION_ENV] = str(path)
+    steps = [("imports (streamlit, the Latents page's libraries)", *clock.lap())]
+    server.preload(str(session_path))
+    steps.append(("preload (codes, indexes, latent table, first gallery)", *clock.lap()))
+    torch_before = "torch" in sys.modules
+    from explore_helpers import select_on_chart
+
+    from traitsae.explore.draw import DENSITY_PICK, PATCH_BOX, PATCH_PICK
+    from traitsae.explore.session import SESSION_ENV
+
+    os.environ[SESSION_ENV] = str(session_path)
     at = AppTest.from_file(str(APP), default_timeout=600)
-    results: list[tuple[str, float]] = []
-    print("app (AppTest, the real script):")
-    timed("open: first page view", at.run, results)
+    # AppTest's first run scans every installed package for Streamlit components (~1 s); the
+    # real server does that at its start, timed above. Do it here on an empty script.
+    empty = AppTest.from_string("").run()
+    at._bidi_component_manager = empty._bidi_component_manager
+    clock.lap()
+    at.run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    steps.append(("first page view (Latents, gallery of 16)", *clock.lap()))
+    for step in steps:
+        report(*step)
+    _, walls, cpus = zip(*steps, strict=True)
+    report(f"open (sum; torch imported before the view: {torch_before})", sum(walls), sum(cpus))
+    for thread in threading.enumerate():
+        if thread.name == "explore-warm-up":
+            thread.join()
+    report("background warm-up (a pause, then torch, SAE, other pages)", *clock.lap())
+
+    results: list = []
     table = at.dataframe(key="latent_table").value
     alive = table[table.patch_freq > 0].latent.to_numpy()
-    for latent in alive[:3]:
+    for latent in alive[1:4]:
         timed(
             f"Latents: choose latent {latent} (16 heat-maps)",
             at.number_input(key="latent").set_value(int(latent)).run,
             results,
         )
+    timed(
+        f"Latents: click latent {alive[10]} on the density scatter",
+        lambda: select_on_chart(at, "density", {DENSITY_PICK: [{"latent": int(alive[10])}]}),
+        results,
+    )
     timed(
         "Latents: sort by label entropy",
         at.selectbox(key="sort_by").set_value("label_entropy").run,
@@ -210,7 +271,18 @@ def main() -> None:
     timed("Image: open the page", at.sidebar.radio(key="page").set_value("Image").run, results)
     for row in (17, 1999):  # the select box lists the first 2000 matches
         timed(f"Image: pick image {row}", at.selectbox(key="image_row").set_value(row).run, results)
-    timed("Image: choose a region", at.slider(key="region_rows").set_value((4, 8)).run, results)
+    box = {PATCH_BOX: {"col": [4, 8], "row": [4, 8]}}
+    timed(
+        "Image: choose a 4x4 box of patches",
+        lambda: select_on_chart(at, "patch_grid_1999", box),
+        results,
+    )
+    picks = {PATCH_PICK: [{"patch": p} for p in (3, 40, 200)]}
+    timed(
+        "Image: click 3 patches one by one",
+        lambda: select_on_chart(at, "patch_grid_1999", picks),
+        results,
+    )
     timed(
         "Search: open the page",
         at.sidebar.radio(key="page").set_value("Search by example").run,
@@ -218,23 +290,65 @@ def main() -> None:
     )
     at.multiselect(key="pos_rows").set_value([0, 2, 4, 6, 8])
     timed(
-        "Search: 5 positives vs 5 negatives",
+        "Search: 5 positives vs 5 negatives (3 galleries of 8)",
         at.multiselect(key="neg_rows").set_value([1, 3, 5, 7, 9]).run,
         results,
     )
-    clicks = [s for label, s in results[1:]]
+    walls = [wall for _, wall, _ in results]
+    cpus = [cpu for _, _, cpu in results]
     print(
-        f"interactions: median {np.median(clicks):.2f} s, max {max(clicks):.2f} s "
-        f"({sum(s < 1 for s in clicks)}/{len(clicks)} under 1 s)"
+        f"interactions: median {np.median(walls):.2f} s wall / {np.median(cpus):.2f} s CPU, "
+        f"max {max(walls):.2f} s wall / {max(cpus):.2f} s CPU "
+        f"({sum(w < 1 for w in walls)}/{len(walls)} under 1 s wall)"
     )
-    compare = []
+    compare: list = []
     timed(
-        f"Compare groups: discovery ranking, {args.images} images (analysis)",
+        f"Compare groups: discovery ranking, {n_images} images (analysis)",
         at.sidebar.radio(key="page").set_value("Compare groups").run,
         compare,
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak RSS {peak:.1f} GiB; load after: {subprocess.getoutput('uptime')}")
+    print(f"peak RSS of the app process {peak:.1f} GiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--grid", type=int, default=16, help="patch grid side (P = grid^2)")
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--d-sae", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "traitsae_bench_explore"
+    )
+    parser.add_argument("--app-run", action="store_true", help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--session", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent / "tests"))  # explore_helpers: AppTest and websocket drivers
+    if args.app_run:
+        app_run(args.session, args.images)
+        return
+    print(platform.processor() or "", subprocess.getoutput("lscpu | grep 'Model name'"))
+    print("load average (1, 5, 15 min):", load())
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    make_inputs(args.workdir, args)
+    n_patches = args.images * args.grid**2
+    print(
+        f"store: {args.images} images x {args.grid**2} patches = {n_patches:,} patches, "
+        f"d_model {args.d_model}; SAE: TopK d_sae {args.d_sae}, k {args.k}; codes "
+        f"{os.path.getsize(args.workdir / 'codes.h5') / 2**20:.0f} MiB"
+    )
+    shutil.rmtree(args.workdir / "explore_run", ignore_errors=True)
+    print(
+        f"python explore.py until it prints the URL (wall; CPU of it and its server); load {load()}"
+    )
+    launch(args.workdir, "first launch")  # + index build, first pictures framed
+    path = launch(args.workdir, "later launch")  # codes, index, pictures cached
+    print("the app in a fresh process (Streamlit AppTest), as the server process runs it:")
+    command = [sys.executable, __file__, "--app-run", "--workdir", str(args.workdir)]
+    subprocess.run([*command, "--images", str(args.images), "--session", str(path)], check=True)
+    print(f"load average after: {load()}")
 
 
 if __name__ == "__main__":

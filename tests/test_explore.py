@@ -5,17 +5,28 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from discovery_helpers import BLOCKS, SHARED, TRAIT_A, TRAIT_B, compose_cfg
-from explore_helpers import APP, explore_overrides, planted_session, prepare_without_port
+from discovery_helpers import BLOCKS, SHARED, TRAIT_A, TRAIT_B, block_mask, compose_cfg
+from explore_helpers import (
+    APP,
+    explore_overrides,
+    planted_session,
+    prepare_without_port,
+    select_on_chart,
+)
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.explore.data import ExplorerData, build_index
 from traitsae.explore.session import SESSION_ENV, check_port_free, prepare
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +123,8 @@ def test_search_ranks_the_planted_trait_first(data):
     assert data.search(scores(alpha[:4]), scores(beta[:4])).latent.iloc[0] == TRAIT_A
     assert data.search(scores(beta[:3]), scores(alpha[:5])).latent.iloc[0] == TRAIT_B
     # Patches as examples: the SHARED block of Alpha images against the rest of those images.
-    r, c = BLOCKS[SHARED]
-    block = (slice(r, r + 2), slice(c, c + 2))
-    outside = (slice(0, 2), slice(0, 8))
+    block = np.flatnonzero(block_mask(SHARED).ravel())
+    outside = np.arange(16)  # the top two patch rows
     pos = np.stack([data.region_scores(int(i), block) for i in alpha[:3]])
     neg = np.stack([data.region_scores(int(i), outside) for i in alpha[:3]])
     ranking = data.search(pos, neg)
@@ -137,6 +147,27 @@ def test_latents_page_table_and_gallery(app):
     assert any("latent 0" in m.value and "label entropy 0 bits" in m.value for m in app.markdown)
 
 
+def test_density_click_chooses_that_latent(app):
+    from traitsae.explore.draw import DENSITY_PICK
+
+    chosen = app.number_input(key="latent").value
+    assert chosen != SHARED
+    select_on_chart(app, "density", {DENSITY_PICK: [{"latent": SHARED}]})
+    assert not app.exception and app.number_input(key="latent").value == SHARED
+    assert any(h.value == f"Top images of latent {SHARED}" for h in app.subheader)
+    top = [c for img in app.get("image") for c in img.captions if "max=" in c]
+    assert len(top) == 16  # SHARED fires on every image: a full gallery
+
+
+def test_clicked_latent_reads_the_point_selection():
+    from traitsae.explore.draw import DENSITY_PICK
+    from traitsae.explore.views.latents import clicked_latent
+
+    assert clicked_latent(None) is None
+    assert clicked_latent({"selection": {DENSITY_PICK: {}}}) is None  # nothing picked yet
+    assert clicked_latent({"selection": {DENSITY_PICK: [{"latent": 7}]}}) == 7
+
+
 def test_latents_page_sort_and_filter(app):
     app.selectbox(key="sort_by").set_value("latent").run()
     assert app.dataframe(key="latent_table").value.latent.iloc[0] == 31
@@ -149,20 +180,57 @@ def test_latents_page_sort_and_filter(app):
     assert SHARED not in set(app.dataframe(key="latent_table").value.latent)
 
 
-def test_image_page_latents_and_region(app):
+def open_beta_image(app):
     app.sidebar.radio(key="page").set_value("Image").run()
     app.selectbox(key="image_column").set_value("species").run()
     app.selectbox(key="image_value").set_value("002.Beta").run()
-    latents = app.dataframe[0].value
+    return int(app.selectbox(key="image_row").value)
+
+
+def test_image_page_latents_and_chosen_patches(app):
+    from traitsae.explore.draw import PATCH_BOX, PATCH_PICK
+
+    row = open_beta_image(app)
+    latents = app.dataframe[0].value  # the latents firing most on the image
     assert {TRAIT_B, SHARED} <= set(latents.latent.head(2)) and TRAIT_A not in set(latents.latent)
-    r, c = BLOCKS[TRAIT_B]
-    app.slider(key="region_rows").set_value((r, r + 2))
-    app.slider(key="region_cols").set_value((c, c + 2)).run()
-    region = app.dataframe[1].value
-    assert region.latent.iloc[0] == TRAIT_B and region.inside.iloc[0] == pytest.approx(1.0)
     assert any("reconstruction error" in c for img in app.get("image") for c in img.captions)
-    # The region becomes a positive example, a whole Alpha image (row before the Betas) negative.
-    beta_row = int(app.selectbox(key="image_row").value)
+    assert len(app.dataframe) == 1  # no patch chosen yet: no second table
+    # A box over TRAIT_B's 2x2 block (patch units; patches whose centre lies inside).
+    r, c = BLOCKS[TRAIT_B]
+    select_on_chart(app, f"patch_grid_{row}", {PATCH_BOX: {"col": [c, c + 2], "row": [r, r + 2]}})
+    chosen = app.dataframe[1].value
+    assert chosen.latent.iloc[0] == TRAIT_B and chosen.inside.iloc[0] == pytest.approx(1.0)
+    assert chosen.fires_on.iloc[0] == 4 and chosen.elsewhere.iloc[0] == 0
+    assert SHARED not in set(chosen.latent)
+    # Two patches clicked one by one: one of TRAIT_B's block, one of SHARED's.
+    rs, cs = BLOCKS[SHARED]
+    picks = [{"patch": r * 8 + c}, {"patch": rs * 8 + cs}]
+    select_on_chart(app, f"patch_grid_{row}", {PATCH_PICK: picks})
+    chosen = app.dataframe[1].value
+    assert set(chosen.latent.head(2)) == {TRAIT_B, SHARED}
+    assert (chosen.set_index("latent").loc[[TRAIT_B, SHARED], "fires_on"] == 1).all()
+    assert (chosen.set_index("latent").loc[[TRAIT_B, SHARED], "elsewhere"] == 3).all()
+
+
+def test_chosen_patches_are_the_picks_and_the_box():
+    from traitsae.explore.draw import PATCH_BOX, PATCH_PICK
+    from traitsae.explore.views.image import chosen_patches
+
+    assert len(chosen_patches({PATCH_PICK: {}, PATCH_BOX: {}}, (4, 5))) == 0
+    box = {"col": [3.2, 1.0], "row": [0.4, 1.6]}  # centres 1.5, 2.5 x 0.5, 1.5
+    assert chosen_patches({PATCH_BOX: box}, (4, 5)).tolist() == [1, 2, 6, 7]
+    both = {PATCH_PICK: [{"patch": 19}, {"patch": 2}], PATCH_BOX: box}
+    assert chosen_patches(both, (4, 5)).tolist() == [1, 2, 6, 7, 19]
+
+
+def test_chosen_patches_become_a_search_example(app):
+    from traitsae.explore.draw import PATCH_BOX
+
+    beta_row = open_beta_image(app)
+    r, c = BLOCKS[TRAIT_B]
+    box = {"col": [c, c + 2], "row": [r, r + 2]}
+    select_on_chart(app, f"patch_grid_{beta_row}", {PATCH_BOX: box})
+    # These patches positive, a whole Alpha image (the row before the Betas) negative.
     app.button(key="region_positive").click().run()
     app.sidebar.radio(key="page").set_value("Search by example").run()
     app.multiselect(key="neg_rows").set_value([beta_row - 1]).run()
@@ -266,3 +334,126 @@ def test_prepare_reuses_codes_and_never_writes_into_store_or_run(planted, tmp_pa
     assert again.codes == session.codes and os.stat(session.codes).st_mtime_ns == codes_mtime
     assert snapshot() == before
     assert str(root / "explore" / "cache") in session.cache_dir
+
+
+def explore_cli(root, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """`python explore.py` on the planted store, never opening a browser."""
+    overrides = [o for o in explore_overrides(root) if not o.startswith("explore.port=")]
+    command = [sys.executable, str(REPO / "explore.py"), *overrides, "explore.browser=false"]
+    command += [f"hydra.run.dir={tmp_path / 'explore'}", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path])}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("case", ["no store", "other backbone", "port in use"])
+def test_cli_bad_input_is_one_error_line_and_exit_2(planted, tmp_path, case):
+    from discovery_helpers import planted_sae, planted_store
+
+    root = planted[0]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        if case == "no store":  # an SAE whose store was never extracted here, and no codes
+            root = tmp_path / "fresh"
+            planted_sae(root / "run", planted_store(tmp_path / "elsewhere", n_per_group=2))
+            result, expected = explore_cli(root, tmp_path), "python extract.py backbone=tiny"
+        elif case == "other backbone":
+            result = explore_cli(root, tmp_path, "backbone=dinov2_small")
+            expected = "trained on 'tiny'"
+        else:
+            result = explore_cli(root, tmp_path, f"explore.port={port}")
+            expected = f"port {port} on 127.0.0.1 is in use"
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_framed_pictures_are_cached_and_read_back(planted, data):
+    row = int(data.top_images(TRAIT_A, 1)[0][0])
+    cached = data.image_cache / f"{row}.png"
+    cached.unlink(missing_ok=True)
+    framed = data.image(row)
+    assert cached.is_file() and framed.shape == (64, 64, 3)
+    np.testing.assert_array_equal(data.image(row), framed)  # now from the PNG
+    np.testing.assert_array_equal(data.image_source().load(str(data.paths[row])), framed)
+    assert str(planted[0] / "explore" / "cache") in str(cached)  # the app's own folder
+
+
+def test_later_launch_imports_no_torch(planted, tmp_path):
+    """Once codes, index and the first page's pictures exist, explore.py's checks and the
+    server's preload run without torch (the app's warm-up loads it after the first page)."""
+    from omegaconf import OmegaConf
+
+    from traitsae.explore.launch import warm_cache
+
+    root, session, path, _ = planted
+    warm_cache(session)
+    cfg = compose_cfg("explore", explore_overrides(root), root / "explore")
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # resolvable
+    OmegaConf.save(plain, tmp_path / "cfg.yaml", resolve=True)
+    check = f"""
+import sys
+from unittest import mock
+from omegaconf import OmegaConf
+from traitsae.explore import server
+from traitsae.explore.session import prepare
+with mock.patch("traitsae.explore.session.check_port_free"):  # port 1 of the test config
+    assert prepare(OmegaConf.load({str(tmp_path / "cfg.yaml")!r})).codes == {session.codes!r}
+server.preload({str(path)!r})
+from traitsae.explore.data import PRELOADED
+assert PRELOADED and "torch" not in sys.modules
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_chart_specs_are_valid_vega_lite():
+    """The hand-written specs (selection params, the picture layer) against Altair's Vega-Lite
+    schema: the browser would otherwise show an empty chart, which AppTest cannot see."""
+    import altair as alt
+    import pandas as pd
+
+    from traitsae.explore import draw
+
+    table = pd.DataFrame(
+        {
+            "latent": [0, 1],
+            "log10_freq": [-1.0, -2.0],
+            "patch_freq": [0.1, 0.01],
+            "mean_top_score": [1.0, 2.0],
+            "label_entropy": [0.0, 1.0],
+        }
+    )
+    charts = [
+        draw.density_spec(table, 1),
+        draw.patch_grid_spec(np.zeros((64, 64, 3), np.uint8), (8, 8)),
+        draw.histogram_spec(np.array([0.5, 1.0]), 3, "latent 0"),
+    ]
+
+    def validate(frame, spec):
+        full = {**spec, "data": {"values": frame.to_dict("records")}}
+        (alt.LayerChart if "layer" in spec else alt.Chart).from_dict(full, validate=True)
+
+    for frame, spec in charts:
+        validate(frame, spec)
+    with pytest.raises(Exception, match="Failed validating"):  # the check can fail
+        validate(charts[1][0], {**charts[1][1], "layer": [{"mark": "no such mark"}]})
+
+
+def test_sae_gone_after_launch_is_a_message_on_the_pages_that_need_it(
+    planted, tmp_path, monkeypatch
+):
+    """The SAE loads lazily: without it the Latents page still works, the Image page says why
+    it cannot show the reconstruction error (no traceback)."""
+    import dataclasses
+
+    from streamlit.testing.v1 import AppTest
+
+    session = dataclasses.replace(planted[1], sae=str(tmp_path / "moved_run"))
+    monkeypatch.setenv(SESSION_ENV, str(session.save(tmp_path / "session.json")))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception and not at.error and len(at.dataframe[0].value) == 32
+    at.sidebar.radio(key="page").set_value("Image").run()
+    assert not at.exception and "no exported SAE at" in at.error[0].value

@@ -1,8 +1,11 @@
-"""The real thing: `python explore.py` serves the app; headless system Chromium (Playwright) loads
-it, chooses a latent and waits for its gallery; a second explorer on the same port is refused."""
+"""The real thing: `python explore.py` serves the app. Over Streamlit's websocket (no browser):
+the first page and a density click sent as the browser sends it. In headless system Chromium
+(Playwright): choose a latent and wait for its gallery, click a point of the density scatter,
+choose a patch on the Image page; a second explorer on the same port is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,7 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from discovery_helpers import TRAIT_A, planted_sae, planted_store
+from discovery_helpers import SHARED, TRAIT_A, planted_sae, planted_store
+from explore_helpers import ServedSession, element_texts
 
 from traitsae.explore.session import free_port
 
@@ -48,6 +52,15 @@ def wait_until_served(proc: subprocess.Popen, url: str, timeout: float = 300) ->
     raise AssertionError(f"explorer did not answer at {url}")
 
 
+def click_density_right_half(page) -> None:
+    """Click the density scatter right of its middle, halfway up: the nearest point is the
+    rightmost one, SHARED (it fires on twice the patches of the trait latents)."""
+    chart = page.locator('[data-testid="stVegaLiteChart"]').first
+    chart.scroll_into_view_if_needed()
+    bounds = chart.bounding_box()  # the plot area spans most of it (axis left, legend right)
+    page.mouse.click(bounds["x"] + 0.7 * bounds["width"], bounds["y"] + 0.5 * bounds["height"])
+
+
 @pytest.fixture
 def served(tmp_path):
     planted_sae(tmp_path / "run", planted_store(tmp_path, n_per_group=12))
@@ -73,6 +86,34 @@ def served(tmp_path):
         proc.wait(timeout=30)
 
 
+def test_served_page_and_density_click_over_the_websocket(served):
+    pytest.importorskip("websockets.sync.client")  # a Streamlit dependency since its 1.5x
+    from streamlit.runtime.state.common import user_key_from_element_id
+
+    from traitsae.explore.draw import DENSITY_PICK
+
+    _, port, _, _ = served
+    session = ServedSession(port)
+    page = session.run()
+    kinds = [e.WhichOneof("type") for e in page]
+    assert "exception" not in kinds and not element_texts(page, "alert"), element_texts(
+        page, "alert"
+    )
+    assert element_texts(page, "heading")[:2] == ["Latents", "Top images of latent 0"]
+    assert sum(len(e.imgs.imgs) for e in page if e.WhichOneof("type") == "imgs") == 12
+    density = next(
+        e.vega_lite_chart.id
+        for e in page
+        if e.WhichOneof("type") == "vega_lite_chart"
+        and user_key_from_element_id(e.vega_lite_chart.id) == "density"
+    )
+    click = json.dumps({"selection": {DENSITY_PICK: [{"latent": SHARED}]}})
+    page = session.run({density: click})  # the chart's on_select callback runs first
+    session.close()
+    assert f"Top images of latent {SHARED}" in element_texts(page, "heading")
+    assert sum(len(e.imgs.imgs) for e in page if e.WhichOneof("type") == "imgs") == 16
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (CI installs it in .ci/run)")
 def test_browser_chooses_a_latent_and_sees_its_gallery(served):
     from playwright.sync_api import expect, sync_playwright
@@ -93,9 +134,20 @@ def test_browser_chooses_a_latent_and_sees_its_gallery(served):
         gallery = page.locator('[data-testid="stImage"] img')
         expect(gallery.first).to_be_visible(timeout=60_000)
         assert gallery.count() >= 12
-        assert "Traceback" not in page.content()
         shot = root / "explorer.png"
         page.screenshot(path=str(shot), full_page=True)
+        click_density_right_half(page)
+        expect(page.get_by_text(f"Top images of latent {SHARED}")).to_be_visible(timeout=60_000)
+        assert box.input_value() == str(SHARED)
+        page.get_by_text("Image", exact=True).first.click()  # the sidebar's page choice
+        grid = page.locator('[data-testid="stVegaLiteChart"]').first
+        expect(grid).to_be_visible(timeout=120_000)
+        bounds = grid.bounding_box()
+        page.mouse.click(bounds["x"] + bounds["width"] / 2, bounds["y"] + bounds["height"] / 2)
+        expect(page.get_by_text("Latents firing on the 1 chosen patches")).to_be_visible(
+            timeout=60_000
+        )
+        assert "Traceback" not in page.content()
         browser.close()
     assert shot.stat().st_size > 10_000
 

@@ -2,14 +2,22 @@
 
 It reads the session named by $TRAITSAE_EXPLORE_SESSION (written by explore.py), keeps one
 ExplorerData per session for the whole server process (st.cache_resource), and draws the page
-chosen in the sidebar. A user error is shown as a message on the page; so is any other
-failure (its traceback goes to the terminal), never a Python traceback in the browser.
+chosen in the sidebar. Only that page's module is imported: the Latents page needs no torch, so
+the first view does not wait for it; the other pages' libraries and the SAE are loaded by a
+background thread started after the first view. A user error is shown as a message on the page;
+so is any other failure (its traceback goes to the terminal), never a Python traceback in the
+browser.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
+import time
+from types import ModuleType
+from typing import Any
 
 import streamlit as st
 
@@ -27,16 +35,46 @@ def load_data(session_path: str):
     return PRELOADED.pop(session_path, None) or ExplorerData(Session.load(session_path))
 
 
-def pages() -> dict:
-    from traitsae.explore.views import compare, image, latents, search, steer
+# The browser fetches the first page's pictures after its script has run: let it have the
+# interpreter (the GIL) before the warm-up's imports take it.
+WARM_UP_DELAY_S = 2.0
+# Sidebar name -> module of traitsae.explore.views drawing it.
+PAGES = {
+    "Latents": "latents",
+    "Image": "image",
+    "Search by example": "search",
+    "Compare groups": "compare",
+    "Steer": "steer",
+}
 
-    return {
-        "Latents": latents,
-        "Image": image,
-        "Search by example": search,
-        "Compare groups": compare,
-        "Steer": steer,
-    }
+
+def page_module(name: str) -> ModuleType:
+    return importlib.import_module(f"traitsae.explore.views.{PAGES[name]}")
+
+
+def warm_up(data: Any) -> None:
+    """Import every page, load the SAE and the image framing (torch), so that the first visit of
+    a page, or of a picture not framed yet, is quick."""
+    time.sleep(WARM_UP_DELAY_S)
+    try:
+        for name in PAGES:
+            page_module(name)
+        if data.session.draw_images:
+            data.image_source()
+        if data.n_images:
+            data.reconstruction_error(int(data.rows_V[0]))
+    except Exception:  # the page that needs it shows the failure when it is opened
+        log.exception("explorer warm-up failed")
+
+
+@st.cache_resource(show_spinner=False)
+def start_warm_up(session_path: str) -> threading.Thread:
+    """warm_up in a background thread, once per server process and session."""
+    thread = threading.Thread(
+        target=warm_up, args=(load_data(session_path),), name="explore-warm-up", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 def main() -> None:
@@ -49,9 +87,8 @@ def main() -> None:
         )
         return
     data = load_data(session_path)
-    views = pages()
     requested = st.query_params.get("page", "Latents")
-    names = list(views)
+    names = list(PAGES)
     page = st.sidebar.radio(
         "Page", names, index=names.index(requested) if requested in names else 0, key="page"
     )
@@ -61,7 +98,8 @@ def main() -> None:
         f"{data.d_sae} latents · {data.n_images} images · {data.n_patches} patches each\n\n"
         f"SAE: {s.sae}\n\nstore: {s.store}"
     )
-    views[page].render(data)
+    page_module(page).render(data)
+    start_warm_up(session_path)
 
 
 try:

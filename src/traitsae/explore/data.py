@@ -8,19 +8,22 @@ under the session's cache dir, two views of the image-level scores (max over an 
 Image positions `v` count valid images in store order (the codes' row order); `rows_V` maps
 them to store rows, which is what the public methods take and return.
 
-Nothing here imports Streamlit: pages call these methods and the app caches the object.
+Nothing here imports Streamlit: pages call these methods and the app caches the object. Nor
+torch at import: the Latents page needs only numpy, so the app opens before torch is loaded; the
+SAE (torch) loads on first use, normally in the app's background warm-up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-import torch
 
 from traitsae.errors import TraitsaeError
 from traitsae.explore.session import Session
@@ -77,6 +80,8 @@ def build_index(
     indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_patches: int, d_sae: int
 ) -> ImageIndex:
     """Max-pool CSR patch codes to images, then sort a copy latent-major, best first."""
+    import torch
+
     n_images = (len(indptr) - 1) // n_patches
     nnz_per_image = np.diff(indptr[::n_patches])
     image_M = torch.repeat_interleave(
@@ -105,8 +110,8 @@ def build_index(
     )
 
 
-def _indptr(sorted_ids: torch.Tensor, n: int) -> np.ndarray:
-    counts = torch.bincount(sorted_ids, minlength=n).numpy()
+def _indptr(sorted_ids: Any, n: int) -> np.ndarray:
+    counts = np.bincount(sorted_ids.numpy(), minlength=n)
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
@@ -150,13 +155,15 @@ class ExplorerData:
 
     def __init__(self, session: Session) -> None:
         from traitsae.data.store import Store
-        from traitsae.evaluation.features import image_labels, top_image_summary
-        from traitsae.sae.export import load_sae
+        from traitsae.evaluation.label_entropy import image_labels, top_image_summary
 
         self.session = session
         self.cache = Path(session.cache_dir)
         self.store = Store(session.store)
-        self.sae = load_sae(session.sae, device=session.device).eval()
+        self._sae: Any = None
+        self._sae_lock = threading.Lock()
+        self._image_source: Any = None
+        self._frame_lock = threading.Lock()
         self.codes = Codes(Path(session.codes))
         self.d_sae, self.grid = self.codes.d_sae, self.codes.grid
         self.n_patches = self.codes.n_patches
@@ -172,6 +179,16 @@ class ExplorerData:
             top_values_SK, top_rows_SK, self.labels_N
         )
         self.linked = linked_columns(session, self.d_sae)
+
+    @property
+    def sae(self) -> Any:
+        """The SAE, loaded (with torch) on first use; one load even when two threads ask."""
+        with self._sae_lock:
+            if self._sae is None:
+                from traitsae.sae.export import load_sae
+
+                self._sae = load_sae(self.session.sae, device=self.session.device).eval()
+        return self._sae
 
     # ------------------------------------------------------------------ latents
 
@@ -279,26 +296,64 @@ class ExplorerData:
             out[i, self.index.img_latent[lo:hi]] = self.index.img_score[lo:hi]
         return out
 
-    @torch.inference_mode()
     def reconstruction_error(self, row: int) -> np.ndarray:
         """[grid] per-patch ||x - x_hat||^2 / ||x||^2 of the SAE on the store's activations."""
+        import torch
+
         from traitsae.evaluation.encode import sae_layer
 
         self.image_position(row)
-        acts_PD = self.store.patches(sae_layer(self.store, self.sae))[row]
-        x_PD = torch.from_numpy(np.asarray(acts_PD, dtype=np.float32)).to(self.session.device)
-        err_P = ((x_PD - self.sae.decode(self.sae.encode(x_PD))) ** 2).sum(-1)
-        norm_P = (x_PD**2).sum(-1).clamp_min(1e-12)
-        return (err_P / norm_P).cpu().numpy().reshape(self.grid)
+        sae = self.sae
+        acts_PD = self.store.patches(sae_layer(self.store, sae))[row]
+        with torch.inference_mode():
+            x_PD = torch.from_numpy(np.asarray(acts_PD, dtype=np.float32)).to(self.session.device)
+            err_P = ((x_PD - sae.decode(sae.encode(x_PD))) ** 2).sum(-1)
+            norm_P = (x_PD**2).sum(-1).clamp_min(1e-12)
+            return (err_P / norm_P).cpu().numpy().reshape(self.grid)
+
+    def image(self, row: int) -> np.ndarray | None:
+        """The store row's picture framed like extraction (None: drawn without pictures).
+
+        Framing needs the backbone's transform (torchvision, timm: seconds to import), so each
+        framed picture is kept as a PNG in the explorer's cache and read back with PIL alone
+        (an image file replaced on disk later keeps its old picture until that folder goes).
+        """
+        if not self.session.draw_images:
+            return None
+        cached = self.image_cache / f"{row}.png"
+        if cached.is_file():
+            from PIL import Image
+
+            with Image.open(cached) as img:
+                return np.asarray(img.convert("RGB"))
+        picture = self.image_source().load(str(self.paths[row]))
+        if picture is not None:
+            from PIL import Image
+
+            self.image_cache.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
+            Image.fromarray(picture).save(partial, format="PNG")
+            partial.replace(cached)  # atomic: a second session never reads half a file
+        return picture
+
+    @property
+    def image_cache(self) -> Path:
+        """Framed pictures of this SAE x store, one folder per way of framing them."""
+        s = self.session
+        framing = f"{s.image_root}|{s.image_size}|{s.resize_mode}"
+        return self.cache / "images" / hashlib.sha1(framing.encode()).hexdigest()[:12]
 
     def image_source(self) -> Any:
-        from traitsae.evaluation.heatmaps import ImageSource, store_image_source
+        """The store's pictures framed like extraction (built once: it imports torchvision)."""
+        from traitsae.evaluation.heatmaps import store_image_source
 
-        if not self.session.draw_images:
-            return ImageSource(root=None, frame=None)
-        return store_image_source(
-            self.store, self.session.image_root, self.session.image_size, self.session.resize_mode
-        )
+        with self._frame_lock:
+            if self._image_source is None:
+                s = self.session
+                self._image_source = store_image_source(
+                    self.store, s.image_root, s.image_size, s.resize_mode
+                )
+        return self._image_source
 
     def caption(self, row: int) -> str:
         from traitsae.evaluation.heatmaps import caption_column
@@ -313,9 +368,9 @@ class ExplorerData:
 
     # ------------------------------------------------------------------ search
 
-    def region_scores(self, row: int, region: tuple[slice, slice]) -> np.ndarray:
-        """[S] max code of every latent over a region (row slice, col slice) of an image."""
-        return self.image_codes(row).reshape(*self.grid, -1)[region].max(axis=(0, 1))
+    def region_scores(self, row: int, patches: np.ndarray) -> np.ndarray:
+        """[S] max code of every latent over chosen patches (flat indices) of an image."""
+        return self.image_codes(row)[np.asarray(patches, dtype=np.int64)].max(axis=0)
 
     def search(self, positives_NS: np.ndarray, negatives_NS: np.ndarray) -> Any:
         """Latents that fire on the positive examples and not on the negatives, best first.

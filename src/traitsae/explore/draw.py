@@ -1,4 +1,4 @@
-"""Pixels and charts for the pages: heat-map overlays as uint8 arrays, small Altair charts.
+"""Pixels and charts for the pages: heat-map overlays as uint8 arrays, Vega-Lite specs.
 
 Overlays are composed with numpy (no matplotlib figure per image): a gallery of 16 images
 renders in milliseconds, which keeps every interaction well under a second.
@@ -43,25 +43,73 @@ def overlay(
     return (np.where(on_HW, blended, image_HW3 / 255.0) * 255).astype(np.uint8)
 
 
-def with_grid(
-    image_HW3: np.ndarray, grid: tuple[int, int], region: tuple[slice, slice] | None = None
-) -> np.ndarray:
-    """The image with the patch grid drawn on it, and an optional region of patches outlined."""
-    out = image_HW3.copy()
-    height, width = out.shape[:2]
+PATCH_PICK, PATCH_BOX = "patches", "box"  # the patch grid's point and interval selections
+
+
+def patch_grid_spec(picture_HW3: np.ndarray, grid: tuple[int, int], size: int = 320) -> tuple:
+    """(data, Vega-Lite spec) of an image under its patch grid, for choosing patches.
+
+    A click toggles one patch (selection PATCH_PICK: [{"patch": p}, ...]); dragging draws a
+    box (PATCH_BOX: {"col": [lo, hi], "row": [lo, hi]} in patch units); chosen patches are
+    filled in cyan. Double-click clears the box.
+    """
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
     rows, cols = grid
-    for r in range(1, rows):
-        out[(r * height) // rows, :, :] = 255
-    for c in range(1, cols):
-        out[:, (c * width) // cols, :] = 255
-    if region is not None:  # (row slice, col slice) of patches, outlined in cyan
-        r0, r1 = region[0].start * height // rows, region[0].stop * height // rows - 1
-        c0, c1 = region[1].start * width // cols, region[1].stop * width // cols - 1
-        for y in (r0, r1):
-            out[y, c0 : c1 + 1] = (0, 220, 255)
-        for x in (c0, c1):
-            out[r0 : r1 + 1, x] = (0, 220, 255)
-    return out
+    patch = np.arange(rows * cols)
+    frame = pd.DataFrame({"patch": patch, "row": patch // cols, "col": patch % cols})
+    frame["row_end"], frame["col_end"] = frame.row + 1, frame.col + 1
+    png = io.BytesIO()
+    Image.fromarray(picture_HW3).resize((size, size)).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    x = {"field": "col", "type": "quantitative", "scale": {"domain": [0, cols], "nice": False}}
+    y = {
+        "field": "row",
+        "type": "quantitative",
+        "scale": {"domain": [0, rows], "nice": False, "reverse": True},
+    }
+    chosen = [
+        {"param": PATCH_PICK, "empty": False, "value": 0.45},
+        {"param": PATCH_BOX, "empty": False, "value": 0.45},
+    ]
+    picture = {
+        "mark": {
+            "type": "image",
+            "width": size,
+            "height": size,
+            "align": "left",
+            "baseline": "top",
+        },
+        "encoding": {
+            "x": {"datum": 0, "type": "quantitative", "scale": x["scale"]},
+            "y": {"datum": 0, "type": "quantitative", "scale": y["scale"]},
+            "url": {"value": url},
+        },
+    }
+    patches = {
+        "params": [
+            {
+                "name": PATCH_PICK,
+                "select": {"type": "point", "fields": ["patch"], "toggle": "true"},
+            },
+            {"name": PATCH_BOX, "select": {"type": "interval", "encodings": ["x", "y"]}},
+        ],
+        "mark": {"type": "rect", "fill": "cyan", "stroke": "white", "strokeWidth": 0.5},
+        "encoding": {
+            "x": {**x, "title": "patch column"},
+            "x2": {"field": "col_end"},
+            "y": {**y, "title": "patch row"},
+            "y2": {"field": "row_end"},
+            "fillOpacity": {"condition": chosen, "value": 0.0},
+            "tooltip": [{"field": f} for f in ("patch", "row", "col")],
+        },
+    }
+    spec = {"width": size, "height": size, "layer": [picture, patches]}
+    return frame, spec
 
 
 def blank_image(size: int = BLANK_SIZE) -> np.ndarray:
@@ -93,16 +141,26 @@ def histogram_spec(scores: np.ndarray, n_zero: int, title: str) -> tuple[Any, di
     return frame, spec
 
 
+DENSITY_PICK = "pick"  # the density scatter's point selection: the latent clicked
+
+
 def density_spec(table: Any, selected: int | None = None) -> tuple[Any, dict]:
     """(data, Vega-Lite spec): log10 firing frequency vs log10 mean top-image score, coloured
-    by label entropy; the selected latent ringed in red."""
+    by label entropy; the selected latent ringed in red. A click picks the nearest point's
+    latent (selection DENSITY_PICK: [{"latent": s}])."""
     alive = table[(table.patch_freq > 0) & (table.mean_top_score > 0)]
     frame = alive[["latent", "log10_freq", "patch_freq", "mean_top_score", "label_entropy"]].copy()
     frame["log10_mean_top"] = np.log10(frame.mean_top_score)
     x = {"field": "log10_freq", "type": "quantitative", "title": "log10 firing frequency"}
     y = {"field": "log10_mean_top", "type": "quantitative", "title": "log10 mean top score"}
     points = {
-        "mark": {"type": "circle", "size": 14, "opacity": 0.7},
+        "params": [
+            {
+                "name": DENSITY_PICK,
+                "select": {"type": "point", "fields": ["latent"], "nearest": True},
+            }
+        ],
+        "mark": {"type": "circle", "size": 14, "opacity": 0.7, "cursor": "pointer"},
         "encoding": {
             "x": x,
             "y": y,

@@ -29,17 +29,21 @@ def explore(cfg: DictConfig) -> None:
 
     session = prepare(cfg)
     path = session.save(output_dir(cfg) / "session.json")
-    warm_index(session)
+    warm_cache(session)
     serve(path, str(cfg.explore.address), int(cfg.explore.port), bool(cfg.explore.browser))
 
 
-def warm_index(session: Session) -> None:
-    """Build the cached image indexes now (terminal), so the app's first page opens fast."""
-    from traitsae.explore.data import Codes, load_or_build_index
+def warm_cache(session: Session) -> None:
+    """Build the cached image indexes now (terminal), and frame the pictures of the first page
+    (FIRST_LATENT's gallery), so the app's first page opens fast."""
+    from traitsae.explore.data import ExplorerData
+    from traitsae.explore.views.latents import FIRST_LATENT
 
     if not (Path(session.cache_dir) / "index" / "complete").is_file():
         print("indexing the sparse codes (once per SAE and store) ...")
-        load_or_build_index(Path(session.cache_dir), Codes(Path(session.codes)))
+    data = ExplorerData(session)
+    for row in data.top_images(FIRST_LATENT, session.top_k)[0]:
+        data.image(int(row))
 
 
 def streamlit_command(address: str, port: int) -> list[str]:

@@ -1,10 +1,12 @@
 """The Streamlit server process: load the session's data first, then serve app.py.
 
-Importing torch and torchvision and reading the codes take seconds (tens on a loaded machine).
+Reading the codes and building the latent table take a second (several on a loaded machine).
 Done here, before explore.py announces the URL, the first page view only draws the page: the
 Streamlit script runs in this same process and picks the loaded data up from
-`data.PRELOADED`. Run as `python -m traitsae.explore.server <streamlit flags>` with
-$TRAITSAE_EXPLORE_SESSION set (launch.py does both).
+`data.PRELOADED`. Only the Latents page's libraries are loaded here, no torch: app.py loads the
+rest in the background once the first page is up. Run as
+`python -m traitsae.explore.server <streamlit flags>` with $TRAITSAE_EXPLORE_SESSION set
+(launch.py does both).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ APP = Path(__file__).with_name("app.py")
 
 
 def preload(session_path: str) -> None:
-    """ExplorerData and the page modules (altair, pandas, the image framing) into memory.
+    """ExplorerData and the Latents page (pandas, the table, colour maps, its pictures).
 
     A failure is printed and left to the page: the app tries again and shows the message there.
     """
     from traitsae.explore import data
-    from traitsae.explore.views import compare, image, latents, search, steer  # noqa: F401
+    from traitsae.explore.views import latents
 
     try:
         loaded = data.ExplorerData(Session.load(session_path))

@@ -137,16 +137,47 @@ def find_eval_output(cfg: DictConfig, name: str, explicit: str | None) -> str | 
     return None
 
 
+@dataclass(frozen=True)
+class SaeRecord:
+    """An exported SAE's sae.json without its weights: what prepare() needs to find and check
+    the store and the codes. Reading it needs no torch (seconds of imports, most of a launch
+    once the codes exist); the weights load where they are used (making codes, the app)."""
+
+    meta: dict[str, Any]
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.meta["d_sae"])
+
+
+def sae_record(cfg: DictConfig) -> Any:
+    """The SAE's SaeRecord; anything unusual (no sae.json, bad JSON, keys missing) is left to
+    load_sae, whose messages say what is wrong."""
+    from traitsae.evaluation.common import resolve_sae, sae_source
+
+    source = Path(sae_source(cfg))
+    if source.is_dir():
+        source = source / "sae.json"
+    elif source.suffix == ".safetensors":
+        source = source.with_name("sae.json")
+    try:
+        meta = json.loads(source.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not {"backbone", "d_model", "d_sae", "layer"} <= meta.keys():
+        return resolve_sae(cfg)
+    return SaeRecord(meta)
+
+
 def prepare(cfg: DictConfig) -> Session:
     """Validate everything the app needs; make the sparse codes when missing (progress bar)."""
     from traitsae.evaluation.common import eval_store, resolve_sae, sae_source
-    from traitsae.evaluation.encode import write_sparse_codes
     from traitsae.explore.data import check_codes_match
 
     ex = cfg.explore
     check_options(ex)
     check_port_free(str(ex.address), int(ex.port))
-    sae = resolve_sae(cfg)
+    sae = sae_record(cfg)
     check_backbone(cfg, sae)
     split = str(cfg.split)
     with eval_store(cfg, sae, split) as store:
@@ -162,11 +193,12 @@ def prepare(cfg: DictConfig) -> Session:
                 "eval=encode run=<run dir>, or drop explore.codes to have it made here."
             )
         if not codes.is_file():
+            from traitsae.evaluation.encode import write_sparse_codes
+
             print(f"no sparse codes for this SAE and store yet: encoding {store_path} once ...")
-            sae.eval().to(cfg.device)
             write_sparse_codes(
                 store,
-                sae,
+                resolve_sae(cfg).eval().to(cfg.device),
                 codes,
                 sae_source=sae_source(cfg),
                 batch_patches=int(ex.batch_patches),

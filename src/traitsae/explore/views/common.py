@@ -17,23 +17,11 @@ def cached_table(data: Any) -> Any:
     return data._table
 
 
-def image_source(data: Any) -> Any:
-    if getattr(data, "_images", None) is None:
-        data._images = data.image_source()
-    return data._images
-
-
-def load_image(data: Any, row: int) -> np.ndarray | None:
-    return image_source(data).load(str(data.paths[row]))
-
-
 def overlays(data: Any, latent: int, rows: np.ndarray) -> list[np.ndarray]:
     """The latent's heat-map over each image, one colour scale for all of them."""
     maps = data.latent_maps(latent, rows)
     vmax = float(maps.max()) if maps.size else 1.0
-    return [
-        draw.overlay(load_image(data, int(r)), m, vmax) for r, m in zip(rows, maps, strict=True)
-    ]
+    return [draw.overlay(data.image(int(r)), m, vmax) for r, m in zip(rows, maps, strict=True)]
 
 
 def latent_gallery(data: Any, latent: int, k: int, per_row: int = 8) -> list[int]:

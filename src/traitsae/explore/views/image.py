@@ -1,5 +1,6 @@
 """Image page: pick an image by metadata or path; see its patch grid, the latents firing most on
-it, the SAE's per-patch reconstruction error; choose a region of patches to see what fires there."""
+it, the SAE's per-patch reconstruction error; choose patches on the image (one by one, or a box)
+to see the latents firing on exactly those patches."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import streamlit as st
 
 from traitsae.explore import draw
-from traitsae.explore.views.common import image_label, load_image
+from traitsae.explore.views.common import image_label
 
 MAX_LISTED = 2000  # images offered in one select box; narrow by metadata first
 
@@ -45,16 +46,22 @@ def pick_image(data: Any, key: str = "image") -> int:
 def render(data: Any) -> None:
     st.header("Image")
     row = pick_image(data)
-    rows, cols = data.grid
-    r0, r1 = st.slider("region rows (patches)", 0, rows, (0, rows), key="region_rows")
-    c0, c1 = st.slider("region columns (patches)", 0, cols, (0, cols), key="region_cols")
-    region = (slice(r0, max(r1, r0 + 1)), slice(c0, max(c1, c0 + 1)))
-    picture = load_image(data, row)
+    picture = data.image(row)
     codes_PS = data.image_codes(row)
-    codes_RCS = codes_PS.reshape(rows, cols, -1)
-    left, mid, right = st.columns(3)
     base = picture if picture is not None else draw.blank_image()
-    left.image(draw.with_grid(base, data.grid, region), caption=data.caption(row), width="stretch")
+    left, mid, right = st.columns(3)
+    with left:
+        event = st.vega_lite_chart(
+            *draw.patch_grid_spec(base, data.grid),
+            on_select="rerun",
+            key=f"patch_grid_{row}",  # a new image starts with no patches chosen
+            width="content",  # the picture layer has the spec's pixel size
+        )
+        st.caption(
+            f"{data.caption(row)}: click patches to choose them one by one, drag a box to "
+            "choose a rectangle (double-click clears the box)."
+        )
+    patches = chosen_patches(event.selection, data.grid)
     error_RC = data.reconstruction_error(row)
     mid.image(
         draw.overlay(picture, error_RC, float(error_RC.max()), cmap="magma"),
@@ -76,44 +83,61 @@ def render(data: Any) -> None:
     )
     if len(latents):
         shown = st.selectbox("heat-map of latent", latents[:top].tolist(), key="image_heat")
-        map_RC = codes_RCS[..., int(shown)]
+        map_RC = codes_PS[:, int(shown)].reshape(data.grid)
         right.image(
             draw.overlay(picture, map_RC, float(map_RC.max())),
             caption=f"latent {shown}",
             width="stretch",
         )
-    st.subheader(
-        f"Latents firing in the region rows {region[0].start}-{region[0].stop - 1}, "
-        f"columns {region[1].start}-{region[1].stop - 1}"
-    )
-    st.dataframe(region_latents(codes_RCS, region).head(int(top)), hide_index=True, key="region")
+    if len(patches) == 0:
+        st.info("choose patches on the image (click, or drag a box) to see the latents there.")
+        return
+    st.subheader(f"Latents firing on the {len(patches)} chosen patches")
+    st.caption("patches " + ", ".join(str(p) for p in patches))
+    st.dataframe(patch_latents(codes_PS, patches).head(int(top)), hide_index=True, key="region")
     left, right = st.columns(2)
     for column, sign in ((left, "positive"), (right, "negative")):
-        if column.button(f"use this region as a {sign} example", key=f"region_{sign}"):
-            bounds = {
-                "rows": (region[0].start, region[0].stop),
-                "cols": (region[1].start, region[1].stop),
-            }
-            example = {"row": row, **bounds, "sign": sign}
+        if column.button(f"use these patches as a {sign} example", key=f"region_{sign}"):
+            example = {"row": row, "patches": patches.tolist(), "sign": sign}
             st.session_state.setdefault("region_examples", []).append(example)
     n_examples = len(st.session_state.get("region_examples", []))
     if n_examples:
-        st.caption(f"{n_examples} region examples saved for Search by example.")
+        st.caption(f"{n_examples} patch examples saved for Search by example.")
 
 
-def region_latents(codes_RCS: np.ndarray, region: tuple[slice, slice]) -> Any:
-    """Latents by total activation inside the region; `inside` = share of their image total."""
+def chosen_patches(selection: Any, grid: tuple[int, int]) -> np.ndarray:
+    """Flat indices of the patches clicked (PATCH_PICK) or inside the dragged box (PATCH_BOX:
+    patches whose centre lies in it), sorted."""
+    rows, cols = grid
+    chosen = {int(p["patch"]) for p in selection.get(draw.PATCH_PICK) or [] if "patch" in p}
+    box = selection.get(draw.PATCH_BOX) or {}
+    if "row" in box and "col" in box:
+        (r0, r1), (c0, c1) = sorted(box["row"]), sorted(box["col"])
+        centre_R, centre_C = np.arange(rows) + 0.5, np.arange(cols) + 0.5
+        in_R = np.flatnonzero((centre_R >= r0) & (centre_R <= r1))
+        in_C = np.flatnonzero((centre_C >= c0) & (centre_C <= c1))
+        chosen.update((in_R[:, None] * cols + in_C[None, :]).ravel().tolist())
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def patch_latents(codes_PS: np.ndarray, patches: np.ndarray) -> Any:
+    """Latents firing on the chosen patches, by their total activation there: `fires_on` of
+    the chosen patches, `elsewhere` = other patches of the image where they fire, `inside` =
+    share of their activation on the image that falls on the chosen patches."""
     import pandas as pd
 
-    inside_S = codes_RCS[region].sum(axis=(0, 1))
-    total_S = codes_RCS.sum(axis=(0, 1))
+    inside_PS = codes_PS[patches]
+    inside_S, total_S = inside_PS.sum(axis=0), codes_PS.sum(axis=0)
     fired = np.flatnonzero(inside_S > 0)
     order = fired[np.argsort(-inside_S[fired], kind="stable")]
+    fires_on_S = (inside_PS > 0).sum(axis=0)
     return pd.DataFrame(
         {
             "latent": order,
-            "sum_in_region": inside_S[order],
-            "max_in_region": codes_RCS[region].max(axis=(0, 1))[order],
+            "sum_on_patches": inside_S[order],
+            "max_on_patches": inside_PS.max(axis=0)[order],
+            "fires_on": fires_on_S[order],
+            "elsewhere": (codes_PS > 0).sum(axis=0)[order] - fires_on_S[order],
             "inside": inside_S[order] / total_S[order],
         }
     )

@@ -11,6 +11,7 @@ import streamlit as st
 from traitsae.explore import draw
 from traitsae.explore.views.common import cached_table, latent_gallery, overlays
 
+FIRST_LATENT = 0  # shown before any choice: the number box starts at its minimum
 SORTABLE = ("latent", "patch_freq", "image_freq", "mean_top_score", "label_entropy", "max_score")
 
 
@@ -59,12 +60,32 @@ def render(data: Any) -> None:
     st.session_state["clicked_latent"] = clicked
     latent = st.number_input("Latent", 0, data.d_sae - 1, step=1, key="latent")
     chart_col, hist_col = st.columns([3, 2])
-    chart_col.vega_lite_chart(*draw.density_spec(shown, int(latent)), width="stretch")
+    chart_col.vega_lite_chart(
+        *draw.density_spec(shown, int(latent)),
+        on_select=pick_from_density,
+        selection_mode=draw.DENSITY_PICK,
+        key="density",
+        width="stretch",
+    )
     chart_col.caption(
         "Density vs mean activation (top images), coloured by label entropy: the CLIP-SAE "
-        "write-up's figure. High-entropy latents in the low band fire at random."
+        "write-up's figure. High-entropy latents in the low band fire at random. Click a "
+        "point to choose its latent."
     )
     show_latent(data, int(latent), hist_col)
+
+
+def clicked_latent(event: Any) -> int | None:
+    """The latent of the point clicked on the density scatter; None when nothing is picked."""
+    picked = ((event or {}).get("selection") or {}).get(draw.DENSITY_PICK) or []
+    return int(picked[0]["latent"]) if picked and "latent" in picked[0] else None
+
+
+def pick_from_density() -> None:
+    """on_select callback: runs before the rerun, so it may still set the number box."""
+    latent = clicked_latent(st.session_state.get("density"))
+    if latent is not None:
+        st.session_state["latent"] = latent
 
 
 def show_latent(data: Any, latent: int, hist_col: Any) -> None:
@@ -84,10 +105,6 @@ def show_latent(data: Any, latent: int, hist_col: Any) -> None:
 
 
 def warm(data: Any) -> None:
-    """Everything the first views compute once (table, image framing, colour maps, the SAE)."""
+    """What the first view computes once (the table, colour maps, its gallery's pictures)."""
     cached_table(data)
-    busiest = int(np.argmax(data.fire_counts()))
-    rows, _ = data.top_images(busiest, 1)
-    overlays(data, busiest, rows)
-    if len(rows):
-        data.reconstruction_error(int(rows[0]))
+    overlays(data, FIRST_LATENT, data.top_images(FIRST_LATENT, data.session.top_k)[0])

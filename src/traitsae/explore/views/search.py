@@ -34,25 +34,20 @@ def example_picker(data: Any, label: str, key: str) -> list[int]:
 
 
 def region_examples(data: Any) -> dict[str, list[np.ndarray]]:
-    """Score vectors of the patch regions saved on the Image page, by sign."""
+    """Score vectors of the patch sets saved on the Image page, by sign."""
     examples = st.session_state.get("region_examples", [])
     out: dict[str, list[np.ndarray]] = {"positive": [], "negative": []}
     if not examples:
         return out
     st.markdown(
-        "Region examples (from the Image page): "
-        + "; ".join(
-            f"{e['sign']} #{e['row']} rows {e['rows'][0]}-{e['rows'][1] - 1} "
-            f"cols {e['cols'][0]}-{e['cols'][1] - 1}"
-            for e in examples
-        )
+        "Patch examples (from the Image page): "
+        + "; ".join(f"{e['sign']} #{e['row']} ({len(e['patches'])} patches)" for e in examples)
     )
-    if st.button("clear region examples", key="clear_regions"):
+    if st.button("clear patch examples", key="clear_regions"):
         st.session_state["region_examples"] = []
         st.rerun()
     for e in examples:
-        region = (slice(*e["rows"]), slice(*e["cols"]))
-        out[e["sign"]].append(data.region_scores(int(e["row"]), region))
+        out[e["sign"]].append(data.region_scores(int(e["row"]), np.asarray(e["patches"])))
     return out
 
 

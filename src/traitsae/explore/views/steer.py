@@ -10,7 +10,7 @@ import numpy as np
 import streamlit as st
 
 from traitsae.explore import draw
-from traitsae.explore.views.common import cached_table, load_image
+from traitsae.explore.views.common import cached_table
 from traitsae.explore.views.image import pick_image
 
 N_DEFAULT_LATENTS = 3
@@ -61,7 +61,7 @@ def render(data: Any) -> None:
     steered_C = model.probabilities(row, latents, alphas, where)
     t = classes.index(target)
     left, right = st.columns([1, 2])
-    picture = load_image(data, row)
+    picture = data.image(row)
     left.image(picture if picture is not None else draw.blank_image(), caption=data.caption(row))
     right.markdown(
         f"p({target}) clean **{clean_C[t]:.3f}** → steered **{steered_C[t]:.3f}**; "
