@@ -140,13 +140,18 @@ def test_browser_chooses_a_latent_and_sees_its_gallery(served):
         expect(page.get_by_text(f"Top images of latent {SHARED}")).to_be_visible(timeout=60_000)
         assert box.input_value() == str(SHARED)
         page.get_by_text("Image", exact=True).first.click()  # the sidebar's page choice
-        grid = page.locator('[data-testid="stVegaLiteChart"]').first
+        # The chart's own drawing (Vega's svg or canvas, class "marks"): its centre is a patch.
+        grid = page.locator('[data-testid="stVegaLiteChart"] .marks').first
         expect(grid).to_be_visible(timeout=120_000)
+        page.wait_for_timeout(1000)  # Vega attaches its event handlers after the first render
         bounds = grid.bounding_box()
         page.mouse.click(bounds["x"] + bounds["width"] / 2, bounds["y"] + bounds["height"] / 2)
-        expect(page.get_by_text("Latents firing on the 1 chosen patches")).to_be_visible(
-            timeout=60_000
-        )
+        try:
+            expect(page.get_by_text("Latents firing on the 1 chosen patches")).to_be_visible(
+                timeout=60_000
+            )
+        finally:
+            page.screenshot(path=str(root / "image_page.png"), full_page=True)
         assert "Traceback" not in page.content()
         browser.close()
     assert shot.stat().st_size > 10_000

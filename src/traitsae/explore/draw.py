@@ -77,10 +77,11 @@ def patch_grid_spec(picture_HW3: np.ndarray, grid: tuple[int, int], size: int = 
         {"param": PATCH_BOX, "empty": False, "value": 0.45},
     ]
     picture = {
-        "mark": {
+        "mark": {  # the plot's own size: Streamlit may fit the chart into a narrower column
             "type": "image",
-            "width": size,
-            "height": size,
+            "width": {"expr": "width"},
+            "height": {"expr": "height"},
+            "aspect": False,
             "align": "left",
             "baseline": "top",
         },
