@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.data.images import ImageDataset, ImageList, load_image_list
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.probe import fit_class_probe
 
 # Keys that may differ between the SAE's backbone config and its store's: which blocks were
 # stored, and where the weights file lives on this machine.
@@ -166,14 +167,12 @@ class ClassProbe:
         seed: int = 0,
     ) -> ClassProbe:
         """Fit on embeddings and their class names (images without a class are skipped)."""
-        from traitsae.evaluation.probe import _fit
-
         labels_N = np.asarray(labels_N, dtype=object)
         keep_N = labels_N != ""
         classes = sorted(set(labels_N[keep_N]))
         index = {name: i for i, name in enumerate(classes)}
         y_N = np.array([index[name] for name in labels_N[keep_N]], dtype=np.int64)
-        model = _fit(emb_NE[keep_N], y_N, C, max_iter, seed)
+        model = fit_class_probe(emb_NE[keep_N], y_N, C, max_iter, seed)
         scaler, logistic = model[0], model[-1]
         weight, bias = logistic.coef_, logistic.intercept_
         if len(classes) == 2:  # sklearn keeps one row for two classes: p(1) = sigmoid(z)
