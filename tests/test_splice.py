@@ -84,8 +84,9 @@ def test_conditions_edit_only_the_chosen_tokens():
     positions_T = torch.tensor([False, True, True, False, True])
     mean_TD = torch.arange(15.0).reshape(5, 3)
     sae = torch.nn.Identity()
-    variants = condition_tokens(x_BTD, lambda v: 2 * v, positions_T, mean_TD)
-    assert list(variants) == list(CONDITIONS)
+    stack = condition_tokens(x_BTD, lambda v: 2 * v, positions_T, mean_TD)
+    variants = dict(zip(CONDITIONS, stack.split(2), strict=True))
+    assert stack.shape == (8, 5, 3)
     for name, v_BTD in variants.items():
         torch.testing.assert_close(v_BTD[:, ~positions_T], x_BTD[:, ~positions_T], msg=name)
     torch.testing.assert_close(variants["spliced"][:, positions_T], 2 * x_BTD[:, positions_T])
@@ -93,6 +94,9 @@ def test_conditions_edit_only_the_chosen_tokens():
         variants["mean_ablated"][:, positions_T], mean_TD[positions_T].expand(2, -1, -1)
     )
     assert variants["zero_ablated"][:, positions_T].abs().sum() == 0
+    # A cached run stacks only the conditions it needs, in the order asked for.
+    two = condition_tokens(x_BTD, lambda v: 2 * v, positions_T, None, ("spliced", "clean"))
+    torch.testing.assert_close(two, torch.cat([variants["spliced"], x_BTD]))
     assert sae(x_BTD) is x_BTD
     assert recovered(1.0, 0.8, 0.0) == pytest.approx(0.8) and recovered(0.0, 0.1, 0.5) == 0.8
     assert recovered(0.3, 0.2, 0.3) is None
