@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,9 +104,15 @@ def test_conditions_edit_only_the_chosen_tokens():
 
 
 def test_splice_on_the_demo(tmp_path):
+    import shutil
+
     from traitsae.evaluation.splice import run
 
-    result = run(evaluate_cfg("splice", tmp_path, ["split=test"]))
+    cfg = evaluate_cfg("splice", tmp_path, ["split=test"])
+    cache_dir = Path(cfg.paths.activations_dir) / "synthetic" / "test" / "tiny.h5.cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    result = run(cfg)
+    assert result["meta"]["ablations"] == "computed"
     rows = {r["metric"]: r for r in result["metrics"]}
     assert set(rows) == {"embedding_cosine", "token_relative_error", "probe_accuracy"}  # no CLIP
     cos, err = rows["embedding_cosine"], rows["token_relative_error"]
@@ -117,6 +124,16 @@ def test_splice_on_the_demo(tmp_path):
     assert json.loads((tmp_path / "splice.json").read_text()) == result
     assert (tmp_path / "splice.csv").read_text().startswith("metric,clean,spliced,mean_ablated")
     assert (tmp_path / "splice.png").stat().st_size > 0
+    # A second SAE of a sweep (here: the same one again) reads the ablations from the cache and
+    # runs only clean and spliced: the same numbers.
+    again = run(evaluate_cfg("splice", tmp_path / "again", ["split=test"]))
+    assert again["meta"]["ablations"].startswith(f"cached {cache_dir}")
+    for row, first in zip(again["metrics"], result["metrics"], strict=True):
+        assert row == pytest.approx(first, abs=1e-5), row["metric"]
+    # Other edited tokens are other ablations: not read from that cache.
+    both = run(evaluate_cfg("splice", tmp_path / "both", ["split=test", "eval.tokens=both"]))
+    assert both["meta"]["ablations"] == "computed"
+    assert both["metrics"][0]["mean_ablated"] != result["metrics"][0]["mean_ablated"]
 
 
 def test_backbone_in_sae_json_must_match_the_store(tmp_path):
