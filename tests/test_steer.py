@@ -54,24 +54,26 @@ def test_probe_round_trip(tmp_path):
 
 def test_boosting_alpha_latents_in_beta_images_raises_p_alpha(tmp_path):
     """Beta lacks Alpha's red crown spot; Alpha's top latents, added to Beta's images at block 1,
-    make the probe (on the final embedding) more sure of Alpha at every step of alpha."""
-    alphas = [0, 0.25, 0.5, 1]
+    make the probe (on the final embedding) more sure of Alpha at every step of the default
+    alphas (conf/eval/steer.yaml)."""
     cfg = evaluate_cfg(
-        "steer",
-        tmp_path,
-        [
-            "split=test",
-            f"eval.target_class={ALPHA}",
-            f"eval.source_class={BETA}",
-            f"eval.alphas={alphas}",
-        ],
+        "steer", tmp_path, ["split=test", f"eval.target_class={ALPHA}", f"eval.source_class={BETA}"]
     )
+    alphas = list(cfg.eval.alphas)
+    assert alphas[0] == 0 and alphas[-1] >= 4
     result = run(cfg)
     p_target = [point["mean_p_target"] for point in result["curve"]]
     assert [point["alpha"] for point in result["curve"]] == alphas
     assert all(np.diff(p_target) > 0), p_target
-    assert p_target[-1] > p_target[0] + 0.05
+    assert p_target[-1] > p_target[0] + 0.3
     assert len(result["latents"]) == 3 and result["n_images"] == 12
+    selection = result["selection"]
+    assert selection["rank"] == "effect" and set(result["latents"]) <= set(selection["candidates"])
+    assert all(s > 0 for s in selection["specificity"])  # the target class's latents
+    by_effect = sorted(selection["effect"], reverse=True)[:3]
+    assert [
+        selection["effect"][selection["candidates"].index(s)] for s in result["latents"]
+    ] == by_effect
     assert {image["class"] for image in result["images"]} == {BETA}
     assert len(result["images"]) == 12 * len(alphas) and len(result["images"][0]["top5"]) == 5
     assert json.loads((tmp_path / "steer.json").read_text())["curve"] == result["curve"]
