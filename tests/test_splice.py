@@ -11,6 +11,7 @@ import torch
 from causal_helpers import evaluate_cfg
 from extract_helpers import backbone_cfg
 from test_backbones import TINY_CLIP
+from test_backbones_hub import hub_cache  # noqa: F401 (the fixture)
 
 from traitsae.backbones import build_backbone
 from traitsae.backbones.openclip_vit import create_openclip_model
@@ -151,3 +152,77 @@ def test_backbone_in_sae_json_must_match_the_store(tmp_path):
     cfg.run = str(run_dir)
     with pytest.raises(TraitsaeError, match="init_seed: sae.json 7 vs store 0"):
         run(cfg)
+
+
+def test_zero_shot_rows_of_a_tiny_bioclip_from_the_hub_cache(hub_cache, tmp_path):  # noqa: F811
+    """eval=splice end to end on a tiny BioCLIP loaded through the real hf-hub path: the clean
+    zero-shot accuracy equals open_clip's own encode_image / encode_text on the same images."""
+    import numpy as np
+    import open_clip
+    from discovery_helpers import compose_cfg
+    from PIL import Image
+    from test_backbones_hub import TEXT, VISION, put
+
+    from traitsae.data.images import load_image_list
+    from traitsae.evaluation.splice import run
+    from traitsae.extraction import extract
+    from traitsae.sae.export import save_sae
+    from traitsae.sae.model import build_sae
+
+    source, _ = create_openclip_model(
+        backbone_cfg(
+            "bioclip",
+            checkpoint="ViT-B-16",
+            pretrained=None,
+            init_seed=5,
+            model_kwargs={"embed_dim": 16, "vision_cfg": VISION, "text_cfg": TEXT},
+        )
+    )
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": TEXT}}
+    put(
+        hub_cache,
+        "imageomics/bioclip",
+        {"open_clip_config.json": config, "open_clip_model.safetensors": source.state_dict()},
+    )
+    tiny = ["backbone=bioclip", "backbone.image_size=32", "backbone.patch_size=16"]
+    tiny += ["backbone.width=32", "backbone.depth=2", "backbone.layers=[0]"]
+    for split in ("train", "test"):
+        overrides = [f"paths.root_dir={tmp_path}", f"split={split}", *tiny]
+        overrides += ["extract.num_workers=0", "extract.progress=false"]
+        extract(compose_cfg("extract", overrides, tmp_path / f"extract-{split}"))
+    torch.manual_seed(0)
+    meta = {"backbone": "bioclip", "dataset": "synthetic", "layer": 0, "tokens": "patches"}
+    meta |= {"d_model": 32, "d_sae": 64, "variant": "topk", "scale": 1.0, "config": {}}
+    save_sae(build_sae("topk", 32, 64, 4), tmp_path / "run", meta)
+    out = tmp_path / "splice"
+    cfg = compose_cfg(
+        "evaluate",
+        [f"paths.root_dir={tmp_path}", "eval=splice", f"run={tmp_path / 'run'}", "split=test"],
+        out,
+    )
+    result = run(cfg)
+    rows = {r["metric"]: r for r in result["metrics"]}
+    zero_shot = rows["zero_shot_accuracy"]
+
+    # The reference: open_clip's own model and tokenizer on the test images, no traitsae code.
+    model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:imageomics/bioclip")
+    images = load_image_list(cfg.dataset, "test")
+    labels = np.asarray(images.metadata["species"], dtype=object)
+    classes = sorted(set(labels))
+    prompts = [f"a photo of a {c.split('.', 1)[1].replace('_', ' ')}." for c in classes]
+    with torch.inference_mode():
+        text_CE = model.encode_text(open_clip.tokenize(prompts, context_length=8))
+        pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images.paths])
+        image_NE = model.encode_image(pixels)
+    best_N = (image_NE @ torch.nn.functional.normalize(text_CE, dim=-1).T).argmax(-1).numpy()
+    expected = float((np.asarray(classes, dtype=object)[best_N] == labels).mean())
+    assert zero_shot["clean"] == pytest.approx(expected, abs=1e-12)  # the same argmax per image
+    assert result["meta"]["n_images"] == len(labels) and len(classes) >= 2
+    for condition in CONDITIONS:
+        assert 0.0 <= zero_shot[condition] <= 1.0
+    gap = zero_shot["clean"] - zero_shot["mean_ablated"]
+    if abs(gap) > 1e-12:
+        assert zero_shot["recovered"] == pytest.approx(
+            (zero_shot["spliced"] - zero_shot["mean_ablated"]) / gap
+        )
+    assert "zero_shot_accuracy" in (out / "splice.csv").read_text()
