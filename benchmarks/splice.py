@@ -97,6 +97,15 @@ def time_passes(
             for x in batches:
                 fn(x)
             times[label].append(time.perf_counter() - started)
+    # The SAE alone on one batch's patch tokens: the dense decode(encode(x)) against
+    # RawSpaceSAE.forward, which sums only the k active decoder rows (TopK).
+    x_RD = backbone.tokens_after(batches[0], layer)[:, positions_T].reshape(-1, g.d_model)
+    sae_times = {"dense": [], "k rows": []}
+    for _ in range(repeats):
+        for label, fn in (("dense", lambda: sae.decode(sae.encode(x_RD))), ("k rows", sae)):
+            started = time.perf_counter()
+            fn(x_RD) if label == "k rows" else fn()
+            sae_times[label].append(time.perf_counter() - started)
     n = len(batches) * batch
     print(
         f"{name:13s} block {layer}/{g.depth - 1}, d_sae {expansion * g.d_model} k {k}, {n} images, "
@@ -109,6 +118,11 @@ def time_passes(
             f"  {label:7s} SAE ({', '.join(conditions)}): time {best:.2f}x (median {median:.2f}x), "
             f"FLOPs {flops[label] / flops['plain']:.3f}x"
         )
+    dense, sparse = min(sae_times["dense"]), min(sae_times["k rows"])
+    print(
+        f"  SAE reconstruction of {len(x_RD)} tokens: dense decode {dense * 1e3:.0f} ms, "
+        f"k-row decode {sparse * 1e3:.0f} ms ({dense / sparse:.2f}x faster)"
+    )
 
 
 def main() -> None:
