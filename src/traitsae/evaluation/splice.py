@@ -16,6 +16,10 @@ final embeddings of the train split, and for CLIP-family backbones zero-shot acc
 names. `recovered = (spliced - ablated) / (clean - ablated)` against `eval.baseline` (mean: the
 vision analogue of "loss recovered"); 1 = the SAE loses nothing downstream, 0 = no better than
 erasing the layer.
+
+Clean and ablated runs do not depend on the SAE: with `eval.cache` the ablated conditions (and
+the probe's clean train embeddings) are kept in `<store>.cache/`, and every further SAE of a
+sweep at the same layer runs only clean (the reference of every metric) and spliced.
 """
 
 from __future__ import annotations

@@ -14,9 +14,12 @@ train split's source images (the derivative at alpha = 0: attribution patching; 
 lower it are never chosen, so fewer than n_latents may remain).
 `eval.rank=specificity` keeps the specificity order alone.
 
-alpha is in the latent's own units: adding alpha * W_dec[s] (raw space) is what raising latent
-s's code by alpha does to the reconstruction. `steer.json` records each latent's largest code on
-the train split (`latent_max`) as the natural scale.
+alpha is in units of each latent's typical activation in the target class (`eval.alpha_units=
+typical`): latent s's code at every edited token is raised by alpha * unit_s, unit_s = its code
+averaged over a target image's edited tokens (mean over the class's train images), so alpha = 1
+at every patch gives an image as much of the latent as a typical target image carries. Raising
+the code by c adds c * W_dec[s] / scale (raw space) to the token. `alpha_units=code`: unit 1.
+`steer.json` records the units (`alpha_unit`) and each latent's largest code (`latent_max`).
 
 The function API (used by the explorer's Steer page) is `steered_probabilities`.
 """
