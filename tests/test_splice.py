@@ -226,3 +226,25 @@ def test_zero_shot_rows_of_a_tiny_bioclip_from_the_hub_cache(hub_cache, tmp_path
             (zero_shot["spliced"] - zero_shot["mean_ablated"]) / gap
         )
     assert "zero_shot_accuracy" in (out / "splice.csv").read_text()
+
+
+def test_cache_file_follows_the_store_and_the_key(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from traitsae.evaluation.downstream import cache_file, load_cached, save_cached
+
+    store = SimpleNamespace(path=tmp_path / "tiny.h5")
+    store.path.write_bytes(b"not hdf5")  # no fingerprint: the file's size and mtime still count
+    path = cache_file(store, "splice-L1", {"layer": 1})
+    assert path.parent == tmp_path / "tiny.h5.cache" and path.name.startswith("splice-L1-")
+    assert cache_file(store, "splice-L1", {"layer": 1}) == path
+    assert cache_file(store, "splice-L1", {"layer": 2}) != path
+    assert load_cached(path) is None and load_cached(None) is None
+    save_cached(path, {"rows": np.arange(3)})
+    assert load_cached(path)["rows"].tolist() == [0, 1, 2]
+    assert not list(path.parent.glob(".*.tmp"))
+    os.utime(store.path, ns=(1, 1))  # a rewritten store: another file
+    assert cache_file(store, "splice-L1", {"layer": 1}) != path

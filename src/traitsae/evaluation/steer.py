@@ -377,7 +377,9 @@ def mean_effects(
     ):
         with torch.no_grad():
             x_BTD = backbone.tokens_after(images_BCHW, layer)
-        effect_K = latent_effects(backbone, sae, probe, x_BTD, latents, t, ev.where, ev.tokens)
+        effect_K = latent_effects(
+            backbone, sae, probe, x_BTD, latents, t, str(ev.where), str(ev.tokens)
+        )
         total_K += effect_K * len(x_BTD)
         n += len(x_BTD)
     if n == 0:
