@@ -113,7 +113,8 @@ def test_splice_on_the_demo(tmp_path):
     cache_dir = Path(cfg.paths.activations_dir) / "synthetic" / "test" / "tiny.h5.cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     result = run(cfg)
-    assert result["meta"]["ablations"] == "computed"
+    assert result["meta"]["computed"] == list(CONDITIONS)
+    assert result["meta"]["from_cache"] == {"clean": None, "ablations": None}
     rows = {r["metric"]: r for r in result["metrics"]}
     assert set(rows) == {"embedding_cosine", "token_relative_error", "probe_accuracy"}  # no CLIP
     cos, err = rows["embedding_cosine"], rows["token_relative_error"]
@@ -125,16 +126,20 @@ def test_splice_on_the_demo(tmp_path):
     assert json.loads((tmp_path / "splice.json").read_text()) == result
     assert (tmp_path / "splice.csv").read_text().startswith("metric,clean,spliced,mean_ablated")
     assert (tmp_path / "splice.png").stat().st_size > 0
-    # A second SAE of a sweep (here: the same one again) reads the ablations from the cache and
-    # runs only clean and spliced: the same numbers.
+    # A second SAE of a sweep (here: the same one again) reads clean and ablated results from
+    # the cache and runs only its spliced pass: the same numbers (clean tokens kept in float16).
     again = run(evaluate_cfg("splice", tmp_path / "again", ["split=test"]))
-    assert again["meta"]["ablations"].startswith(f"cached {cache_dir}")
+    assert again["meta"]["computed"] == ["spliced"]
+    cached = again["meta"]["from_cache"]
+    assert cached["ablations"].startswith(str(cache_dir / "splice-L1-"))
+    assert [Path(p).parent for p in cached["clean"]] == [cache_dir, cache_dir]
     for row, first in zip(again["metrics"], result["metrics"], strict=True):
-        assert row == pytest.approx(first, abs=1e-5), row["metric"]
-    # Other edited tokens are other ablations: not read from that cache.
+        assert row == pytest.approx(first, abs=1e-3), row["metric"]
+    # Other edited tokens are other ablations: those run again, clean still comes from the cache.
     both = run(evaluate_cfg("splice", tmp_path / "both", ["split=test", "eval.tokens=both"]))
-    assert both["meta"]["ablations"] == "computed"
+    assert both["meta"]["computed"] == ["spliced", "mean_ablated", "zero_ablated"]
     assert both["metrics"][0]["mean_ablated"] != result["metrics"][0]["mean_ablated"]
+    assert both["metrics"][0]["clean"] == pytest.approx(1.0)
 
 
 def test_backbone_in_sae_json_must_match_the_store(tmp_path):

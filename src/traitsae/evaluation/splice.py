@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ from traitsae.evaluation.downstream import (
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("clean", "spliced", "mean_ablated", "zero_ablated")
+ABLATIONS = ("mean_ablated", "zero_ablated")
 BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
 
 
@@ -215,37 +217,122 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     layer = int(sae.meta["layer"])
     with eval_store(cfg, sae, cfg.split) as store:
         backbone = build_full_backbone(sae, store, device)
-        n_tokens = backbone.geometry.n_prefix_tokens + backbone.geometry.n_patches
-        positions_T = sae_token_positions(
-            sae, str(ev.tokens), backbone.geometry.n_prefix_tokens, n_tokens
-        )
-        cache = ablation_cache(sae, store, layer, positions_T) if ev.cache else None
-        cached = load_cached(cache)
-        # The ablations do not depend on the SAE: cached, only clean (the reference of every
-        # metric) and spliced run again.
-        conditions = ("clean", "spliced") if cached else CONDITIONS
+        g = backbone.geometry
+        n_tokens = g.n_prefix_tokens + g.n_patches
+        positions_T = sae_token_positions(sae, str(ev.tokens), g.n_prefix_tokens, n_tokens)
+        clean = CleanReference(sae, store) if ev.cache else None
+        ablations = ablation_cache(sae, store, layer, positions_T) if ev.cache else None
+        cached = load_cached(ablations)
+        # Only what depends on the SAE must run again: the spliced condition.
+        conditions = ("spliced",) + (() if cached else ABLATIONS)
+        if clean is None or not clean.load():
+            conditions = ("clean", *conditions)
         mean_TD = None if cached else store_mean_tokens(store, layer, n_tokens).to(device)
         images = split_images(cfg, cfg.split, store, str(ev.class_column))
     probe = train_class_probe(cfg, backbone, sae, str(ev.train_split), str(ev.class_column))
+    writer = None
+    if clean is not None and "clean" in conditions:
+        writer = CleanWriter(clean, (len(images.paths), n_tokens, g.d_model))
     tally = Tally()
     for rows_B, images_BCHW in iter_image_batches(
         backbone, images.paths, int(ev.batch_size), int(ev.num_workers), device, desc="splice"
     ):
         finals = splice_batch(backbone, sae, images_BCHW, layer, positions_T, mean_TD, conditions)
+        if "clean" not in finals:
+            finals["clean"] = clean.final(rows_B, device)
+        elif writer is not None:
+            writer.add(rows_B, finals["clean"])
         tally.add(rows_B, finals)
     values = tally.arrays()
+    if writer is not None:
+        writer.finish(values["rows"], values["clean.embedding"])
     if cached:
-        values |= ablations_of(cached, values["rows"], cache)
-    elif cache is not None:
-        save_cached(cache, {k: v for k, v in values.items() if not k.startswith("spliced.")})
+        values |= ablations_of(cached, values["rows"], ablations)
+    elif ablations is not None:
+        kept = {k: v for k, v in values.items() if k == "rows" or k.split(".")[0] in ABLATIONS}
+        save_cached(ablations, kept)
     result = summarise(cfg, backbone, sae, probe, values, images.classes_N, positions_T)
-    result["meta"]["ablations"] = f"cached {cache}" if cached else "computed"
+    result["meta"]["computed"] = list(conditions)
+    result["meta"]["from_cache"] = {
+        "clean": None if "clean" in conditions else [str(p) for p in clean.paths],
+        "ablations": str(ablations) if cached else None,
+    }
     write_outputs(result, output_dir(cfg))
     return result
 
 
+class CleanReference:
+    """The clean end of the model on a split's images, kept in the store's cache: the final
+    embeddings (`final-embeddings-*.npz`: rows, embedding; the file the class probe reads for its
+    train split) and the last block's tokens (`final-tokens-*.npy`, float16, [n_images, T, D] by
+    dataset position, read memory-mapped). Neither depends on the SAE or its layer."""
+
+    def __init__(self, sae: Any, store: Any) -> None:
+        key = backbone_key(sae, store)
+        self.embeddings_path = cache_file(store, "final-embeddings", key)
+        self.tokens_path = cache_file(store, "final-tokens", key).with_suffix(".npy")
+        self.paths = (self.embeddings_path, self.tokens_path)
+
+    def load(self) -> bool:
+        """Open both files; False when either is missing (the clean condition then runs)."""
+        cached = load_cached(self.embeddings_path)
+        if cached is None or not self.tokens_path.is_file():
+            return False
+        self.position = {int(row): i for i, row in enumerate(cached["rows"])}
+        self.embedding_NE = cached["embedding"]
+        self.tokens_NTD = np.load(self.tokens_path, mmap_mode="r")
+        return True
+
+    def final(self, rows_B: np.ndarray, device: str) -> Final:
+        missing = [int(r) for r in rows_B if int(r) not in self.position]
+        if missing:
+            raise TraitsaeError(
+                f"images {missing[:5]} were unreadable when {self.embeddings_path} was written; "
+                f"delete {self.embeddings_path.parent} (or pass eval.cache=false) and rerun."
+            )
+        as_t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)  # noqa: E731
+        embedding_BE = self.embedding_NE[[self.position[int(r)] for r in rows_B]]
+        return Final(as_t(self.tokens_NTD[rows_B]), as_t(embedding_BE))
+
+
+class CleanWriter:
+    """Fills the clean tokens file batch by batch (a temporary file, renamed when complete)."""
+
+    def __init__(self, reference: CleanReference, shape: tuple[int, int, int]) -> None:
+        self.reference = reference
+        path = reference.tokens_path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.tokens_NTD = np.lib.format.open_memmap(
+                self.tmp, mode="w+", dtype=np.float16, shape=shape
+            )
+        except OSError as err:
+            log.warning("cannot cache the clean tokens in %s (%s)", self.tmp.parent, err)
+            self.tokens_NTD = None
+
+    def add(self, rows_B: np.ndarray, final: Final) -> None:
+        if self.tokens_NTD is None:
+            return
+        tokens_BTD = final.tokens_BTD.float().cpu().numpy()
+        if np.abs(tokens_BTD).max() >= 65504:  # beyond float16: no cache rather than inf
+            log.warning("clean tokens exceed the float16 range: not cached")
+            self.tokens_NTD = None
+            self.tmp.unlink(missing_ok=True)
+            return
+        self.tokens_NTD[rows_B] = tokens_BTD
+
+    def finish(self, rows_N: np.ndarray, embedding_NE: np.ndarray) -> None:
+        if self.tokens_NTD is None:
+            return
+        self.tokens_NTD.flush()
+        self.tokens_NTD = None
+        os.replace(self.tmp, self.reference.tokens_path)
+        save_cached(self.reference.embeddings_path, {"embedding": embedding_NE, "rows": rows_N})
+
+
 def ablation_cache(sae: Any, store: Any, layer: int, positions_T: torch.Tensor):
-    """The cache file of the clean and ablated conditions at `layer` on `store`'s images."""
+    """The cache file of the ablated conditions at `layer` on `store`'s images (rows included)."""
     key = {
         **backbone_key(sae, store),
         "layer": layer,
@@ -264,7 +351,7 @@ def ablations_of(
             f"this run read {len(rows_N)}: some images changed readability. Delete {path} (or "
             "pass eval.cache=false) and rerun."
         )
-    return {k: v for k, v in cached.items() if k.split(".")[0] in ("mean_ablated", "zero_ablated")}
+    return {k: v for k, v in cached.items() if k.split(".")[0] in ABLATIONS}
 
 
 def summarise(
