@@ -253,3 +253,20 @@ def test_cache_file_follows_the_store_and_the_key(tmp_path):
     assert not list(path.parent.glob(".*.tmp"))
     os.utime(store.path, ns=(1, 1))  # a rewritten store: another file
     assert cache_file(store, "splice-L1", {"layer": 1}) != path
+
+
+@pytest.mark.parametrize("variant", ["topk", "relu"])
+def test_reconstruction_equals_decode_of_encode(variant):
+    """RawSpaceSAE.forward decodes TopK from its k active rows: the same as the dense decode."""
+    from traitsae.sae.export import RawSpaceSAE
+    from traitsae.sae.model import build_sae
+
+    torch.manual_seed(0)
+    sae = RawSpaceSAE(build_sae(variant, 24, 96, 5).eval(), scale=0.7, meta={})
+    with torch.no_grad():
+        sae.sae.b_dec.normal_()
+        sae.sae.b_enc.normal_()
+    x_RD = torch.randn(50, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(sae(x_RD), sae.decode(sae.encode(x_RD)), rtol=0, atol=1e-5)
+        assert not torch.allclose(sae(x_RD), x_RD)
