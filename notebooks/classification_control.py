@@ -51,7 +51,7 @@ DATA_ROOT = "data/synthetic"  # the generated demo dataset
 TARGET = "001.Alpha_warbler"  # the class to steer towards
 SOURCE = "002.Beta_warbler"  # the images to steer
 N_LATENTS = 3
-ALPHAS = [0, 0.25, 0.5, 1, 2]
+ALPHAS = [0, 0.25, 0.5, 1, 2, 4]
 OUT = "notebook_outputs/classification_control"
 
 # %%
@@ -88,16 +88,25 @@ print(
 # %% [markdown]
 # ## 2. The target class's latents
 # Image score of a latent = its largest code over the image's patches; a latent is specific to
-# the target when its mean score is higher in the class than outside it (train store).
+# the target when its mean score is higher in the class than outside it (train store). The unit
+# of alpha is each latent's typical activation: its code averaged over a target image's patches
+# (mean over the class's train images), so that alpha = 1 at every patch gives a source image as
+# much of the latent as a typical target image carries. (`eval=steer` goes one step further by
+# default, `eval.rank=effect`: of the 32 most specific latents it keeps those whose step raises
+# the probe's p(target) most on the train split's source images.)
 
 # %%
-latents, latent_max = class_latents(sae, train_store, classes_train, TARGET, N_LATENTS, "cpu")
-print(f"top latents of {TARGET}: {latents}; largest codes {np.round(latent_max[latents], 2)}")
+found = class_latents(sae, train_store, classes_train, TARGET, N_LATENTS, "cpu")
+latents, units = found.ranked, found.typical_S[found.ranked]
+print(
+    f"top latents of {TARGET}: {latents}; largest codes {np.round(found.latent_max_S[latents], 2)}; "
+    f"alpha units {np.round(units, 3)}"
+)
 
 # %% [markdown]
 # ## 3. Steer
 # Block L's output of each source image is computed once; every alpha then only runs the blocks
-# after L. alpha is added to each latent's code at every patch.
+# after L. alpha * unit is added to each latent's code at every patch.
 
 # %%
 source = [p for p, c in zip(test.paths, classes_test, strict=True) if c == SOURCE]
@@ -106,7 +115,9 @@ with torch.inference_mode():
     tokens = backbone.tokens_after(images, layer)
     probs = torch.stack(
         [
-            steered_probabilities(backbone, sae, probe, None, latents, a, layer_tokens_BTD=tokens)
+            steered_probabilities(
+                backbone, sae, probe, None, latents, a * units, layer_tokens_BTD=tokens
+            )
             for a in ALPHAS
         ]
     ).numpy()  # [alphas, images, classes]

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from causal_helpers import evaluate_cfg
 from extract_helpers import backbone_cfg
 from test_backbones import TINY_CLIP
+from test_backbones_hub import hub_cache  # noqa: F401 (the fixture)
 
 from traitsae.backbones import build_backbone
 from traitsae.backbones.openclip_vit import create_openclip_model
@@ -84,8 +86,9 @@ def test_conditions_edit_only_the_chosen_tokens():
     positions_T = torch.tensor([False, True, True, False, True])
     mean_TD = torch.arange(15.0).reshape(5, 3)
     sae = torch.nn.Identity()
-    variants = condition_tokens(x_BTD, lambda v: 2 * v, positions_T, mean_TD)
-    assert list(variants) == list(CONDITIONS)
+    stack = condition_tokens(x_BTD, lambda v: 2 * v, positions_T, mean_TD)
+    variants = dict(zip(CONDITIONS, stack.split(2), strict=True))
+    assert stack.shape == (8, 5, 3)
     for name, v_BTD in variants.items():
         torch.testing.assert_close(v_BTD[:, ~positions_T], x_BTD[:, ~positions_T], msg=name)
     torch.testing.assert_close(variants["spliced"][:, positions_T], 2 * x_BTD[:, positions_T])
@@ -93,15 +96,25 @@ def test_conditions_edit_only_the_chosen_tokens():
         variants["mean_ablated"][:, positions_T], mean_TD[positions_T].expand(2, -1, -1)
     )
     assert variants["zero_ablated"][:, positions_T].abs().sum() == 0
+    # A cached run stacks only the conditions it needs, in the order asked for.
+    two = condition_tokens(x_BTD, lambda v: 2 * v, positions_T, None, ("spliced", "clean"))
+    torch.testing.assert_close(two, torch.cat([variants["spliced"], x_BTD]))
     assert sae(x_BTD) is x_BTD
     assert recovered(1.0, 0.8, 0.0) == pytest.approx(0.8) and recovered(0.0, 0.1, 0.5) == 0.8
     assert recovered(0.3, 0.2, 0.3) is None
 
 
 def test_splice_on_the_demo(tmp_path):
+    import shutil
+
     from traitsae.evaluation.splice import run
 
-    result = run(evaluate_cfg("splice", tmp_path, ["split=test"]))
+    cfg = evaluate_cfg("splice", tmp_path, ["split=test"])
+    cache_dir = Path(cfg.paths.activations_dir) / "synthetic" / "test" / "tiny.h5.cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    result = run(cfg)
+    assert result["meta"]["computed"] == list(CONDITIONS)
+    assert result["meta"]["from_cache"] == {"clean": None, "ablations": None}
     rows = {r["metric"]: r for r in result["metrics"]}
     assert set(rows) == {"embedding_cosine", "token_relative_error", "probe_accuracy"}  # no CLIP
     cos, err = rows["embedding_cosine"], rows["token_relative_error"]
@@ -113,6 +126,20 @@ def test_splice_on_the_demo(tmp_path):
     assert json.loads((tmp_path / "splice.json").read_text()) == result
     assert (tmp_path / "splice.csv").read_text().startswith("metric,clean,spliced,mean_ablated")
     assert (tmp_path / "splice.png").stat().st_size > 0
+    # A second SAE of a sweep (here: the same one again) reads clean and ablated results from
+    # the cache and runs only its spliced pass: the same numbers (clean tokens kept in float16).
+    again = run(evaluate_cfg("splice", tmp_path / "again", ["split=test"]))
+    assert again["meta"]["computed"] == ["spliced"]
+    cached = again["meta"]["from_cache"]
+    assert cached["ablations"].startswith(str(cache_dir / "splice-L1-"))
+    assert [Path(p).parent for p in cached["clean"]] == [cache_dir, cache_dir]
+    for row, first in zip(again["metrics"], result["metrics"], strict=True):
+        assert row == pytest.approx(first, abs=1e-3), row["metric"]
+    # Other edited tokens are other ablations: those run again, clean still comes from the cache.
+    both = run(evaluate_cfg("splice", tmp_path / "both", ["split=test", "eval.tokens=both"]))
+    assert both["meta"]["computed"] == ["spliced", "mean_ablated", "zero_ablated"]
+    assert both["metrics"][0]["mean_ablated"] != result["metrics"][0]["mean_ablated"]
+    assert both["metrics"][0]["clean"] == pytest.approx(1.0)
 
 
 def test_backbone_in_sae_json_must_match_the_store(tmp_path):
@@ -130,3 +157,116 @@ def test_backbone_in_sae_json_must_match_the_store(tmp_path):
     cfg.run = str(run_dir)
     with pytest.raises(TraitsaeError, match="init_seed: sae.json 7 vs store 0"):
         run(cfg)
+
+
+def test_zero_shot_rows_of_a_tiny_bioclip_from_the_hub_cache(hub_cache, tmp_path):  # noqa: F811
+    """eval=splice end to end on a tiny BioCLIP loaded through the real hf-hub path: the clean
+    zero-shot accuracy equals open_clip's own encode_image / encode_text on the same images."""
+    import numpy as np
+    import open_clip
+    from discovery_helpers import compose_cfg
+    from PIL import Image
+    from test_backbones_hub import TEXT, VISION, put
+
+    from traitsae.data.images import load_image_list
+    from traitsae.evaluation.splice import run
+    from traitsae.extraction import extract
+    from traitsae.sae.export import save_sae
+    from traitsae.sae.model import build_sae
+
+    source, _ = create_openclip_model(
+        backbone_cfg(
+            "bioclip",
+            checkpoint="ViT-B-16",
+            pretrained=None,
+            init_seed=5,
+            model_kwargs={"embed_dim": 16, "vision_cfg": VISION, "text_cfg": TEXT},
+        )
+    )
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": TEXT}}
+    put(
+        hub_cache,
+        "imageomics/bioclip",
+        {"open_clip_config.json": config, "open_clip_model.safetensors": source.state_dict()},
+    )
+    tiny = ["backbone=bioclip", "backbone.image_size=32", "backbone.patch_size=16"]
+    tiny += ["backbone.width=32", "backbone.depth=2", "backbone.layers=[0]"]
+    for split in ("train", "test"):
+        overrides = [f"paths.root_dir={tmp_path}", f"split={split}", *tiny]
+        overrides += ["extract.num_workers=0", "extract.progress=false"]
+        extract(compose_cfg("extract", overrides, tmp_path / f"extract-{split}"))
+    torch.manual_seed(0)
+    meta = {"backbone": "bioclip", "dataset": "synthetic", "layer": 0, "tokens": "patches"}
+    meta |= {"d_model": 32, "d_sae": 64, "variant": "topk", "scale": 1.0, "config": {}}
+    save_sae(build_sae("topk", 32, 64, 4), tmp_path / "run", meta)
+    out = tmp_path / "splice"
+    cfg = compose_cfg(
+        "evaluate",
+        [f"paths.root_dir={tmp_path}", "eval=splice", f"run={tmp_path / 'run'}", "split=test"],
+        out,
+    )
+    result = run(cfg)
+    rows = {r["metric"]: r for r in result["metrics"]}
+    zero_shot = rows["zero_shot_accuracy"]
+
+    # The reference: open_clip's own model and tokenizer on the test images, no traitsae code.
+    model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:imageomics/bioclip")
+    images = load_image_list(cfg.dataset, "test")
+    labels = np.asarray(images.metadata["species"], dtype=object)
+    classes = sorted(set(labels))
+    prompts = [f"a photo of a {c.split('.', 1)[1].replace('_', ' ')}." for c in classes]
+    with torch.inference_mode():
+        text_CE = model.encode_text(open_clip.tokenize(prompts, context_length=8))
+        pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images.paths])
+        image_NE = model.encode_image(pixels)
+    best_N = (image_NE @ torch.nn.functional.normalize(text_CE, dim=-1).T).argmax(-1).numpy()
+    expected = float((np.asarray(classes, dtype=object)[best_N] == labels).mean())
+    assert zero_shot["clean"] == pytest.approx(expected, abs=1e-12)  # the same argmax per image
+    assert result["meta"]["n_images"] == len(labels) and len(classes) >= 2
+    for condition in CONDITIONS:
+        assert 0.0 <= zero_shot[condition] <= 1.0
+    gap = zero_shot["clean"] - zero_shot["mean_ablated"]
+    if abs(gap) > 1e-12:
+        assert zero_shot["recovered"] == pytest.approx(
+            (zero_shot["spliced"] - zero_shot["mean_ablated"]) / gap
+        )
+    assert "zero_shot_accuracy" in (out / "splice.csv").read_text()
+
+
+def test_cache_file_follows_the_store_and_the_key(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from traitsae.evaluation.downstream import cache_file, load_cached, save_cached
+
+    store = SimpleNamespace(path=tmp_path / "tiny.h5")
+    store.path.write_bytes(b"not hdf5")  # no fingerprint: the file's size and mtime still count
+    path = cache_file(store, "splice-L1", {"layer": 1})
+    assert path.parent == tmp_path / "tiny.h5.cache" and path.name.startswith("splice-L1-")
+    assert cache_file(store, "splice-L1", {"layer": 1}) == path
+    assert cache_file(store, "splice-L1", {"layer": 2}) != path
+    assert load_cached(path) is None and load_cached(None) is None
+    save_cached(path, {"rows": np.arange(3)})
+    assert load_cached(path)["rows"].tolist() == [0, 1, 2]
+    assert not list(path.parent.glob(".*.tmp"))
+    os.utime(store.path, ns=(1, 1))  # a rewritten store: another file
+    assert cache_file(store, "splice-L1", {"layer": 1}) != path
+
+
+@pytest.mark.parametrize("variant", ["topk", "relu"])
+def test_reconstruction_equals_decode_of_encode(variant):
+    """RawSpaceSAE.forward decodes TopK from its k active rows: the same as the dense decode."""
+    from traitsae.sae.export import RawSpaceSAE
+    from traitsae.sae.model import build_sae
+
+    torch.manual_seed(0)
+    sae = RawSpaceSAE(build_sae(variant, 24, 96, 5).eval(), scale=0.7, meta={})
+    with torch.no_grad():
+        sae.sae.b_dec.normal_()
+        sae.sae.b_enc.normal_()
+    x_RD = torch.randn(50, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(sae(x_RD), sae.decode(sae.encode(x_RD)), rtol=0, atol=1e-5)
+        assert not torch.allclose(sae(x_RD), x_RD)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,24 +55,26 @@ def test_probe_round_trip(tmp_path):
 
 def test_boosting_alpha_latents_in_beta_images_raises_p_alpha(tmp_path):
     """Beta lacks Alpha's red crown spot; Alpha's top latents, added to Beta's images at block 1,
-    make the probe (on the final embedding) more sure of Alpha at every step of alpha."""
-    alphas = [0, 0.25, 0.5, 1]
+    make the probe (on the final embedding) more sure of Alpha at every step of the default
+    alphas (conf/eval/steer.yaml)."""
     cfg = evaluate_cfg(
-        "steer",
-        tmp_path,
-        [
-            "split=test",
-            f"eval.target_class={ALPHA}",
-            f"eval.source_class={BETA}",
-            f"eval.alphas={alphas}",
-        ],
+        "steer", tmp_path, ["split=test", f"eval.target_class={ALPHA}", f"eval.source_class={BETA}"]
     )
+    alphas = list(cfg.eval.alphas)
+    assert alphas[0] == 0 and alphas[-1] >= 4
     result = run(cfg)
     p_target = [point["mean_p_target"] for point in result["curve"]]
     assert [point["alpha"] for point in result["curve"]] == alphas
     assert all(np.diff(p_target) > 0), p_target
-    assert p_target[-1] > p_target[0] + 0.05
+    assert p_target[-1] > p_target[0] + 0.2
     assert len(result["latents"]) == 3 and result["n_images"] == 12
+    selection = result["selection"]
+    assert selection["rank"] == "effect" and set(result["latents"]) <= set(selection["candidates"])
+    assert all(s > 0 for s in selection["specificity"])  # the target class's latents
+    by_effect = sorted(selection["effect"], reverse=True)[:3]
+    assert [
+        selection["effect"][selection["candidates"].index(s)] for s in result["latents"]
+    ] == by_effect
     assert {image["class"] for image in result["images"]} == {BETA}
     assert len(result["images"]) == 12 * len(alphas) and len(result["images"][0]["top5"]) == 5
     assert json.loads((tmp_path / "steer.json").read_text())["curve"] == result["curve"]
@@ -86,9 +89,43 @@ def test_boosting_alpha_latents_in_beta_images_raises_p_alpha(tmp_path):
         ("eval.latents=[5,99999]", r"latents \[99999\] are out of range; this SAE has 512"),
         ("eval.alphas=[1,2]", r"must include 0"),
         ("eval.where=everywhere", "eval.where must be one of"),
+        ("eval.rank=magic", "eval.rank must be one of"),
+        ("eval.alpha_units=volts", "eval.alpha_units must be one of"),
+        ("eval.n_candidates=2", r"eval.n_candidates=2 must be >= eval.n_latents=3"),
     ],
 )
 def test_bad_steer_input(tmp_path, override, message):
     cfg = evaluate_cfg("steer", tmp_path, [f"eval.target_class={ALPHA}", override])
     with pytest.raises(TraitsaeError, match=message):
         run(cfg)
+
+
+def test_cli_bad_alphas_exit_2_with_one_paragraph(tmp_path):
+    """Through evaluate.py: `error: <one paragraph>` on stderr, exit status 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from causal_helpers import demo_root
+
+    root, repo = demo_root(), Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "evaluate.py"),
+            "eval=steer",
+            f"paths.root_dir={root}",
+            f"run={root / 'train'}",
+            f"eval.target_class={ALPHA}",
+            "eval.alphas=[1,2]",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", MPLBACKEND="Agg"),
+        cwd=repo,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: eval.alphas=[1, 2] must include 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -8,7 +8,10 @@ extraction uses, without pruning so that the blocks after the SAE's layer and th
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,9 @@ from tqdm.auto import tqdm
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.data.images import ImageDataset, ImageList, load_image_list
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.probe import fit_class_probe
+
+log = logging.getLogger(__name__)
 
 # Keys that may differ between the SAE's backbone config and its store's: which blocks were
 # stored, and where the weights file lives on this machine.
@@ -67,6 +73,54 @@ def backbone_config(sae: Any, store: Any) -> DictConfig:
 def build_full_backbone(sae: Any, store: Any, device: str = "cpu") -> Backbone:
     """The SAE's backbone with every block and the head (nothing pruned), on `device`."""
     return build_backbone(backbone_config(sae, store), prune=False).to(device)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def cache_file(store: Any, kind: str, key: dict[str, Any]) -> Path:
+    """`<store>.cache/<kind>-<hash>.npz`: results that depend on the backbone and the store's
+    images but not on the SAE (clean embeddings, ablations), computed once for every SAE of a
+    sweep. The hash covers `key`, the store's fingerprint and its file's size and mtime, so a
+    re-extracted store or another backbone config never reads a stale file."""
+    from traitsae.data.store import read_fingerprint
+
+    stat = store.path.stat()
+    ident = {
+        "store": str(store.path.resolve()),
+        "fingerprint": read_fingerprint(store.path),
+        "file": [stat.st_size, stat.st_mtime_ns],
+        **key,
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return store.path.with_name(store.path.name + ".cache") / f"{kind}-{digest[:16]}.npz"
+
+
+def load_cached(path: Path | None) -> dict[str, np.ndarray] | None:
+    if path is None or not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
+
+
+def save_cached(path: Path | None, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically (a reader never sees half a file); an unwritable folder only warns."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write the cache %s (%s); the next run recomputes it", path, err)
+
+
+def backbone_key(sae: Any, store: Any) -> dict[str, Any]:
+    """What the backbone's outputs depend on: its config, except which blocks were stored."""
+    config = OmegaConf.to_container(backbone_config(sae, store), resolve=True)
+    return {k: v for k, v in config.items() if k != "layers"}
 
 
 # ----------------------------------------------------------------------------- images
@@ -166,14 +220,12 @@ class ClassProbe:
         seed: int = 0,
     ) -> ClassProbe:
         """Fit on embeddings and their class names (images without a class are skipped)."""
-        from traitsae.evaluation.probe import _fit
-
         labels_N = np.asarray(labels_N, dtype=object)
         keep_N = labels_N != ""
         classes = sorted(set(labels_N[keep_N]))
         index = {name: i for i, name in enumerate(classes)}
         y_N = np.array([index[name] for name in labels_N[keep_N]], dtype=np.int64)
-        model = _fit(emb_NE[keep_N], y_N, C, max_iter, seed)
+        model = fit_class_probe(emb_NE[keep_N], y_N, C, max_iter, seed)
         scaler, logistic = model[0], model[-1]
         weight, bias = logistic.coef_, logistic.intercept_
         if len(classes) == 2:  # sklearn keeps one row for two classes: p(1) = sigmoid(z)
@@ -233,12 +285,19 @@ def train_class_probe(
     """The class probe on clean final embeddings of the train split's images."""
     from traitsae.evaluation.common import eval_store
 
+    ev = cfg.eval
     with eval_store(cfg, sae, train_split) as store:
         train = split_images(cfg, train_split, store, class_column)
-    ev = cfg.eval
-    emb_NE, rows_N = final_embeddings(
-        backbone, train.paths, int(ev.batch_size), int(ev.num_workers), str(cfg.device)
-    )
+        cache = cache_file(store, "final-embeddings", backbone_key(sae, store))
+    cached = load_cached(cache) if ev.cache else None
+    if cached is not None:
+        emb_NE, rows_N = cached["embedding"], cached["rows"]
+    else:
+        emb_NE, rows_N = final_embeddings(
+            backbone, train.paths, int(ev.batch_size), int(ev.num_workers), str(cfg.device)
+        )
+        if ev.cache:
+            save_cached(cache, {"embedding": emb_NE, "rows": rows_N})
     labels_N = train.classes_N[rows_N]
     if len(set(labels_N) - {""}) < 2:
         raise TraitsaeError(

@@ -85,7 +85,9 @@ def image_features(
     }
 
 
-def _fit(x_ND: np.ndarray, y_N: np.ndarray, C: float, max_iter: int, seed: int):
+def fit_class_probe(x_ND: np.ndarray, y_N: np.ndarray, C: float, max_iter: int, seed: int):
+    """Standardise, then L2 multinomial logistic regression: the class probe every evaluation fits
+    (`eval=probe` on layer activations, `eval=splice`/`eval=steer` on final embeddings)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -104,8 +106,8 @@ def probe_accuracies(
     train: dict[str, np.ndarray], test: dict[str, np.ndarray], C: float, max_iter: int, seed: int
 ) -> dict[str, Any]:
     """Test accuracy of probes on originals, on reconstructions, and originals' probe on recs."""
-    on_orig = _fit(train["original"], train["label"], C, max_iter, seed)
-    on_rec = _fit(train["reconstructed"], train["label"], C, max_iter, seed)
+    on_orig = fit_class_probe(train["original"], train["label"], C, max_iter, seed)
+    on_rec = fit_class_probe(train["reconstructed"], train["label"], C, max_iter, seed)
     acc_orig = float(on_orig.score(test["original"], test["label"]))
     acc_rec = float(on_rec.score(test["reconstructed"], test["label"]))
     return {

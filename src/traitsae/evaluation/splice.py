@@ -16,6 +16,10 @@ final embeddings of the train split, and for CLIP-family backbones zero-shot acc
 names. `recovered = (spliced - ablated) / (clean - ablated)` against `eval.baseline` (mean: the
 vision analogue of "loss recovered"); 1 = the SAE loses nothing downstream, 0 = no better than
 erasing the layer.
+
+Clean and ablated runs do not depend on the SAE: with `eval.cache` the ablated conditions (and
+the probe's clean train embeddings) are kept in `<store>.cache/`, and every further SAE of a
+sweep at the same layer runs only clean (the reference of every metric) and spliced.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,15 +40,20 @@ from traitsae.backbones import Backbone, Final
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.downstream import (
     ClassProbe,
+    backbone_key,
     build_full_backbone,
+    cache_file,
     iter_image_batches,
+    load_cached,
     sae_token_positions,
+    save_cached,
     split_images,
     train_class_probe,
 )
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("clean", "spliced", "mean_ablated", "zero_ablated")
+ABLATIONS = ("mean_ablated", "zero_ablated")
 BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
 
 
@@ -51,22 +61,27 @@ BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
 
 
 def condition_tokens(
-    x_BTD: torch.Tensor, sae: torch.nn.Module, positions_T: torch.Tensor, mean_TD: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Block L's output under each condition; only the tokens at `positions_T` change."""
+    x_BTD: torch.Tensor,
+    sae: torch.nn.Module,
+    positions_T: torch.Tensor,
+    mean_TD: torch.Tensor | None,
+    conditions: tuple[str, ...] = CONDITIONS,
+) -> torch.Tensor:
+    """Block L's output under each of `conditions`, stacked [len(conditions) * B, T, D] in that
+    order (the blocks after L then run once on the stack); only the tokens at `positions_T`
+    change. `mean_TD` is needed only for mean_ablated."""
     n_b, _, d = x_BTD.shape
-    chosen_BKD = x_BTD[:, positions_T]
-    recon_BKD = sae(chosen_BKD.reshape(-1, d)).reshape(chosen_BKD.shape).to(x_BTD.dtype)
-    out = {"clean": x_BTD}
-    for name, replacement in (
-        ("spliced", recon_BKD),
-        ("mean_ablated", mean_TD[positions_T].to(x_BTD.dtype).expand(n_b, -1, -1)),
-        ("zero_ablated", torch.zeros_like(chosen_BKD)),
-    ):
-        edited_BTD = x_BTD.clone()
-        edited_BTD[:, positions_T] = replacement
-        out[name] = edited_BTD
-    return out
+    stack_CBTD = x_BTD.repeat(len(conditions), 1, 1).view(len(conditions), *x_BTD.shape)
+    for name, edited_BTD in zip(conditions, stack_CBTD, strict=True):
+        if name == "spliced":
+            chosen_BKD = x_BTD[:, positions_T]
+            recon_RD = sae(chosen_BKD.reshape(-1, d)).to(x_BTD.dtype)
+            edited_BTD[:, positions_T] = recon_RD.view(chosen_BKD.shape)
+        elif name == "mean_ablated":
+            edited_BTD[:, positions_T] = mean_TD[positions_T].to(x_BTD.dtype)
+        elif name == "zero_ablated":
+            edited_BTD[:, positions_T] = 0
+    return stack_CBTD.view(-1, *x_BTD.shape[1:])
 
 
 @torch.inference_mode()
@@ -76,19 +91,20 @@ def splice_batch(
     images_BCHW: torch.Tensor,
     layer: int,
     positions_T: torch.Tensor,
-    mean_TD: torch.Tensor,
+    mean_TD: torch.Tensor | None,
+    conditions: tuple[str, ...] = CONDITIONS,
 ) -> dict[str, Final]:
-    """The end of the model (last block's tokens, final embedding) under every condition."""
-    variants = condition_tokens(
-        backbone.tokens_after(images_BCHW, layer), sae, positions_T, mean_TD
+    """The end of the model (last block's tokens, final embedding) under each condition."""
+    stack = condition_tokens(
+        backbone.tokens_after(images_BCHW, layer), sae, positions_T, mean_TD, conditions
     )
-    final = backbone.finish_from(torch.cat(list(variants.values())), layer)
+    final = backbone.finish_from(stack, layer)
     n_b = images_BCHW.shape[0]
     return {
         name: Final(
             final.tokens_BTD[i * n_b : (i + 1) * n_b], final.embedding_BE[i * n_b : (i + 1) * n_b]
         )
-        for i, name in enumerate(variants)
+        for i, name in enumerate(conditions)
     }
 
 
@@ -112,32 +128,32 @@ def store_mean_tokens(store: Any, layer: int, n_tokens: int) -> torch.Tensor:
 
 @dataclass
 class Tally:
-    """Per-condition sums over images, and the final embeddings for the probes."""
+    """Per image and condition: the final embedding, its cosine to clean, and the relative error
+    of the last block's tokens (per-image arrays, so a cache can hold the ablated conditions)."""
 
-    n: int = 0
-    cosine: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CONDITIONS, 0.0))
-    rel_error: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CONDITIONS, 0.0))
-    embeddings: dict[str, list[np.ndarray]] = field(
-        default_factory=lambda: {c: [] for c in CONDITIONS}
-    )
     rows: list[np.ndarray] = field(default_factory=list)
+    values: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
 
     def add(self, rows_B: np.ndarray, finals: dict[str, Final]) -> None:
         clean = finals["clean"]
-        self.n += len(rows_B)
+        clean_norm_B = clean.tokens_BTD.float().flatten(1).norm(dim=1).clamp_min(1e-12)
         self.rows.append(rows_B)
         for name, final in finals.items():
             cos_B = torch.nn.functional.cosine_similarity(
                 final.embedding_BE.float(), clean.embedding_BE.float(), dim=-1
             )
             err_B = (final.tokens_BTD - clean.tokens_BTD).float().flatten(1).norm(dim=1)
-            err_B = err_B / clean.tokens_BTD.float().flatten(1).norm(dim=1).clamp_min(1e-12)
-            self.cosine[name] += float(cos_B.sum())
-            self.rel_error[name] += float(err_B.sum())
-            self.embeddings[name].append(final.embedding_BE.float().cpu().numpy())
+            per = self.values.setdefault(name, {"embedding": [], "cosine": [], "rel_error": []})
+            per["embedding"].append(final.embedding_BE.float().cpu().numpy())
+            per["cosine"].append(cos_B.cpu().numpy())
+            per["rel_error"].append((err_B / clean_norm_B).cpu().numpy())
 
-    def embedding(self, name: str) -> np.ndarray:
-        return np.concatenate(self.embeddings[name])
+    def arrays(self) -> dict[str, np.ndarray]:
+        """{"rows": [N], "<condition>.<embedding|cosine|rel_error>": [N(, E)]}."""
+        out = {"rows": np.concatenate(self.rows)}
+        for name, per in self.values.items():
+            out.update({f"{name}.{key}": np.concatenate(v) for key, v in per.items()})
+        return out
 
 
 def recovered(clean: float, spliced: float, ablated: float) -> float | None:
@@ -201,21 +217,141 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     layer = int(sae.meta["layer"])
     with eval_store(cfg, sae, cfg.split) as store:
         backbone = build_full_backbone(sae, store, device)
-        n_tokens = backbone.geometry.n_prefix_tokens + backbone.geometry.n_patches
-        positions_T = sae_token_positions(
-            sae, str(ev.tokens), backbone.geometry.n_prefix_tokens, n_tokens
-        )
-        mean_TD = store_mean_tokens(store, layer, n_tokens).to(device)
+        g = backbone.geometry
+        n_tokens = g.n_prefix_tokens + g.n_patches
+        positions_T = sae_token_positions(sae, str(ev.tokens), g.n_prefix_tokens, n_tokens)
+        clean = CleanReference(sae, store) if ev.cache else None
+        ablations = ablation_cache(sae, store, layer, positions_T) if ev.cache else None
+        cached = load_cached(ablations)
+        # Only what depends on the SAE must run again: the spliced condition.
+        conditions = ("spliced",) + (() if cached else ABLATIONS)
+        if clean is None or not clean.load():
+            conditions = ("clean", *conditions)
+        mean_TD = None if cached else store_mean_tokens(store, layer, n_tokens).to(device)
         images = split_images(cfg, cfg.split, store, str(ev.class_column))
     probe = train_class_probe(cfg, backbone, sae, str(ev.train_split), str(ev.class_column))
+    writer = None
+    if clean is not None and "clean" in conditions:
+        writer = CleanWriter(clean, (len(images.paths), n_tokens, g.d_model))
     tally = Tally()
     for rows_B, images_BCHW in iter_image_batches(
         backbone, images.paths, int(ev.batch_size), int(ev.num_workers), device, desc="splice"
     ):
-        tally.add(rows_B, splice_batch(backbone, sae, images_BCHW, layer, positions_T, mean_TD))
-    result = summarise(cfg, backbone, sae, probe, tally, images.classes_N, positions_T)
+        finals = splice_batch(backbone, sae, images_BCHW, layer, positions_T, mean_TD, conditions)
+        if "clean" not in finals:
+            finals["clean"] = clean.final(rows_B, device)
+        elif writer is not None:
+            writer.add(rows_B, finals["clean"])
+        tally.add(rows_B, finals)
+    values = tally.arrays()
+    if writer is not None:
+        writer.finish(values["rows"], values["clean.embedding"])
+    if cached:
+        values |= ablations_of(cached, values["rows"], ablations)
+    elif ablations is not None:
+        kept = {k: v for k, v in values.items() if k == "rows" or k.split(".")[0] in ABLATIONS}
+        save_cached(ablations, kept)
+    result = summarise(cfg, backbone, sae, probe, values, images.classes_N, positions_T)
+    result["meta"]["computed"] = list(conditions)
+    result["meta"]["from_cache"] = {
+        "clean": None if "clean" in conditions else [str(p) for p in clean.paths],
+        "ablations": str(ablations) if cached else None,
+    }
     write_outputs(result, output_dir(cfg))
     return result
+
+
+class CleanReference:
+    """The clean end of the model on a split's images, kept in the store's cache: the final
+    embeddings (`final-embeddings-*.npz`: rows, embedding; the file the class probe reads for its
+    train split) and the last block's tokens (`final-tokens-*.npy`, float16, [n_images, T, D] by
+    dataset position, read memory-mapped). Neither depends on the SAE or its layer."""
+
+    def __init__(self, sae: Any, store: Any) -> None:
+        key = backbone_key(sae, store)
+        self.embeddings_path = cache_file(store, "final-embeddings", key)
+        self.tokens_path = cache_file(store, "final-tokens", key).with_suffix(".npy")
+        self.paths = (self.embeddings_path, self.tokens_path)
+
+    def load(self) -> bool:
+        """Open both files; False when either is missing (the clean condition then runs)."""
+        cached = load_cached(self.embeddings_path)
+        if cached is None or not self.tokens_path.is_file():
+            return False
+        self.position = {int(row): i for i, row in enumerate(cached["rows"])}
+        self.embedding_NE = cached["embedding"]
+        self.tokens_NTD = np.load(self.tokens_path, mmap_mode="r")
+        return True
+
+    def final(self, rows_B: np.ndarray, device: str) -> Final:
+        missing = [int(r) for r in rows_B if int(r) not in self.position]
+        if missing:
+            raise TraitsaeError(
+                f"images {missing[:5]} were unreadable when {self.embeddings_path} was written; "
+                f"delete {self.embeddings_path.parent} (or pass eval.cache=false) and rerun."
+            )
+        as_t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)  # noqa: E731
+        embedding_BE = self.embedding_NE[[self.position[int(r)] for r in rows_B]]
+        return Final(as_t(self.tokens_NTD[rows_B]), as_t(embedding_BE))
+
+
+class CleanWriter:
+    """Fills the clean tokens file batch by batch (a temporary file, renamed when complete)."""
+
+    def __init__(self, reference: CleanReference, shape: tuple[int, int, int]) -> None:
+        self.reference = reference
+        path = reference.tokens_path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.tokens_NTD = np.lib.format.open_memmap(
+                self.tmp, mode="w+", dtype=np.float16, shape=shape
+            )
+        except OSError as err:
+            log.warning("cannot cache the clean tokens in %s (%s)", self.tmp.parent, err)
+            self.tokens_NTD = None
+
+    def add(self, rows_B: np.ndarray, final: Final) -> None:
+        if self.tokens_NTD is None:
+            return
+        tokens_BTD = final.tokens_BTD.float().cpu().numpy()
+        if np.abs(tokens_BTD).max() >= 65504:  # beyond float16: no cache rather than inf
+            log.warning("clean tokens exceed the float16 range: not cached")
+            self.tokens_NTD = None
+            self.tmp.unlink(missing_ok=True)
+            return
+        self.tokens_NTD[rows_B] = tokens_BTD
+
+    def finish(self, rows_N: np.ndarray, embedding_NE: np.ndarray) -> None:
+        if self.tokens_NTD is None:
+            return
+        self.tokens_NTD.flush()
+        self.tokens_NTD = None
+        os.replace(self.tmp, self.reference.tokens_path)
+        save_cached(self.reference.embeddings_path, {"embedding": embedding_NE, "rows": rows_N})
+
+
+def ablation_cache(sae: Any, store: Any, layer: int, positions_T: torch.Tensor):
+    """The cache file of the ablated conditions at `layer` on `store`'s images (rows included)."""
+    key = {
+        **backbone_key(sae, store),
+        "layer": layer,
+        "edited": torch.nonzero(positions_T).flatten().tolist(),
+    }
+    return cache_file(store, f"splice-L{layer}", key)
+
+
+def ablations_of(
+    cached: dict[str, np.ndarray], rows_N: np.ndarray, path: Any
+) -> dict[str, np.ndarray]:
+    """The ablated conditions' arrays of a cache written for the same images."""
+    if not np.array_equal(cached["rows"], rows_N):
+        raise TraitsaeError(
+            f"the splice cache {path} was written for {len(cached['rows'])} readable images, "
+            f"this run read {len(rows_N)}: some images changed readability. Delete {path} (or "
+            "pass eval.cache=false) and rerun."
+        )
+    return {k: v for k, v in cached.items() if k.split(".")[0] in ABLATIONS}
 
 
 def summarise(
@@ -223,25 +359,25 @@ def summarise(
     backbone: Backbone,
     sae: Any,
     probe: ClassProbe,
-    tally: Tally,
+    values: dict[str, np.ndarray],
     classes_N: np.ndarray,
     positions_T: torch.Tensor,
 ) -> dict[str, Any]:
     ev = cfg.eval
-    labels_N = classes_N[np.concatenate(tally.rows)]
-    embeddings = {c: tally.embedding(c) for c in CONDITIONS}
-    values = {
-        "embedding_cosine": {c: tally.cosine[c] / tally.n for c in CONDITIONS},
-        "token_relative_error": {c: tally.rel_error[c] / tally.n for c in CONDITIONS},
+    labels_N = classes_N[values["rows"]]
+    embeddings = {c: values[f"{c}.embedding"] for c in CONDITIONS}
+    metrics = {
+        "embedding_cosine": {c: float(values[f"{c}.cosine"].mean()) for c in CONDITIONS},
+        "token_relative_error": {c: float(values[f"{c}.rel_error"].mean()) for c in CONDITIONS},
         "probe_accuracy": {c: probe.accuracy(embeddings[c], labels_N) for c in CONDITIONS},
     }
     if backbone.text_tower is not None and ev.zero_shot:
-        values["zero_shot_accuracy"] = zero_shot_accuracy(
+        metrics["zero_shot_accuracy"] = zero_shot_accuracy(
             backbone, embeddings, labels_N, str(ev.prompt)
         )
     k = backbone.geometry.n_prefix_tokens
     return {
-        "metrics": metric_rows(values, str(ev.baseline)),
+        "metrics": metric_rows(metrics, str(ev.baseline)),
         "meta": {
             "sae": str(cfg.get("sae_path") or cfg.get("run")),
             "backbone": backbone.name,
@@ -250,7 +386,7 @@ def summarise(
             "dataset": cfg.dataset.name,
             "split": str(cfg.split),
             "train_split": str(ev.train_split),
-            "n_images": tally.n,
+            "n_images": len(labels_N),
             "n_probe_classes": len(probe.classes),
             "edited_tokens": {
                 "cls": bool(positions_T[0]),

@@ -6,13 +6,20 @@ A linear class probe is fit on clean final embeddings of the train split. For im
 target class (or `eval.images`), block L's output (L = the SAE's layer) gets
 alpha * (decoder direction) of each chosen latent added (in every edited token, or only where
 the latent fires), the remaining blocks and the head run, and the probe's class probabilities are
-recorded for each alpha. The latents are `eval.latents`, or by default the `eval.n_latents`
-latents whose image-level activation (max over patches) is highest in the target class relative
-to the other classes of the train split.
+recorded for each alpha. The latents are `eval.latents`, or by default the target class's
+`eval.n_latents` latents that the model downstream reads as that class: of the `eval.n_candidates`
+latents most specific to it (image-level activation, max over patches, higher in the class than
+outside it on the train split), those whose step raises the probe's log p(target) most on the
+train split's source images (the derivative at alpha = 0: attribution patching; latents that
+lower it are never chosen, so fewer than n_latents may remain).
+`eval.rank=specificity` keeps the specificity order alone.
 
-alpha is in the latent's own units: adding alpha * W_dec[s] (raw space) is what raising latent
-s's code by alpha does to the reconstruction. `steer.json` records each latent's largest code on
-the train split (`latent_max`) as the natural scale.
+alpha is in units of each latent's typical activation in the target class (`eval.alpha_units=
+typical`): latent s's code at every edited token is raised by alpha * unit_s, unit_s = its code
+averaged over a target image's edited tokens (mean over the class's train images), so alpha = 1
+at every patch gives an image as much of the latent as a typical target image carries. Raising
+the code by c adds c * W_dec[s] / scale (raw space) to the token. `alpha_units=code`: unit 1.
+`steer.json` records the units (`alpha_unit`) and each latent's largest code (`latent_max`).
 
 The function API (used by the explorer's Steer page) is `steered_probabilities`.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,6 +49,12 @@ from traitsae.evaluation.downstream import (
 
 log = logging.getLogger(__name__)
 WHERE = ("all", "firing")
+RANKS = ("effect", "specificity")
+ALPHA_MEANING = {
+    "typical": "each edited token's code of latent s raised by alpha * alpha_unit[s], its mean "
+    "code over the edited tokens of a target-class image (train split)",
+    "code": "each edited token's code of latent s raised by alpha",
+}
 
 
 # ----------------------------------------------------------------------------- the function API
@@ -129,17 +143,29 @@ def check_alphas(alphas: Sequence[float]) -> list[float]:
 # ----------------------------------------------------------------------------- choosing latents
 
 
+@dataclass
+class ClassLatents:
+    """What the train store says about every latent for one target class."""
+
+    ranked: list[int]  # the n latents most specific to the class, most specific first
+    latent_max_S: np.ndarray  # each latent's largest image score on the split
+    specificity_S: np.ndarray  # mean image score in the class minus outside it
+    typical_S: np.ndarray  # mean over the class's images of the code averaged over edited tokens
+
+
 def class_latents(
     sae: torch.nn.Module, store: Any, classes_N: np.ndarray, target: str, n: int, device: str
-) -> tuple[list[int], np.ndarray]:
+) -> ClassLatents:
     """The `n` latents most specific to `target` (mean image score in the class minus outside
-    it; image score = max over the edited tokens), and every latent's largest image score."""
+    it; image score = max over the edited tokens), and each latent's statistics (ClassLatents)."""
     from traitsae.evaluation.scoring import Method, image_scores, sae_scorer
 
     tokens = "cls" if sae.meta.get("tokens", "patches") == "cls" else "patches"
-    methods = {"sae": Method("sae", sae_scorer(sae), sae.d_sae, pool="max")}
+    methods = {
+        pool: Method(pool, sae_scorer(sae), sae.d_sae, pool=pool) for pool in ("max", "mean")
+    }
     scores, rows = image_scores(store, int(sae.meta["layer"]), methods, tokens, device)
-    s_NS = scores["sae"]
+    s_NS = scores["max"]
     in_class_N = classes_N[rows] == target
     if not in_class_N.any() or in_class_N.all():
         raise TraitsaeError(
@@ -149,7 +175,34 @@ def class_latents(
         )
     specificity_S = s_NS[in_class_N].mean(0) - s_NS[~in_class_N].mean(0)
     order = np.argsort(-specificity_S, kind="stable")[:n]
-    return [int(s) for s in order], s_NS.max(0)
+    typical_S = scores["mean"][in_class_N].mean(0)
+    return ClassLatents([int(s) for s in order], s_NS.max(0), specificity_S, typical_S)
+
+
+def latent_effects(
+    backbone: Backbone,
+    sae: torch.nn.Module,
+    probe: ClassProbe,
+    x_BTD: torch.Tensor,
+    latents: Sequence[int],
+    target_index: int,
+    where: str = "all",
+    tokens: str = "auto",
+) -> np.ndarray:
+    """d mean log p(target) / d alpha_k at alpha = 0 for each latent k, on block L's output
+    `x_BTD` of some images: how much steering by latent k raises the probe's belief in the
+    target, to first order (one backward pass through the blocks after L and the head)."""
+    g = backbone.geometry
+    positions_T = sae_token_positions(sae, tokens, g.n_prefix_tokens, x_BTD.shape[1])
+    alphas_K = torch.zeros(len(latents), device=x_BTD.device, requires_grad=True)
+    with torch.enable_grad():
+        steered_BTD = steer_tokens(
+            x_BTD.detach(), sae, latents, alphas_K, positions_T.to(x_BTD.device), where
+        )
+        embedding_BE = backbone.finish_from(steered_BTD, int(sae.meta["layer"])).embedding_BE
+        log_p_B = probe.logits(embedding_BE).log_softmax(-1)[:, target_index]
+        (grad_K,) = torch.autograd.grad(log_p_B.mean(), alphas_K)
+    return grad_K.cpu().numpy()
 
 
 def chosen_images(
@@ -159,7 +212,14 @@ def chosen_images(
     at most `eval.max_images` images of `eval.source_class` (default: not of the target class)."""
     if ev.get("images"):
         return np.asarray([image_position(item, paths) for item in as_list(ev.images)])
-    source = ev.get("source_class")
+    return source_sample(classes_N, target, ev.get("source_class"), int(ev.max_images), seed)
+
+
+def source_sample(
+    classes_N: np.ndarray, target: str, source: str | None, n: int, seed: int
+) -> np.ndarray:
+    """Sorted positions of a seeded sample of at most `n` images of `source` (None: every class
+    but `target`)."""
     others = np.flatnonzero(classes_N == str(source) if source else classes_N != target)
     if others.size == 0:
         raise TraitsaeError(
@@ -167,8 +227,7 @@ def chosen_images(
             f"{sorted(set(classes_N) - {''})[:20]}."
         )
     rng = np.random.default_rng(seed)
-    n = min(int(ev.max_images), others.size)
-    return np.sort(rng.choice(others, size=n, replace=False))
+    return np.sort(rng.choice(others, size=min(n, others.size), replace=False))
 
 
 def image_position(item: Any, paths: list[str]) -> int:
@@ -201,6 +260,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     alphas = check_alphas(as_list(ev.alphas))
     if str(ev.where) not in WHERE:
         raise TraitsaeError(f"eval.where must be one of {WHERE}, got {ev.where!r}.")
+    if str(ev.alpha_units) not in ALPHA_MEANING:
+        raise TraitsaeError(
+            f"eval.alpha_units must be one of {sorted(ALPHA_MEANING)}, got {ev.alpha_units!r}."
+        )
+    if str(ev.rank) not in RANKS:
+        raise TraitsaeError(f"eval.rank must be one of {RANKS}, got {ev.rank!r}.")
+    if int(ev.n_candidates) < int(ev.n_latents):
+        raise TraitsaeError(
+            f"eval.n_candidates={ev.n_candidates} must be >= eval.n_latents={ev.n_latents} (the "
+            "latents are chosen among the candidates)."
+        )
     if ev.get("target_class") is None:
         raise TraitsaeError("eval.target_class is required: give a class name as in the store.")
     target = str(ev.target_class)
@@ -215,20 +285,48 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"(column {ev.class_column!r} of split {ev.train_split}); it has {len(known)}: "
                 f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}."
             )
-        ranked, latent_max = class_latents(
-            sae, train_store, train.classes_N, target, int(ev.n_latents), device
-        )
-    latents = [int(s) for s in as_list(ev.latents)] if ev.get("latents") else ranked
-    check_latents(latents, sae.d_sae)
+        n_ranked = int(ev.n_candidates) if ev.rank == "effect" else int(ev.n_latents)
+        found = class_latents(sae, train_store, train.classes_N, target, n_ranked, device)
+    ranked = found.ranked
+    given = [int(s) for s in as_list(ev.latents)] if ev.get("latents") else None
+    if given is not None:
+        check_latents(given, sae.d_sae)
     with eval_store(cfg, sae, cfg.split) as store:
         images = split_images(cfg, cfg.split, store, str(ev.class_column))
     probe = train_class_probe(cfg, backbone, sae, str(ev.train_split), str(ev.class_column))
+    selection = {"rank": "given" if given else str(ev.rank)}
+    if given:
+        latents = given
+    elif ev.rank == "specificity":
+        latents = ranked
+    else:
+        # Ranked on the train split's source images: the steered images stay held out.
+        rows = source_sample(
+            train.classes_N, target, ev.get("source_class"), int(ev.max_images), int(cfg.seed)
+        )
+        effect_K = mean_effects(cfg, backbone, sae, probe, [train.paths[i] for i in rows], ranked)
+        effect_K = effect_K * alpha_units(ev, found, ranked)  # per unit of alpha
+        order = [i for i in np.argsort(-effect_K, kind="stable") if effect_K[i] > 0]
+        if not order:
+            raise TraitsaeError(
+                f"none of the {len(ranked)} latents most specific to {target!r} raises the "
+                f"probe's p({target}) when added (effects {np.round(effect_K, 4).tolist()}); "
+                "raise eval.n_candidates, or give eval.rank=specificity or eval.latents=[...]."
+            )
+        latents = [ranked[i] for i in order[: int(ev.n_latents)]]
+        selection |= {"candidates": ranked, "effect": [float(e) for e in effect_K]}
+    selection["specificity"] = [float(found.specificity_S[s]) for s in latents]
+    units_K = alpha_units(ev, found, latents)
     picked = chosen_images(ev, images.paths, images.classes_N, target, int(cfg.seed))
     probs_ANC, rows_N = steer_images(
-        cfg, backbone, sae, probe, [images.paths[i] for i in picked], latents, alphas
+        cfg, backbone, sae, probe, [images.paths[i] for i in picked], latents, alphas, units_K
     )
     rows_N = picked[rows_N]
-    result = summarise(probe, target, latents, latent_max, alphas, probs_ANC, rows_N, images)
+    result = summarise(
+        probe, target, latents, found.latent_max_S, alphas, probs_ANC, rows_N, images
+    )
+    result["selection"] = selection
+    result["alpha_unit"] = [float(u) for u in units_K]
     result["meta"] = {
         "sae": str(cfg.get("sae_path") or cfg.get("run")),
         "backbone": backbone.name,
@@ -238,12 +336,55 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train_split": str(ev.train_split),
         "where": str(ev.where),
         "tokens": str(ev.tokens),
-        "alpha_units": "added to the latent's code (raw-space step alpha * W_dec[s] / scale)",
+        "alpha_units": str(ev.alpha_units),
+        "alpha_means": ALPHA_MEANING[str(ev.alpha_units)],
     }
     out = output_dir(cfg)
     probe.save(out / "probe.safetensors")
     write_outputs(result, probs_ANC, probe, out)
     return result
+
+
+def alpha_units(ev: DictConfig, found: ClassLatents, latents: list[int]) -> np.ndarray:
+    """What alpha = 1 adds to each latent's code at every edited token [K]."""
+    if ev.alpha_units == "code":
+        return np.ones(len(latents))
+    units_K = found.typical_S[latents].astype(np.float64)
+    if (units_K <= 0).any():
+        silent = [s for s, u in zip(latents, units_K, strict=True) if u <= 0]
+        raise TraitsaeError(
+            f"latents {silent} never fire on images of {ev.target_class!r} (train split), so "
+            "their typical activation, the unit of alpha, is 0; give eval.alpha_units=code or "
+            "other eval.latents."
+        )
+    return units_K
+
+
+def mean_effects(
+    cfg: DictConfig,
+    backbone: Backbone,
+    sae: torch.nn.Module,
+    probe: ClassProbe,
+    paths: list[str],
+    latents: list[int],
+) -> np.ndarray:
+    """`latent_effects` averaged over the readable images of `paths` [K]."""
+    ev, layer = cfg.eval, int(sae.meta["layer"])
+    t = probe.class_index(str(ev.target_class))
+    total_K, n = np.zeros(len(latents)), 0
+    for _, images_BCHW in iter_image_batches(
+        backbone, paths, int(ev.batch_size), int(ev.num_workers), str(cfg.device), desc="rank"
+    ):
+        with torch.no_grad():
+            x_BTD = backbone.tokens_after(images_BCHW, layer)
+        effect_K = latent_effects(
+            backbone, sae, probe, x_BTD, latents, t, str(ev.where), str(ev.tokens)
+        )
+        total_K += effect_K * len(x_BTD)
+        n += len(x_BTD)
+    if n == 0:
+        raise TraitsaeError("none of the source images of the train split could be read.")
+    return total_K / n
 
 
 @torch.inference_mode()
@@ -255,8 +396,10 @@ def steer_images(
     paths: list[str],
     latents: list[int],
     alphas: list[float],
+    units_K: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities [A, n, C] for each alpha and readable image, and those images' positions."""
+    """Probabilities [A, n, C] for each alpha and readable image, and those images' positions;
+    latent k's code is raised by alpha * units_K[k]."""
     ev, layer = cfg.eval, int(sae.meta["layer"])
     probs, rows = [], []
     for rows_B, images_BCHW in iter_image_batches(
@@ -272,7 +415,7 @@ def steer_images(
                         probe,
                         None,
                         latents,
-                        alpha,
+                        (alpha * units_K).tolist(),
                         str(ev.where),
                         str(ev.tokens),
                         x_BTD,

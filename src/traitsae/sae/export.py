@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from traitsae.errors import TraitsaeError
+from traitsae.sae.activations import TopK
 from traitsae.sae.model import SparseAutoencoder, build_sae
+from traitsae.sae.sparse_ops import topk_indices
 
 WEIGHTS_FILE = "sae.safetensors"
 JSON_FILE = "sae.json"
@@ -60,7 +63,17 @@ class RawSpaceSAE(nn.Module):
         return self.sae.decode(codes_BS) / self.scale
 
     def forward(self, x_BD: Tensor) -> Tensor:
-        return self.decode(self.encode(x_BD))
+        """The reconstruction decode(encode(x)). TopK sums only the k active decoder rows: the
+        dense decode would be a second GEMM as large as the encoder's, on codes that are zeros."""
+        if not isinstance(self.sae.activation, TopK):
+            return self.decode(self.encode(x_BD))
+        self._check_width(x_BD)
+        sae = self.sae
+        pre_BS = sae.pre_acts(x_BD.to(sae.W_enc.dtype) * self.scale)
+        idx_BK = topk_indices(pre_BS, sae.activation.k)
+        codes_BK = pre_BS.gather(1, idx_BK).relu_()
+        recon_BD = F.embedding_bag(idx_BK, sae.W_dec, mode="sum", per_sample_weights=codes_BK)
+        return (recon_BD + sae.b_dec) / self.scale
 
 
 def _json_safe(value: Any) -> Any:
