@@ -25,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -40,7 +41,7 @@ def compose(name: str, overrides: list[str]):
         return hydra_compose(name, overrides=overrides)
 
 
-def ensure_stores(root: Path) -> dict[str, Path]:
+def ensure_stores(root: Path, dataset: list[str]) -> dict[str, Path]:
     """The train and test dictionary stores under `root` (written once, then reused)."""
     from traitsae.data.dictionary import write_dictionary_store
 
@@ -49,7 +50,7 @@ def ensure_stores(root: Path) -> dict[str, Path]:
         cfg = compose(
             "extract",
             ["dataset=dictionary", f"split={split}", f"paths.activations_dir={root}",
-             "extract.progress=false"],
+             "extract.progress=false", *dataset],
         )  # fmt: skip
         paths[split] = write_dictionary_store(cfg)
     return paths
@@ -70,6 +71,22 @@ class MemoryBatches(torch.utils.data.IterableDataset):
                 yield self.x_ND[idx]
 
 
+class Trace(L.Callback):
+    """train/l0 (and the controller's coefficient) every `every` steps: how L0 got there."""
+
+    def __init__(self, every: int = 200) -> None:
+        self.every, self.points = every, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            m = trainer.callback_metrics
+            point = [step, round(float(m["train/l0"]), 2)]
+            if "train/sparsity_coeff" in m:
+                point.append(float(f"{float(m['train/sparsity_coeff']):.3g}"))
+            self.points.append(point)
+
+
 def train_vectors(dm) -> torch.Tensor:
     """The data module's training vectors (its train/val split), float16 [N, D]."""
     from traitsae.data.stream import ActivationStream
@@ -79,9 +96,9 @@ def train_vectors(dm) -> torch.Tensor:
     return torch.cat(list(stream))
 
 
-def run_one(overrides: list[str], stores: dict[str, Path], budget: int, full: bool, cache: dict):
-    import lightning as L
-
+def run_one(
+    overrides: list[str], stores: dict[str, Path], budget: int, full: bool, cache: dict
+) -> dict:
     from traitsae.evaluation.dictionary import score_sae
     from traitsae.sae.export import RawSpaceSAE
     from traitsae.training import build_module, instantiate_checked
@@ -106,7 +123,7 @@ def run_one(overrides: list[str], stores: dict[str, Path], budget: int, full: bo
         accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=cfg.trainer.gradient_clip_val, precision=cfg.trainer.precision,
-        limit_val_batches=0, num_sanity_val_steps=0,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[trace := Trace()],
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
@@ -117,7 +134,7 @@ def run_one(overrides: list[str], stores: dict[str, Path], budget: int, full: bo
     dead = float((module.steps_since_fired >= module.dead_after_steps).float().mean())
     return {"overrides": " ".join(overrides) or "(defaults)", "steps": steps, "batch": batch,
             "seconds": round(seconds, 1), "train_dead": dead,
-            "final_coeff": coeff_of(module), **scores}  # fmt: skip
+            "final_coeff": coeff_of(module), **scores, "trace": trace.points}  # fmt: skip
 
 
 def coeff_of(module) -> float | None:
@@ -134,14 +151,26 @@ def quick_scores(sae, store_path: Path) -> dict:
     from traitsae.sae.metrics import fraction_of_variance_unexplained
 
     with Store(store_path) as store:
-        features_FD = torch.from_numpy(read_truth(store)["features"]).double()
+        truth = read_truth(store)
+        features_FD = torch.from_numpy(truth["features"]).double()
         x_ND = torch.from_numpy(np.asarray(store.patches(0)[:64], dtype=np.float32))
     x_ND = x_ND.reshape(-1, x_ND.shape[-1])
     unit = torch.nn.functional.normalize
     best_F = (unit(features_FD, dim=1) @ unit(sae.W_dec.double(), dim=1).T).max(1).values
     codes_NS = sae.encode(x_ND)
+    ok_F = best_F > 0.9
+    parents_F = torch.from_numpy(truth["parents"])
+    is_parent_F = torch.zeros_like(ok_F)
+    is_parent_F[parents_F[parents_F >= 0]] = True
+    rare_F = torch.from_numpy(truth["frequency"]) <= float(np.quantile(truth["frequency"], 0.25))
     return {
-        "recovered": float((best_F > 0.9).double().mean()),
+        "recovered": float(ok_F.double().mean()),
+        "recovered_by_kind": {  # where the misses are: hierarchy or rarity
+            "parents": float(ok_F[is_parent_F].double().mean()),
+            "children": float(ok_F[parents_F >= 0].double().mean()),
+            "others": float(ok_F[(parents_F < 0) & ~is_parent_F].double().mean()),
+            "rarest_quarter": float(ok_F[rare_F].double().mean()),
+        },
         "mmcs": float(best_F.mean()),
         "fvu": float(fraction_of_variance_unexplained(sae.decode(codes_NS), x_ND)),
         "l0": float((codes_NS > 0).sum(1).float().mean()),
@@ -161,6 +190,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=[""], help="one quoted override list each")
     parser.add_argument("--budget", type=int, default=2_500_000, help="training vectors per run")
     parser.add_argument("--stores", type=Path, default=Path("/tmp/traitsae_dictionary"))
+    parser.add_argument("--dataset", nargs="*", default=[], help="dataset.* overrides (both)")
     parser.add_argument("--full", action="store_true", help="all eval=dictionary scores")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
@@ -168,11 +198,11 @@ def main() -> None:
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    stores = ensure_stores(args.stores)
+    stores = ensure_stores(args.stores, args.dataset)
     cache: dict = {}
     for spec in args.runs:
         print(f"[{time.strftime('%H:%M:%S')}] {machine()}", flush=True)
-        result = run_one(spec.split(), stores, args.budget, args.full, cache)
+        result = run_one(args.dataset + spec.split(), stores, args.budget, args.full, cache)
         result["machine"] = machine()
         line = json.dumps(result)
         print(line, flush=True)
