@@ -133,6 +133,7 @@ def run_one(
     scores = score_sae(raw, stores["test"]) if full else quick_scores(raw, stores["test"])
     dead = float((module.steps_since_fired >= module.dead_after_steps).float().mean())
     return {"overrides": " ".join(overrides) or "(defaults)", "steps": steps, "batch": batch,
+            "lr": float(cfg.optim.lr), "variant": module.sae.variant,
             "seconds": round(seconds, 1), "train_dead": dead,
             "final_coeff": coeff_of(module), **scores, "trace": trace.points}  # fmt: skip
 
