@@ -154,7 +154,9 @@ class L0Controller(nn.Module):
         """The multiplier of the penalty coefficient for the next step."""
         if self.l0_ema.item() < 0:
             return 1.0
-        error = self._error()
+        # bounded kick: at the start L0 can be 100x the target, and a 100x coefficient at once
+        # drives Adam to shrink every encoder row until all codes die
+        error = max(-1.0, min(1.0, self._error()))
         return math.exp(float(self.log_integral) + self.proportional_gain * error)
 
     @torch.no_grad()
