@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 
 from traitsae.errors import TraitsaeError
@@ -115,6 +116,25 @@ def test_untrained_sae_is_the_architecture_at_init(tmp_path):
     again = baselines.untrained_sae(sae, tokens_SD, seed=7)
     assert torch.equal(again.sae.W_enc, init.sae.W_enc)  # seeded, and the global RNG untouched
     assert not torch.equal(baselines.untrained_sae(sae, tokens_SD, seed=8).sae.W_enc, w_SD)
+
+
+def test_untrained_sae_starts_b_dec_by_the_runs_own_rule(tmp_path):
+    from eval_helpers import make_sae
+
+    from traitsae import load_sae
+    from traitsae.sae.model import geometric_median
+
+    sae = load_sae(make_sae(tmp_path / "run", 16, 48, variant="topk", seed=3))
+    rng = np.random.default_rng(0)
+    tokens_SD = rng.standard_normal((500, 16)).astype(np.float32) + 1.0
+    tokens_SD[:50] += 40.0  # outliers pull the mean, not the median
+    for rule in ("geometric_median", "zeros"):
+        sae.meta["config"] = {"sae": {"b_dec_init": rule}}
+        b_dec = baselines.untrained_sae(sae, tokens_SD, seed=7).sae.b_dec.detach()
+        x_SD = torch.from_numpy(tokens_SD) * sae.scale
+        expected = geometric_median(x_SD.double()).float() if rule != "zeros" else 0 * x_SD[0]
+        np.testing.assert_allclose(b_dec, expected, rtol=1e-5, atol=1e-6)
+        assert rule == "zeros" or (b_dec - x_SD.mean(0)).norm() > 1.0
 
 
 def test_patch_level_probe_learns_the_planted_direction(tmp_path):

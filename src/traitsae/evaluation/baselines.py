@@ -95,10 +95,8 @@ def untrained_sae(sae: torch.nn.Module, tokens_SD: np.ndarray, seed: int) -> tor
     """`sae`'s architecture as training starts it, drawn with `seed`, in raw activation space.
 
     Same variant, width, k and normaliser scale; tied random unit rows (the model's own init);
-    b_dec at the token sample's mean (zeros for runs trained with sae.b_dec_init=zeros). Runs
-    that start from the geometric median start near it too; centring shifts each latent's scores
-    by a constant and matters only through TopK's competition between latents. (Not the exact
-    geometric median: that lives beside the training loop, whose import costs lightning.)
+    b_dec from the token sample by the run's own `sae.b_dec_init` rule (mean for runs that
+    record none), as training sets it from its sample.
     """
     from traitsae.sae.export import RawSpaceSAE
     from traitsae.sae.model import build_sae
@@ -107,10 +105,8 @@ def untrained_sae(sae: torch.nn.Module, tokens_SD: np.ndarray, seed: int) -> tor
         torch.manual_seed(seed)
         init = build_sae(**sae.sae.architecture())
     rule = ((sae.meta.get("config") or {}).get("sae") or {}).get("b_dec_init", "mean")
-    if rule != "zeros":
-        x_SD = torch.from_numpy(np.asarray(tokens_SD, dtype=np.float32)) * float(sae.scale)
-        with torch.no_grad():
-            init.b_dec.copy_(x_SD.mean(0))
+    x_SD = torch.from_numpy(np.asarray(tokens_SD, dtype=np.float32)) * float(sae.scale)
+    init.init_b_dec(x_SD, str(rule))
     device = sae.sae.W_enc.device
     return RawSpaceSAE(init.to(device), sae.scale, {**sae.meta, "untrained_seed": seed}).eval()
 

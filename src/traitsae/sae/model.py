@@ -73,6 +73,19 @@ class SAEOutput:
             return self.dense_codes().abs().sum(1).mean()
 
 
+def geometric_median(points_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    median_D = points_ND.mean(0)
+    for _ in range(iters):
+        dist_N = (points_ND - median_D).norm(dim=1).clamp_min(1e-8)
+        weights_N = 1.0 / dist_N
+        new_D = (weights_N[:, None] * points_ND).sum(0) / weights_N.sum()
+        if (new_D - median_D).norm() <= tol * median_D.norm().clamp_min(1e-8):
+            return new_D
+        median_D = new_D
+    return median_D
+
+
 class SparseAutoencoder(nn.Module):
     def __init__(
         self,
@@ -102,6 +115,21 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(w_SD.clone())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(self.d_model))
+
+    @torch.no_grad()
+    def init_b_dec(self, x_ND: Tensor, method: str) -> None:
+        """b_dec from normalised data before the first step (`sae.b_dec_init`): mean,
+        geometric_median or zeros. Training and the untrained-SAE baseline both start here."""
+        if method == "zeros":
+            self.b_dec.zero_()
+        elif method == "mean":
+            self.b_dec.copy_(x_ND.float().mean(0))
+        elif method == "geometric_median":
+            self.b_dec.copy_(geometric_median(x_ND.double()).float())
+        else:
+            raise TraitsaeError(
+                f"sae.b_dec_init={method!r} is unknown; use mean, geometric_median or zeros."
+            )
 
     # ---- inference (batch-independent) -------------------------------------------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:

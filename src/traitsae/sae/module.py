@@ -25,19 +25,6 @@ from traitsae.sae.model import SAEOutput, SparseAutoencoder, build_sae
 from traitsae.sae.sparsity import L0Controller, NoPenalty, SparsityPenalty
 
 
-def geometric_median(points_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
-    median_D = points_ND.mean(0)
-    for _ in range(iters):
-        dist_N = (points_ND - median_D).norm(dim=1).clamp_min(1e-8)
-        weights_N = 1.0 / dist_N
-        new_D = (weights_N[:, None] * points_ND).sum(0) / weights_N.sum()
-        if (new_D - median_D).norm() <= tol * median_D.norm().clamp_min(1e-8):
-            return new_D
-        median_D = new_D
-    return median_D
-
-
 def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
     """Linear warm-up to 1, then `decay` (cosine | linear | constant) down to `min_ratio`."""
     if warmup > 0 and step < warmup:
@@ -149,20 +136,9 @@ class SAEModule(L.LightningModule):
         self._last_time: float | None = None
 
     # ---- set-up --------------------------------------------------------------------------
-    @torch.no_grad()
     def init_b_dec(self, raw_sample_ND: Tensor, method: str) -> None:
-        """b_dec from data (before the first step): mean, geometric_median, or zeros."""
-        x_ND = raw_sample_ND.float() * self.scale.cpu()
-        if method == "zeros":
-            return
-        if method == "mean":
-            self.sae.b_dec.copy_(x_ND.mean(0))
-        elif method == "geometric_median":
-            self.sae.b_dec.copy_(geometric_median(x_ND.double()).float())
-        else:
-            raise TraitsaeError(
-                f"sae.b_dec_init={method!r} is unknown; use mean, geometric_median or zeros."
-            )
+        """b_dec from a raw data sample (before the first step): mean, geometric_median, or zeros."""
+        self.sae.init_b_dec(raw_sample_ND.float() * self.scale.cpu(), method)
 
     def normalise(self, batch_BD: Tensor) -> Tensor:
         return batch_BD.to(self.sae.W_enc.dtype) * self.scale

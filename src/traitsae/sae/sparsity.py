@@ -125,6 +125,12 @@ class L0Controller(nn.Module):
     of 800) and keeps the coefficient positive. It replaces the penalty's warm-up ramp (a
     ramp under an integrating controller winds it up). Its state is in buffers, so
     checkpoints resume it.
+
+    Anti-wind-up by conditional integration: the integral holds while L0 is moving towards the
+    target fast enough to close the gap within `horizon` steps. With Adam, how fast L0 moves is
+    set by the step size, not by the coefficient; integrating while L0 falls at that pace only
+    stores up a coefficient far beyond the one that holds the target, and L0 collapses when it
+    takes effect. A slower approach still integrates, so a stalled L0 is pushed on.
     """
 
     def __init__(
@@ -133,12 +139,14 @@ class L0Controller(nn.Module):
         integral_gain: float = 0.03,
         proportional_gain: float = 1.0,
         ema_momentum: float = 0.1,
+        horizon: float = 100.0,
     ) -> None:
         super().__init__()
         self.target = float(target)
         self.integral_gain = integral_gain
         self.proportional_gain = proportional_gain
         self.ema_momentum = ema_momentum
+        self.horizon = horizon
         self.register_buffer("log_integral", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("l0_ema", torch.tensor(-1.0, dtype=torch.float64))
 
@@ -146,7 +154,9 @@ class L0Controller(nn.Module):
         """The multiplier of the penalty coefficient for the next step."""
         if self.l0_ema.item() < 0:
             return 1.0
-        error = self._error()
+        # bounded kick: at the start L0 can be 100x the target, and a 100x coefficient at once
+        # drives Adam to shrink every encoder row until all codes die
+        error = max(-1.0, min(1.0, self._error()))
         return math.exp(float(self.log_integral) + self.proportional_gain * error)
 
     @torch.no_grad()
@@ -154,12 +164,15 @@ class L0Controller(nn.Module):
         """Feed one batch's mean L0 (after its step)."""
         if self.l0_ema.item() < 0:
             self.l0_ema.fill_(l0)
-        else:
-            self.l0_ema.lerp_(torch.tensor(l0, dtype=torch.float64), self.ema_momentum)
+            return
+        before = self._error()
+        self.l0_ema.lerp_(torch.tensor(l0, dtype=torch.float64), self.ema_momentum)
+        error = self._error()
+        if error * (before - error) * self.horizon > error * error:  # closing fast enough
+            return
         # bounded steps: a batch with L0 = 0 must not throw the coefficient away; bounded
-        # integral (anti-wind-up): beyond 1e4 x the start, Adam's step size, not the
-        # coefficient, is what limits how fast L0 moves
-        step = self.integral_gain * max(-2.0, min(2.0, self._error()))
+        # integral: a last guard for a target the penalty cannot reach
+        step = self.integral_gain * max(-2.0, min(2.0, error))
         self.log_integral.copy_((self.log_integral + step).clamp(-MAX_LOG_FACTOR, MAX_LOG_FACTOR))
 
     def _error(self) -> float:
