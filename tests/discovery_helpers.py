@@ -203,6 +203,7 @@ def demo_sae(root: Path, steps: int = 600, layer: int = 1) -> Path:
                 "trainer.enable_progress_bar=false",
                 "sae.expansion=8",
                 "sae.k=8",
+                "optim.lr=4e-4",  # the demo's settings (Makefile); the default suits larger data
             ],
             run_dir,
         )
