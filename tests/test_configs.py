@@ -68,3 +68,17 @@ def _targets(node: object) -> list[str]:
     if isinstance(node, list):
         return [t for value in node for t in _targets(value)]
     return []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [(["sae=topk"], 2e-3), (["sae=matryoshka"], 2e-3), (["sae=relu"], 4e-4),
+     (["sae=jumprelu"], 4e-4), (["sae=relu", "optim.lr=0.01"], 0.01)],
+)  # fmt: skip
+def test_a_variant_carries_its_lr_and_the_command_line_wins(
+    overrides: list[str], lr: float
+) -> None:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=overrides)
+    assert cfg.optim.lr == pytest.approx(lr)
