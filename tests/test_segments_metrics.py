@@ -109,3 +109,16 @@ def test_pair_logits_pick_each_class_its_direction(case):
         z_R = (torch.from_numpy(s_RM[:, j]) - probes.mean_M[j]) / probes.std_M[j]
         want = probes.intercept_MC[j, c] + probes.slope_MC[j, c] * z_R.double()
         assert torch.allclose(logits_RC[:, c], want)
+
+
+def test_units_with_positives_lists_the_splits_that_lack_them() -> None:
+    from traitsae.evaluation.precision import units_with_positives
+
+    keep, skipped = units_with_positives(np.array([3, 0, 0, 2]), np.array([1, 4, 0, 0]), "masks")
+    assert keep.tolist() == [True, False, False, False]
+    assert {u: row["reason"] for u, row in skipped.items()} == {
+        1: "no masks in the train split",
+        2: "no masks in the train and test split",
+        3: "no masks in the test split",
+    }
+    assert skipped[3] == {"n_pos_train": 2, "n_pos_test": 0, "reason": "no masks in the test split"}

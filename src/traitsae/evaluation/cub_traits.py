@@ -44,7 +44,7 @@ from traitsae.evaluation.precision import (
     precision_at_k,
     precision_at_trait_k,
     select_best,
-    splits_without_positives,
+    units_with_positives,
     usable_ks,
 )
 from traitsae.evaluation.scoring import (
@@ -527,20 +527,10 @@ def _traits_with_positives(
     names: list[str], labels_train_NT: np.ndarray, labels_test_NT: np.ndarray
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Traits usable in both splits; the others listed with the reason (not NaNs in a mean)."""
-    pos_train_T, pos_test_T = labels_train_NT.sum(0), labels_test_NT.sum(0)
-    missing = splits_without_positives(pos_train_T, pos_test_T)
-    skipped = [
-        {
-            "trait": names[t],
-            "n_pos_train": int(pos_train_T[t]),
-            "n_pos_test": int(pos_test_T[t]),
-            "reason": f"no positives in the {splits} split",
-        }
-        for t, splits in missing.items()
-    ]
-    keep_T = np.ones(len(names), dtype=bool)
-    keep_T[list(missing)] = False
-    return keep_T, skipped
+    keep_T, skipped = units_with_positives(
+        labels_train_NT.sum(0), labels_test_NT.sum(0), "positives"
+    )
+    return keep_T, [{"trait": names[t], **row} for t, row in skipped.items()]
 
 
 def _summary(

@@ -238,13 +238,24 @@ def paired_difference(
     }
 
 
-def splits_without_positives(pos_train_U: np.ndarray, pos_test_U: np.ndarray) -> dict[int, str]:
-    """Units lacking positives in a split -> which split(s): "train", "test" or "train and test".
-
-    Such units are reported as skipped rather than averaged in as NaNs."""
-    return {
-        int(u): " and ".join(
-            s for s, n in (("train", pos_train_U[u]), ("test", pos_test_U[u])) if n == 0
-        )
+def units_with_positives(
+    pos_train_U: np.ndarray, pos_test_U: np.ndarray, positives: str
+) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+    """Units (traits, classes) with `positives` in both splits -> (keep_U, skipped), skipped
+    mapping each other unit to its counts and the reason, reported instead of averaged in as
+    NaNs."""
+    skipped = {
+        int(u): {
+            "n_pos_train": int(pos_train_U[u]),
+            "n_pos_test": int(pos_test_U[u]),
+            "reason": f"no {positives} in the "
+            + " and ".join(
+                s for s, n in (("train", pos_train_U[u]), ("test", pos_test_U[u])) if n == 0
+            )
+            + " split",
+        }
         for u in np.flatnonzero((pos_train_U == 0) | (pos_test_U == 0))
     }
+    keep_U = np.ones(len(pos_train_U), dtype=bool)
+    keep_U[list(skipped)] = False
+    return keep_U, skipped

@@ -24,7 +24,7 @@ from traitsae.evaluation import baselines, patch_metrics
 from traitsae.evaluation.precision import (
     bootstrap_ci,
     paired_difference,
-    splits_without_positives,
+    units_with_positives,
 )
 from traitsae.evaluation.segment_patches import FRAMES, SplitPatches, collect_patches, store_frame
 
@@ -290,21 +290,15 @@ def _classes_with_patches(
     layout: MaskLayout, labels_train_RC: np.ndarray, labels_test_RC: np.ndarray
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Classes with labelled patches in both splits; the others listed with the reason."""
-    pos_train_C, pos_test_C = labels_train_RC.sum(0), labels_test_RC.sum(0)
-    missing = splits_without_positives(pos_train_C, pos_test_C)
-    skipped = [
-        {
-            "class_id": int(layout.class_ids[c]),
-            "class": layout.classes[layout.class_ids[c]],
-            "n_pos_train": int(pos_train_C[c]),
-            "n_pos_test": int(pos_test_C[c]),
-            "reason": f"no labelled patches in the {splits} split",
-        }
-        for c, splits in missing.items()
+    keep_C, skipped = units_with_positives(
+        labels_train_RC.sum(0), labels_test_RC.sum(0), "labelled patches"
+    )
+    ids = layout.class_ids
+    rows = [
+        {"class_id": int(ids[c]), "class": layout.classes[ids[c]], **row}
+        for c, row in skipped.items()
     ]
-    keep_C = np.ones(len(pos_train_C), dtype=bool)
-    keep_C[list(missing)] = False
-    return keep_C, skipped
+    return keep_C, rows
 
 
 def _check_memory(scorer: Scorer, train: SplitPatches, test: SplitPatches, opts: Options) -> None:
