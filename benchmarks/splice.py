@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/splice.py --backbone dinov2_small --layer -2 --expansion 16
 
 The first SAE evaluated on a split runs blocks 0..L once, the SAE on block L's edited tokens, and
-blocks L+1.. and the head on the four conditions (clean, spliced, mean- and zero-ablated) at once:
+blocks L+1.. and the head on each of the four conditions (clean, spliced, mean- and zero-ablated):
 its FLOPs over a plain forward are 3 x (blocks after L) / depth plus the SAE's encoder. Clean and
 ablated results do not depend on the SAE: eval=splice caches them, and every further SAE of a
 sweep on the split runs only its spliced pass (1 + the SAE's encoder) and reads the clean

@@ -68,7 +68,7 @@ def condition_tokens(
     conditions: tuple[str, ...] = CONDITIONS,
 ) -> torch.Tensor:
     """Block L's output under each of `conditions`, stacked [len(conditions) * B, T, D] in that
-    order (the blocks after L then run once on the stack); only the tokens at `positions_T`
+    order (one copy of x, edited in place per condition); only the tokens at `positions_T`
     change. `mean_TD` is needed only for mean_ablated."""
     n_b, _, d = x_BTD.shape
     stack_CBTD = x_BTD.repeat(len(conditions), 1, 1).view(len(conditions), *x_BTD.shape)
