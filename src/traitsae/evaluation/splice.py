@@ -3,7 +3,7 @@
     python evaluate.py eval=splice run=<run dir> dataset=cub split=test
 
 The SAE's backbone runs over the split's images up to block L (the SAE's layer). Block L's output
-then takes four forms, and the remaining blocks and the head run on each (in one batch of 4B):
+then takes four forms, and the remaining blocks and the head run on each:
 - clean: unchanged;
 - spliced: the edited tokens (patches, and CLS when the SAE was trained on it) replaced by the
   SAE's reconstruction;
