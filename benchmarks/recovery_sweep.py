@@ -149,6 +149,7 @@ def quick_scores(sae, store_path: Path) -> dict:
     """recovered / MMCS from the decoder, FVU and L0 on the test store's first 16,384 vectors."""
     from traitsae.data.dictionary import read_truth
     from traitsae.data.store import Store
+    from traitsae.evaluation.dictionary import recovered_by_kind
     from traitsae.sae.metrics import fraction_of_variance_unexplained
 
     with Store(store_path) as store:
@@ -159,19 +160,12 @@ def quick_scores(sae, store_path: Path) -> dict:
     unit = torch.nn.functional.normalize
     best_F = (unit(features_FD, dim=1) @ unit(sae.W_dec.double(), dim=1).T).max(1).values
     codes_NS = sae.encode(x_ND)
-    ok_F = best_F > 0.9
     parents_F = torch.from_numpy(truth["parents"])
-    is_parent_F = torch.zeros_like(ok_F)
-    is_parent_F[parents_F[parents_F >= 0]] = True
     rare_F = torch.from_numpy(truth["frequency"]) <= float(np.quantile(truth["frequency"], 0.25))
     return {
-        "recovered": float(ok_F.double().mean()),
-        "recovered_by_kind": {  # where the misses are: hierarchy or rarity
-            "parents": float(ok_F[is_parent_F].double().mean()),
-            "children": float(ok_F[parents_F >= 0].double().mean()),
-            "others": float(ok_F[(parents_F < 0) & ~is_parent_F].double().mean()),
-            "rarest_quarter": float(ok_F[rare_F].double().mean()),
-        },
+        "recovered": float((best_F > 0.9).double().mean()),
+        **recovered_by_kind(best_F, parents_F),  # where the misses are: hierarchy or rarity
+        "recovered_rarest_quarter": float((best_F[rare_F] > 0.9).double().mean()),
         "mmcs": float(best_F.mean()),
         "fvu": float(fraction_of_variance_unexplained(sae.decode(codes_NS), x_ND)),
         "l0": float((codes_NS > 0).sum(1).float().mean()),

@@ -16,6 +16,7 @@ from traitsae.data.dictionary import DictionarySpec, make_dictionary, read_truth
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.common import run_evaluation
+from traitsae.evaluation.dictionary import recovered_by_kind
 from traitsae.extraction import extract
 from traitsae.sae.export import save_sae
 from traitsae.sae.model import build_sae
@@ -109,6 +110,20 @@ def test_scores_separate_the_true_dictionary_from_a_random_one(store: Path, tmp_
     keys = json.loads((tmp_path / "dictionary.json").read_text())
     assert {"mmcs", "recovered", "mcc", "f1", "absorption", "splitting"} <= keys.keys()
     assert keys["mcc"] == single[0].mcc
+    assert keys["recovered_parents"] == keys["recovered_children"] == 1.0
+
+
+def test_recovered_by_kind_counts_parents_children_and_the_rest() -> None:
+    parents_F = torch.tensor([-1, -1, 0, 0, 1, -1])  # 0, 1 parents; 2-4 children; 5 other
+    best_F = torch.tensor([0.95, 0.2, 0.99, 0.7, 0.3, 0.91])
+    assert recovered_by_kind(best_F, parents_F) == {
+        "recovered_parents": 0.5,
+        "recovered_children": pytest.approx(1 / 3),
+        "recovered_others": 1.0,
+    }
+    flat = recovered_by_kind(best_F, torch.full((6,), -1))
+    assert flat["recovered_parents"] is None and flat["recovered_children"] is None
+    assert flat["recovered_others"] == 0.5
 
 
 def test_store_without_ground_truth_is_a_clear_error(tmp_path) -> None:

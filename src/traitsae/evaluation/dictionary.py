@@ -5,7 +5,9 @@
 The store is the one the SAE was trained on (sae.json `store`) unless `data.store` names another
 generated with the same dictionary. The scores, on the store's first `truth_vectors` vectors
 (whose true codes the store keeps):
-- `mmcs`: mean over true features of the best decoder cosine; `recovered`: fraction > 0.9.
+- `mmcs`: mean over true features of the best decoder cosine; `recovered`: fraction > 0.9;
+  `recovered_parents`, `recovered_children`, `recovered_others`: the same fraction among the
+  hierarchy's parents, its children and the features outside it (null where there are none).
 - `mcc`: mean Pearson correlation of true feature activations with SAE latent activations,
   features and latents matched one-to-one by the Hungarian algorithm on those correlations.
 - `f1`: feature-detection F1 as SynthSAEBench defines it: each latent is matched to the true
@@ -53,6 +55,9 @@ class DictionaryScores:
     fvu: float
     mmcs: float
     recovered: float
+    recovered_parents: float | None
+    recovered_children: float | None
+    recovered_others: float | None
     mcc: float
     f1: float
     absorption: int
@@ -82,7 +87,8 @@ def run(cfg: DictConfig) -> list[DictionaryScores]:
     write_outputs(results, output_dir(cfg))
     for r in results:
         print(
-            f"{r.label:<36} L0 {r.l0:6.2f}  MMCS {r.mmcs:.3f}  recovered {r.recovered:6.1%}  "
+            f"{r.label:<36} L0 {r.l0:6.2f}  MMCS {r.mmcs:.3f}  recovered {r.recovered:6.1%}"
+            f"{_kinds_text(r)}  "
             f"MCC {r.mcc:.3f}  F1 {r.f1:.3f}  absorbed {r.absorption}/{r.absorption_pairs}  "
             f"split {r.splitting}/{r.split_parents}"
         )
@@ -99,6 +105,29 @@ def write_outputs(results: list[DictionaryScores], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _kinds_text(r: DictionaryScores) -> str:
+    if r.recovered_children is None:
+        return ""
+    return (
+        f" (parents {r.recovered_parents:.1%}, children {r.recovered_children:.1%}, "
+        f"others {r.recovered_others:.1%})"
+    )
+
+
+def recovered_by_kind(best_F: torch.Tensor, parents_F: torch.Tensor) -> dict[str, float | None]:
+    """Fraction of features with best decoder cosine > 0.9 among the hierarchy's parents, its
+    children (`parents_F` >= 0) and the others; None for a kind the dictionary lacks."""
+    ok_F = best_F > RECOVERED_COS
+    is_child_F = parents_F >= 0
+    is_parent_F = torch.zeros_like(is_child_F)
+    is_parent_F[parents_F[is_child_F]] = True
+    kinds = {"parents": is_parent_F, "children": is_child_F, "others": ~(is_parent_F | is_child_F)}
+    return {
+        f"recovered_{kind}": float(ok_F[mask].double().mean()) if bool(mask.any()) else None
+        for kind, mask in kinds.items()
+    }
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -148,6 +177,7 @@ def score_sae(sae: Any, store_path: Path, min_support: int = 10, batch: int = 81
         "fvu": float(fvu.compute()),
         "mmcs": float(best_F.mean()),
         "recovered": float((best_F > RECOVERED_COS).double().mean()),
+        **recovered_by_kind(best_F, parents_F),
         "mcc": stats.mcc(),
         "f1": stats.f1(),
         **stats.absorption(min_support),
