@@ -118,7 +118,6 @@ class SAEModule(L.LightningModule):
         target_l0 = sae.get("target_l0")
         self.l0_controller = None
         self.target_l0_start = float(sae.get("target_l0_start") or 0.0)
-        self.threshold_lr_scale = float(sae.get("threshold_lr_scale") or 1.0)
         if target_l0 is not None:  # the controller sets the coefficient: no warm-up ramp
             ramp = round(float(sae.get("target_l0_ramp") or 0.0) * int(max_steps))
             self.l0_controller = L0Controller(float(target_l0), ramp_steps=ramp)
@@ -233,15 +232,9 @@ class SAEModule(L.LightningModule):
         # (it unscales internally), so fused Adam is for full precision only.
         mixed = "mixed" in str(self.trainer.precision) if self._trainer else False
         fused = self.device.type in ("cpu", "cuda") and not mixed
-        lr = float(cfg["lr"])
-        thresholds = [p for n, p in self.named_parameters() if n.endswith("log_threshold")]
-        others = [p for n, p in self.named_parameters() if not n.endswith("log_threshold")]
-        groups = [{"params": others}]
-        if thresholds:
-            groups.append({"params": thresholds, "lr": lr * self.threshold_lr_scale})
         optimizer = torch.optim.Adam(
-            groups,
-            lr=lr,
+            self.parameters(),
+            lr=float(cfg["lr"]),
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
             eps=float(cfg.get("eps", 1e-8)),
             fused=fused,
