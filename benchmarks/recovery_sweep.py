@@ -115,7 +115,7 @@ def run_one(
         cache["x"] = train_vectors(dm)
     module = build_module(cfg, dm, steps, Path("/tmp"))
     module.figures_dir = None
-    module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
+    module.init_from_sample(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
     loader = torch.utils.data.DataLoader(
         MemoryBatches(cache["x"], batch, int(cfg.seed)), batch_size=None
     )

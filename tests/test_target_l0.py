@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from train_helpers import compose_train, dictionary_store, train_overrides
 
 from traitsae.errors import TraitsaeError
-from traitsae.sae.sparsity import L0Controller
+from traitsae.sae.model import build_sae
+from traitsae.sae.sparsity import L0Controller, start_firing_at
 from traitsae.training import train
 
 
@@ -23,7 +25,42 @@ def test_controller_raises_the_coefficient_while_l0_is_too_high_and_lowers_it_af
     for _ in range(50):
         ctl.update(2.0)
     assert ctl.factor() < high
-    assert set(ctl.state_dict()) == {"log_integral", "l0_ema"}  # resumed from checkpoints
+    # resumed from checkpoints
+    assert set(ctl.state_dict()) == {"log_integral", "l0_ema", "l0_start", "n_updates"}
+
+
+def test_reference_falls_log_linearly_from_the_first_l0_to_the_target_and_resumes() -> None:
+    ctl = L0Controller(target=8.0, ramp_steps=100)
+    assert ctl.reference() == 8.0  # nothing seen yet
+    ctl.update(800.0)
+    assert ctl.reference(0) == pytest.approx(800.0)
+    assert ctl.reference(50) == pytest.approx(80.0)  # halfway in log space: sqrt(800 * 8)
+    assert ctl.reference(100) == pytest.approx(8.0)
+    assert ctl.reference(1000) == pytest.approx(8.0)
+    for i in range(40):
+        ctl.update(800.0 * 0.9**i)
+    resumed = L0Controller(target=8.0, ramp_steps=100)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.reference() == pytest.approx(ctl.reference())
+    assert resumed.factor() == pytest.approx(ctl.factor())
+    already_sparse = L0Controller(target=8.0, ramp_steps=100)
+    already_sparse.update(4.0)
+    assert already_sparse.reference(0) == 8.0  # starts below the target: nothing to ramp
+
+
+@pytest.mark.parametrize("variant", ["relu", "jumprelu"])
+def test_firing_start_gives_the_requested_l0_on_held_out_vectors(variant: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    scales_D = torch.linspace(0.5, 3.0, 32)  # anisotropic: a quantile per latent, not one
+    x_ND, held_ND = (torch.randn(2, 8192, 32, generator=gen) * scales_D + 1.0).unbind(0)
+    sae = build_sae(variant, 32, 512, threshold_init=0.05, bandwidth=0.05)
+    sae.init_b_dec(x_ND, "mean")
+    start_firing_at(sae, x_ND, 16.0)
+    with torch.no_grad():
+        rate_S = (sae.encode(held_ND) > 0).float().mean(0)
+    assert float(rate_S.sum()) == pytest.approx(16.0, rel=0.05)  # the L0
+    assert float(rate_S.min()) > 0  # every latent fires, none far above its share
+    assert float(rate_S.max()) < 3 * 16.0 / 512
 
 
 @pytest.mark.parametrize(
@@ -51,7 +88,9 @@ def test_controller_does_not_wind_up_while_l0_is_already_falling() -> None:
     # L0 falls 5 % a step (as fast as Adam's step size lets it, whatever the coefficient): the
     # integral must hold, not store up a coefficient that collapses L0 once it arrives.
     falling = [8.0 + 992.0 * 0.95**i for i in range(200)]
-    held, plain = L0Controller(target=8.0), L0Controller(target=8.0, horizon=0.0)
+    # (a gain well below the bound, so that the plain integral shows how much it stores)
+    held = L0Controller(target=8.0, integral_gain=0.03)
+    plain = L0Controller(target=8.0, integral_gain=0.03, horizon=0.0)
     for l0 in falling:
         held.update(l0)
         plain.update(l0)

@@ -397,7 +397,7 @@ def train(cfg: DictConfig) -> Path:
         dm, trainer_node = prepare_data(cfg)
         module = build_module(cfg, dm, int(trainer_node["max_steps"]), run_dir)
         if ckpt_path is None:  # a resumed run takes b_dec from its checkpoint
-            module.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
+            module.init_from_sample(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
         log.info(
             "training sae=%s d_sae=%d on %s (layer %d, %s; %d train / %d val vectors, scale %.4g)",
             module.sae.variant, module.sae.d_sae, dm.store_path, dm.layer, dm.tokens,

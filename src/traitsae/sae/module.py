@@ -22,7 +22,7 @@ from traitsae.sae.metrics import (
     fraction_of_variance_unexplained,
 )
 from traitsae.sae.model import SAEOutput, SparseAutoencoder, build_sae
-from traitsae.sae.sparsity import L0Controller, NoPenalty, SparsityPenalty
+from traitsae.sae.sparsity import L0Controller, NoPenalty, SparsityPenalty, start_firing_at
 
 
 def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
@@ -117,8 +117,10 @@ class SAEModule(L.LightningModule):
         check_target_l0(sae, self.sae, self.penalty)
         target_l0 = sae.get("target_l0")
         self.l0_controller = None
+        self.target_l0_start = float(sae.get("target_l0_start") or 0.0)
         if target_l0 is not None:  # the controller sets the coefficient: no warm-up ramp
-            self.l0_controller = L0Controller(float(target_l0))
+            ramp = round(float(sae.get("target_l0_ramp") or 0.0) * int(max_steps))
+            self.l0_controller = L0Controller(float(target_l0), ramp_steps=ramp)
             self.penalty.warmup_steps = 0
         self.dense_freq = dense_frequency(
             float(sae["dense_threshold"]), self.sae.d_sae, self.sae.activation.k or target_l0
@@ -136,9 +138,14 @@ class SAEModule(L.LightningModule):
         self._last_time: float | None = None
 
     # ---- set-up --------------------------------------------------------------------------
-    def init_b_dec(self, raw_sample_ND: Tensor, method: str) -> None:
-        """b_dec from a raw data sample (before the first step): mean, geometric_median, or zeros."""
-        self.sae.init_b_dec(raw_sample_ND.float() * self.scale.cpu(), method)
+    def init_from_sample(self, raw_sample_ND: Tensor, b_dec_method: str) -> None:
+        """Data-dependent start from a raw sample (before the first step): b_dec (mean,
+        geometric_median or zeros); with `sae.target_l0`, also each latent's firing point, so
+        that L0 starts at `sae.target_l0_start` x the target (see `start_firing_at`)."""
+        x_ND = raw_sample_ND.float() * self.scale.cpu()
+        self.sae.init_b_dec(x_ND, b_dec_method)
+        if self.l0_controller is not None and self.target_l0_start > 0:
+            start_firing_at(self.sae, x_ND, self.target_l0_start * self.l0_controller.target)
 
     def normalise(self, batch_BD: Tensor) -> Tensor:
         return batch_BD.to(self.sae.W_enc.dtype) * self.scale

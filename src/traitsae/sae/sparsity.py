@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from traitsae.errors import TraitsaeError
-from traitsae.sae.activations import JumpReLU, step_ste
+from traitsae.sae.activations import JumpReLU, ReLU, step_ste
 from traitsae.sae.model import SAEOutput, SparseAutoencoder
 
 
@@ -119,36 +119,59 @@ class L0Controller(nn.Module):
     """Sparsity on request (`sae.target_l0`): adapts the penalty coefficient until the L0 of
     training batches reaches the target.
 
-    A PI controller in log space: with e = log(L0_ema / target) (an exponential moving average
-    of the batch L0), the coefficient is multiplied by exp(integral_gain * sum(e) +
+    A PI controller in log space: with e = log(L0_ema / reference) (an exponential moving
+    average of the batch L0), the coefficient is multiplied by exp(integral_gain * sum(e) +
     proportional_gain * e). Log space makes it scale-free (the same gains for an L0 of 8 or
     of 800) and keeps the coefficient positive. It replaces the penalty's warm-up ramp (a
     ramp under an integrating controller winds it up). Its state is in buffers, so
     checkpoints resume it.
 
-    Anti-wind-up by conditional integration: the integral holds while L0 is moving towards the
-    target fast enough to close the gap within `horizon` steps. With Adam, how fast L0 moves is
-    set by the step size, not by the coefficient; integrating while L0 falls at that pace only
-    stores up a coefficient far beyond the one that holds the target, and L0 collapses when it
-    takes effect. A slower approach still integrates, so a stalled L0 is pushed on.
+    The reference moves log-linearly from the first batch's L0 down to the target over
+    `ramp_steps` steps, then stays there: L0 falls at a pace Adam can follow (the step size,
+    not the coefficient, sets how fast it can fall), so the integral does not store up a
+    coefficient that collapses L0 once it takes effect, and the decoder learns on the way.
+
+    The default start (`start_firing_at`, `sae.target_l0_start`) puts L0 near the target from
+    step 0 with the coefficient still at `sparsity.coeff`, far from the one that holds it
+    (x4 on the dictionary, x20 on the small test store), so the integral must be quick to get
+    there: integral_gain 0.1 (0.03 left relu 14 % above the target after 400 test steps).
+
+    Anti-wind-up by conditional integration as well: the integral holds while L0 is moving
+    towards the reference fast enough to close the gap within `horizon` steps; a slower
+    approach still integrates, so a stalled L0 is pushed on.
     """
 
     def __init__(
         self,
         target: float,
-        integral_gain: float = 0.03,
+        ramp_steps: int = 0,
+        integral_gain: float = 0.1,
         proportional_gain: float = 1.0,
         ema_momentum: float = 0.1,
         horizon: float = 100.0,
     ) -> None:
         super().__init__()
         self.target = float(target)
+        self.ramp_steps = int(ramp_steps)
         self.integral_gain = integral_gain
         self.proportional_gain = proportional_gain
         self.ema_momentum = ema_momentum
         self.horizon = horizon
         self.register_buffer("log_integral", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("l0_ema", torch.tensor(-1.0, dtype=torch.float64))
+        # the reference's start (the first batch's L0) and the updates so far: what
+        # `reference()` needs to resume exactly
+        self.register_buffer("l0_start", torch.tensor(-1.0, dtype=torch.float64))
+        self.register_buffer("n_updates", torch.tensor(0, dtype=torch.long))
+
+    def reference(self, step: int | None = None) -> float:
+        """The L0 the controller tracks after `step` updates (default: so far)."""
+        step = int(self.n_updates) if step is None else step
+        start = float(self.l0_start)
+        if self.ramp_steps <= 0 or start <= self.target:  # already sparse enough: no ramp
+            return self.target
+        progress = min(1.0, step / self.ramp_steps)
+        return math.exp((1 - progress) * math.log(start) + progress * math.log(self.target))
 
     def factor(self) -> float:
         """The multiplier of the penalty coefficient for the next step."""
@@ -164,8 +187,11 @@ class L0Controller(nn.Module):
         """Feed one batch's mean L0 (after its step)."""
         if self.l0_ema.item() < 0:
             self.l0_ema.fill_(l0)
+            self.l0_start.fill_(max(l0, 1e-3))
+            self.n_updates.fill_(1)
             return
         before = self._error()
+        self.n_updates += 1
         self.l0_ema.lerp_(torch.tensor(l0, dtype=torch.float64), self.ema_momentum)
         error = self._error()
         if error * (before - error) * self.horizon > error * error:  # closing fast enough
@@ -176,4 +202,30 @@ class L0Controller(nn.Module):
         self.log_integral.copy_((self.log_integral + step).clamp(-MAX_LOG_FACTOR, MAX_LOG_FACTOR))
 
     def _error(self) -> float:
-        return math.log(max(float(self.l0_ema), 1e-3) / self.target)
+        return math.log(max(float(self.l0_ema), 1e-3) / self.reference())
+
+
+@torch.no_grad()
+def start_firing_at(sae: SparseAutoencoder, x_ND: Tensor, l0: float) -> None:
+    """Set each latent's firing point so that it fires on a fraction l0 / d_sae of `x_ND`
+    (normalised vectors; b_dec set already): the SAE then starts at an L0 of about `l0`.
+
+    ReLU: b_enc = -(that quantile of the pre-activations); JumpReLU: the thresholds. A random
+    unit encoder row gives pre-activations of unit scale, so the L0 of a cold start is
+    hundreds; what moves it down is slow (Adam moves b_enc and the log-thresholds by <= lr
+    per step, thousands of steps for an L0 of 8 in 2048), and shrinking the encoder rows
+    instead (what an L1 penalty does first) kills the codes.
+    """
+    act = sae.activation
+    if not isinstance(act, JumpReLU | ReLU):
+        raise TraitsaeError(f"a firing start applies to relu/jumprelu, not sae={sae.variant}.")
+    sae.b_enc.zero_()
+    pre_NS = sae.pre_acts(x_ND.to(sae.W_enc.dtype))
+    n = pre_NS.shape[0]
+    n_fire = max(1, min(n - 1, round(n * l0 / sae.d_sae)))
+    # the (n_fire + 1)-th largest value per latent: n_fire of the sample lie above it
+    point_S = pre_NS.topk(n_fire + 1, dim=0).values[-1]
+    if isinstance(act, JumpReLU):
+        act.log_threshold.copy_(point_S.clamp_min(1e-3).log())
+    else:
+        sae.b_enc.copy_(-point_S)

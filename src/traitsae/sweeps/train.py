@@ -70,7 +70,7 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
             torch.manual_seed(int(cfg.seed))  # each SAE starts as its solo run would
             member = build_module(cfg, dm, int(trainer_node["max_steps"]), job_dir)
             if ckpt_path is None:
-                member.init_b_dec(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
+                member.init_from_sample(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
             members.append(member)
         log.info(
             "training a group of %d SAEs on one stream from %s (layer %d, %s): %s",
