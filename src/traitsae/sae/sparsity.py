@@ -219,12 +219,15 @@ def start_firing_at(sae: SparseAutoencoder, x_ND: Tensor, l0: float) -> None:
     act = sae.activation
     if not isinstance(act, JumpReLU | ReLU):
         raise TraitsaeError(f"a firing start applies to relu/jumprelu, not sae={sae.variant}.")
-    sae.b_enc.zero_()
-    pre_NS = sae.pre_acts(x_ND.to(sae.W_enc.dtype))
-    n = pre_NS.shape[0]
+    n = x_ND.shape[0]
     n_fire = max(1, min(n - 1, round(n * l0 / sae.d_sae)))
-    # the (n_fire + 1)-th largest value per latent: n_fire of the sample lie above it
-    point_S = pre_NS.topk(n_fire + 1, dim=0).values[-1]
+    centred_ND = x_ND.to(sae.W_enc.dtype) - sae.b_dec
+    # per latent, the (n_fire + 1)-th largest pre-activation (b_enc = 0): n_fire of the sample
+    # lie above it; latents in chunks, so the [N, chunk] block stays small at any width
+    point_S = torch.cat(
+        [(centred_ND @ w_CD.T).topk(n_fire + 1, dim=0).values[-1] for w_CD in sae.W_enc.split(2048)]
+    )
+    sae.b_enc.zero_()
     if isinstance(act, JumpReLU):
         act.log_threshold.copy_(point_S.clamp_min(1e-3).log())
     else:
