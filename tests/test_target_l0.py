@@ -110,3 +110,18 @@ def test_target_l0_for_a_topk_family_is_a_clear_error(variant: str, tmp_path) ->
     sae = {**OmegaConf.to_container(cfg.sae, resolve=True), "d_model": 16}
     with pytest.raises(TraitsaeError, match=r"sae.target_l0=8 does not apply .* sae.k=32"):
         SAEModule(sae, OmegaConf.to_container(cfg.sparsity), OmegaConf.to_container(cfg.optim))
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [("sae.target_l0_start=-1", r"sae.target_l0_start=-1 must be >= 0"),
+     ("sae.target_l0_ramp=1.5", r"sae.target_l0_ramp=1.5 must be a fraction of the run")],
+)  # fmt: skip
+def test_bad_firing_start_or_ramp_is_a_clear_error(override: str, match: str, tmp_path) -> None:
+    from traitsae.sae.module import SAEModule
+
+    cfg = compose_train(["sae=relu", "sae.d_sae=64", "sae.target_l0=8", override,
+                         f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    sae = {**OmegaConf.to_container(cfg.sae, resolve=True), "d_model": 16}
+    with pytest.raises(TraitsaeError, match=match):
+        SAEModule(sae, OmegaConf.to_container(cfg.sparsity), OmegaConf.to_container(cfg.optim))

@@ -82,6 +82,17 @@ def check_target_l0(sae_cfg: dict[str, Any], sae: SparseAutoencoder, penalty: An
         )
     if not float(target) > 0:
         raise TraitsaeError(f"sae.target_l0={target} must be a positive number of latents.")
+    start, ramp = sae_cfg.get("target_l0_start") or 0.0, sae_cfg.get("target_l0_ramp") or 0.0
+    if not float(start) >= 0:
+        raise TraitsaeError(
+            f"sae.target_l0_start={start} must be >= 0: the multiple of target_l0 each latent "
+            "starts firing at (0: cold start)."
+        )
+    if not 0 <= float(ramp) <= 1:
+        raise TraitsaeError(
+            f"sae.target_l0_ramp={ramp} must be a fraction of the run in [0, 1] (0: the target "
+            "from the first step)."
+        )
     if isinstance(penalty, NoPenalty) or penalty.coeff <= 0:
         raise TraitsaeError(
             f"sae.target_l0={target} adapts the sparsity coefficient, but sparsity={penalty!r} "
