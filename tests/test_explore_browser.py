@@ -138,7 +138,8 @@ def test_browser_chooses_a_latent_and_sees_its_gallery(served):
         page.screenshot(path=str(shot), full_page=True)
         click_density_right_half(page)
         expect(page.get_by_text(f"Top images of latent {SHARED}")).to_be_visible(timeout=60_000)
-        assert box.input_value() == str(SHARED)
+        # the widget takes the clicked latent on Streamlit's next render: wait for it
+        expect(box).to_have_value(str(SHARED), timeout=60_000)
         page.get_by_text("Image", exact=True).first.click()  # the sidebar's page choice
         # The chart's own drawing (Vega's svg or canvas, class "marks"): its centre is a patch.
         grid = page.locator('[data-testid="stVegaLiteChart"] .marks').first
