@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from traitsae.errors import TraitsaeError
@@ -212,9 +213,10 @@ class SparseAutoencoder(nn.Module):
 
     def reconstruction_loss(self, x_BD: Tensor, out: SAEOutput) -> Tensor:
         """Mean squared error per element; Matryoshka: weighted mean over its prefixes."""
+        # F.mse_loss: one fused pass over [B, D] each way, not sub, pow and mean apart.
         if not out.prefix_recons:
-            return (out.recon_BD - x_BD).pow(2).mean()
-        losses = torch.stack([(r - x_BD).pow(2).mean() for r in out.prefix_recons])
+            return F.mse_loss(out.recon_BD, x_BD)
+        losses = torch.stack([F.mse_loss(r, x_BD) for r in out.prefix_recons])
         if self.prefix_weights and len(self.prefix_weights) == len(losses):
             weights = torch.tensor(self.prefix_weights, dtype=losses.dtype, device=losses.device)
             return (losses * weights).sum() / weights.sum()

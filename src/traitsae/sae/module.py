@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -64,7 +65,7 @@ def step_loss(
 ) -> StepLoss:
     """Reconstruction + sparsity penalty (AuxK is added by the training step)."""
     recon = sae.reconstruction_loss(x_BD, out)
-    mse = recon if not out.prefix_recons else (out.recon_BD - x_BD).pow(2).mean()
+    mse = recon if not out.prefix_recons else F.mse_loss(out.recon_BD.detach(), x_BD)
     sparsity = penalty(out, sae, step, penalty_factor)
     return StepLoss(loss=recon + sparsity, recon=recon, mse=mse, sparsity=sparsity)
 
