@@ -30,15 +30,21 @@ def topk_indices(pre_BS: Tensor, k: int) -> Tensor:
     Instead: split each row into groups of k, take the k groups with the largest maxima (the
     k-th largest value is >= the k-th largest group maximum, so every winner lives in one of
     those groups), and run topk on those k*k candidates only. One vectorised amax pass.
+    Candidates below that k-th group maximum cannot win; masking them first makes the last
+    topk cheaper (it compares mostly equal values).
     """
     n_rows, n_cols = pre_BS.shape
     group = max(k, _MIN_GROUP)
     if n_cols % group != 0 or n_cols < 4 * group * k:
         return pre_BS.topk(k, dim=1, sorted=False).indices
     groups_BGg = pre_BS.view(n_rows, n_cols // group, group)
-    best_groups_Bk = groups_BGg.amax(dim=2).topk(k, dim=1, sorted=False).indices
+    best_Bk = groups_BGg.amax(dim=2).topk(k, dim=1, sorted=False)
+    best_groups_Bk = best_Bk.indices
     cand_Bkg = groups_BGg.gather(1, best_groups_Bk[:, :, None].expand(n_rows, k, group))
-    win_Bk = cand_Bkg.view(n_rows, k * group).topk(k, dim=1, sorted=False).indices
+    cand_BC = cand_Bkg.view(n_rows, k * group)
+    cut_B1 = best_Bk.values.amin(dim=1, keepdim=True)  # NaN cut: no comparison holds, no mask
+    cand_BC = cand_BC.masked_fill_(cand_BC < cut_B1, float("-inf"))
+    win_Bk = cand_BC.topk(k, dim=1, sorted=False).indices
     # candidate position -> column: group id * group + offset inside the group
     return best_groups_Bk.gather(1, win_Bk // group) * group + win_Bk % group
 
@@ -123,6 +129,16 @@ class _Pattern:
         self.offsets = torch.zeros(n_latents, dtype=torch.long, device=idx_N.device)
         self.offsets[1:] = counts.cumsum(0)[:-1]
 
+    def dot_rows(self, rows_XD: Tensor, w_SD: Tensor, owner_N: Tensor) -> Tensor:
+        """out[n] = <rows[owner[n]], w[idx[n]]> -> [N], like `gather_dot` but walking w in
+        latent order: each row of w is read once, from memory in sequence."""
+        n_entries = owner_N.numel()
+        crow = torch.cat([self.offsets, self.offsets.new_full((1,), n_entries)])
+        shape = (w_SD.shape[0], rows_XD.shape[0])
+        pattern = _csr_pattern(crow, owner_N[self.order], shape, w_SD.dtype)
+        dots_N = torch.sparse.sampled_addmm(pattern, w_SD, rows_XD.t(), beta=0.0).values()
+        return torch.empty_like(dots_N).index_copy_(0, self.order, dots_N)
+
     def scatter_rows(self, weights_N: Tensor, rows_XD: Tensor, owner_N: Tensor) -> Tensor:
         """out[s] = sum over entries n of latent s of weights[n] * rows[owner[n]] -> [S, D]."""
         return F.embedding_bag(
@@ -136,16 +152,16 @@ class _Pattern:
 
 def gather_dot(a_XD: Tensor, w_SD: Tensor, idx_N: Tensor, crow: Tensor) -> Tensor:
     """out[n] = <a[owner(n)], w[idx[n]]> without materialising w[idx] ([N, D])."""
-    with warnings.catch_warnings():  # the CSR "beta" notice is noise: it only carries a pattern
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(
-            crow,
-            idx_N,
-            a_XD.new_zeros(idx_N.numel()),
-            (a_XD.shape[0], w_SD.shape[0]),
-            check_invariants=False,
-        )
+    pattern = _csr_pattern(crow, idx_N, (a_XD.shape[0], w_SD.shape[0]), a_XD.dtype)
     return torch.sparse.sampled_addmm(pattern, a_XD, w_SD.t(), beta=0.0).values()
+
+
+def _csr_pattern(crow: Tensor, col_N: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """A sparse CSR matrix that only carries a pattern (for sampled_addmm with beta 0)."""
+    with warnings.catch_warnings():  # the CSR "beta" notice is noise here
+        warnings.simplefilter("ignore", UserWarning)
+        values_N = torch.zeros(col_N.numel(), dtype=dtype, device=col_N.device)
+        return torch.sparse_csr_tensor(crow, col_N, values_N, shape, check_invariants=False)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -161,11 +177,12 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx: Any, grad_XD: Tensor) -> tuple[Tensor | None, ...]:
         vals_N, idx_N, w_SD, crow = ctx.saved_tensors
         grad_XD = grad_XD.contiguous()
-        grad_vals_N = gather_dot(grad_XD, w_SD, idx_N, crow)
+        pattern = _Pattern.of(idx_N, w_SD.shape[0])
+        owner_N = owners(crow, idx_N.numel())
+        grad_vals_N = pattern.dot_rows(grad_XD, w_SD, owner_N)
         grad_w_SD = None
         if ctx.needs_input_grad[2]:
-            pattern = _Pattern.of(idx_N, w_SD.shape[0])
-            grad_w_SD = pattern.scatter_rows(vals_N, grad_XD, owners(crow, idx_N.numel()))
+            grad_w_SD = pattern.scatter_rows(vals_N, grad_XD, owner_N)
             if ctx.unit_rows:
                 # <grad[b], w[s]> over active pairs is grad_vals: the projection costs one
                 # bincount, not a pass over [S, D].
