@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from traitsae.cluster.signals import ignore_job_signals
 from traitsae.config_checks import fraction, integer
 from traitsae.data.rings import PREFETCH, BatchLoader
 from traitsae.data.store import Store, tmp_path
@@ -203,6 +204,7 @@ class ActivationsDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             prefetch_factor=PREFETCH if workers else None,
+            worker_init_fn=ignore_job_signals,  # only this process checkpoints and requeues
             generator=torch.Generator().manual_seed(self.seed),
         )
         return BatchLoader(loader, stream.batch_size)

