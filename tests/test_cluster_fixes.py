@@ -78,3 +78,21 @@ def test_extraction_loader_workers_leave_job_signals_to_the_main_process(
     batches = iter(make_loader(cfg, dataset, 0, torch.device("cpu")))
     _signal_workers(batches, signal.SIGUSR2)
     assert not job_handlers.exists(), "a loader worker ran the main process's signal handler"
+
+
+def test_validation_reads_with_at_most_one_worker_per_block(tmp_path: Path) -> None:
+    """Two validation blocks, three workers (a single process with data.num_workers=3 on the
+    demo store): the third reader had no vectors and validation crashed."""
+    dm = make_dm(id_store(tmp_path / "s.h5"), num_workers=3, val_fraction=0.05)
+    assert len(dm.val_plan.blocks) == 2
+    read = sum(len(batch) for batch in dm.val_dataloader())
+    assert read == dm.n_val_vectors
+
+
+def test_fewer_validation_blocks_than_ranks_is_a_clear_error_at_setup(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    dm = make_dm(id_store(tmp_path / "s.h5"), num_workers=0, val_fraction=0.05)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=4)
+    with pytest.raises(TraitsaeError, match="2 validation blocks.*4 DDP ranks.*data.val_fraction"):
+        dm.setup("fit")

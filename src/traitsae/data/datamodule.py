@@ -156,6 +156,8 @@ class ActivationsDataModule(L.LightningDataModule):
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
+        if self.n_val_vectors:  # fail now, not at the first validation hours later
+            self.val_workers()
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -191,14 +193,29 @@ class ActivationsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> CheckedBatches:
         where = f"store {self.store_path} ({self.val_plan.key}), validation images"
-        return CheckedBatches(self.loader(self.val_dataset()), where, self.median_norm)
+        loader = self.loader(self.val_dataset(), self.val_workers())
+        return CheckedBatches(loader, where, self.median_norm)
 
-    def loader(self, stream: ActivationStream) -> BatchLoader:
-        """Batches of `stream`, read by `num_workers` worker processes."""
+    def val_workers(self) -> int:
+        """Validation's readers: `num_workers`, but at most one per validation block of this
+        rank (a finite pass: a reader without blocks would have nothing to read)."""
+        rank, world = self._rank_world()
+        per_rank = len(self.val_plan.blocks) // world
+        if per_rank == 0:
+            raise TraitsaeError(
+                f"store {self.store_path} holds out {len(self.val_plan.blocks)} validation "
+                f"blocks of {self.block_images or 'one HDF5 chunk of'} images, fewer than the "
+                f"{world} DDP ranks that validate. Raise data.val_fraction, lower "
+                "data.block_images, or set data.val_fraction=0 to train without validation."
+            )
+        return min(self.num_workers, per_rank)
+
+    def loader(self, stream: ActivationStream, workers: int | None = None) -> BatchLoader:
+        """Batches of `stream`, read by `workers` (default `num_workers`) worker processes."""
         # batch_size=None: the stream yields whole shuffled pieces (no per-vector collation).
         # Its own generator: creating the loader does not draw from the global RNG, so a
         # resumed run's RNG stream (restored from the checkpoint) matches the uninterrupted one.
-        workers = self.num_workers
+        workers = self.num_workers if workers is None else workers
         loader = DataLoader(
             stream,
             batch_size=None,
