@@ -96,3 +96,38 @@ def test_fewer_validation_blocks_than_ranks_is_a_clear_error_at_setup(tmp_path: 
     dm.trainer = SimpleNamespace(global_rank=0, world_size=4)
     with pytest.raises(TraitsaeError, match="2 validation blocks.*4 DDP ranks.*data.val_fraction"):
         dm.setup("fit")
+
+
+def _ensure_small_synthetic(root: Path) -> None:
+    from traitsae.data.synthetic import ensure_synthetic
+
+    ensure_synthetic(root, n_species=2, images_per_species=2)
+
+
+def test_jobs_starting_together_generate_the_demo_data_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shard jobs start at once: one generates, the other waits and reads (before, both
+    generated and the second replaced the folder under the first one's reader)."""
+    from traitsae.data import synthetic
+
+    calls = tmp_path / "generate_calls.txt"
+    real_generate = synthetic.generate
+
+    def slow_generate(root, **kwargs):
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # long enough for the other job to arrive meanwhile
+        return real_generate(root, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate", slow_generate)
+    root = tmp_path / "synthetic"
+    jobs = [mp.get_context("fork").Process(target=_ensure_small_synthetic, args=(root,))]
+    jobs.append(mp.get_context("fork").Process(target=_ensure_small_synthetic, args=(root,)))
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+    assert [job.exitcode for job in jobs] == [0, 0]
+    assert len(calls.read_text().split()) == 1
+    assert synthetic.is_generated(root)
