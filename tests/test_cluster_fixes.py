@@ -131,3 +131,20 @@ def test_jobs_starting_together_generate_the_demo_data_once(
     assert [job.exitcode for job in jobs] == [0, 0]
     assert len(calls.read_text().split()) == 1
     assert synthetic.is_generated(root)
+
+
+def test_extraction_progress_in_a_log_file_is_lines_not_a_redrawn_bar(
+    tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from extract_helpers import compose_extract, small_synthetic
+
+    from traitsae.extraction import extract
+
+    root = small_synthetic(tmp_path / "synthetic")
+    cfg = compose_extract(tmp_path, [f"dataset.root={root}", "extract.progress=true"])
+    with caplog.at_level(logging.INFO, logger="traitsae.extraction.run"):
+        extract(cfg)  # stderr is captured here: not a terminal, as in a Slurm job
+    assert "\r" not in capfd.readouterr().err
+    assert "extracted 16 of 16 images" in caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -129,14 +130,22 @@ def fill_store(
     """Run the backbone over the remaining batches and hand each one to the writer thread."""
     from tqdm.auto import tqdm
 
+    # A bar redraws its line with `\r`: in a log file (a Slurm job's .out) that is thousands of
+    # lines; there a line per tenth of the images says as much.
+    show = bool(cfg.extract.progress)
     bar = tqdm(
         total=len(dataset), initial=start, unit="img", desc=f"extract {backbone.name}",
-        disable=not cfg.extract.progress, dynamic_ncols=True,
+        disable=not (show and sys.stderr.isatty()), dynamic_ncols=True,
     )  # fmt: skip
+    tenth, done = max(1, len(dataset) // 10), start
     with AsyncWriter(writer, int(cfg.extract.write_queue)) as sink, bar:
         for batch in batches:
             sink.put(encode_batch(cfg, backbone, batch, dataset, device))
-            bar.update(len(batch["index"]))
+            n = len(batch["index"])
+            bar.update(n)
+            if show and bar.disable and (done + n) // tenth > done // tenth:
+                log.info("extracted %d of %d images", done + n, len(dataset))
+            done += n
 
 
 def autocast(cfg: DictConfig, device: torch.device) -> Any:
