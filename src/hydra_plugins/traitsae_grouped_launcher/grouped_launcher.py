@@ -106,6 +106,8 @@ class GroupedLauncher(Launcher):
             return [TrainGroup()(jobs, hydra_cfg) for jobs, hydra_cfg in payloads]
         import submitit
 
+        from traitsae.cluster.slurm import result, submit
+
         options = dict(self.submitit)
         cluster = options.pop("cluster")
         executor = submitit.AutoExecutor(
@@ -115,9 +117,10 @@ class GroupedLauncher(Launcher):
         )
         parameters = {k: v for k, v in options.pop("parameters", {}).items() if v is not None}
         executor.update_parameters(**parameters)
-        submitted = executor.map_array(TrainGroup(), *zip(*payloads, strict=True))
+        keys = resource_keys(parameters)
+        submitted = submit(executor, TrainGroup(), list(zip(*payloads, strict=True)), keys)
         log.info("submitted %d group job(s) to %s", len(submitted), cluster)
-        return [_result(job) for job in submitted]
+        return [result(job, f"group job {i}") for i, job in enumerate(submitted)]
 
     def _prepare(self, idx: int, overrides: Sequence[str]) -> tuple[JobReturn, DictConfig]:
         """Hydra's job set-up (job dir, `.hydra/` record) without training yet."""
@@ -141,20 +144,15 @@ class GroupedLauncher(Launcher):
         return ret, sweep_config
 
 
-def _result(job: Any) -> list[Path]:
-    """A group job's job dirs, or its error as one paragraph (not submitit's traceback)."""
-    from submitit.core.utils import UncompletedJobError
+def resource_keys(parameters: dict[str, Any]) -> dict[str, str]:
+    """Resource -> `key=value` as configured under hydra.launcher.submitit.parameters."""
+    from hydra_plugins.traitsae_grouped_launcher import slurm_launcher
 
-    from traitsae.errors import TraitsaeError
-
-    try:
-        return job.results()[0]
-    except UncompletedJobError as err:
-        stderr = Path(job.paths.stderr)
-        lines = stderr.read_text().strip().splitlines() if stderr.is_file() else []
-        said = next((line for line in reversed(lines) if line.startswith("error: ")), None)
-        reason = said[len("error: ") :] if said else str(err).splitlines()[0]
-        raise TraitsaeError(
-            f"group job {job.job_id} failed: {reason} (its log: {stderr}). Fix the cause and "
-            "re-run the same sweep command: finished groups are not retrained, the others resume."
-        ) from None
+    plain = {k.removeprefix("slurm_"): v for k, v in parameters.items()}
+    generic = slurm_launcher.generic_keys()
+    return slurm_launcher.resource_keys(
+        plain,
+        lambda name: (
+            "hydra.launcher.submitit.parameters." + (name if name in generic else f"slurm_{name}")
+        ),
+    )
