@@ -148,3 +148,134 @@ def test_extraction_progress_in_a_log_file_is_lines_not_a_redrawn_bar(
         extract(cfg)  # stderr is captured here: not a terminal, as in a Slurm job
     assert "\r" not in capfd.readouterr().err
     assert "extracted 16 of 16 images" in caplog.text
+
+
+def test_a_resumed_csv_log_continues_its_file_without_the_steps_logged_again(
+    tmp_path: Path,
+) -> None:
+    import csv
+
+    from traitsae.training.csv_logger import ResumableCSVLogger
+
+    first = ResumableCSVLogger(str(tmp_path))
+    for step in range(10):  # the interrupted part: checkpointed at step 5, logged up to 9
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.save()
+    second = ResumableCSVLogger(str(tmp_path))  # the requeued job, resuming from step 5
+    for step in range(5, 12):
+        second.log_metrics({"train/loss": float(step), "val/fvu": 0.5}, step)
+    second.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == list(range(12))
+    assert rows[0]["val/fvu"] == "" and rows[-1]["val/fvu"] == "0.5"
+
+
+def _group_checkpoint(step: int) -> dict:
+    import torch
+
+    return {
+        "global_step": step,
+        "state_dict": {f"members.{i}.w": torch.full((2,), float(step)) for i in range(2)},
+        "optimizer_states": [
+            {"state": {}, "param_groups": [{"params": [0], "lr": 0.1}, {"params": [1], "lr": 0.1}]}
+        ],
+        "lr_schedulers": [],
+    }
+
+
+@pytest.mark.parametrize(("killed_at_write", "resumed_step"), [(2, 5), (3, 5), (4, 10)])
+def test_a_group_checkpoint_killed_between_member_writes_resumes_at_one_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed_at_write: int, resumed_step: int
+) -> None:
+    """Writes: 1, 2 the members' files, 3 the commit marker, 4, 5 the renames. Killed at any
+    of them, the group resumes with both members at one step (before: member 0 at step 10,
+    member 1 at step 5, and the group refused to resume)."""
+    import os as os_module
+
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from traitsae.training import group_checkpoints
+    from traitsae.training.group_checkpoints import GroupCheckpointIO, recover
+
+    job_dirs = [tmp_path / "0", tmp_path / "1"]
+    io = GroupCheckpointIO(job_dirs)
+    last = job_dirs[0] / "checkpoints" / "last.ckpt"
+    io.save_checkpoint(_group_checkpoint(5), last)
+
+    writes = []
+
+    class Killed(Exception):
+        pass
+
+    def counted(real):
+        def write(*args, **kwargs):
+            writes.append(args)
+            if len(writes) == killed_at_write:
+                raise Killed
+            return real(*args, **kwargs)
+
+        return write
+
+    monkeypatch.setattr(
+        TorchCheckpointIO, "save_checkpoint", counted(TorchCheckpointIO.save_checkpoint)
+    )
+    monkeypatch.setattr(group_checkpoints.os, "replace", counted(os_module.replace))
+    with pytest.raises(Killed):
+        io.save_checkpoint(_group_checkpoint(10), last)
+    monkeypatch.undo()
+    recover(job_dirs)
+    joined = GroupCheckpointIO(job_dirs).load_checkpoint(last)
+    assert joined["global_step"] == resumed_step
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob("*.commit"))
+
+
+def test_a_run_writing_to_a_log_file_has_no_bar_and_says_the_srun_hint_once(
+    tmp_path: Path,
+) -> None:
+    """stdout a file, as in a Slurm job's .out: no `\\r` redraws but progress lines; with an
+    `srun` on the PATH (a login node), Lightning's hint to use it once, not twice."""
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT, subprocess_env, train_overrides
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("SLURM_")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    store = id_store(tmp_path / "s.h5")
+    overrides = train_overrides(store, tmp_path / "run", steps=20)
+    overrides = [o for o in overrides if not o.startswith("trainer.enable_progress_bar")]
+    proc = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "\r" not in said
+    assert "step 10 of 20" in (tmp_path / "run" / "train.log").read_text()
+    assert said.count("The `srun` command is available") == 1
+
+
+def test_ranks_above_zero_log_to_their_own_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from traitsae.training.trainer import rank_log_files
+
+    root = logging.getLogger()
+    handler = logging.FileHandler(tmp_path / "train.log")  # Hydra's job log, in every rank
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    rank_log_files()
+    logging.getLogger("traitsae.test").warning("from rank 1")
+    for h in root.handlers:
+        h.close()
+    assert "from rank 1" in (tmp_path / "train.rank1.log").read_text()
+    assert (tmp_path / "train.log").read_text() == ""

@@ -47,3 +47,16 @@ def test_lightning_sees_each_task_of_a_two_node_job(
         8, global_rank, local_rank, node,
     )  # fmt: skip
     assert env.main_address == "gpu07"  # every task connects to the first node
+
+
+def test_the_guide_shows_what_the_generator_writes(capsys: pytest.CaptureFixture) -> None:
+    import re
+    import shlex
+
+    from traitsae.cluster.sbatch import main
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "cluster.md").read_text()
+    (command,) = re.findall(r"^\.venv/bin/python -m traitsae\.cluster\.sbatch (.*?) >", page, re.M)
+    main(shlex.split(command))
+    shown = page.split("<!-- generated: traitsae.cluster.sbatch")[1].split("```text\n")[1]
+    assert shown.split("```")[0] == capsys.readouterr().out

@@ -46,8 +46,11 @@ class TrainGroup:
     def __call__(self, jobs: list[tuple[DictConfig, Path]], hydra_cfg: DictConfig) -> list[Path]:
         from traitsae.errors import exit_on_user_error
         from traitsae.training import train_group
+        from traitsae.training.group_train import LOG_FORMAT
 
         HydraConfig.instance().set_config(hydra_cfg)  # as inside the group's first job
+        if not logging.getLogger().handlers:  # a submitit job: its log is stderr
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         return exit_on_user_error(train_group)(jobs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,7 +13,7 @@ from omegaconf import DictConfig
 from traitsae.errors import TraitsaeError
 from traitsae.sae.export import save_sae
 from traitsae.training.config import check_train_cfg, run_config
-from traitsae.training.group_checkpoints import GroupCheckpointIO
+from traitsae.training.group_checkpoints import GroupCheckpointIO, recover
 from traitsae.training.group_module import MemberLogger, SAEGroupModule, member_metrics
 from traitsae.training.recipe import build_module, export_meta, prepare_data
 from traitsae.training.resume import resume_checkpoint
@@ -25,11 +27,14 @@ from traitsae.training.trainer import (
 )
 
 log = logging.getLogger(__name__)
+# Hydra's default job-log format: a grouped job's train.log reads as a solo run's.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def _resume_path(jobs: list[tuple[DictConfig, Path]]) -> str | None:
     """The first job's last.ckpt when the whole group resumes; every job's checkpoint is checked
     against its own config, as a solo run's is."""
+    recover([Path(job_dir) for _, job_dir in jobs])  # a save the last run did not finish
     paths = [resume_checkpoint(cfg, job_dir) for cfg, job_dir in jobs]
     if all(path is None for path in paths):
         return None
@@ -46,16 +51,47 @@ def _resume_path(jobs: list[tuple[DictConfig, Path]]) -> str | None:
     return paths[0]
 
 
+@contextmanager
+def job_logs(job_dirs: list[Path]) -> Iterator[None]:
+    """Each job's `train.log`, as a solo run writes it: the group's lines, and the job's own
+    (records logged with `extra={"job_dir": ...}`) only in that job's file."""
+    root = logging.getLogger()
+    level = root.level
+    handlers = []
+    for job_dir in job_dirs:
+        handler = logging.FileHandler(job_dir / "train.log")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(lambda record, own=str(job_dir): getattr(record, "job_dir", own) == own)
+        handlers.append(handler)
+        root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+
+
 def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
     """Train every (config, job dir) of a group on the same batches; returns the job dirs.
 
     The configs agree on `traitsae.training.grouping.SHARED_NODES`; each job keeps its own SAE,
-    seed (initialisation), optimiser, logger, checkpoints and export in its own job dir.
+    seed (initialisation), optimiser, logger, checkpoints, export and train.log in its own job
+    dir.
     """
-    first, job_dirs = jobs[0][0], [Path(job_dir) for _, job_dir in jobs]
-    for cfg, job_dir in jobs:
-        check_train_cfg(cfg)
+    job_dirs = [Path(job_dir) for _, job_dir in jobs]
+    for job_dir in job_dirs:
         job_dir.mkdir(parents=True, exist_ok=True)
+    with job_logs(job_dirs):
+        return _train_group(jobs, job_dirs)
+
+
+def _train_group(jobs: list[tuple[DictConfig, Path]], job_dirs: list[Path]) -> list[Path]:
+    first = jobs[0][0]
+    for cfg, _ in jobs:
+        check_train_cfg(cfg)
     quiet_lightning_console()
     ckpt_path = _resume_path(jobs)
     with process_settings(first):
@@ -89,14 +125,15 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         for index, ((cfg, job_dir), member) in enumerate(zip(jobs, members, strict=True)):
             own = member_metrics(metrics, index)
+            own_log = {"extra": {"job_dir": str(job_dir)}}
             log.info(
                 "done %s, step %d: val FVU %.4g, L0 %.3g, dead %.3g, dense %.3g", job_dir,
                 trainer.global_step, own.get("val/fvu", float("nan")),
                 own.get("val/l0", float("nan")), own.get("val/dead_frac", float("nan")),
-                own.get("val/dense_frac", float("nan")),
+                own.get("val/dense_frac", float("nan")), **own_log,
             )  # fmt: skip
             if cfg.train.export:
                 meta = export_meta(cfg, dm, trainer)
                 meta["metrics"] = own
-                log.info("exported %s", save_sae(member.sae.cpu(), job_dir, meta))
+                log.info("exported %s", save_sae(member.sae.cpu(), job_dir, meta), **own_log)
     return job_dirs

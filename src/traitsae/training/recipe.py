@@ -31,6 +31,7 @@ from traitsae.training.trainer import (
     instantiate_checked,
     process_settings,
     quiet_lightning_console,
+    rank_log_files,
     run_callbacks,
     run_loggers,
     seed_everything,
@@ -94,6 +95,7 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
 
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as configured; returns the run dir (holding sae.json)."""
+    rank_log_files()
     check_train_cfg(cfg)
     quiet_lightning_console()
     run_dir = hydra_output_dir()
