@@ -279,3 +279,46 @@ def test_ranks_above_zero_log_to_their_own_file(
         h.close()
     assert "from rank 1" in (tmp_path / "train.rank1.log").read_text()
     assert (tmp_path / "train.log").read_text() == ""
+
+
+def test_group_resume_messages_name_the_real_key(tmp_path: Path) -> None:
+    """`resume=false` is not a key (Hydra rejects it); `train.resume=false` is."""
+    from traitsae.training.group_checkpoints import GroupCheckpointIO
+
+    job_dirs = [tmp_path / "0", tmp_path / "1"]
+    io = GroupCheckpointIO(job_dirs)
+    last = job_dirs[0] / "checkpoints" / "last.ckpt"
+    io.save_checkpoint(_group_checkpoint(5), last)
+    (job_dirs[1] / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(TraitsaeError, match=r"pass train\.resume=false to start"):
+        io.load_checkpoint(last)
+
+
+def test_the_loader_maps_a_store_larger_than_memory(tmp_path: Path) -> None:
+    """A store of 1.2 x (RAM + swap), sparse on disk (only its first 64 images written): the
+    loader mapped the file copy-on-write, which the kernel refuses beyond what it may commit
+    (`OSError: [Errno 12] Cannot allocate memory`) -- users' stores are that large."""
+    import math
+
+    import numpy as np
+
+    from traitsae.data.store import StoreWriter
+
+    swap = int(Path("/proc/meminfo").read_text().split("SwapTotal:")[1].split()[0]) * 1024
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + swap
+    n_patches, d_model = 256, 1024
+    n_images = math.ceil(1.2 * memory / (n_patches * d_model * 2))
+    attrs = {
+        "backbone": "tiny", "dataset": "synthetic", "split": "train", "d_model": d_model,
+        "n_patches": n_patches, "n_prefix_tokens": 1, "layers": [3], "n_images": n_images,
+        "grid": [16, 16], "depth": 4, "image_size": 0, "config": "",
+    }  # fmt: skip
+    paths = np.array([f"{i}.jpg" for i in range(n_images)], dtype=object)
+    path = tmp_path / "huge.h5"
+    writer = StoreWriter.open(path, attrs=attrs, images={"path": paths}, fingerprint="")
+    x_NPD = np.random.default_rng(0).standard_normal((64, n_patches, d_model)).astype(np.float16)
+    writer.write(0, {3: x_NPD}, {3: x_NPD[:, 0]}, np.ones(64, bool))
+    writer.finish(complete=False)
+    assert path.stat().st_size > memory
+    dm = make_dm(path, allow_incomplete=True, num_workers=0, block_images=None, batch_size=256)
+    assert next(iter(dm.train_dataloader())).shape == (256, d_model)

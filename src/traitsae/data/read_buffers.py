@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,9 +67,12 @@ class MappedBuffer:
 
     def __init__(self, plan: StreamPlan, first_N: np.ndarray, per_image: int, capacity: int):
         with open(plan.path, "rb") as fh:  # the map outlives the descriptor
-            # Copy-on-write map: writable for torch, yet nothing is ever written or copied.
-            self.fmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        halves = torch.from_numpy(np.frombuffer(self.fmap, np.float16, len(self.fmap) // 2))
+            # Read-only and shared: a private (copy-on-write) map counts against the memory the
+            # kernel may commit, so a store larger than RAM could not be mapped at all.
+            self.fmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # torch warns that the map is read-only: never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            halves = torch.from_numpy(np.frombuffer(self.fmap, np.float16, len(self.fmap) // 2))
         d_model = plan.d_model
         # Row v of this view is the d_model values starting at float16 v of the file, so a
         # vector at any (even) byte offset is one row: chunks need no common alignment.
