@@ -21,21 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from traitsae.data.datamodule import ActivationsDataModule
 from traitsae.errors import TraitsaeError
 from traitsae.paths import hydra_output_dir
 from traitsae.sae.export import save_sae
 from traitsae.sae.module import SAEModule
-from traitsae.training.config import check_train_cfg, run_config, sae_kwargs
+from traitsae.training.config import TrainConfig, instantiate_checked, run_config
 from traitsae.training.group_checkpoints import GroupCheckpointIO
 from traitsae.training.group_module import MemberLogger, SAEGroupModule, member_metrics
 from traitsae.training.grouping import Job
 from traitsae.training.resume import resume_group
 from traitsae.training.trainer import (
     fit,
-    instantiate_checked,
     process_settings,
     quiet_lightning_console,
     run_callbacks,
@@ -60,15 +59,15 @@ def train_group(jobs: list[Job]) -> list[Path]:
     job keeps its own SAE, seed (initialisation), optimiser, logger, checkpoints and export.
     """
     first, job_dirs = jobs[0][0], [Path(job_dir) for _, job_dir in jobs]
-    ckpt_path = _set_up(jobs)
+    configs, ckpt_path = _set_up(jobs)
     with process_settings(first):
         dm, node = prepare_data(first)
         members = []
-        for cfg, job_dir in jobs:
-            torch.manual_seed(int(cfg.seed))  # each SAE starts as its solo run would
-            member = build_module(cfg, dm, int(node["max_steps"]), job_dir)
+        for config, job_dir in zip(configs, job_dirs, strict=True):
+            torch.manual_seed(config.seed)  # each SAE starts as its solo run would
+            member = build_module(config, dm, job_dir)
             if ckpt_path is None:  # a resumed run takes b_dec from its checkpoint
-                member.init_from_sample(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
+                member.init_from_sample(torch.from_numpy(dm.sample), config.objective.b_dec_init)
             members.append(member)
         _log_start(dm, members, job_dirs)
         module, lightning_kwargs = _lightning_parts(jobs, members)
@@ -81,15 +80,15 @@ def train_group(jobs: list[Job]) -> list[Path]:
     return job_dirs
 
 
-def _set_up(jobs: list[Job]) -> str | None:
-    """Check every job's config, make its job dir; the checkpoint the group resumes from."""
-    for cfg, job_dir in jobs:
-        check_train_cfg(cfg)
+def _set_up(jobs: list[Job]) -> tuple[list[TrainConfig], str | None]:
+    """Every job's config typed and checked, its job dir made; the checkpoint to resume from."""
+    configs = [TrainConfig.from_cfg(cfg) for cfg, _ in jobs]
+    for _, job_dir in jobs:
         if job_dir.exists() and not job_dir.is_dir():
             raise TraitsaeError(f"hydra.run.dir={job_dir} is a file; the run dir must be a folder.")
         job_dir.mkdir(parents=True, exist_ok=True)
     quiet_lightning_console()
-    return resume_group(jobs)
+    return configs, resume_group(jobs)
 
 
 def prepare_data(cfg: DictConfig) -> tuple[ActivationsDataModule, dict[str, Any]]:
@@ -100,14 +99,15 @@ def prepare_data(cfg: DictConfig) -> tuple[ActivationsDataModule, dict[str, Any]
     return dm, trainer_node(cfg, has_val=dm.n_val_vectors > 0)
 
 
-def build_module(cfg: DictConfig, dm: Any, max_steps: int, run_dir: Path) -> SAEModule:
-    """The SAE LightningModule for this config and store (normaliser from the data module)."""
+def build_module(config: TrainConfig, dm: Any, run_dir: Path) -> SAEModule:
+    """The SAE LightningModule for this config and store (d_model and normaliser from the data
+    module); draws the SAE's initialisation from torch's RNG."""
     return SAEModule(
-        sae=sae_kwargs(cfg, dm.d_model),
-        sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        config.architecture.build(dm.d_model),
+        config.objective,
+        config.optim,
         scale=dm.scale,
-        max_steps=max_steps,
+        max_steps=config.max_steps,
         figures_dir=str(run_dir / "figures"),
     )
 
