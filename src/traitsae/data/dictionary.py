@@ -35,8 +35,10 @@ from scipy import sparse
 from scipy.special import ndtri
 from tqdm.auto import tqdm
 
-from traitsae import __version__
+from traitsae.data.store import StoreWriter, store_is_done
 from traitsae.errors import TraitsaeError
+from traitsae.paths import store_path_from_cfg
+from traitsae.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +192,6 @@ def fingerprint(spec: DictionarySpec, split: str) -> str:
 
 def write_dictionary_store(cfg: DictConfig) -> Path:
     """Generate the `dataset=dictionary` store of `cfg.split` at the standard store path."""
-    from traitsae.data.store import StoreWriter
-    from traitsae.extraction import store_is_done
-    from traitsae.paths import store_path_from_cfg
-
     spec = DictionarySpec.from_cfg(cfg.dataset, str(cfg.split))
     out = store_path_from_cfg(cfg)
     key = fingerprint(spec, str(cfg.split))

@@ -23,6 +23,7 @@ from traitsae.sae.metrics import (
     fraction_of_variance_unexplained,
 )
 from traitsae.sae.model import SAEOutput, SparseAutoencoder, build_sae
+from traitsae.sae.plots import firing_histogram
 from traitsae.sae.sparsity import L0Controller, NoPenalty, SparsityPenalty, start_firing_at
 
 
@@ -315,8 +316,6 @@ class SAEModule(L.LightningModule):
         return logs
 
     def _save_histogram(self, freq_S: Tensor) -> None:
-        from traitsae.sae.plots import firing_histogram
-
         if self.figures_dir is None:
             return
         path = self.figures_dir / f"firing_freq_step{self.global_step:07d}.png"
