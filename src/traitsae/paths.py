@@ -1,5 +1,6 @@
-"""Where things live on disk: the store path convention shared by extract, train and evaluate,
-the command that writes a store, and Hydra's output dir. The message for a store that is not
+"""Where things live on disk: the store path convention, its extract command, Hydra's output dir.
+
+The store path convention is shared by extract, train and evaluate. The message for a store that is not
 there yet reads how far it got, so it lives beside the store reader
 (`traitsae.data.store.missing_store_message`); it is re-exported here for the evaluations that
 still import it from this module."""

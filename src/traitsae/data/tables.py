@@ -1,5 +1,6 @@
-"""Whitespace-separated text tables: the `.txt` files of the CUB layout, which the CUB loader
-reads and the demo generator writes (and reads back)."""
+"""Whitespace-separated text tables: the `.txt` files of the CUB layout.
+
+The CUB loader reads them; the demo generator writes them (and reads them back)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The HDF5 activation store: one file per backbone x dataset x split.
 
-`schema.py` the layout (documented there and in the README), `reader.py` the read-only `Store`
+`schema.py` the layout (`SCHEMA`, from which docs/guide/store.md is generated), `reader.py` the read-only `Store`
 every later stage uses, `writer.py` the one writer (`StoreWriter` for extraction,
 `create_store` for whole in-memory stores).
 """

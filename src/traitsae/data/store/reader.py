@@ -48,7 +48,7 @@ class Store:
         if missing or groups:
             raise TraitsaeError(
                 f"{self.path} is not a traitsae activation store: it lacks root attrs {missing} "
-                f"and groups {groups} (schema: README, section Extract). Write stores with "
+                f"and groups {groups} (schema: docs/guide/store.md). Write stores with "
                 "extract.py or traitsae.data.store.create_store."
             )
         self.backbone: str = decode_text(attrs["backbone"])
@@ -89,7 +89,7 @@ class Store:
                 raise TraitsaeError(
                     f"store {self.path}: dataset {key} {found}, but the root attrs (n_images={n}, "
                     f"n_patches={p}, d_model={d}, layers={self.layers}) promise shape {shape}. "
-                    "The file does not follow the store schema (README, section Extract); "
+                    "The file does not follow the store schema (docs/guide/store.md); "
                     "re-extract it with extract.py."
                 )
         if require_complete and not self.complete:

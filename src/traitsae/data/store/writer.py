@@ -1,5 +1,7 @@
-"""The one store writer: `StoreWriter` (incremental, crash-safe, resumable) and `create_store`
-(a whole store from in-memory arrays, through the same writer).
+"""The one store writer: incremental, crash-safe and resumable (`StoreWriter`, `create_store`).
+
+`create_store` writes a whole store from in-memory arrays through the same writer;
+`store_is_done` says whether an existing store is already the one asked for.
 
 `StoreWriter.open` creates `<path>.tmp` (or reopens it when its fingerprint matches), `write`
 stores a batch of rows and marks them done, `finish` sets `complete` and renames the file to
