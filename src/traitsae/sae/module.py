@@ -22,6 +22,7 @@ from traitsae.sae.metrics import (
     fraction_of_variance_unexplained,
 )
 from traitsae.sae.model import SAEOutput, SparseAutoencoder
+from traitsae.sae.plots import firing_histogram
 from traitsae.sae.sparsity import L0Controller, SparsityPenalty, start_firing_at
 
 
@@ -268,8 +269,6 @@ class SAEModule(L.LightningModule):
         return logs
 
     def _save_histogram(self, freq_S: Tensor) -> None:
-        from traitsae.sae.plots import firing_histogram
-
         if self.figures_dir is None:
             return
         path = self.figures_dir / f"firing_freq_step{self.global_step:07d}.png"
