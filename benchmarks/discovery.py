@@ -98,7 +98,9 @@ def run_pass(name: str, store_path: Path, run_dir: Path, batch_patches: int, rep
     import torch
 
     from traitsae.data.store import Store
-    from traitsae.evaluation import discovery, discovery_stats, features
+    from traitsae.evaluation.discovery import discovery
+    from traitsae.evaluation.discovery import stats as discovery_stats
+    from traitsae.evaluation.latents import features
     from traitsae.sae.export import load_sae
 
     torch.set_flush_denormal(True)

@@ -31,8 +31,10 @@ from IPython.display import Image, display
 
 from traitsae import load_sae
 from traitsae.data.store import Store
-from traitsae.evaluation import discovery, discovery_stats, heatmaps
-from traitsae.evaluation.encode import gather_codes
+from traitsae.evaluation.core import frames, heatmaps
+from traitsae.evaluation.core.tokens import gather_codes
+from traitsae.evaluation.discovery import discovery
+from traitsae.evaluation.discovery import stats as discovery_stats
 
 # %%
 # Paths below are relative to the repository root, where `make demo` writes.
@@ -110,7 +112,7 @@ print(f"top candidate for A: latent {top.stats.latent}, triage score {top.score:
 
 # %%
 names = {"a": discovery.describe_group(GROUP_A), "b": discovery.describe_group(GROUP_B)}
-images = heatmaps.store_image_source(store, IMAGE_ROOT)
+images = frames.store_image_source(store, IMAGE_ROOT)
 figure = discovery.candidate_figure(
     top, maps, store.metadata, names, images, scores, out / "top_candidate.png"
 )

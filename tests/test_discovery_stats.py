@@ -12,8 +12,8 @@ from scipy.stats import binom
 from sklearn.metrics import roc_auc_score
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import discovery_stats
-from traitsae.evaluation.discovery_stats import (
+from traitsae.evaluation.discovery import stats as discovery_stats
+from traitsae.evaluation.discovery.stats import (
     NullOptions,
     RankingRule,
     auroc_per_column,

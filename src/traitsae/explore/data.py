@@ -155,7 +155,7 @@ class ExplorerData:
 
     def __init__(self, session: Session) -> None:
         from traitsae.data.store import Store
-        from traitsae.evaluation.label_entropy import image_labels, top_image_summary
+        from traitsae.evaluation.core.labels import image_labels, top_image_summary
 
         self.session = session
         self.cache = Path(session.cache_dir)
@@ -300,7 +300,7 @@ class ExplorerData:
         """[grid] per-patch ||x - x_hat||^2 / ||x||^2 of the SAE on the store's activations."""
         import torch
 
-        from traitsae.evaluation.encode import sae_layer
+        from traitsae.evaluation.core.tokens import sae_layer
 
         self.image_position(row)
         sae = self.sae
@@ -345,7 +345,7 @@ class ExplorerData:
 
     def image_source(self) -> Any:
         """The store's pictures framed like extraction (built once: it imports torchvision)."""
-        from traitsae.evaluation.heatmaps import store_image_source
+        from traitsae.evaluation.core.frames import store_image_source
 
         with self._frame_lock:
             if self._image_source is None:
@@ -356,7 +356,7 @@ class ExplorerData:
         return self._image_source
 
     def caption(self, row: int) -> str:
-        from traitsae.evaluation.heatmaps import caption_column
+        from traitsae.evaluation.core.frames import caption_column
 
         column = caption_column(self.metadata)
         tag = f"{self.metadata[column][row]} " if column else ""
@@ -419,7 +419,7 @@ class ExplorerData:
 
     def group_scores(self, mask_a: np.ndarray, mask_b: np.ndarray) -> Any:
         """discovery.GroupScores of two groups of store rows, from the codes (no re-encoding)."""
-        from traitsae.evaluation.discovery import GroupScores
+        from traitsae.evaluation.discovery.discovery import GroupScores
 
         has_codes_N = self.position >= 0
         rows = np.flatnonzero((mask_a | mask_b) & has_codes_N)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from traitsae.evaluation.heatmaps import upsample_map
+from traitsae.evaluation.core.heatmaps import upsample_map
 
 BLANK_SIZE = 128  # pixels of a heat-map drawn without its image
 

@@ -25,7 +25,7 @@ STARTUP_TIMEOUT_S = 600  # preloading 1 M patches of codes on a loaded machine
 
 
 def explore(cfg: DictConfig) -> None:
-    from traitsae.evaluation.common import output_dir
+    from traitsae.evaluation.core.sources import output_dir
 
     session = prepare(cfg)
     path = session.save(output_dir(cfg) / "session.json")

@@ -153,7 +153,7 @@ class SaeRecord:
 def sae_record(cfg: DictConfig) -> Any:
     """The SAE's SaeRecord; anything unusual (no sae.json, bad JSON, keys missing) is left to
     load_sae, whose messages say what is wrong."""
-    from traitsae.evaluation.common import resolve_sae, sae_source
+    from traitsae.evaluation.core.sources import resolve_sae, sae_source
 
     source = Path(sae_source(cfg))
     if source.is_dir():
@@ -171,7 +171,7 @@ def sae_record(cfg: DictConfig) -> Any:
 
 def prepare(cfg: DictConfig) -> Session:
     """Validate everything the app needs; make the sparse codes when missing (progress bar)."""
-    from traitsae.evaluation.common import eval_store, resolve_sae, sae_source
+    from traitsae.evaluation.core.sources import eval_store, resolve_sae, sae_source
     from traitsae.explore.data import check_codes_match
 
     ex = cfg.explore
@@ -193,7 +193,7 @@ def prepare(cfg: DictConfig) -> Session:
                 "eval=encode run=<run dir>, or drop explore.codes to have it made here."
             )
         if not codes.is_file():
-            from traitsae.evaluation.encode import write_sparse_codes
+            from traitsae.evaluation.core.codes import write_sparse_codes
 
             print(f"no sparse codes for this SAE and store yet: encoding {store_path} once ...")
             write_sparse_codes(

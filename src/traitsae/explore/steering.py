@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.heatmaps import resolve_image_path
+from traitsae.evaluation.core.frames import resolve_image_path
 
 
 def class_names(metadata: dict[str, np.ndarray]) -> np.ndarray:
@@ -30,7 +30,7 @@ class Steering:
     """Backbone + probe for one ExplorerData; class probabilities under latent edits."""
 
     def __init__(self, data: Any) -> None:
-        from traitsae.evaluation.downstream import ClassProbe, build_full_backbone
+        from traitsae.evaluation.causal.forward import ClassProbe, build_full_backbone
 
         self.data = data
         self.device = data.session.device
@@ -48,7 +48,7 @@ class Steering:
 
     def fit_probe(self) -> Any:
         """A probe on the final embeddings of the explored split's valid images."""
-        from traitsae.evaluation.downstream import ClassProbe, final_embeddings
+        from traitsae.evaluation.causal.forward import ClassProbe, final_embeddings
 
         rows = self.data.rows_V
         emb_NE, done = final_embeddings(
@@ -65,7 +65,7 @@ class Steering:
     @torch.inference_mode()
     def layer_tokens(self, row: int) -> torch.Tensor:
         """Block L's output tokens [1, T, D] of one image (kept: sliders re-use them)."""
-        from traitsae.evaluation.downstream import iter_image_batches
+        from traitsae.evaluation.causal.forward import iter_image_batches
 
         if row not in self._tokens:
             batches = iter_image_batches(self.backbone, [self.image_path(row)], 1, 0, self.device)
@@ -81,7 +81,7 @@ class Steering:
     ) -> np.ndarray:
         """[C] probe probabilities (order `probe.classes`) with each latent's code raised by
         its alpha in every edited token (`where="all"`) or where it fires (`"firing"`)."""
-        from traitsae.evaluation.steer import steered_probabilities
+        from traitsae.evaluation.causal.steer import steered_probabilities
 
         if not latents:
             latents, alphas = [0], [0.0]  # no edit: the clean probabilities

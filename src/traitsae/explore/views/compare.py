@@ -11,8 +11,9 @@ import numpy as np
 import streamlit as st
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import discovery, heatmaps
-from traitsae.evaluation.discovery_stats import NullOptions, RankingRule, contrast
+from traitsae.evaluation.core import heatmaps
+from traitsae.evaluation.discovery import discovery
+from traitsae.evaluation.discovery.stats import NullOptions, RankingRule, contrast
 from traitsae.explore import draw
 from traitsae.explore.views.common import overlays
 

@@ -68,8 +68,8 @@ class DictionaryScores:
 
 def run(cfg: DictConfig) -> list[DictionaryScores]:
     """Hydra entry: score one run, or every run of a sweep dir."""
-    from traitsae.evaluation.common import output_dir, sae_source
-    from traitsae.evaluation.health import find_runs, run_labels
+    from traitsae.evaluation.core.runs import find_runs, run_labels
+    from traitsae.evaluation.core.sources import output_dir, sae_source
     from traitsae.sae.export import load_sae
 
     runs = find_runs(sae_source(cfg))

@@ -36,8 +36,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from traitsae.data.images.cub_attributes import CubAttributes, load_cub_attributes
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import baselines, figures
-from traitsae.evaluation.precision import (
+from traitsae.evaluation.core import directions, figures
+from traitsae.evaluation.core.methods import (
+    POOLS,
+    Method,
+    image_scores,
+    linear_scorer,
+    sae_scorer,
+    valid_rows,
+)
+from traitsae.evaluation.core.precision import (
     average_precision_columns,
     bootstrap_ci,
     paired_difference,
@@ -46,14 +54,6 @@ from traitsae.evaluation.precision import (
     select_best,
     units_with_positives,
     usable_ks,
-)
-from traitsae.evaluation.scoring import (
-    POOLS,
-    Method,
-    image_scores,
-    linear_scorer,
-    sae_scorer,
-    valid_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ class TraitReport:
 
 
 def run(cfg: DictConfig) -> TraitReport:
-    """Hydra entry (`eval.entry`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    from traitsae.evaluation.common import eval_stores, output_dir, resolve_sae
+    """Hydra entry (registry: `cub_traits`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
+    from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 
     opts = Options.from_cfg(cfg)
     root = cfg.eval.get("attributes_root") or cfg.dataset.get("root")
@@ -323,7 +323,7 @@ def image_ids(store) -> np.ndarray:
 
 
 def unsupervised_methods(
-    sae: torch.nn.Module, sample: baselines.TrainSample, opts: Options, seed: int
+    sae: torch.nn.Module, sample: directions.TrainSample, opts: Options, seed: int
 ) -> dict[str, Method]:
     """Token scorers of the seed-dependent baselines, fit on the training sample."""
     d_model = sample.tokens_SD.shape[1]
@@ -336,12 +336,12 @@ def unsupervised_methods(
 
     for name in opts.methods:
         if name == "sae_init":
-            init = baselines.untrained_sae(sae, sample.tokens_SD, seed)
+            init = directions.untrained_sae(sae, sample.tokens_SD, seed)
             methods[name] = Method(name, sae_scorer(init), d_sae, opts.pool)
         elif name == "random":
-            add_linear(name, baselines.random_directions(d_model, opts.n_random or d_sae, seed))
+            add_linear(name, directions.random_directions(d_model, opts.n_random or d_sae, seed))
         elif name == "pca":
-            add_linear(name, baselines.pca_directions(sample.tokens_SD, opts.pca_both_signs, seed))
+            add_linear(name, directions.pca_directions(sample.tokens_SD, opts.pca_both_signs, seed))
         elif name == "kmeans":
             log.info(
                 "fitting k-means: %d centroids on %d tokens",
@@ -349,7 +349,7 @@ def unsupervised_methods(
                 sample.tokens_SD.shape[0],
             )
             add_linear(
-                name, baselines.kmeans_directions(sample.tokens_SD, opts.kmeans_clusters, seed)
+                name, directions.kmeans_directions(sample.tokens_SD, opts.kmeans_clusters, seed)
             )
     return methods
 
@@ -400,7 +400,7 @@ def evaluate_traits(
             "sae",
         )["sae"]
     for seed in opts.seeds:
-        sample = baselines.sample_train_activations(
+        sample = directions.sample_train_activations(
             train_store, layer, tokens, opts.n_samples, seed
         )
         assert np.array_equal(sample.rows_N, rows_train)
@@ -503,7 +503,7 @@ def _probe_union(
     sae, train_store, test_store, layer, tokens, sample, labels, ks, opts, seed, others
 ) -> Candidates:
     """The supervised upper bound: patch-level probes plus every unsupervised direction."""
-    from traitsae.evaluation.trait_probes import fit_trait_probes, probe_scores
+    from traitsae.evaluation.traits.probes import fit_trait_probes, probe_scores
 
     probes = fit_trait_probes(
         train_store,

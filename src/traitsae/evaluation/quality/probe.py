@@ -17,15 +17,16 @@ import torch
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.encode import iter_valid_tokens
-from traitsae.evaluation.scoring import images_per_block
+from traitsae.evaluation.core.methods import images_per_block
+from traitsae.evaluation.core.probes import fit_class_probe
+from traitsae.evaluation.core.tokens import iter_valid_tokens
 
 FEATURES = ("auto", "cls", "pooled")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: fit probes on the train split, report accuracies on the test split."""
-    from traitsae.evaluation.common import eval_stores, output_dir, resolve_sae
+    from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 
     device = cfg.get("device", "cpu")
     sae = resolve_sae(cfg).to(device)
@@ -83,23 +84,6 @@ def image_features(
         "reconstructed": np.concatenate(rec)[keep_N],
         "label": label_N[keep_N],
     }
-
-
-def fit_class_probe(x_ND: np.ndarray, y_N: np.ndarray, C: float, max_iter: int, seed: int):
-    """Standardise, then L2 multinomial logistic regression: the class probe every evaluation fits
-    (`eval=probe` on layer activations, `eval=splice`/`eval=steer` on final embeddings)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if np.unique(y_N).size < 2:
-        raise TraitsaeError(
-            "the train split has fewer than 2 classes; a class probe needs 2 or more."
-        )
-    model = make_pipeline(
-        StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-    )
-    return model.fit(x_ND, y_N)
 
 
 def probe_accuracies(

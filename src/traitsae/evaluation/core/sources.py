@@ -5,16 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
 from traitsae.paths import extract_command, hydra_output_dir, missing_store_message, store_path
-
-
-def run_evaluation(cfg: DictConfig) -> Any:
-    """Dispatch to `cfg.eval.entry` (e.g. traitsae.evaluation.cub_traits.run)."""
-    return get_method(cfg.eval.entry)(cfg)
 
 
 def sae_source(cfg: DictConfig) -> str:

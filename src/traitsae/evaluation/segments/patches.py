@@ -23,8 +23,8 @@ from traitsae.data.images.masks import (
     patch_labels,
 )
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.heatmaps import Frame, resolve_image_path
-from traitsae.evaluation.scoring import valid_rows
+from traitsae.evaluation.core.frames import Frame, resolve_image_path
+from traitsae.evaluation.core.methods import valid_rows
 
 log = logging.getLogger(__name__)
 FRAMES = ("backbone", "center_crop", "stretch")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.data.images import ImageDataset, ImageList, load_image_list
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.probe import fit_class_probe
+from traitsae.evaluation.core.probes import fit_class_probe
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def train_class_probe(
     cfg: DictConfig, backbone: Backbone, sae: Any, train_split: str, class_column: str
 ) -> ClassProbe:
     """The class probe on clean final embeddings of the train split's images."""
-    from traitsae.evaluation.common import eval_store
+    from traitsae.evaluation.core.sources import eval_store
 
     ev = cfg.eval
     with eval_store(cfg, sae, train_split) as store:

@@ -30,15 +30,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import discovery_report, heatmaps
-from traitsae.evaluation.discovery_stats import (
-    CandidateStats,
-    NullOptions,
-    RankingRule,
-    contrast,
-)
-from traitsae.evaluation.encode import gather_codes, stream_codes
-from traitsae.evaluation.heatmaps import ImageSource
+from traitsae.evaluation.core import figures, frames, heatmaps
+from traitsae.evaluation.core.frames import ImageSource, image_source
+from traitsae.evaluation.core.tokens import gather_codes, stream_codes
+from traitsae.evaluation.discovery import report as discovery_report
+from traitsae.evaluation.discovery.stats import CandidateStats, NullOptions, RankingRule, contrast
 
 # Store columns that are bookkeeping, not metadata to group by.
 _NOT_GROUPABLE = ("valid", "index", "error", "done")
@@ -318,11 +314,11 @@ def candidate_figure(
     score_of = dict(
         zip(scores.image_index.tolist(), scores.scores_NS[:, stats.latent].tolist(), strict=True)
     )
-    label_col = heatmaps.caption_column(labels)
+    label_col = frames.caption_column(labels)
 
-    def panels(rows: list[int], paths: list[str]) -> list[heatmaps.Panel]:
+    def panels(rows: list[int], paths: list[str]) -> list[figures.Panel]:
         return [
-            heatmaps.Panel(
+            figures.Panel(
                 images.load(path),
                 maps[row, stats.latent],
                 f"{labels[label_col][row] + ' ' if label_col else ''}#{row} "
@@ -340,7 +336,7 @@ def candidate_figure(
         f"(AUROC {stats.auroc:.2f}{evidence}, rate A {stats.rate_a:.2f} / B {stats.rate_b:.2f}, "
         f"H {cand.entropy:.2f}, I {cand.morans_i:.2f})"
     )
-    return heatmaps.plot_panel_rows(
+    return figures.plot_panel_rows(
         [
             (
                 f"{stats.group.upper()}: {group_names[stats.group]}",
@@ -359,18 +355,6 @@ def candidate_figure(
 # ----------------------------------------------------------------------------- entry point
 
 
-def image_source(cfg: DictConfig, store: Any) -> ImageSource:
-    """Figure images per eval.draw_images / image_root / image_size / resize_mode."""
-    if not cfg.eval.get("draw_images", True):
-        return ImageSource(root=None, frame=None)
-    return heatmaps.store_image_source(
-        store,
-        cfg.eval.get("image_root"),
-        cfg.eval.get("image_size"),
-        str(cfg.eval.get("resize_mode", "backbone")),
-    )
-
-
 def configured_groups(cfg: DictConfig) -> dict[str, Any]:
     """eval.group_a / eval.group_b, defaulting to the dataset's own contrast pair
     (`dataset.contrast: {group_a: {...}, group_b: {...}}`, e.g. the demo's Alpha vs Beta)."""
@@ -385,7 +369,7 @@ def null_options(cfg: DictConfig) -> NullOptions:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py eval=discovery run=<run dir> eval.group_a=... eval.group_b=...`."""
-    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+    from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 
     group_a, group_b = (parse_group(spec, name) for name, spec in configured_groups(cfg).items())
     rule = RankingRule(

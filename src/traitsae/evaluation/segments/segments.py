@@ -20,13 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from traitsae.data.images.masks import RULES, MaskLayout, load_mask_layout
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import baselines, patch_metrics
-from traitsae.evaluation.precision import (
-    bootstrap_ci,
-    paired_difference,
-    units_with_positives,
-)
-from traitsae.evaluation.segment_patches import FRAMES, SplitPatches, collect_patches, store_frame
+from traitsae.evaluation.core import directions, probes
+from traitsae.evaluation.core.precision import bootstrap_ci, paired_difference, units_with_positives
+from traitsae.evaluation.segments import metrics as patch_metrics
+from traitsae.evaluation.segments.patches import FRAMES, SplitPatches, collect_patches, store_frame
 
 METHODS = ("sae", "random", "pca", "kmeans", "probe")
 METRICS = ("ap", "probe_ap", "purity", "coverage")
@@ -109,8 +106,8 @@ class SegmentsReport:
 
 def run(cfg: DictConfig) -> SegmentsReport:
     """Hydra entry (`eval.entry`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    from traitsae.evaluation.common import eval_stores, output_dir, resolve_sae
-    from traitsae.evaluation.segments_report import format_table, write_outputs
+    from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+    from traitsae.evaluation.segments.report import format_table, write_outputs
     from traitsae.sae.export import load_sae
 
     opts = Options.from_cfg(cfg)
@@ -208,14 +205,14 @@ def build_scorers(
         if name == "sae":
             scorers.append(Scorer("sae", d_sae, sae.encode))
         elif name == "random":
-            dirs = baselines.random_directions(d_model, opts.n_random or d_sae, opts.seed)
+            dirs = directions.random_directions(d_model, opts.n_random or d_sae, opts.seed)
             scorers.append(linear(name, dirs, mean_D, opts.device))
         elif name == "pca":
-            dirs = baselines.pca_directions(sample_SD.numpy(), opts.pca_both_signs, opts.seed)
+            dirs = directions.pca_directions(sample_SD.numpy(), opts.pca_both_signs, opts.seed)
             scorers.append(linear(name, dirs, mean_D, opts.device))
         elif name == "kmeans":
             n_clusters = min(opts.kmeans_clusters, sample_SD.shape[0])
-            dirs = baselines.kmeans_directions(sample_SD.numpy(), n_clusters, opts.seed)
+            dirs = directions.kmeans_directions(sample_SD.numpy(), n_clusters, opts.seed)
             scorers.append(linear(name, dirs, mean_D, opts.device))
         elif name == "probe":
             scorers.append(supervised_probe(train, opts, rng))
@@ -228,7 +225,7 @@ def supervised_probe(train: SplitPatches, opts: Options, rng: np.random.Generato
     """One L2 logistic regression per class on raw patch activations (the supervised reference)."""
     n_rows = train.acts_RD.shape[0]
     fit = np.sort(rng.choice(n_rows, min(n_rows, opts.probe_max_patches), replace=False))
-    w_CD, b_C = baselines.linear_probes(
+    w_CD, b_C = probes.linear_probes(
         train.acts_RD[fit].numpy(),
         train.labels_RC[fit],
         opts.probe_l2,

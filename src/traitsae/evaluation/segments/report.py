@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from traitsae.evaluation import figures
-from traitsae.evaluation.segments import METRICS, SegmentsReport
+from traitsae.evaluation.core import figures
+from traitsae.evaluation.segments.segments import METRICS, SegmentsReport
 
 PER_CLASS_FIELDS = [
     "class_id", "class", "method", "best_direction", "ap", "probe_ap", "purity", "coverage",

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from traitsae.evaluation.heatmaps import caption_column
+from traitsae.evaluation.core.frames import caption_column
 
 
 def image_labels(metadata: Mapping[str, np.ndarray]) -> np.ndarray:

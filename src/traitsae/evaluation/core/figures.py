@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,66 @@ def log_histogram(values: np.ndarray, *, xlabel: str, title: str, floor: float =
     ax.set_ylabel("count")
     ax.set_title(title)
     return fig
+
+
+@dataclass
+class Panel:
+    """One image of a figure: pixels, its patch heat-map and a caption."""
+
+    image_HW3: np.ndarray | None  # None when the image file is unavailable: map alone
+    map_RC: np.ndarray
+    caption: str
+
+
+def plot_panel_rows(
+    rows: Sequence[tuple[str, Sequence[Panel]]],
+    out_path: Path,
+    title: str,
+    alpha: float = 0.55,
+    cmap: str = "inferno",
+) -> Path:
+    """One figure row per (label, panels); a shared colour scale so weak rows look weak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows = len(rows)
+    n_cols = max(1, max(len(panels) for _, panels in rows))
+    vmax = max((float(p.map_RC.max()) for _, panels in rows for p in panels), default=1.0) or 1.0
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(2.0 * n_cols, 2.2 * n_rows + 0.4), squeeze=False
+    )
+    for r, (label, panels) in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(panels):
+                ax.axis("off")
+                continue
+            panel = panels[c]
+            if panel.image_HW3 is not None:
+                height, width = panel.image_HW3.shape[:2]
+                ax.imshow(panel.image_HW3)
+                # Silent patches stay transparent so the picture shows where the latent is off.
+                ax.imshow(
+                    np.ma.masked_less_equal(panel.map_RC, 0),
+                    cmap=cmap,
+                    alpha=alpha,
+                    vmin=0,
+                    vmax=vmax,
+                    extent=(0, width, height, 0),
+                    interpolation="nearest",
+                )
+            else:
+                ax.imshow(panel.map_RC, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_title(panel.caption, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+    return out_path

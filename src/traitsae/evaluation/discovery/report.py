@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from traitsae.evaluation.discovery_stats import Contrast, LatentTable
-from traitsae.evaluation.report import Card, Section, write_report
+from traitsae.evaluation.core.report import Card, Section, write_report
+from traitsae.evaluation.discovery.stats import Contrast, LatentTable
 
 if TYPE_CHECKING:  # discovery imports this module
-    from traitsae.evaluation.discovery import Candidate
+    from traitsae.evaluation.discovery.discovery import Candidate
 
 # The candidate numbers shown in tables and cards, in this order.
 _SHOWN = (

@@ -27,16 +27,11 @@ import torch
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import heatmaps
-from traitsae.evaluation.discovery import image_source
-from traitsae.evaluation.encode import gather_codes, stream_codes
-from traitsae.evaluation.heatmaps import ImageSource
-from traitsae.evaluation.label_entropy import (
-    image_labels,
-    label_entropy,  # noqa: F401  (re-exported: features is where callers look)
-    top_image_summary,
-)
-from traitsae.evaluation.report import Card, write_report
+from traitsae.evaluation.core import figures, frames
+from traitsae.evaluation.core.frames import ImageSource, image_source
+from traitsae.evaluation.core.labels import image_labels, top_image_summary
+from traitsae.evaluation.core.report import Card, write_report
+from traitsae.evaluation.core.tokens import gather_codes, stream_codes
 
 # Per-latent numbers of latents.csv (every latent) and of the index page's table.
 LATENT_COLUMNS = (
@@ -235,9 +230,9 @@ def gallery_figure(
     per_row: int = 8,
 ) -> Path:
     """The latent's top images, heat-maps overlaid, captioned with label, row and score."""
-    label = heatmaps.caption_column(metadata)
+    label = frames.caption_column(metadata)
     panels = [
-        heatmaps.Panel(
+        figures.Panel(
             images.load(str(metadata["path"][r])),
             codes[int(r)][:, column].reshape(grid),
             f"{metadata[label][r] + ' ' if label else ''}#{int(r)} max={v:.2f}",
@@ -245,7 +240,7 @@ def gallery_figure(
         for r, v in zip(rows, values, strict=True)
     ]
     lines = [("", panels[i : i + per_row]) for i in range(0, max(1, len(panels)), per_row)]
-    return heatmaps.plot_panel_rows(lines, out_path, f"latent {latent}: top {len(panels)} images")
+    return figures.plot_panel_rows(lines, out_path, f"latent {latent}: top {len(panels)} images")
 
 
 def write_latents_csv(
@@ -272,7 +267,7 @@ def density_outputs(
     store: Any, stats: FiringStats, topk: RunningTopK, out_png: Path, title: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-latent (mean top score, label entropy) of a scan, and the density figure."""
-    from traitsae.evaluation import figures
+    from traitsae.evaluation.core import figures
 
     mean_top_S, entropy_S = top_image_summary(
         topk.values_KS.numpy().T, topk.rows_KS.numpy().T, image_labels(store.metadata)
@@ -283,7 +278,7 @@ def density_outputs(
 
 def density_for_health(cfg: DictConfig, sae: Any, out_png: Path, title: str) -> Path | None:
     """eval=health's density figure: one scan of the held-out store (patch SAEs only)."""
-    from traitsae.evaluation.common import eval_store
+    from traitsae.evaluation.core.sources import eval_store
 
     if sae.meta.get("tokens", "patches") != "patches":
         return None  # a CLS SAE has one token per image: no patch frequency to plot
@@ -333,7 +328,7 @@ def galleries(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py eval=features run=<run dir>`."""
-    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+    from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 
     sae = resolve_sae(cfg)
     sae.eval().to(cfg.device)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from traitsae.evaluation.precision import precision_at_k
+from traitsae.evaluation.core.precision import precision_at_k
 
 BUDGET_BYTES = 256 * 2**20
 

@@ -21,14 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from traitsae.evaluation.baselines import TrainSample, fit_logistic
-from traitsae.evaluation.scoring import (
+from traitsae.evaluation.core.directions import TrainSample
+from traitsae.evaluation.core.methods import (
     Method,
     image_scores,
     images_per_block,
     iter_valid_tokens,
     linear_scorer,
 )
+from traitsae.evaluation.core.probes import fit_logistic
 
 # Witness features [N, C, D] float32 are held for a chunk of columns at a time.
 WITNESS_BUDGET_BYTES = 1 << 30

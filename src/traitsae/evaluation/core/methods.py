@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from traitsae.evaluation.encode import iter_valid_tokens
+from traitsae.evaluation.core.tokens import iter_valid_tokens
 
 TokenScorer = Callable[[torch.Tensor], torch.Tensor]  # [R, D] float32 -> [R, M]
 POOLS = ("max", "mean")

@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 
 from traitsae.backbones import Backbone, Final
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.downstream import (
+from traitsae.evaluation.causal.forward import (
     ClassProbe,
     backbone_key,
     build_full_backbone,
@@ -207,7 +207,7 @@ def check_splice_cfg(ev: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
-    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+    from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 
     ev, device = cfg.eval, str(cfg.device)
     check_splice_cfg(ev)
@@ -398,7 +398,7 @@ def summarise(
 
 
 def write_outputs(result: dict[str, Any], out) -> None:
-    from traitsae.evaluation import figures
+    from traitsae.evaluation.core import figures
 
     (out / "splice.json").write_text(json.dumps(result, indent=2) + "\n")
     columns = ["metric", *CONDITIONS, "recovered"]

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from traitsae.backbones import Backbone
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.downstream import (
+from traitsae.evaluation.causal.forward import (
     ClassProbe,
     build_full_backbone,
     iter_image_batches,
@@ -158,7 +158,7 @@ def class_latents(
 ) -> ClassLatents:
     """The `n` latents most specific to `target` (mean image score in the class minus outside
     it; image score = max over the edited tokens), and each latent's statistics (ClassLatents)."""
-    from traitsae.evaluation.scoring import Method, image_scores, sae_scorer
+    from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
 
     tokens = "cls" if sae.meta.get("tokens", "patches") == "cls" else "patches"
     methods = {
@@ -254,7 +254,7 @@ def as_list(value: Any) -> list:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: steer the probe with the latents; steer.json, probe.safetensors, figures."""
-    from traitsae.evaluation.common import eval_store, output_dir, resolve_sae
+    from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 
     ev, device = cfg.eval, str(cfg.device)
     alphas = check_alphas(as_list(ev.alphas))
@@ -477,7 +477,7 @@ def summarise(
 
 
 def write_outputs(result: dict[str, Any], probs_ANC: np.ndarray, probe: ClassProbe, out) -> None:
-    from traitsae.evaluation import figures
+    from traitsae.evaluation.core import figures
 
     (out / "steer.json").write_text(json.dumps(result, indent=2) + "\n")
     figures.save(before_after_figure(result, probs_ANC, probe), out / "steer_before_after.png")
@@ -491,7 +491,7 @@ def before_after_figure(
 ):
     """The classification-control figure: one image's top classes before (alpha 0) and after
     (the largest alpha) steering."""
-    from traitsae.evaluation.figures import _pyplot
+    from traitsae.evaluation.core.figures import _pyplot
 
     plt = _pyplot()
     alphas = [p["alpha"] for p in result["curve"]]
@@ -518,7 +518,7 @@ def before_after_figure(
 
 
 def curve_figure(result: dict[str, Any]):
-    from traitsae.evaluation.figures import _pyplot
+    from traitsae.evaluation.core.figures import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
