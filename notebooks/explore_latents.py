@@ -31,7 +31,7 @@ from IPython.display import Image, display
 
 from traitsae import load_sae
 from traitsae.data.store import Store
-from traitsae.evaluation.core import figures, frames
+from traitsae.evaluation.core import figures, firing, frames
 from traitsae.evaluation.core.codes import SparseCodes, write_sparse_codes
 from traitsae.evaluation.latents import features
 
@@ -66,7 +66,7 @@ print(f"SAE: {sae.d_sae} latents, trained on layer {sae.meta['layer']} of {sae.m
 # top images on the fly.
 
 # %%
-stats, topk = features.scan(store, sae, TOP_K)
+stats, topk = firing.scan(store, sae, TOP_K)
 display(Image(filename=str(features.frequency_histogram(stats, out / "frequency.png"))))
 freq = stats.patch_freq
 print(

@@ -8,14 +8,14 @@ import torch
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import frames, heatmaps
+from traitsae.evaluation.core.firing import RunningTopK
 from traitsae.evaluation.core.report import Card, Section, write_report
-from traitsae.evaluation.discovery.discovery import (
+from traitsae.evaluation.discovery.groups import (
     group_mask,
     parse_group,
     parse_strata,
     strata_labels,
 )
-from traitsae.evaluation.latents.features import RunningTopK
 
 
 def morans_i_reference(map_RC: np.ndarray) -> float:

@@ -9,13 +9,12 @@ from discovery_helpers import SHARED, TRAIT_A, TRAIT_B, planted_sae, planted_sto
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.firing import density_outputs, scan
 from traitsae.evaluation.core.frames import Frame, ImageSource
 from traitsae.evaluation.core.labels import label_entropy, top_image_summary
 from traitsae.evaluation.latents.features import (
-    density_outputs,
     frequency_histogram,
     galleries,
-    scan,
     select_latents,
     write_features_index,
 )

@@ -419,7 +419,7 @@ class ExplorerData:
 
     def group_scores(self, mask_a: np.ndarray, mask_b: np.ndarray) -> Any:
         """discovery.GroupScores of two groups of store rows, from the codes (no re-encoding)."""
-        from traitsae.evaluation.discovery.discovery import GroupScores
+        from traitsae.evaluation.discovery.candidates import GroupScores
 
         has_codes_N = self.position >= 0
         rows = np.flatnonzero((mask_a | mask_b) & has_codes_N)

@@ -93,7 +93,7 @@ def free_port(address: str = "127.0.0.1") -> int:
 def check_backbone(cfg: DictConfig, sae: Any) -> None:
     """`backbone=<name>` on the command line must name the SAE's backbone (docs/ARCHITECTURE.md)."""
     chosen = (cfg.get("backbone") or {}).get("name")
-    trained = sae.meta["backbone"]
+    trained = sae.backbone
     if chosen and chosen != trained:
         raise TraitsaeError(
             f"backbone={chosen} was given but the SAE ({sae.meta.get('store', 'sae.json')}) was "
@@ -148,6 +148,22 @@ class SaeRecord:
     @property
     def d_sae(self) -> int:
         return int(self.meta["d_sae"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.meta["d_model"])
+
+    @property
+    def layer(self) -> int:
+        return int(self.meta["layer"])
+
+    @property
+    def backbone(self) -> str:
+        return str(self.meta["backbone"])
+
+    @property
+    def tokens(self) -> str:
+        return str(self.meta.get("tokens") or "patches")
 
 
 def sae_record(cfg: DictConfig) -> Any:

@@ -72,7 +72,7 @@ class Steering:
             found = next(batches, None)
             if found is None:
                 raise TraitsaeError(f"image {self.image_path(row)} could not be read.")
-            layer = int(self.data.sae.meta["layer"])
+            layer = self.data.sae.layer
             self._tokens[row] = self.backbone.tokens_after(found[1], layer)
         return self._tokens[row]
 

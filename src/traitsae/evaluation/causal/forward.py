@@ -21,12 +21,17 @@ import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.data.images import ImageDataset, ImageList, load_image_list
+from traitsae.data.store import Store, read_fingerprint
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.probes import fit_class_probe
+from traitsae.evaluation.core.sources import eval_store
+from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ _FREE_KEYS = ("layers", "weights")
 # ----------------------------------------------------------------------------- the backbone
 
 
-def backbone_config(sae: Any, store: Any) -> DictConfig:
+def backbone_config(sae: RawSpaceSAE, store: Store) -> DictConfig:
     """The SAE's backbone config (`sae.json` -> config.backbone, else the store's), checked
     against the config that wrote `store`; TraitsaeError naming every differing key."""
     stored = (yaml.safe_load(store.config) or {}).get("backbone") if store.config else None
@@ -70,7 +75,7 @@ def backbone_config(sae: Any, store: Any) -> DictConfig:
     return OmegaConf.create(chosen)
 
 
-def build_full_backbone(sae: Any, store: Any, device: str = "cpu") -> Backbone:
+def build_full_backbone(sae: RawSpaceSAE, store: Store, device: str = "cpu") -> Backbone:
     """The SAE's backbone with every block and the head (nothing pruned), on `device`."""
     return build_backbone(backbone_config(sae, store), prune=False).to(device)
 
@@ -78,12 +83,11 @@ def build_full_backbone(sae: Any, store: Any, device: str = "cpu") -> Backbone:
 # ----------------------------------------------------------------------------- the cache
 
 
-def cache_file(store: Any, kind: str, key: dict[str, Any]) -> Path:
+def cache_file(store: Store, kind: str, key: dict[str, Any]) -> Path:
     """`<store>.cache/<kind>-<hash>.npz`: results that depend on the backbone and the store's
     images but not on the SAE (clean embeddings, ablations), computed once for every SAE of a
     sweep. The hash covers `key`, the store's fingerprint and its file's size and mtime, so a
     re-extracted store or another backbone config never reads a stale file."""
-    from traitsae.data.store import read_fingerprint
 
     stat = store.path.stat()
     ident = {
@@ -117,7 +121,7 @@ def save_cached(path: Path | None, arrays: dict[str, np.ndarray]) -> None:
         log.warning("could not write the cache %s (%s); the next run recomputes it", path, err)
 
 
-def backbone_key(sae: Any, store: Any) -> dict[str, Any]:
+def backbone_key(sae: RawSpaceSAE, store: Store) -> dict[str, Any]:
     """What the backbone's outputs depend on: its config, except which blocks were stored."""
     config = OmegaConf.to_container(backbone_config(sae, store), resolve=True)
     return {k: v for k, v in config.items() if k != "layers"}
@@ -138,7 +142,7 @@ class SplitImages:
         return self.images.paths
 
 
-def split_images(cfg: DictConfig, split: str, store: Any, class_column: str) -> SplitImages:
+def split_images(cfg: DictConfig, split: str, store: Store, class_column: str) -> SplitImages:
     """The split's image list (the loader extraction uses), checked to be the store's images."""
     images = load_image_list(cfg.dataset, split)
     if len(images) != store.n_images:
@@ -258,7 +262,6 @@ class ClassProbe:
         return float((predicted == np.asarray(labels_N, dtype=object)).mean())
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
 
         tensors = {
             "mean": self.mean_E,
@@ -271,7 +274,6 @@ class ClassProbe:
 
     @classmethod
     def load(cls, path: str | Path) -> ClassProbe:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             classes = json.loads(f.metadata()["classes"])
@@ -280,10 +282,9 @@ class ClassProbe:
 
 
 def train_class_probe(
-    cfg: DictConfig, backbone: Backbone, sae: Any, train_split: str, class_column: str
+    cfg: DictConfig, backbone: Backbone, sae: RawSpaceSAE, train_split: str, class_column: str
 ) -> ClassProbe:
     """The class probe on clean final embeddings of the train split's images."""
-    from traitsae.evaluation.core.sources import eval_store
 
     ev = cfg.eval
     with eval_store(cfg, sae, train_split) as store:
@@ -307,14 +308,16 @@ def train_class_probe(
     return ClassProbe.fit(emb_NE, labels_N, float(ev.C), int(ev.max_iter), int(cfg.seed))
 
 
-def sae_token_positions(sae: Any, tokens: str, n_prefix: int, n_tokens: int) -> torch.Tensor:
+def sae_token_positions(
+    sae: RawSpaceSAE, tokens: str, n_prefix: int, n_tokens: int
+) -> torch.Tensor:
     """Bool [T]: the token positions of block L's output that the SAE edits.
 
     `tokens`: auto (what the SAE was trained on), patches, cls, or both (patches and CLS);
     registers (prefix tokens after CLS) are never edited.
     """
     if tokens == "auto":
-        tokens = "cls" if sae.meta.get("tokens", "patches") == "cls" else "patches"
+        tokens = "cls" if sae.tokens == "cls" else "patches"
     if tokens not in ("patches", "cls", "both"):
         raise TraitsaeError(f"eval.tokens must be auto, patches, cls or both; got {tokens!r}.")
     positions_T = torch.zeros(n_tokens, dtype=torch.bool)

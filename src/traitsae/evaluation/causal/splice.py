@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from traitsae.backbones import Backbone, Final
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import (
     ClassProbe,
@@ -50,6 +51,9 @@ from traitsae.evaluation.causal.forward import (
     split_images,
     train_class_probe,
 )
+from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
+from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("clean", "spliced", "mean_ablated", "zero_ablated")
@@ -62,7 +66,7 @@ BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
 
 def condition_tokens(
     x_BTD: torch.Tensor,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     positions_T: torch.Tensor,
     mean_TD: torch.Tensor | None,
     conditions: tuple[str, ...] = CONDITIONS,
@@ -87,7 +91,7 @@ def condition_tokens(
 @torch.inference_mode()
 def splice_batch(
     backbone: Backbone,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     images_BCHW: torch.Tensor,
     layer: int,
     positions_T: torch.Tensor,
@@ -106,7 +110,7 @@ def splice_batch(
     }
 
 
-def store_mean_tokens(store: Any, layer: int, n_tokens: int) -> torch.Tensor:
+def store_mean_tokens(store: Store, layer: int, n_tokens: int) -> torch.Tensor:
     """[T, D] mean of block `layer`'s output over the store's valid images (CLS at position 0,
     patches after the prefix; registers are not stored and stay zero: they are never edited)."""
     mean_TD = torch.zeros(n_tokens, store.d_model, dtype=torch.float64)
@@ -207,12 +211,11 @@ def check_splice_cfg(ev: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
-    from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 
     ev, device = cfg.eval, str(cfg.device)
     check_splice_cfg(ev)
     sae = resolve_sae(cfg).eval().to(device)
-    layer = int(sae.meta["layer"])
+    layer = sae.layer
     with eval_store(cfg, sae, cfg.split) as store:
         backbone = build_full_backbone(sae, store, device)
         g = backbone.geometry
@@ -265,7 +268,7 @@ class CleanReference:
     train split) and the last block's tokens (`final-tokens-*.npy`, float16, [n_images, T, D] by
     dataset position, read memory-mapped). Neither depends on the SAE or its layer."""
 
-    def __init__(self, sae: Any, store: Any) -> None:
+    def __init__(self, sae: RawSpaceSAE, store: Store) -> None:
         key = backbone_key(sae, store)
         self.embeddings_path = cache_file(store, "final-embeddings", key)
         self.tokens_path = cache_file(store, "final-tokens", key).with_suffix(".npy")
@@ -329,7 +332,7 @@ class CleanWriter:
         save_cached(self.reference.embeddings_path, {"embedding": embedding_NE, "rows": rows_N})
 
 
-def ablation_cache(sae: Any, store: Any, layer: int, positions_T: torch.Tensor):
+def ablation_cache(sae: RawSpaceSAE, store: Store, layer: int, positions_T: torch.Tensor):
     """The cache file of the ablated conditions at `layer` on `store`'s images (rows included)."""
     key = {
         **backbone_key(sae, store),
@@ -355,7 +358,7 @@ def ablations_of(
 def summarise(
     cfg: DictConfig,
     backbone: Backbone,
-    sae: Any,
+    sae: RawSpaceSAE,
     probe: ClassProbe,
     values: dict[str, np.ndarray],
     classes_N: np.ndarray,
@@ -379,7 +382,7 @@ def summarise(
         "meta": {
             "sae": str(cfg.get("sae_path") or cfg.get("run")),
             "backbone": backbone.name,
-            "layer": int(sae.meta["layer"]),
+            "layer": sae.layer,
             "depth": backbone.geometry.depth,
             "dataset": cfg.dataset.name,
             "split": str(cfg.split),
@@ -398,7 +401,6 @@ def summarise(
 
 
 def write_outputs(result: dict[str, Any], out) -> None:
-    from traitsae.evaluation.core import figures
 
     (out / "splice.json").write_text(json.dumps(result, indent=2) + "\n")
     columns = ["metric", *CONDITIONS, "recovered"]

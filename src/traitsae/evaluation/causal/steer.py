@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from traitsae.backbones import Backbone
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import (
     ClassProbe,
@@ -46,6 +47,11 @@ from traitsae.evaluation.causal.forward import (
     split_images,
     train_class_probe,
 )
+from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.figures import plt
+from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
+from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
+from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)
 WHERE = ("all", "firing")
@@ -62,7 +68,7 @@ ALPHA_MEANING = {
 
 def steer_tokens(
     x_BTD: torch.Tensor,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     latents: Sequence[int],
     alphas_K: torch.Tensor,
     positions_T: torch.Tensor,
@@ -88,7 +94,7 @@ def steer_tokens(
 @torch.inference_mode()
 def steered_probabilities(
     backbone: Backbone,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     probe: ClassProbe,
     images_BCHW: torch.Tensor | None,
     latents: Sequence[int],
@@ -103,7 +109,7 @@ def steered_probabilities(
     Pass `layer_tokens_BTD = backbone.tokens_after(images, layer)` (then `images_BCHW` may be
     None) to move sliders without re-running the blocks up to the SAE's layer.
     """
-    layer = int(sae.meta["layer"])
+    layer = sae.layer
     check_latents(latents, sae.d_sae)
     x_BTD = layer_tokens_BTD
     if x_BTD is None:
@@ -154,17 +160,16 @@ class ClassLatents:
 
 
 def class_latents(
-    sae: torch.nn.Module, store: Any, classes_N: np.ndarray, target: str, n: int, device: str
+    sae: RawSpaceSAE, store: Store, classes_N: np.ndarray, target: str, n: int, device: str
 ) -> ClassLatents:
     """The `n` latents most specific to `target` (mean image score in the class minus outside
     it; image score = max over the edited tokens), and each latent's statistics (ClassLatents)."""
-    from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
 
-    tokens = "cls" if sae.meta.get("tokens", "patches") == "cls" else "patches"
+    tokens = "cls" if sae.tokens == "cls" else "patches"
     methods = {
         pool: Method(pool, sae_scorer(sae), sae.d_sae, pool=pool) for pool in ("max", "mean")
     }
-    scores, rows = image_scores(store, int(sae.meta["layer"]), methods, tokens, device)
+    scores, rows = image_scores(store, sae.layer, methods, tokens, device)
     s_NS = scores["max"]
     in_class_N = classes_N[rows] == target
     if not in_class_N.any() or in_class_N.all():
@@ -181,7 +186,7 @@ def class_latents(
 
 def latent_effects(
     backbone: Backbone,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     probe: ClassProbe,
     x_BTD: torch.Tensor,
     latents: Sequence[int],
@@ -199,7 +204,7 @@ def latent_effects(
         steered_BTD = steer_tokens(
             x_BTD.detach(), sae, latents, alphas_K, positions_T.to(x_BTD.device), where
         )
-        embedding_BE = backbone.finish_from(steered_BTD, int(sae.meta["layer"])).embedding_BE
+        embedding_BE = backbone.finish_from(steered_BTD, sae.layer).embedding_BE
         log_p_B = probe.logits(embedding_BE).log_softmax(-1)[:, target_index]
         (grad_K,) = torch.autograd.grad(log_p_B.mean(), alphas_K)
     return grad_K.cpu().numpy()
@@ -254,7 +259,6 @@ def as_list(value: Any) -> list:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: steer the probe with the latents; steer.json, probe.safetensors, figures."""
-    from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 
     ev, device = cfg.eval, str(cfg.device)
     alphas = check_alphas(as_list(ev.alphas))
@@ -330,7 +334,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["meta"] = {
         "sae": str(cfg.get("sae_path") or cfg.get("run")),
         "backbone": backbone.name,
-        "layer": int(sae.meta["layer"]),
+        "layer": sae.layer,
         "dataset": cfg.dataset.name,
         "split": str(cfg.split),
         "train_split": str(ev.train_split),
@@ -363,13 +367,13 @@ def alpha_units(ev: DictConfig, found: ClassLatents, latents: list[int]) -> np.n
 def mean_effects(
     cfg: DictConfig,
     backbone: Backbone,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     probe: ClassProbe,
     paths: list[str],
     latents: list[int],
 ) -> np.ndarray:
     """`latent_effects` averaged over the readable images of `paths` [K]."""
-    ev, layer = cfg.eval, int(sae.meta["layer"])
+    ev, layer = cfg.eval, sae.layer
     t = probe.class_index(str(ev.target_class))
     total_K, n = np.zeros(len(latents)), 0
     for _, images_BCHW in iter_image_batches(
@@ -391,7 +395,7 @@ def mean_effects(
 def steer_images(
     cfg: DictConfig,
     backbone: Backbone,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     probe: ClassProbe,
     paths: list[str],
     latents: list[int],
@@ -400,7 +404,7 @@ def steer_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities [A, n, C] for each alpha and readable image, and those images' positions;
     latent k's code is raised by alpha * units_K[k]."""
-    ev, layer = cfg.eval, int(sae.meta["layer"])
+    ev, layer = cfg.eval, sae.layer
     probs, rows = [], []
     for rows_B, images_BCHW in iter_image_batches(
         backbone, paths, int(ev.batch_size), int(ev.num_workers), str(cfg.device), desc="steer"
@@ -477,7 +481,6 @@ def summarise(
 
 
 def write_outputs(result: dict[str, Any], probs_ANC: np.ndarray, probe: ClassProbe, out) -> None:
-    from traitsae.evaluation.core import figures
 
     (out / "steer.json").write_text(json.dumps(result, indent=2) + "\n")
     figures.save(before_after_figure(result, probs_ANC, probe), out / "steer_before_after.png")
@@ -491,9 +494,6 @@ def before_after_figure(
 ):
     """The classification-control figure: one image's top classes before (alpha 0) and after
     (the largest alpha) steering."""
-    from traitsae.evaluation.core.figures import _pyplot
-
-    plt = _pyplot()
     alphas = [p["alpha"] for p in result["curve"]]
     before, after = probs_ANC[alphas.index(0.0), 0], probs_ANC[-1, 0]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
@@ -518,9 +518,6 @@ def before_after_figure(
 
 
 def curve_figure(result: dict[str, Any]):
-    from traitsae.evaluation.core.figures import _pyplot
-
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     alphas = [p["alpha"] for p in result["curve"]]
     ax.plot(

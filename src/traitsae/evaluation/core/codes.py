@@ -19,10 +19,13 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.tokens import stream_codes
+from traitsae.sae.export import RawSpaceSAE
 
 # ----------------------------------------------------------------------------- eval=encode
 
@@ -44,8 +47,8 @@ def check_output(out: Path, inputs: list[Path | None], overwrite: bool) -> None:
 
 
 def write_sparse_codes(
-    store: Any,
-    sae: Any,
+    store: Store,
+    sae: RawSpaceSAE,
     out: Path,
     *,
     sae_source: str = "",
@@ -71,8 +74,8 @@ def write_sparse_codes(
 
 
 def _write_codes(
-    store: Any,
-    sae: Any,
+    store: Store,
+    sae: RawSpaceSAE,
     tmp: Path,
     sae_source: str,
     batch_patches: int,
@@ -109,7 +112,7 @@ def _write_codes(
 
 
 def _write_header(
-    f: h5py.File, store: Any, sae: Any, meta: dict, valid_N: np.ndarray, sae_source: str
+    f: h5py.File, store: Store, sae: RawSpaceSAE, meta: dict, valid_N: np.ndarray, sae_source: str
 ) -> None:
     first_row_N = np.where(valid_N, (np.cumsum(valid_N) - 1) * store.n_patches, -1)
     f.create_dataset("images/first_row", data=first_row_N.astype(np.int64))
@@ -134,7 +137,7 @@ def _write_header(
         {
             "d_sae": int(sae.d_sae),
             "n_patches": int(store.n_patches),
-            "layer": int(sae.meta["layer"]),
+            "layer": sae.layer,
             "backbone": str(store.backbone),
             "dataset": str(store.dataset),
             "split": str(store.split),
@@ -223,7 +226,6 @@ class SparseCodes:
         return self.image_codes(image)[:, latent].reshape(self.grid)
 
     def csr(self) -> Any:
-        from scipy.sparse import csr_matrix
 
         return csr_matrix(
             (

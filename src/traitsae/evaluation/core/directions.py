@@ -14,10 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.cluster import MiniBatchKMeans
+from sklearn.decomposition import PCA
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.methods import tokens_per_image, valid_rows
 from traitsae.evaluation.core.tokens import iter_valid_tokens
+from traitsae.sae.export import RawSpaceSAE
+from traitsae.sae.model import build_sae
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class TrainSample:
 
 @torch.no_grad()
 def sample_train_activations(
-    store, layer: int, tokens: str, n_samples: int, seed: int, block: int = 64
+    store: Store, layer: int, tokens: str, n_samples: int, seed: int, block: int = 64
 ) -> TrainSample:
     """One pass over the store: a uniform token sample and every valid image's mean activation."""
     n_valid = valid_rows(store).size
@@ -62,7 +67,6 @@ def pca_directions(tokens_SD: np.ndarray, both_signs: bool = True, seed: int = 0
     A component's sign is arbitrary, and precision@k reads only the top of the ranking, so a
     trait aligned with -u would be invisible to u: both signs keep the baseline honest.
     """
-    from sklearn.decomposition import PCA
 
     n_comp = min(tokens_SD.shape)
     if n_comp < 1:
@@ -76,7 +80,6 @@ def pca_directions(tokens_SD: np.ndarray, both_signs: bool = True, seed: int = 0
 
 def kmeans_directions(tokens_SD: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     """Mini-batch k-means centroids of the token sample, [C, D]."""
-    from sklearn.cluster import MiniBatchKMeans
 
     if n_clusters > tokens_SD.shape[0]:
         raise TraitsaeError(
@@ -89,16 +92,13 @@ def kmeans_directions(tokens_SD: np.ndarray, n_clusters: int, seed: int) -> np.n
     return km.fit(tokens_SD).cluster_centers_.astype(np.float32)
 
 
-def untrained_sae(sae: torch.nn.Module, tokens_SD: np.ndarray, seed: int) -> torch.nn.Module:
+def untrained_sae(sae: RawSpaceSAE, tokens_SD: np.ndarray, seed: int) -> RawSpaceSAE:
     """`sae`'s architecture as training starts it, drawn with `seed`, in raw activation space.
 
     Same variant, width, k and normaliser scale; tied random unit rows (the model's own init);
     b_dec from the token sample by the run's own `sae.b_dec_init` rule (mean for runs that
     record none), as training sets it from its sample.
     """
-    from traitsae.sae.export import RawSpaceSAE
-    from traitsae.sae.model import build_sae
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         init = build_sae(**sae.sae.architecture())

@@ -6,23 +6,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+matplotlib.use("Agg")  # evaluation figures are files only; they never need a display
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def save(fig, path: str | Path) -> Path:
     """Write a figure as PNG and free it."""
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    plt.close(fig)
     return path
 
 
@@ -36,7 +31,6 @@ def grouped_bars_with_ci(
     ax=None,
 ):
     """Bars per group (x) and series (colour); each value is (estimate, ci_low, ci_high)."""
-    plt = _pyplot()
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 3.6))
@@ -74,7 +68,6 @@ def distributions(
     reference: float | None = None,
 ):
     """One box (with the points jittered over it) per named sample, e.g. per-trait precision."""
-    plt = _pyplot()
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(values), 3.6))
@@ -94,7 +87,6 @@ def distributions(
 
 def subplots(n: int, *, width: float = 4.5, height: float = 3.6):
     """A row of n axes sharing y."""
-    plt = _pyplot()
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), sharey=True, squeeze=False)
     return fig, list(axes[0])
 
@@ -113,7 +105,6 @@ def pareto_plot(
     x: np.ndarray, y: np.ndarray, labels: Sequence[str], *, xlabel: str, ylabel: str, title: str
 ):
     """Scatter of runs, the Pareto frontier (lower is better on both axes) drawn and ringed."""
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     front = pareto_front(x, y)
@@ -131,7 +122,6 @@ def pareto_plot(
 
 def log_histogram(values: np.ndarray, *, xlabel: str, title: str, floor: float = 1e-8):
     """Histogram of log10(values); zeros are counted at log10(floor) so dead latents stay visible."""
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 3.4))
     ax.hist(np.log10(np.maximum(np.asarray(values, dtype=float), floor)), bins=50)
     ax.set_xlabel(xlabel)
@@ -157,10 +147,6 @@ def plot_panel_rows(
     cmap: str = "inferno",
 ) -> Path:
     """One figure row per (label, panels); a shared colour scale so weak rows look weak."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n_rows = len(rows)
     n_cols = max(1, max(len(panels) for _, panels in rows))

@@ -9,8 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
+from traitsae.backbones import build_backbone
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,6 @@ class Frame:
     @classmethod
     def simple(cls, size: int, mode: str = "center_crop") -> Frame:
         """`center_crop`: short side to size, centre crop (CLIP-style); `stretch`: both sides."""
-        from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
         bicubic = InterpolationMode.BICUBIC
         if mode == "center_crop":
@@ -63,7 +66,6 @@ class Frame:
 
     def image(self, path: Path) -> np.ndarray:
         """uint8 [size, size, 3] as the backbone saw it."""
-        from PIL import Image
 
         if not path.exists():
             raise TraitsaeError(
@@ -78,8 +80,6 @@ class Frame:
 
     def mask(self, mask_HW: np.ndarray) -> np.ndarray:
         """A pixel mask of the raw image, framed like the image (nearest-neighbour resizing)."""
-        from PIL import Image
-        from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
         framed = Image.fromarray(np.asarray(mask_HW, dtype=np.uint8) * 255)
         for op in self.image_ops:
@@ -97,9 +97,6 @@ def backbone_frame(backbone_cfg: Any, size: int, fallback: str = "center_crop") 
     architecture, not the weights); if even that fails (e.g. an hf-hub model offline) the
     `fallback` frame is used and a warning says so.
     """
-    from omegaconf import OmegaConf
-
-    from traitsae.backbones import build_backbone
 
     cfg = OmegaConf.create(OmegaConf.to_container(backbone_cfg, resolve=True))
     cfg.pretrained = False
@@ -138,7 +135,7 @@ class ImageSource:
 
 
 def store_image_source(
-    store: Any, root: str | None = None, size: int | None = None, mode: str = "backbone"
+    store: Store, root: str | None = None, size: int | None = None, mode: str = "backbone"
 ) -> ImageSource:
     """Images of a store's `images/path` (absolute, or relative to `root`), framed like extraction.
 
@@ -153,8 +150,6 @@ def store_image_source(
         )
     config = getattr(store, "config", "")
     if mode == "backbone" and config:
-        from omegaconf import OmegaConf
-
         frame = backbone_frame(OmegaConf.create(config).backbone, size)
     else:
         frame = Frame.simple(size, "center_crop" if mode == "backbone" else mode)
@@ -166,7 +161,7 @@ def caption_column(metadata: Mapping[str, np.ndarray]) -> str | None:
     return next((c for c in ("subspecies", "species") if c in metadata), None)
 
 
-def image_source(cfg: DictConfig, store: Any) -> ImageSource:
+def image_source(cfg: DictConfig, store: Store) -> ImageSource:
     """Figure images per eval.draw_images / image_root / image_size / resize_mode."""
     if not cfg.eval.get("draw_images", True):
         return ImageSource(root=None, frame=None)

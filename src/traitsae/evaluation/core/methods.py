@@ -13,10 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from traitsae.data.store import Store
+from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.tokens import iter_valid_tokens
+from traitsae.sae.export import RawSpaceSAE
 
 TokenScorer = Callable[[torch.Tensor], torch.Tensor]  # [R, D] float32 -> [R, M]
-POOLS = ("max", "mean")
+POOLS = ("max", "mean")  # an image's score from its tokens' scores: `eval.pool` everywhere
 # Per-block working set of the widest method, [B, P, M] float32; bounds memory whatever M is.
 BLOCK_BUDGET_BYTES = 256 * 2**20
 
@@ -40,7 +43,7 @@ def linear_scorer(directions_MD: torch.Tensor, bias_M: torch.Tensor | None = Non
     return score
 
 
-def sae_scorer(sae: torch.nn.Module) -> TokenScorer:
+def sae_scorer(sae: RawSpaceSAE) -> TokenScorer:
     """SAE codes (>= 0) of raw activations."""
 
     def score(x_RD: torch.Tensor) -> torch.Tensor:
@@ -49,28 +52,33 @@ def sae_scorer(sae: torch.nn.Module) -> TokenScorer:
     return score
 
 
+def check_pool(pool: str) -> None:
+    if pool not in POOLS:
+        raise TraitsaeError(f"eval.pool must be one of {POOLS}, got {pool!r}.")
+
+
 def pool_tokens(s_BPM: torch.Tensor, pool: str) -> torch.Tensor:
     """[B, P, M] -> [B, M]."""
     return s_BPM.amax(dim=1) if pool == "max" else s_BPM.mean(dim=1)
 
 
-def valid_rows(store) -> np.ndarray:
+def valid_rows(store: Store) -> np.ndarray:
     """Indices of the store's valid images (store order)."""
     return np.flatnonzero(np.asarray(store.metadata["valid"], dtype=bool))
 
 
-def tokens_per_image(store, tokens: str) -> int:
+def tokens_per_image(store: Store, tokens: str) -> int:
     return 1 if tokens == "cls" else int(store.n_patches)
 
 
-def images_per_block(store, tokens: str, widest: int) -> int:
+def images_per_block(store: Store, tokens: str, widest: int) -> int:
     per_image = tokens_per_image(store, tokens) * max(widest, store.d_model) * 4
     return max(1, min(1024, BLOCK_BUDGET_BYTES // per_image))
 
 
 @torch.no_grad()
 def image_scores(
-    store,
+    store: Store,
     layer: int,
     methods: Mapping[str, Method],
     tokens: str = "patches",

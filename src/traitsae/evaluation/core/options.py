@@ -18,7 +18,6 @@ from traitsae.errors import TraitsaeError
 T = TypeVar("T")
 # Fields an evaluation may take from the top-level config when its eval group does not set them.
 TOP_LEVEL = ("device", "seed")
-POOLS = ("max", "mean")  # an image's score from its patches' scores: `pool` in every evaluation
 
 
 def build_options(cls: type[T], cfg: DictConfig, **overrides: Any) -> T:
@@ -44,8 +43,3 @@ def build_options(cls: type[T], cfg: DictConfig, **overrides: Any) -> T:
             f"eval.{missing[0]}=<value>)."
         )
     return cls(**kwargs)
-
-
-def check_pool(pool: str) -> None:
-    if pool not in POOLS:
-        raise TraitsaeError(f"eval.pool must be one of {POOLS}, got {pool!r}.")

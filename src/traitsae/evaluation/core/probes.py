@@ -7,6 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from traitsae.errors import TraitsaeError
 
@@ -109,9 +112,6 @@ def _select_l2(
 def fit_class_probe(x_ND: np.ndarray, y_N: np.ndarray, C: float, max_iter: int, seed: int):
     """Standardise, then L2 multinomial logistic regression: the class probe every evaluation fits
     (`eval=probe` on layer activations, `eval=splice`/`eval=steer` on final embeddings)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     if np.unique(y_N).size < 2:
         raise TraitsaeError(

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from omegaconf import DictConfig
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.paths import extract_command, hydra_output_dir, missing_store_message, store_path
+from traitsae.sae.export import RawSpaceSAE, load_sae
+
+
+class TrainedOn(Protocol):
+    """What the stores of an SAE follow from: a loaded RawSpaceSAE, or the explorer's record of
+    its sae.json (read without torch)."""
+
+    @property
+    def backbone(self) -> str: ...
+    @property
+    def layer(self) -> int: ...
+    @property
+    def d_model(self) -> int: ...
 
 
 def sae_source(cfg: DictConfig) -> str:
@@ -28,34 +42,30 @@ def sae_source(cfg: DictConfig) -> str:
     return str(source)
 
 
-def resolve_sae(cfg: DictConfig) -> Any:
+def resolve_sae(cfg: DictConfig) -> RawSpaceSAE:
     """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`; a `backbone=` given on
     the command line must be the one the SAE was trained on (sae.json names it)."""
-    from traitsae.sae.export import load_sae
-
     sae = load_sae(sae_source(cfg))
     requested = (cfg.get("backbone") or {}).get("name")
-    if requested and requested != sae.meta["backbone"]:
+    if requested and requested != sae.backbone:
         raise TraitsaeError(
             f"backbone={requested} was given, but the SAE {sae_source(cfg)} was trained on "
-            f"{sae.meta['backbone']!r} activations (its sae.json 'backbone'); the stores it is "
-            f"evaluated on follow from that. Drop backbone= or pass backbone={sae.meta['backbone']}."
+            f"{sae.backbone!r} activations (its sae.json 'backbone'); the stores it is "
+            f"evaluated on follow from that. Drop backbone= or pass backbone={sae.backbone}."
         )
     return sae
 
 
-def eval_store_path(cfg: DictConfig, sae: Any, split: str) -> Path:
-    return store_path(cfg.paths.activations_dir, cfg.dataset.name, split, sae.meta["backbone"])
+def eval_store_path(cfg: DictConfig, sae: TrainedOn, split: str) -> Path:
+    return store_path(cfg.paths.activations_dir, cfg.dataset.name, split, sae.backbone)
 
 
-def eval_stores(cfg: DictConfig, sae: Any, splits: list[str]) -> list:
+def eval_stores(cfg: DictConfig, sae: TrainedOn, splits: list[str]) -> list[Store]:
     """Open the SAE backbone's stores of `cfg.dataset` for `splits`, checked against the SAE.
 
     Every missing split is named in one error, each with the extract.py command that makes it.
     """
-    from traitsae.data.store import Store
-
-    backbone, dataset = sae.meta["backbone"], cfg.dataset.name
+    backbone, dataset = sae.backbone, cfg.dataset.name
     missing = [s for s in dict.fromkeys(splits) if not eval_store_path(cfg, sae, s).exists()]
     if missing:
         paths = [eval_store_path(cfg, sae, s) for s in missing]
@@ -69,28 +79,27 @@ def eval_stores(cfg: DictConfig, sae: Any, splits: list[str]) -> list:
     return stores
 
 
-def eval_store(cfg: DictConfig, sae: Any, split: str):
+def eval_store(cfg: DictConfig, sae: TrainedOn, split: str) -> Store:
     """Open the one store of the SAE's backbone on `cfg.dataset` × `split`."""
     return eval_stores(cfg, sae, [split])[0]
 
 
-def check_store_matches_sae(store: Any, sae: Any) -> None:
-    meta = sae.meta
-    if store.d_model != meta["d_model"]:
+def check_store_matches_sae(store: Store, sae: TrainedOn) -> None:
+    if store.d_model != sae.d_model:
         raise TraitsaeError(
             f"store {store.path} has d_model={store.d_model} but the SAE expects "
-            f"d_model={meta['d_model']} (trained on backbone {meta['backbone']!r}); "
+            f"d_model={sae.d_model} (trained on backbone {sae.backbone!r}); "
             "evaluate on a store of the same backbone."
         )
-    if store.backbone != meta["backbone"]:
+    if store.backbone != sae.backbone:
         raise TraitsaeError(
             f"store {store.path} holds backbone {store.backbone!r} activations but the SAE was "
-            f"trained on {meta['backbone']!r}."
+            f"trained on {sae.backbone!r}."
         )
-    if int(meta["layer"]) not in store.layers:
+    if sae.layer not in store.layers:
         raise TraitsaeError(
-            f"the SAE was trained on layer {meta['layer']} but store {store.path} holds layers "
-            f"{list(store.layers)}; re-extract with backbone.layers=[{meta['layer']}]."
+            f"the SAE was trained on layer {sae.layer} but store {store.path} holds layers "
+            f"{list(store.layers)}; re-extract with backbone.layers=[{sae.layer}]."
         )
 
 

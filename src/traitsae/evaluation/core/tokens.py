@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.sae.export import RawSpaceSAE
 
 # Read the store in blocks of about this many bytes (rounded to whole HDF5 chunks).
 _READ_BLOCK_BYTES = 32 * 2**20
@@ -29,15 +31,15 @@ class CodeBatch:
     codes_BPS: torch.Tensor  # [B, P, S] float32, >= 0
 
 
-def sae_layer(store: Any, sae: Any) -> int:
+def sae_layer(store: Store, sae: RawSpaceSAE) -> int:
     """The absolute store layer the SAE was trained on; heat-maps need patch tokens."""
-    tokens = sae.meta.get("tokens", "patches")
+    tokens = sae.tokens
     if tokens != "patches":
         raise TraitsaeError(
             f"this SAE was trained on {tokens!r} tokens (sae.json 'tokens'); patch heat-maps, "
             "galleries and sparse patch codes need an SAE trained with data.tokens=patches."
         )
-    return store.resolve_layer(int(sae.meta["layer"]))
+    return store.resolve_layer(sae.layer)
 
 
 def read_block_rows(dataset: h5py.Dataset) -> int:
@@ -53,7 +55,7 @@ def images_per_batch(n_patches: int, batch_patches: int) -> int:
 
 
 def iter_valid_tokens(
-    store: Any,
+    store: Store,
     layer: int,
     tokens: str = "patches",
     block: int | None = None,
@@ -66,7 +68,6 @@ def iter_valid_tokens(
     `device`; P = 1 for CLS tokens) of the valid (and `keep`) images in store order, `block`
     images per read (default: whole HDF5 chunks, about _READ_BLOCK_BYTES). With `desc`, a
     progress bar (images/s) on stderr names the pass."""
-    from tqdm.auto import tqdm
 
     block = block or read_block_rows(store.tokens(layer, tokens))
     wanted_N = np.asarray(store.valid, dtype=bool) if keep is None else store.valid & keep
@@ -79,7 +80,9 @@ def iter_valid_tokens(
 
 
 @torch.inference_mode()
-def encode_patches(sae: Any, acts_BPD: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
+def encode_patches(
+    sae: RawSpaceSAE, acts_BPD: np.ndarray | torch.Tensor, device: str
+) -> torch.Tensor:
     """Dense codes [B, P, S] of raw patch activations [B, P, D]."""
     n_images, n_patches, d_model = acts_BPD.shape
     x_ND = (
@@ -92,8 +95,8 @@ def encode_patches(sae: Any, acts_BPD: np.ndarray | torch.Tensor, device: str) -
 
 
 def stream_codes(
-    store: Any,
-    sae: Any,
+    store: Store,
+    sae: RawSpaceSAE,
     *,
     wanted_N: np.ndarray | None = None,
     batch_patches: int = 4096,
@@ -111,7 +114,11 @@ def stream_codes(
 
 
 def gather_codes(
-    store: Any, sae: Any, image_index: np.ndarray, latents: np.ndarray, device: str = "cpu"
+    store: Store,
+    sae: RawSpaceSAE,
+    image_index: np.ndarray,
+    latents: np.ndarray,
+    device: str = "cpu",
 ) -> dict[int, np.ndarray]:
     """Codes of a few chosen images restricted to chosen latents: {image: [P, len(latents)]}.
 

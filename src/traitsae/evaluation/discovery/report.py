@@ -8,15 +8,13 @@ import csv
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from traitsae.evaluation.core.report import Card, Section, write_report
+from traitsae.evaluation.discovery.candidates import Candidate
 from traitsae.evaluation.discovery.stats import Contrast, LatentTable
-
-if TYPE_CHECKING:  # discovery imports this module
-    from traitsae.evaluation.discovery.discovery import Candidate
 
 # The candidate numbers shown in tables and cards, in this order.
 _SHOWN = (

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import false_discovery_control, rankdata
 from tqdm.auto import tqdm
 
 from traitsae.errors import TraitsaeError
@@ -105,7 +106,6 @@ def stratum_codes(strata_N: np.ndarray | None, n_images: int) -> np.ndarray:
 def centred_ranks(scores_NS: np.ndarray, codes_N: np.ndarray) -> np.ndarray:
     """float64 [N, S]: each column's average ranks within each stratum, minus the stratum's mean
     rank. Summed over the images of A they give sum_s (U_s - n_a,s * n_b,s / 2)."""
-    from scipy.stats import rankdata
 
     ranks_NS = np.empty(scores_NS.shape, dtype=np.float64)
     for code in np.unique(codes_N):
@@ -268,7 +268,6 @@ def shuffle_batches(
 
 def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values) of a family."""
-    from scipy.stats import false_discovery_control
 
     p_values = np.asarray(p_values, dtype=np.float64)
     return false_discovery_control(p_values, method="bh") if p_values.size else p_values

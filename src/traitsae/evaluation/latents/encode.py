@@ -7,11 +7,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from traitsae.evaluation.core.codes import check_output, write_sparse_codes
+from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae, sae_source
 
 
 def run(cfg: DictConfig) -> Path:
     """`python evaluate.py eval=encode run=<run dir>`: write the store's sparse codes."""
-    from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae, sae_source
 
     sae = resolve_sae(cfg)
     sae.eval().to(cfg.device)

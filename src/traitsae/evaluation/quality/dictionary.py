@@ -27,14 +27,19 @@ import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from scipy.optimize import linear_sum_assignment
 
+from traitsae.data.dictionary import read_truth
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.runs import find_runs, run_labels
+from traitsae.evaluation.core.sources import output_dir, sae_source
+from traitsae.sae.export import RawSpaceSAE, load_sae
+from traitsae.sae.metrics import FractionOfVarianceUnexplained
 
 RECOVERED_COS = 0.9
 SPLIT_COS = 0.5
@@ -68,9 +73,6 @@ class DictionaryScores:
 
 def run(cfg: DictConfig) -> list[DictionaryScores]:
     """Hydra entry: score one run, or every run of a sweep dir."""
-    from traitsae.evaluation.core.runs import find_runs, run_labels
-    from traitsae.evaluation.core.sources import output_dir, sae_source
-    from traitsae.sae.export import load_sae
 
     runs = find_runs(sae_source(cfg))
     labels = run_labels(runs)
@@ -135,11 +137,8 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_sae(sae: Any, store_path: Path, min_support: int = 10, batch: int = 8192) -> dict:
+def score_sae(sae: RawSpaceSAE, store_path: Path, min_support: int = 10, batch: int = 8192) -> dict:
     """Every score of the module docstring for one SAE (raw-space `load_sae` module)."""
-    from traitsae.data.dictionary import read_truth
-    from traitsae.data.store import Store
-    from traitsae.sae.metrics import FractionOfVarianceUnexplained
 
     with Store(store_path) as store:
         truth = read_truth(store)
@@ -147,7 +146,7 @@ def score_sae(sae: Any, store_path: Path, min_support: int = 10, batch: int = 81
         x_ND = np.asarray(store.patches(0)[:n_images], dtype=np.float32)
     x_ND = torch.from_numpy(x_ND.reshape(-1, x_ND.shape[-1]))
     features_FD = torch.from_numpy(truth["features"])
-    if features_FD.shape[1] != sae.meta["d_model"]:
+    if features_FD.shape[1] != sae.d_model:
         raise TraitsaeError(
             f"store {store_path} holds {features_FD.shape[1]}-dim features but the SAE has "
             f"d_model={sae.meta['d_model']}; score it on the dictionary store it was trained on."

@@ -21,12 +21,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.firing import (
+    density_outputs,
+    scan,
+)
 from traitsae.evaluation.core.methods import images_per_block
 from traitsae.evaluation.core.runs import find_runs, run_labels, swept_overrides
+from traitsae.evaluation.core.sources import eval_store, output_dir, sae_source
 from traitsae.evaluation.core.tokens import iter_valid_tokens
-from traitsae.evaluation.latents import features
+from traitsae.sae.export import RawSpaceSAE, load_sae
+from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained, dense_frequency
 
 CSV_FIELDS = [
     "run",
@@ -72,8 +79,6 @@ class Health:
 
 def run(cfg: DictConfig) -> list[Health]:
     """Hydra entry: measure one run (`run=`/`sae=`) or every run of a sweep dir (`run=<sweep>`)."""
-    from traitsae.evaluation.core.sources import output_dir, sae_source
-    from traitsae.sae.export import load_sae
 
     runs = find_runs(sae_source(cfg))
     swept = swept_overrides(runs)
@@ -86,7 +91,7 @@ def run(cfg: DictConfig) -> list[Health]:
     write_outputs(results, out)
     for i, r in enumerate(results):  # density vs mean activation, coloured by label entropy
         name = "health_density.png" if len(results) == 1 else f"health_density_{i}.png"
-        features.density_for_health(cfg, load_sae(r.run), out / name, r.label)
+        density_for_health(cfg, load_sae(r.run), out / name, r.label)
     print(format_table(results))
     print(f"health: outputs in {out}")
     return results
@@ -94,22 +99,20 @@ def run(cfg: DictConfig) -> list[Health]:
 
 def measure_run(
     cfg: DictConfig,
-    sae: torch.nn.Module,
+    sae: RawSpaceSAE,
     run_dir: Path,
     label: str | None = None,
     swept: dict[str, str] | None = None,
 ) -> Health:
     """Health of one SAE on the store of its backbone x `cfg.dataset` x `eval.split`."""
-    from traitsae.evaluation.core.sources import eval_store
-    from traitsae.sae.metrics import dense_frequency
 
     store = eval_store(cfg, sae, cfg.eval.split)
     try:
         stats = reconstruction_stats(
             sae,
             store,
-            int(sae.meta["layer"]),
-            str(sae.meta.get("tokens", "patches")),
+            sae.layer,
+            sae.tokens,
             cfg.eval.max_tokens,
             cfg.get("device", "cpu"),
         )
@@ -127,8 +130,8 @@ def measure_run(
         swept=dict(swept or {}),
         variant=str(sae.meta.get("variant", "")),
         d_sae=d_sae,
-        layer=int(sae.meta["layer"]),
-        tokens=str(sae.meta.get("tokens", "patches")),
+        layer=sae.layer,
+        tokens=sae.tokens,
         dead_fraction=float((freq_S == 0).mean()),
         dense_fraction=float((freq_S > dense_freq).mean()),
         dense_freq=dense_freq,
@@ -141,7 +144,7 @@ def measure_run(
 
 
 def _token_batches(
-    store, layer: int, tokens: str, d_sae: int, max_tokens: int | None, device: str
+    store: Store, layer: int, tokens: str, d_sae: int, max_tokens: int | None, device: str
 ) -> Iterator[torch.Tensor]:
     block = images_per_block(store, tokens, d_sae)
     seen = 0
@@ -157,17 +160,16 @@ def _token_batches(
 
 @torch.no_grad()
 def reconstruction_stats(
-    sae: torch.nn.Module,
-    store,
+    sae: RawSpaceSAE,
+    store: Store,
     layer: int,
     tokens: str,
     max_tokens: int | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Streaming MSE, FVU, L0 and per-latent firing frequency over the store's valid tokens."""
-    from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained
 
-    d_sae = int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0)))
+    d_sae = sae.d_sae
     fvu = FractionOfVarianceUnexplained(store.d_model)
     freq = FiringFrequency(d_sae)
     for x_RD in _token_batches(store, layer, tokens, d_sae, max_tokens, device):
@@ -240,7 +242,7 @@ def pareto_figure(results: list[Health]):
     """L0 vs FVU (frontier joined) and L0 vs dead fraction, side by side. Points carry their
     run number; the key below the axes gives each number's label, so long labels never
     cover the data or run off the figure."""
-    plt = figures._pyplot()
+    plt = figures.plt
     fig, (ax_fvu, ax_dead) = plt.subplots(1, 2, figsize=(10, 4))
     l0 = np.array([r.l0 for r in results])
     order = np.argsort(l0)
@@ -281,3 +283,14 @@ def format_table(results: list[Health]) -> str:
             f"{r.dead_fraction:>6.3f} {r.dense_fraction:>6.3f}  {'*' if r.pareto else ''}"
         )
     return "\n".join(lines)
+
+
+def density_for_health(cfg: DictConfig, sae: RawSpaceSAE, out_png: Path, title: str) -> Path | None:
+    """eval=health's density figure: one scan of the held-out store (patch SAEs only)."""
+
+    if sae.tokens != "patches":
+        return None  # a CLS SAE has one token per image: no patch frequency to plot
+    with eval_store(cfg, sae, cfg.eval.split) as store:
+        stats, topk = scan(store, sae, int(cfg.eval.get("top_k", 16)), device=str(cfg.device))
+        density_outputs(store, stats, topk, out_png, title)
+    return out_png

@@ -16,17 +16,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.methods import images_per_block
 from traitsae.evaluation.core.probes import fit_class_probe
+from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import iter_valid_tokens
+from traitsae.sae.export import RawSpaceSAE
 
 FEATURES = ("auto", "cls", "pooled")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: fit probes on the train split, report accuracies on the test split."""
-    from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 
     device = cfg.get("device", "cpu")
     sae = resolve_sae(cfg).to(device)
@@ -39,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             store.close()
     result = probe_accuracies(train, test, cfg.eval.C, cfg.eval.max_iter, cfg.eval.seed)
     result["features"] = features
-    result["layer"] = int(sae.meta["layer"])
+    result["layer"] = sae.layer
     out = output_dir(cfg)
     (out / "probe.json").write_text(json.dumps(result, indent=2))
     print(format_result(result))
@@ -47,23 +49,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def resolve_features(features: str, sae: torch.nn.Module) -> str:
+def resolve_features(features: str, sae: RawSpaceSAE) -> str:
     """`auto`: the tokens the SAE was trained on (cls -> cls, patches -> pooled patches)."""
     if features not in FEATURES:
         raise TraitsaeError(f"eval.features must be one of {FEATURES}, got {features!r}.")
     if features != "auto":
         return features
-    return "cls" if sae.meta.get("tokens", "patches") == "cls" else "pooled"
+    return "cls" if sae.tokens == "cls" else "pooled"
 
 
 @torch.no_grad()
 def image_features(
-    sae: torch.nn.Module, store, features: str, device: str = "cpu"
+    sae: RawSpaceSAE, store: Store, features: str, device: str = "cpu"
 ) -> dict[str, np.ndarray]:
     """{'original': [N, D], 'reconstructed': [N, D], 'label': [N]} for valid, labelled images."""
-    layer = int(sae.meta["layer"])
+    layer = sae.layer
     tokens = "cls" if features == "cls" else "patches"
-    block = images_per_block(store, tokens, int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0))))
+    block = images_per_block(store, tokens, sae.d_sae)
     labels_all = np.asarray(store.metadata["label"])
     orig, rec, labels = [], [], []
     for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block, device):

@@ -15,13 +15,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
 
+from traitsae.backbones import build_backbone
 from traitsae.data.images.masks import (
     MaskLayout,
     frame_labels,
     patch_class_counts,
     patch_labels,
 )
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.frames import Frame, resolve_image_path
 from traitsae.evaluation.core.methods import valid_rows
@@ -42,7 +47,7 @@ class SplitPatches:
     store_path: str
 
 
-def store_frame(store: Any, mode: str) -> Frame:
+def store_frame(store: Store, mode: str) -> Frame:
     """The geometry that took the store's raw images to the backbone's input frame."""
     if mode not in FRAMES:
         raise TraitsaeError(f"eval.frame must be one of {FRAMES}, got {mode!r}.")
@@ -59,7 +64,6 @@ def store_frame(store: Any, mode: str) -> Frame:
             f"store {store.path} records no extraction config, so the backbone's preprocessing "
             "is unknown; pass eval.frame=center_crop or eval.frame=stretch."
         )
-    from omegaconf import OmegaConf
 
     backbone_yaml = OmegaConf.to_yaml(OmegaConf.create(store.config).backbone)
     try:
@@ -77,9 +81,6 @@ def store_frame(store: Any, mode: str) -> Frame:
 def _backbone_transform(backbone_yaml: str) -> Any:
     """The preprocessing of a backbone config; it depends on the architecture, not the weights,
     so the model is built randomly initialised (once per config: train and test share it)."""
-    from omegaconf import OmegaConf
-
-    from traitsae.backbones import build_backbone
 
     cfg = OmegaConf.create(backbone_yaml)
     cfg.pretrained, cfg.weights = False, None
@@ -95,7 +96,6 @@ def image_patch_labels(
     rule: str,
 ) -> np.ndarray:
     """[rows * cols, C] bool labels of one image's patches from its mask."""
-    from PIL import Image
 
     size = None
     if image_path.exists():
@@ -112,7 +112,7 @@ def image_patch_labels(
 
 
 def collect_patches(
-    store: Any,
+    store: Store,
     layout: MaskLayout,
     layer: int,
     *,
@@ -123,7 +123,6 @@ def collect_patches(
     seed: int,
 ) -> SplitPatches:
     """Patch activations and labels of the store's valid images that have a mask."""
-    from tqdm.auto import tqdm
 
     rows_V = valid_rows(store)
     paths = store.metadata["path"]

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from traitsae.evaluation.core import figures
-from traitsae.evaluation.segments.segments import METRICS, SegmentsReport
+
+METRICS = ("ap", "probe_ap", "purity", "coverage")
+
+
+@dataclass
+class SegmentsReport:
+    """Everything segments.json holds."""
+
+    summary: list[dict[str, Any]]
+    per_class: list[dict[str, Any]]
+    skipped_classes: list[dict[str, Any]]
+    paired_differences: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 PER_CLASS_FIELDS = [
     "class_id", "class", "method", "best_direction", "ap", "probe_ap", "purity", "coverage",

@@ -11,61 +11,59 @@ other method is a paired difference over classes with a bootstrap CI.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from traitsae.data.images.masks import RULES, MaskLayout, load_mask_layout
+from traitsae.data.store import Store
+from traitsae.data.synthetic import ensure_synthetic
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import directions, probes
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.precision import bootstrap_ci, paired_difference, units_with_positives
+from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 from traitsae.evaluation.segments import metrics as patch_metrics
 from traitsae.evaluation.segments.patches import FRAMES, SplitPatches, collect_patches, store_frame
+from traitsae.evaluation.segments.report import METRICS, SegmentsReport, format_table, write_outputs
+from traitsae.sae.export import RawSpaceSAE, load_sae
 
 METHODS = ("sae", "random", "pca", "kmeans", "probe")
-METRICS = ("ap", "probe_ap", "purity", "coverage")
 SELECT_BY = ("ap", "probe_loss")
 
 
 @dataclass(frozen=True)
 class Options:
-    """The `eval.*` options of conf/eval/segments.yaml (meanings documented there)."""
+    """The `eval.*` options of conf/eval/segments.yaml (defaults and meanings there)."""
 
-    patch_rule: str = "majority"
-    frame: str = "backbone"
-    k: int = 16
-    tau: float = 0.3
-    select_by: str = "ap"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    reference: str | None = None
-    probe1d_l2: float = 1e-4
-    probe1d_steps: int = 10
-    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
-    probe_max_iter: int = 200
-    probe_max_patches: int = 200_000
-    n_samples: int = 100_000
-    kmeans_clusters: int = 512
-    n_random: int | None = None
-    pca_both_signs: bool = True
-    max_images: int | None = None
-    max_score_bytes: int = 4 * 2**30
-    n_bootstrap: int = 1000
-    ci_level: float = 0.95
-    seed: int = 0
-    device: str = "cpu"
+    patch_rule: str
+    frame: str
+    k: int
+    tau: float
+    select_by: str
+    methods: list[str]
+    reference: str | None
+    probe1d_l2: float
+    probe1d_steps: int
+    probe_l2: list[float]
+    probe_max_iter: int
+    probe_max_patches: int
+    n_samples: int
+    kmeans_clusters: int
+    n_random: int | None
+    pca_both_signs: bool
+    max_images: int | None
+    max_score_bytes: int
+    n_bootstrap: int
+    ci_level: float
+    seed: int
+    device: str
 
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> Options:
-        names = set(cls.__dataclass_fields__)
-        values = OmegaConf.to_container(cfg.eval, resolve=True)
-        kwargs = {k: v for k, v in values.items() if k in names}
-        kwargs["device"] = cfg.get("device", "cpu")
-        opts = cls(**kwargs)
-        opts.validate()
-        return opts
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         checks = [
@@ -87,42 +85,23 @@ class Options:
                 raise TraitsaeError(f"{message}; got {asdict(self)}.")
 
 
-@dataclass
-class SegmentsReport:
-    """Everything segments.json holds."""
-
-    summary: list[dict[str, Any]]
-    per_class: list[dict[str, Any]]
-    skipped_classes: list[dict[str, Any]]
-    paired_differences: list[dict[str, Any]]
-    meta: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 # ---------------------------------------------------------------- entry point
 
 
 def run(cfg: DictConfig) -> SegmentsReport:
     """Hydra entry (`eval.entry`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
-    from traitsae.evaluation.segments.report import format_table, write_outputs
-    from traitsae.sae.export import load_sae
 
-    opts = Options.from_cfg(cfg)
+    opts = build_options(Options, cfg)
     if cfg.dataset.get("format") == "synthetic" and cfg.dataset.get("root"):
-        from traitsae.data.synthetic import ensure_synthetic
-
         # Demo data generated before masks existed gets them here (images stay untouched).
         ensure_synthetic(cfg.dataset.root, seed=int(cfg.dataset.get("seed", 0)))
     layout = load_mask_layout(cfg.dataset)
     sae = resolve_sae(cfg).to(opts.device)
     reference = load_sae(opts.reference).to(opts.device) if opts.reference else None
-    if reference is not None and reference.meta.get("layer") != sae.meta.get("layer"):
+    if reference is not None and reference.layer != sae.layer:
         raise TraitsaeError(
-            f"eval.reference={opts.reference} was trained on layer {reference.meta.get('layer')} "
-            f"but the SAE under test on layer {sae.meta.get('layer')}; compare SAEs of one layer."
+            f"eval.reference={opts.reference} was trained on layer {reference.layer} "
+            f"but the SAE under test on layer {sae.layer}; compare SAEs of one layer."
         )
     train_store, test_store = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
     try:
@@ -142,9 +121,9 @@ def run(cfg: DictConfig) -> SegmentsReport:
 
 
 def load_split(
-    store: Any, layout: MaskLayout, sae: Any, opts: Options, image_root: str | None
+    store: Store, layout: MaskLayout, sae: RawSpaceSAE, opts: Options, image_root: str | None
 ) -> SplitPatches:
-    if str(sae.meta.get("tokens", "patches")) != "patches":
+    if sae.tokens != "patches":
         raise TraitsaeError(
             "eval=segments scores patches, but this SAE was trained on CLS tokens "
             "(data.tokens=cls); evaluate an SAE trained with data.tokens=patches."
@@ -152,7 +131,7 @@ def load_split(
     return collect_patches(
         store,
         layout,
-        int(sae.meta["layer"]),
+        sae.layer,
         frame=store_frame(store, opts.frame),
         rule=opts.patch_rule,
         image_root=image_root,
@@ -191,7 +170,11 @@ def linear(name: str, dirs_MD: np.ndarray, mean_D: torch.Tensor, device: str) ->
 
 
 def build_scorers(
-    sae: Any, reference: Any, train: SplitPatches, n_classes: int, opts: Options
+    sae: RawSpaceSAE,
+    reference: RawSpaceSAE | None,
+    train: SplitPatches,
+    n_classes: int,
+    opts: Options,
 ) -> list[Scorer]:
     """Every method's scorer; baselines fit on the train split's patches."""
     acts_RD = train.acts_RD
@@ -199,7 +182,7 @@ def build_scorers(
     n_rows, d_model = acts_RD.shape
     sample_SD = acts_RD[np.sort(rng.choice(n_rows, min(n_rows, opts.n_samples), replace=False))]
     mean_D = acts_RD.mean(0)
-    d_sae = int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0)))
+    d_sae = sae.d_sae
     scorers = []
     for name in opts.methods:
         if name == "sae":
@@ -217,7 +200,7 @@ def build_scorers(
         elif name == "probe":
             scorers.append(supervised_probe(train, opts, rng))
     if reference is not None:
-        scorers.append(Scorer("reference", int(reference.meta["d_sae"]), reference.encode))
+        scorers.append(Scorer("reference", reference.d_sae, reference.encode))
     return scorers
 
 
@@ -238,12 +221,12 @@ def supervised_probe(train: SplitPatches, opts: Options, rng: np.random.Generato
 
 
 def evaluate_segments(
-    sae: Any,
+    sae: RawSpaceSAE,
     train: SplitPatches,
     test: SplitPatches,
     layout: MaskLayout,
     opts: Options,
-    reference: Any = None,
+    reference: RawSpaceSAE | None = None,
 ) -> SegmentsReport:
     """All methods x classes on already collected patches."""
     keep_C, skipped = _classes_with_patches(layout, train.labels_RC, test.labels_RC)
@@ -382,7 +365,7 @@ def _paired_differences(
 
 
 def _meta(
-    opts: Options, train: SplitPatches, test: SplitPatches, sae: Any, names: list[str]
+    opts: Options, train: SplitPatches, test: SplitPatches, sae: RawSpaceSAE, names: list[str]
 ) -> dict[str, Any]:
     n_patches = train.acts_RD.shape[0] // max(1, len(train.rows_N))
     return {

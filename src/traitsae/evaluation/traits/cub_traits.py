@@ -26,25 +26,27 @@ import csv
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from traitsae.data.images.cub_attributes import CubAttributes, load_cub_attributes
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import directions, figures
 from traitsae.evaluation.core.methods import (
-    POOLS,
     Method,
+    check_pool,
     image_scores,
     linear_scorer,
     sae_scorer,
     valid_rows,
 )
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.precision import (
     average_precision_columns,
     bootstrap_ci,
@@ -55,6 +57,9 @@ from traitsae.evaluation.core.precision import (
     units_with_positives,
     usable_ks,
 )
+from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+from traitsae.evaluation.traits.probes import fit_trait_probes, probe_scores
+from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)
 
@@ -67,43 +72,35 @@ Key = int | str
 
 @dataclass(frozen=True)
 class Options:
-    """The `eval.*` options of conf/eval/cub_traits.yaml (meanings documented there)."""
+    """The `eval.*` options of conf/eval/cub_traits.yaml (defaults and meanings there)."""
 
-    k: list[int] = field(default_factory=lambda: [10, 50, 100])
-    tau: float = 0.8
-    certainty: list[int] = field(default_factory=lambda: [3, 4])
-    pool: str = "max"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    n_samples: int = 100_000
-    kmeans_clusters: int = 1024
-    n_random: int | None = None  # None: as many as the SAE has latents
-    pca_both_signs: bool = True
-    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
-    probe_folds: int = 3
-    probe_rounds: int = 3
-    probe_max_iter: int = 100
-    n_bootstrap: int = 1000
-    ci_level: float = 0.95
-    seed: int = 0
-    block: int = 2048
-    device: str = "cpu"
+    k: list[int]
+    tau: float
+    certainty: list[int]
+    pool: str
+    methods: list[str]
+    seeds: list[int]  # null in the YAML: [seed]
+    n_samples: int
+    kmeans_clusters: int
+    n_random: int | None  # None: as many as the SAE has latents
+    pca_both_signs: bool
+    probe_l2: list[float]
+    probe_folds: int
+    probe_rounds: int
+    probe_max_iter: int
+    n_bootstrap: int
+    ci_level: float
+    seed: int
+    block: int
+    device: str
 
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> Options:
-        ev = cfg.eval
-        names = set(cls.__dataclass_fields__)
-        kwargs = {k: v for k, v in OmegaConf.to_container(ev, resolve=True).items() if k in names}
-        kwargs["device"] = cfg.get("device", "cpu")
-        if kwargs.get("seeds") is None:
-            kwargs["seeds"] = [kwargs.get("seed", 0)]
-        opts = cls(**kwargs)
-        opts.validate()
-        return opts
+    def __post_init__(self) -> None:
+        if self.seeds is None:
+            object.__setattr__(self, "seeds", [self.seed])
+        self.validate()
 
     def validate(self) -> None:
-        if self.pool not in POOLS:
-            raise TraitsaeError(f"eval.pool must be one of {POOLS}, got {self.pool!r}.")
+        check_pool(self.pool)
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
             raise TraitsaeError(
@@ -158,9 +155,8 @@ class TraitReport:
 
 def run(cfg: DictConfig) -> TraitReport:
     """Hydra entry (registry: `cub_traits`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 
-    opts = Options.from_cfg(cfg)
+    opts = build_options(Options, cfg)
     root = cfg.eval.get("attributes_root") or cfg.dataset.get("root")
     if not root:
         raise TraitsaeError(
@@ -311,7 +307,7 @@ def select(c: Candidates, key: Key, labels_test_NT: np.ndarray) -> dict[str, Sel
 # ---------------------------------------------------------------- evaluation
 
 
-def image_ids(store) -> np.ndarray:
+def image_ids(store: Store) -> np.ndarray:
     meta = store.metadata
     if "image_id" not in meta:
         raise TraitsaeError(
@@ -323,11 +319,11 @@ def image_ids(store) -> np.ndarray:
 
 
 def unsupervised_methods(
-    sae: torch.nn.Module, sample: directions.TrainSample, opts: Options, seed: int
+    sae: RawSpaceSAE, sample: directions.TrainSample, opts: Options, seed: int
 ) -> dict[str, Method]:
     """Token scorers of the seed-dependent baselines, fit on the training sample."""
     d_model = sample.tokens_SD.shape[1]
-    d_sae = int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0)))
+    d_sae = sae.d_sae
     methods: dict[str, Method] = {}
 
     def add_linear(name: str, dirs_MD: np.ndarray) -> None:
@@ -355,11 +351,11 @@ def unsupervised_methods(
 
 
 def evaluate_traits(
-    sae: torch.nn.Module, train_store, test_store, attrs: CubAttributes, opts: Options
+    sae: RawSpaceSAE, train_store: Store, test_store: Store, attrs: CubAttributes, opts: Options
 ) -> TraitReport:
     """All methods x traits x k x protocols x seeds, on already opened and checked stores."""
-    layer = int(sae.meta["layer"])
-    tokens = str(sae.meta.get("tokens", "patches"))
+    layer = sae.layer
+    tokens = sae.tokens
     # Labels first: traits without positives in either split are dropped before anything is fit.
     rows_train, rows_test = valid_rows(train_store), valid_rows(test_store)
     labels_train_NT = attrs.labels(image_ids(train_store)[rows_train], opts.certainty)
@@ -480,7 +476,15 @@ def evaluate_traits(
 
 
 def _candidates_of(
-    methods: dict[str, Method], train_store, test_store, layer, tokens, labels, ks, opts, what
+    methods: dict[str, Method],
+    train_store: Store,
+    test_store: Store,
+    layer,
+    tokens,
+    labels,
+    ks,
+    opts,
+    what,
 ) -> dict[str, Candidates]:
     """Score every method on both splits (one pass each) and tabulate its candidates."""
     if not methods:
@@ -500,10 +504,19 @@ def _candidates_of(
 
 
 def _probe_union(
-    sae, train_store, test_store, layer, tokens, sample, labels, ks, opts, seed, others
+    sae,
+    train_store: Store,
+    test_store: Store,
+    layer,
+    tokens,
+    sample,
+    labels,
+    ks,
+    opts,
+    seed,
+    others,
 ) -> Candidates:
     """The supervised upper bound: patch-level probes plus every unsupervised direction."""
-    from traitsae.evaluation.traits.probes import fit_trait_probes, probe_scores
 
     probes = fit_trait_probes(
         train_store,
@@ -595,7 +608,9 @@ def _paired_differences(
     return rows
 
 
-def _meta(opts: Options, train_store, test_store, sae, n_traits: int) -> dict[str, Any]:
+def _meta(
+    opts: Options, train_store: Store, test_store: Store, sae, n_traits: int
+) -> dict[str, Any]:
     return {
         "options": asdict(opts),
         "train_store": str(train_store.path),

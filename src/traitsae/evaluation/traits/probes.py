@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from traitsae.data.store import Store
 from traitsae.evaluation.core.directions import TrainSample
 from traitsae.evaluation.core.methods import (
     Method,
@@ -56,7 +57,9 @@ class ProbeSet:
 
 
 @torch.no_grad()
-def _witnesses(store, layer: int, tokens: str, w_DC, b_C, mu_D, sd_D, desc: str) -> torch.Tensor:
+def _witnesses(
+    store: Store, layer: int, tokens: str, w_DC, b_C, mu_D, sd_D, desc: str
+) -> torch.Tensor:
     """Each valid image's arg-max patch under every probe column, standardised: [N, C, D]."""
     n_cols = w_DC.shape[1]
     block = images_per_block(store, tokens, n_cols)
@@ -69,7 +72,7 @@ def _witnesses(store, layer: int, tokens: str, w_DC, b_C, mu_D, sd_D, desc: str)
 
 
 def fit_trait_probes(
-    store,
+    store: Store,
     layer: int,
     tokens: str,
     sample: TrainSample,
@@ -119,7 +122,12 @@ def fit_trait_probes(
 
 
 def probe_scores(
-    probes: ProbeSet, train_store, test_store, layer: int, tokens: str, device: str = "cpu"
+    probes: ProbeSet,
+    train_store: Store,
+    test_store: Store,
+    layer: int,
+    tokens: str,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores of the probes, scored exactly like every direction (max over patches).
 
