@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.discovery import stats as discovery_stats
+from traitsae.evaluation.discovery.null import shuffled_labels
 from traitsae.evaluation.discovery.stats import (
     NullOptions,
     RankingRule,
@@ -22,7 +23,6 @@ from traitsae.evaluation.discovery.stats import (
     contrast,
     permutation_test,
     rank_by_specificity,
-    shuffled_labels,
     stratum_codes,
 )
 

@@ -12,7 +12,8 @@ from causal_helpers import ALPHA, BETA, evaluate_cfg
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import ClassProbe
-from traitsae.evaluation.causal.steer import run, steer_tokens
+from traitsae.evaluation.causal.steer import run
+from traitsae.evaluation.causal.steering import steer_tokens
 
 
 class _Sae(torch.nn.Module):

@@ -15,6 +15,13 @@ import numpy as np
 import torch
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.causal.forward import (
+    ClassProbe,
+    build_full_backbone,
+    final_embeddings,
+    iter_image_batches,
+)
+from traitsae.evaluation.causal.steering import steered_probabilities
 from traitsae.evaluation.core.frames import resolve_image_path
 
 
@@ -30,8 +37,6 @@ class Steering:
     """Backbone + probe for one ExplorerData; class probabilities under latent edits."""
 
     def __init__(self, data: Any) -> None:
-        from traitsae.evaluation.causal.forward import ClassProbe, build_full_backbone
-
         self.data = data
         self.device = data.session.device
         self.backbone = build_full_backbone(data.sae, data.store, self.device).eval()
@@ -48,8 +53,6 @@ class Steering:
 
     def fit_probe(self) -> Any:
         """A probe on the final embeddings of the explored split's valid images."""
-        from traitsae.evaluation.causal.forward import ClassProbe, final_embeddings
-
         rows = self.data.rows_V
         emb_NE, done = final_embeddings(
             self.backbone, [self.image_path(int(r)) for r in rows], 32, 0, self.device
@@ -65,8 +68,6 @@ class Steering:
     @torch.inference_mode()
     def layer_tokens(self, row: int) -> torch.Tensor:
         """Block L's output tokens [1, T, D] of one image (kept: sliders re-use them)."""
-        from traitsae.evaluation.causal.forward import iter_image_batches
-
         if row not in self._tokens:
             batches = iter_image_batches(self.backbone, [self.image_path(row)], 1, 0, self.device)
             found = next(batches, None)
@@ -81,8 +82,6 @@ class Steering:
     ) -> np.ndarray:
         """[C] probe probabilities (order `probe.classes`) with each latent's code raised by
         its alpha in every edited token (`where="all"`) or where it fires (`"firing"`)."""
-        from traitsae.evaluation.causal.steer import steered_probabilities
-
         if not latents:
             latents, alphas = [0], [0.0]  # no edit: the clean probabilities
         probs_1C = steered_probabilities(

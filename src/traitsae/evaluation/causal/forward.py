@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # Keys that may differ between the SAE's backbone config and its store's: which blocks were
 # stored, and where the weights file lives on this machine.
 _FREE_KEYS = ("layers", "weights")
+# The runs of the blocks after the SAE's layer that splice compares (and their ablated baselines).
+CONDITIONS = ("clean", "spliced", "mean_ablated", "zero_ablated")
+ABLATIONS = ("mean_ablated", "zero_ablated")
+BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
 
 
 # ----------------------------------------------------------------------------- the backbone

@@ -24,8 +24,6 @@ sweep at the same layer runs only clean (the reference of every metric) and spli
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import re
@@ -40,6 +38,9 @@ from traitsae.backbones import Backbone, Final
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import (
+    ABLATIONS,
+    BASELINES,
+    CONDITIONS,
     ClassProbe,
     backbone_key,
     build_full_backbone,
@@ -51,14 +52,11 @@ from traitsae.evaluation.causal.forward import (
     split_images,
     train_class_probe,
 )
-from traitsae.evaluation.core import figures
+from traitsae.evaluation.causal.splice_report import write_outputs
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)
-CONDITIONS = ("clean", "spliced", "mean_ablated", "zero_ablated")
-ABLATIONS = ("mean_ablated", "zero_ablated")
-BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
 
 
 # ----------------------------------------------------------------------------- the intervention
@@ -398,35 +396,3 @@ def summarise(
             "recovered": "(spliced - baseline) / (clean - baseline)",
         },
     }
-
-
-def write_outputs(result: dict[str, Any], out) -> None:
-
-    (out / "splice.json").write_text(json.dumps(result, indent=2) + "\n")
-    columns = ["metric", *CONDITIONS, "recovered"]
-    with (out / "splice.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(result["metrics"])
-    rows = result["metrics"]
-    meta = result["meta"]
-    fig = figures.grouped_bars_with_ci(
-        [r["metric"].replace("_", "\n") for r in rows],
-        {c: [(r[c], r[c], r[c]) for r in rows] for c in CONDITIONS},
-        title=f"{meta['backbone']} block {meta['layer']}: SAE spliced in ({meta['dataset']} "
-        f"{meta['split']}, {meta['n_images']} images)",
-        ylabel="value",
-    )
-    figures.save(fig, out / "splice.png")
-    print(format_result(result))
-    print(f"splice: outputs in {out}")
-
-
-def format_result(result: dict[str, Any]) -> str:
-    lines = [f"{'metric':24s}" + "".join(f"{c:>14s}" for c in (*CONDITIONS, "recovered"))]
-    for row in result["metrics"]:
-        rec = "—" if row["recovered"] is None else f"{row['recovered']:.3f}"
-        lines.append(
-            f"{row['metric']:24s}" + "".join(f"{row[c]:14.4f}" for c in CONDITIONS) + f"{rec:>14s}"
-        )
-    return "\n".join(lines)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,11 +154,6 @@ def store_image_source(
     else:
         frame = Frame.simple(size, "center_crop" if mode == "backbone" else mode)
     return ImageSource(root=root, frame=frame)
-
-
-def caption_column(metadata: Mapping[str, np.ndarray]) -> str | None:
-    """The metadata column that names an image best in a caption (finest taxon present)."""
-    return next((c for c in ("subspecies", "species") if c in metadata), None)
 
 
 def image_source(cfg: DictConfig, store: Store) -> ImageSource:

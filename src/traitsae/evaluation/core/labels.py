@@ -1,6 +1,7 @@
-"""Label entropy of a latent's top images (the CLIP-SAE write-up's density-figure colour).
+"""Image labels and captions, and the label entropy of a latent's top images (the CLIP-SAE
+write-up's density-figure colour).
 
-Plain numpy, kept apart from features.py (which imports torch) so the explorer can open its
+Plain numpy, kept apart from the torch modules so the explorer can open its
 Latents page without loading torch.
 """
 
@@ -9,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-
-from traitsae.evaluation.core.frames import caption_column
 
 
 def image_labels(metadata: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -65,3 +64,8 @@ def top_image_summary(
         mean_S = np.where(fired_SK, values_SK, 0.0).sum(axis=1) / n_S
     labels_SK = np.where(fired_SK, np.asarray(labels_N)[np.clip(rows_SK, 0, None)], -1)
     return np.where(n_S > 0, mean_S, np.nan), label_entropy(labels_SK, values_SK * fired_SK)
+
+
+def caption_column(metadata: Mapping[str, np.ndarray]) -> str | None:
+    """The metadata column that names an image best in a caption (finest taxon present)."""
+    return next((c for c in ("subspecies", "species") if c in metadata), None)

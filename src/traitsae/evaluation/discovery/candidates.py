@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from traitsae.data.store import Store
-from traitsae.evaluation.core import figures, frames, heatmaps
+from traitsae.evaluation.core import figures, heatmaps
 from traitsae.evaluation.core.frames import ImageSource
+from traitsae.evaluation.core.labels import caption_column
 from traitsae.evaluation.core.tokens import gather_codes
 from traitsae.evaluation.discovery.stats import CandidateStats
 from traitsae.sae.export import RawSpaceSAE
@@ -152,7 +153,7 @@ def candidate_figure(
     score_of = dict(
         zip(scores.image_index.tolist(), scores.scores_NS[:, stats.latent].tolist(), strict=True)
     )
-    label_col = frames.caption_column(labels)
+    label_col = caption_column(labels)
 
     def panels(rows: list[int], paths: list[str]) -> list[figures.Panel]:
         return [

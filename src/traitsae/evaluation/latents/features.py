@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.core import figures, frames
+from traitsae.evaluation.core import figures
 from traitsae.evaluation.core.figures import plt
 from traitsae.evaluation.core.firing import (
     FiringStats,
@@ -35,6 +35,7 @@ from traitsae.evaluation.core.firing import (
     scan,
 )
 from traitsae.evaluation.core.frames import ImageSource, image_source
+from traitsae.evaluation.core.labels import caption_column
 from traitsae.evaluation.core.report import Card, write_report
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import gather_codes
@@ -112,7 +113,7 @@ def gallery_figure(
     per_row: int = 8,
 ) -> Path:
     """The latent's top images, heat-maps overlaid, captioned with label, row and score."""
-    label = frames.caption_column(metadata)
+    label = caption_column(metadata)
     panels = [
         figures.Panel(
             images.load(str(metadata["path"][r])),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from traitsae.errors import TraitsaeError
@@ -98,7 +99,6 @@ def options() -> tuple[RankingRule, NullOptions]:
 
 
 def render(data: Any) -> None:
-    import pandas as pd
 
     st.header("Compare groups")
     contrast_pair = data.session.contrast or {}
