@@ -285,31 +285,49 @@ class ClassProbe:
         return cls(classes, t["mean"], t["std"], t["weight"], t["bias"])
 
 
+@dataclass(frozen=True)
+class ProbeOptions:
+    """The class probe on clean final embeddings that eval=splice and eval=steer read (their
+    conf/eval YAML holds these keys)."""
+
+    train_split: str
+    class_column: str
+    C: float
+    max_iter: int
+    batch_size: int
+    num_workers: int
+    cache: bool
+    seed: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise TraitsaeError(f"eval.batch_size must be >= 1, got {self.batch_size}.")
+
+
 def train_class_probe(
-    cfg: DictConfig, backbone: Backbone, sae: RawSpaceSAE, train_split: str, class_column: str
+    cfg: DictConfig, backbone: Backbone, sae: RawSpaceSAE, opts: ProbeOptions
 ) -> ClassProbe:
     """The class probe on clean final embeddings of the train split's images."""
-
-    ev = cfg.eval
-    with eval_store(cfg, sae, train_split) as store:
-        train = split_images(cfg, train_split, store, class_column)
+    with eval_store(cfg, sae, opts.train_split) as store:
+        train = split_images(cfg, opts.train_split, store, opts.class_column)
         cache = cache_file(store, "final-embeddings", backbone_key(sae, store))
-    cached = load_cached(cache) if ev.cache else None
+    cached = load_cached(cache) if opts.cache else None
     if cached is not None:
         emb_NE, rows_N = cached["embedding"], cached["rows"]
     else:
         emb_NE, rows_N = final_embeddings(
-            backbone, train.paths, int(ev.batch_size), int(ev.num_workers), str(cfg.device)
+            backbone, train.paths, opts.batch_size, opts.num_workers, opts.device
         )
-        if ev.cache:
+        if opts.cache:
             save_cached(cache, {"embedding": emb_NE, "rows": rows_N})
     labels_N = train.classes_N[rows_N]
     if len(set(labels_N) - {""}) < 2:
         raise TraitsaeError(
-            f"the {train_split} split of dataset {cfg.dataset.name} has fewer than 2 classes in "
-            f"column {class_column!r}; a class probe needs 2 or more."
+            f"the {opts.train_split} split of dataset {cfg.dataset.name} has fewer than 2 classes "
+            f"in column {opts.class_column!r}; a class probe needs 2 or more."
         )
-    return ClassProbe.fit(emb_NE, labels_N, float(ev.C), int(ev.max_iter), int(cfg.seed))
+    return ClassProbe.fit(emb_NE, labels_N, opts.C, opts.max_iter, opts.seed)
 
 
 def sae_token_positions(

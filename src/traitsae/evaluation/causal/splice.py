@@ -42,6 +42,7 @@ from traitsae.evaluation.causal.forward import (
     BASELINES,
     CONDITIONS,
     ClassProbe,
+    ProbeOptions,
     backbone_key,
     build_full_backbone,
     cache_file,
@@ -53,6 +54,7 @@ from traitsae.evaluation.causal.forward import (
     train_class_probe,
 )
 from traitsae.evaluation.causal.splice_report import write_outputs
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.sae.export import RawSpaceSAE
 
@@ -197,44 +199,52 @@ def zero_shot_accuracy(
 # ----------------------------------------------------------------------------- the run
 
 
-def check_splice_cfg(ev: DictConfig) -> None:
-    if ev.baseline not in BASELINES:
-        raise TraitsaeError(
-            f"eval.baseline must be one of {sorted(BASELINES)} (the ablation `recovered` is "
-            f"measured against), got {ev.baseline!r}."
-        )
-    if int(ev.batch_size) < 1:
-        raise TraitsaeError(f"eval.batch_size must be >= 1, got {ev.batch_size}.")
+@dataclass(frozen=True)
+class SpliceOptions(ProbeOptions):
+    """The `eval.*` options of conf/eval/splice.yaml (defaults and meanings there)."""
+
+    tokens: str
+    baseline: str
+    zero_shot: bool
+    prompt: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.baseline not in BASELINES:
+            raise TraitsaeError(
+                f"eval.baseline must be one of {sorted(BASELINES)} (the ablation recovery is "
+                f"measured against), got {self.baseline!r}."
+            )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
 
-    ev, device = cfg.eval, str(cfg.device)
-    check_splice_cfg(ev)
+    opts = build_options(SpliceOptions, cfg)
+    device = opts.device
     sae = resolve_sae(cfg).eval().to(device)
     layer = sae.layer
     with eval_store(cfg, sae, cfg.split) as store:
         backbone = build_full_backbone(sae, store, device)
         g = backbone.geometry
         n_tokens = g.n_prefix_tokens + g.n_patches
-        positions_T = sae_token_positions(sae, str(ev.tokens), g.n_prefix_tokens, n_tokens)
-        clean = CleanReference(sae, store) if ev.cache else None
-        ablations = ablation_cache(sae, store, layer, positions_T) if ev.cache else None
+        positions_T = sae_token_positions(sae, opts.tokens, g.n_prefix_tokens, n_tokens)
+        clean = CleanReference(sae, store) if opts.cache else None
+        ablations = ablation_cache(sae, store, layer, positions_T) if opts.cache else None
         cached = load_cached(ablations)
         # Only what depends on the SAE must run again: the spliced condition.
         conditions = ("spliced",) + (() if cached else ABLATIONS)
         if clean is None or not clean.load():
             conditions = ("clean", *conditions)
         mean_TD = None if cached else store_mean_tokens(store, layer, n_tokens).to(device)
-        images = split_images(cfg, cfg.split, store, str(ev.class_column))
-    probe = train_class_probe(cfg, backbone, sae, str(ev.train_split), str(ev.class_column))
+        images = split_images(cfg, cfg.split, store, opts.class_column)
+    probe = train_class_probe(cfg, backbone, sae, opts)
     writer = None
     if clean is not None and "clean" in conditions:
         writer = CleanWriter(clean, (len(images.paths), n_tokens, g.d_model))
     tally = Tally()
     for rows_B, images_BCHW in iter_image_batches(
-        backbone, images.paths, int(ev.batch_size), int(ev.num_workers), device, desc="splice"
+        backbone, images.paths, opts.batch_size, opts.num_workers, device, desc="splice"
     ):
         finals = splice_batch(backbone, sae, images_BCHW, layer, positions_T, mean_TD, conditions)
         if "clean" not in finals:
@@ -250,7 +260,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     elif ablations is not None:
         kept = {k: v for k, v in values.items() if k == "rows" or k.split(".")[0] in ABLATIONS}
         save_cached(ablations, kept)
-    result = summarise(cfg, backbone, sae, probe, values, images.classes_N, positions_T)
+    result = summarise(cfg, opts, backbone, sae, probe, values, images.classes_N, positions_T)
     result["meta"]["computed"] = list(conditions)
     result["meta"]["from_cache"] = {
         "clean": None if "clean" in conditions else [str(p) for p in clean.paths],
@@ -355,6 +365,7 @@ def ablations_of(
 
 def summarise(
     cfg: DictConfig,
+    opts: SpliceOptions,
     backbone: Backbone,
     sae: RawSpaceSAE,
     probe: ClassProbe,
@@ -362,7 +373,6 @@ def summarise(
     classes_N: np.ndarray,
     positions_T: torch.Tensor,
 ) -> dict[str, Any]:
-    ev = cfg.eval
     labels_N = classes_N[values["rows"]]
     embeddings = {c: values[f"{c}.embedding"] for c in CONDITIONS}
     metrics = {
@@ -370,13 +380,13 @@ def summarise(
         "token_relative_error": {c: float(values[f"{c}.rel_error"].mean()) for c in CONDITIONS},
         "probe_accuracy": {c: probe.accuracy(embeddings[c], labels_N) for c in CONDITIONS},
     }
-    if backbone.text_tower is not None and ev.zero_shot:
+    if backbone.text_tower is not None and opts.zero_shot:
         metrics["zero_shot_accuracy"] = zero_shot_accuracy(
-            backbone, embeddings, labels_N, str(ev.prompt)
+            backbone, embeddings, labels_N, opts.prompt
         )
     k = backbone.geometry.n_prefix_tokens
     return {
-        "metrics": metric_rows(metrics, str(ev.baseline)),
+        "metrics": metric_rows(metrics, opts.baseline),
         "meta": {
             "sae": str(cfg.get("sae_path") or cfg.get("run")),
             "backbone": backbone.name,
@@ -384,7 +394,7 @@ def summarise(
             "depth": backbone.geometry.depth,
             "dataset": cfg.dataset.name,
             "split": str(cfg.split),
-            "train_split": str(ev.train_split),
+            "train_split": opts.train_split,
             "n_images": len(labels_N),
             "n_probe_classes": len(probe.classes),
             "edited_tokens": {
@@ -392,7 +402,7 @@ def summarise(
                 "patches": bool(positions_T[k:].all()),
                 "registers": False,
             },
-            "baseline": BASELINES[str(ev.baseline)],
+            "baseline": BASELINES[opts.baseline],
             "recovered": "(spliced - baseline) / (clean - baseline)",
         },
     }

@@ -27,6 +27,7 @@ The function API (used by the explorer's Steer page) is `steered_probabilities`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from traitsae.backbones import Backbone
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import (
     ClassProbe,
+    ProbeOptions,
     build_full_backbone,
     iter_image_batches,
     split_images,
@@ -52,6 +54,7 @@ from traitsae.evaluation.causal.steering import (
     latent_effects,
     steered_probabilities,
 )
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.sae.export import RawSpaceSAE
 
@@ -64,6 +67,47 @@ ALPHA_MEANING = {
 }
 
 
+@dataclass(frozen=True)
+class SteerOptions(ProbeOptions):
+    """The `eval.*` options of conf/eval/steer.yaml (defaults and meanings there)."""
+
+    target_class: str | None
+    latents: list[int] | None
+    n_latents: int
+    n_candidates: int
+    rank: str
+    alphas: list[float]
+    alpha_units: str
+    where: str
+    tokens: str
+    source_class: str | None
+    images: list[Any] | None
+    max_images: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_ = object.__setattr__  # frozen: normalise once, here
+        set_(self, "alphas", check_alphas(as_list(self.alphas)))
+        set_(self, "latents", [int(s) for s in as_list(self.latents)] if self.latents else None)
+        set_(self, "images", as_list(self.images) if self.images else None)
+        if self.where not in WHERE:
+            raise TraitsaeError(f"eval.where must be one of {WHERE}, got {self.where!r}.")
+        if self.alpha_units not in ALPHA_MEANING:
+            raise TraitsaeError(
+                f"eval.alpha_units must be one of {sorted(ALPHA_MEANING)}, got "
+                f"{self.alpha_units!r}."
+            )
+        if self.rank not in RANKS:
+            raise TraitsaeError(f"eval.rank must be one of {RANKS}, got {self.rank!r}.")
+        if self.n_candidates < self.n_latents:
+            raise TraitsaeError(
+                f"eval.n_candidates={self.n_candidates} must be >= eval.n_latents="
+                f"{self.n_latents} (the latents are chosen among the candidates)."
+            )
+        if self.target_class is None:
+            raise TraitsaeError("eval.target_class is required: give a class name as in the store.")
+
+
 # ----------------------------------------------------------------------------- the function API
 
 
@@ -71,13 +115,13 @@ ALPHA_MEANING = {
 
 
 def chosen_images(
-    ev: DictConfig, paths: list[str], classes_N: np.ndarray, target: str, seed: int
+    opts: SteerOptions, paths: list[str], classes_N: np.ndarray, target: str
 ) -> np.ndarray:
     """Dataset positions to steer: `eval.images` (positions or paths), else a seeded sample of
     at most `eval.max_images` images of `eval.source_class` (default: not of the target class)."""
-    if ev.get("images"):
-        return np.asarray([image_position(item, paths) for item in as_list(ev.images)])
-    return source_sample(classes_N, target, ev.get("source_class"), int(ev.max_images), seed)
+    if opts.images:
+        return np.asarray([image_position(item, paths) for item in opts.images])
+    return source_sample(classes_N, target, opts.source_class, opts.max_images, opts.seed)
 
 
 def source_sample(
@@ -120,56 +164,39 @@ def as_list(value: Any) -> list:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: steer the probe with the latents; steer.json, probe.safetensors, figures."""
 
-    ev, device = cfg.eval, str(cfg.device)
-    alphas = check_alphas(as_list(ev.alphas))
-    if str(ev.where) not in WHERE:
-        raise TraitsaeError(f"eval.where must be one of {WHERE}, got {ev.where!r}.")
-    if str(ev.alpha_units) not in ALPHA_MEANING:
-        raise TraitsaeError(
-            f"eval.alpha_units must be one of {sorted(ALPHA_MEANING)}, got {ev.alpha_units!r}."
-        )
-    if str(ev.rank) not in RANKS:
-        raise TraitsaeError(f"eval.rank must be one of {RANKS}, got {ev.rank!r}.")
-    if int(ev.n_candidates) < int(ev.n_latents):
-        raise TraitsaeError(
-            f"eval.n_candidates={ev.n_candidates} must be >= eval.n_latents={ev.n_latents} (the "
-            "latents are chosen among the candidates)."
-        )
-    if ev.get("target_class") is None:
-        raise TraitsaeError("eval.target_class is required: give a class name as in the store.")
-    target = str(ev.target_class)
+    opts = build_options(SteerOptions, cfg)
+    device, alphas = opts.device, opts.alphas
+    target = opts.target_class
     sae = resolve_sae(cfg).eval().to(device)
-    with eval_store(cfg, sae, str(ev.train_split)) as train_store:
+    with eval_store(cfg, sae, opts.train_split) as train_store:
         backbone = build_full_backbone(sae, train_store, device)
-        train = split_images(cfg, str(ev.train_split), train_store, str(ev.class_column))
+        train = split_images(cfg, opts.train_split, train_store, opts.class_column)
         if target not in set(train.classes_N):
             known = sorted(set(train.classes_N) - {""})
             raise TraitsaeError(
                 f"eval.target_class={target!r} is not a class of dataset {cfg.dataset.name} "
-                f"(column {ev.class_column!r} of split {ev.train_split}); it has {len(known)}: "
+                f"(column {opts.class_column!r} of split {opts.train_split}); it has {len(known)}: "
                 f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}."
             )
-        n_ranked = int(ev.n_candidates) if ev.rank == "effect" else int(ev.n_latents)
+        n_ranked = opts.n_candidates if opts.rank == "effect" else opts.n_latents
         found = class_latents(sae, train_store, train.classes_N, target, n_ranked, device)
     ranked = found.ranked
-    given = [int(s) for s in as_list(ev.latents)] if ev.get("latents") else None
+    given = opts.latents
     if given is not None:
         check_latents(given, sae.d_sae)
     with eval_store(cfg, sae, cfg.split) as store:
-        images = split_images(cfg, cfg.split, store, str(ev.class_column))
-    probe = train_class_probe(cfg, backbone, sae, str(ev.train_split), str(ev.class_column))
-    selection = {"rank": "given" if given else str(ev.rank)}
+        images = split_images(cfg, cfg.split, store, opts.class_column)
+    probe = train_class_probe(cfg, backbone, sae, opts)
+    selection = {"rank": "given" if given else opts.rank}
     if given:
         latents = given
-    elif ev.rank == "specificity":
+    elif opts.rank == "specificity":
         latents = ranked
     else:
         # Ranked on the train split's source images: the steered images stay held out.
-        rows = source_sample(
-            train.classes_N, target, ev.get("source_class"), int(ev.max_images), int(cfg.seed)
-        )
-        effect_K = mean_effects(cfg, backbone, sae, probe, [train.paths[i] for i in rows], ranked)
-        effect_K = effect_K * alpha_units(ev, found, ranked)  # per unit of alpha
+        rows = source_sample(train.classes_N, target, opts.source_class, opts.max_images, opts.seed)
+        effect_K = mean_effects(opts, backbone, sae, probe, [train.paths[i] for i in rows], ranked)
+        effect_K = effect_K * alpha_units(opts, found, ranked)  # per unit of alpha
         order = [i for i in np.argsort(-effect_K, kind="stable") if effect_K[i] > 0]
         if not order:
             raise TraitsaeError(
@@ -177,13 +204,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"probe's p({target}) when added (effects {np.round(effect_K, 4).tolist()}); "
                 "raise eval.n_candidates, or give eval.rank=specificity or eval.latents=[...]."
             )
-        latents = [ranked[i] for i in order[: int(ev.n_latents)]]
+        latents = [ranked[i] for i in order[: opts.n_latents]]
         selection |= {"candidates": ranked, "effect": [float(e) for e in effect_K]}
     selection["specificity"] = [float(found.specificity_S[s]) for s in latents]
-    units_K = alpha_units(ev, found, latents)
-    picked = chosen_images(ev, images.paths, images.classes_N, target, int(cfg.seed))
+    units_K = alpha_units(opts, found, latents)
+    picked = chosen_images(opts, images.paths, images.classes_N, target)
     probs_ANC, rows_N = steer_images(
-        cfg, backbone, sae, probe, [images.paths[i] for i in picked], latents, alphas, units_K
+        opts, backbone, sae, probe, [images.paths[i] for i in picked], latents, alphas, units_K
     )
     rows_N = picked[rows_N]
     result = summarise(
@@ -197,11 +224,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "layer": sae.layer,
         "dataset": cfg.dataset.name,
         "split": str(cfg.split),
-        "train_split": str(ev.train_split),
-        "where": str(ev.where),
-        "tokens": str(ev.tokens),
-        "alpha_units": str(ev.alpha_units),
-        "alpha_means": ALPHA_MEANING[str(ev.alpha_units)],
+        "train_split": opts.train_split,
+        "where": opts.where,
+        "tokens": opts.tokens,
+        "alpha_units": opts.alpha_units,
+        "alpha_means": ALPHA_MEANING[opts.alpha_units],
     }
     out = output_dir(cfg)
     probe.save(out / "probe.safetensors")
@@ -209,15 +236,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def alpha_units(ev: DictConfig, found: ClassLatents, latents: list[int]) -> np.ndarray:
+def alpha_units(opts: SteerOptions, found: ClassLatents, latents: list[int]) -> np.ndarray:
     """What alpha = 1 adds to each latent's code at every edited token [K]."""
-    if ev.alpha_units == "code":
+    if opts.alpha_units == "code":
         return np.ones(len(latents))
     units_K = found.typical_S[latents].astype(np.float64)
     if (units_K <= 0).any():
         silent = [s for s, u in zip(latents, units_K, strict=True) if u <= 0]
         raise TraitsaeError(
-            f"latents {silent} never fire on images of {ev.target_class!r} (train split), so "
+            f"latents {silent} never fire on images of {opts.target_class!r} (train split), so "
             "their typical activation, the unit of alpha, is 0; give eval.alpha_units=code or "
             "other eval.latents."
         )
@@ -225,7 +252,7 @@ def alpha_units(ev: DictConfig, found: ClassLatents, latents: list[int]) -> np.n
 
 
 def mean_effects(
-    cfg: DictConfig,
+    opts: SteerOptions,
     backbone: Backbone,
     sae: RawSpaceSAE,
     probe: ClassProbe,
@@ -233,17 +260,15 @@ def mean_effects(
     latents: list[int],
 ) -> np.ndarray:
     """`latent_effects` averaged over the readable images of `paths` [K]."""
-    ev, layer = cfg.eval, sae.layer
-    t = probe.class_index(str(ev.target_class))
+    layer = sae.layer
+    t = probe.class_index(opts.target_class)
     total_K, n = np.zeros(len(latents)), 0
     for _, images_BCHW in iter_image_batches(
-        backbone, paths, int(ev.batch_size), int(ev.num_workers), str(cfg.device), desc="rank"
+        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc="rank"
     ):
         with torch.no_grad():
             x_BTD = backbone.tokens_after(images_BCHW, layer)
-        effect_K = latent_effects(
-            backbone, sae, probe, x_BTD, latents, t, str(ev.where), str(ev.tokens)
-        )
+        effect_K = latent_effects(backbone, sae, probe, x_BTD, latents, t, opts.where, opts.tokens)
         total_K += effect_K * len(x_BTD)
         n += len(x_BTD)
     if n == 0:
@@ -253,7 +278,7 @@ def mean_effects(
 
 @torch.inference_mode()
 def steer_images(
-    cfg: DictConfig,
+    opts: SteerOptions,
     backbone: Backbone,
     sae: RawSpaceSAE,
     probe: ClassProbe,
@@ -264,10 +289,10 @@ def steer_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities [A, n, C] for each alpha and readable image, and those images' positions;
     latent k's code is raised by alpha * units_K[k]."""
-    ev, layer = cfg.eval, sae.layer
+    layer = sae.layer
     probs, rows = [], []
     for rows_B, images_BCHW in iter_image_batches(
-        backbone, paths, int(ev.batch_size), int(ev.num_workers), str(cfg.device), desc="steer"
+        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc="steer"
     ):
         x_BTD = backbone.tokens_after(images_BCHW, layer)
         probs.append(
@@ -280,8 +305,8 @@ def steer_images(
                         None,
                         latents,
                         (alpha * units_K).tolist(),
-                        str(ev.where),
-                        str(ev.tokens),
+                        opts.where,
+                        opts.tokens,
                         x_BTD,
                     )
                     for alpha in alphas

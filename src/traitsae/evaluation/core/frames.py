@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
@@ -156,13 +156,19 @@ def store_image_source(
     return ImageSource(root=root, frame=frame)
 
 
-def image_source(cfg: DictConfig, store: Store) -> ImageSource:
-    """Figure images per eval.draw_images / image_root / image_size / resize_mode."""
-    if not cfg.eval.get("draw_images", True):
+@dataclass(frozen=True)
+class ImageOptions:
+    """How an evaluation's figures show images: `eval.image_root` (default: the store's dataset
+    root), `eval.image_size` (default: the store's), `eval.resize_mode`, `eval.draw_images`."""
+
+    image_root: str | None
+    image_size: int | None
+    resize_mode: str
+    draw_images: bool
+
+
+def image_source(store: Store, opts: ImageOptions) -> ImageSource:
+    """The images of `store` framed for figures, or none when `draw_images` is off."""
+    if not opts.draw_images:
         return ImageSource(root=None, frame=None)
-    return store_image_source(
-        store,
-        cfg.eval.get("image_root"),
-        cfg.eval.get("image_size"),
-        str(cfg.eval.get("resize_mode", "backbone")),
-    )
+    return store_image_source(store, opts.image_root, opts.image_size, opts.resize_mode)

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import heatmaps
-from traitsae.evaluation.core.frames import ImageSource, image_source
+from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.methods import check_pool, pool_tokens
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import stream_codes
 from traitsae.evaluation.discovery import report as discovery_report
@@ -96,48 +97,71 @@ def collect_scores(
 # ----------------------------------------------------------------------------- entry point
 
 
-def configured_groups(cfg: DictConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DiscoveryOptions(ImageOptions):
+    """The `eval.*` options of conf/eval/discovery.yaml (defaults and meanings there)."""
+
+    split: str
+    group_a: Any
+    group_b: Any
+    strata: Any
+    pool: str
+    fire_threshold: float
+    n_permutations: int
+    max_permutations: int
+    alpha: float
+    confirm: float
+    min_group: int
+    min_support: float
+    dense_rate: float
+    min_auroc: float
+    n_candidates: int
+    n_top_images: int
+    weights: dict[str, float]
+    batch_patches: int
+    seed: int
+    device: str
+
+    def rule(self) -> RankingRule:
+        return RankingRule(self.min_support, self.dense_rate, self.min_auroc, self.n_candidates)
+
+    def null(self) -> NullOptions:
+        keys = ("n_permutations", "max_permutations", "alpha", "confirm", "min_group", "seed")
+        return NullOptions(**{k: getattr(self, k) for k in keys})
+
+
+def configured_groups(cfg: DictConfig, opts: DiscoveryOptions) -> dict[str, Any]:
     """eval.group_a / eval.group_b, defaulting to the dataset's own contrast pair
     (`dataset.contrast: {group_a: {...}, group_b: {...}}`, e.g. the demo's Alpha vs Beta)."""
-    contrast_pair = cfg.dataset.get("contrast") or {}
-    return {name: cfg.eval.get(name) or contrast_pair.get(name) for name in ("group_a", "group_b")}
-
-
-def null_options(cfg: DictConfig) -> NullOptions:
-    keys = ("n_permutations", "max_permutations", "alpha", "confirm", "min_group")
-    return NullOptions(**{k: cfg.eval[k] for k in keys}, seed=int(cfg.seed))
+    contrast_pair = OmegaConf.to_container(cfg.dataset.get("contrast") or {}, resolve=True)
+    return {name: getattr(opts, name) or contrast_pair.get(name) for name in ("group_a", "group_b")}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py eval=discovery run=<run dir> eval.group_a=... eval.group_b=...`."""
-
-    group_a, group_b = (parse_group(spec, name) for name, spec in configured_groups(cfg).items())
-    rule = RankingRule(
-        **{k: cfg.eval[k] for k in ("min_support", "dense_rate", "min_auroc", "n_candidates")}
-    )
-    null = null_options(cfg)
-    strata = parse_strata(cfg.eval.get("strata"))
-    weights = heatmaps.TriageWeights(**OmegaConf.to_container(cfg.eval.weights, resolve=True))
+    opts = build_options(DiscoveryOptions, cfg)
+    groups = configured_groups(cfg, opts)
+    group_a, group_b = (parse_group(spec, name) for name, spec in groups.items())
     sae = resolve_sae(cfg)
-    sae.eval().to(cfg.device)
+    sae.eval().to(opts.device)
     out = output_dir(cfg)
-    with eval_store(cfg, sae, cfg.eval.get("split") or cfg.split) as store:
+    with eval_store(cfg, sae, opts.split) as store:
         result = discover(
             store,
             sae,
             group_a,
             group_b,
-            rule,
-            weights,
+            opts.rule(),
+            heatmaps.TriageWeights(**opts.weights),
             out,
-            null=null,
-            strata=strata,
-            n_top_images=int(cfg.eval.n_top_images),
-            pool=str(cfg.eval.pool),
-            fire_threshold=float(cfg.eval.fire_threshold),
-            batch_patches=int(cfg.eval.batch_patches),
-            device=str(cfg.device),
-            images=image_source(cfg, store),
+            null=opts.null(),
+            strata=parse_strata(opts.strata),
+            n_top_images=opts.n_top_images,
+            pool=opts.pool,
+            fire_threshold=opts.fire_threshold,
+            batch_patches=opts.batch_patches,
+            device=opts.device,
+            images=image_source(store, opts),
         )
     print(f"\ndiscovery report: {out / 'index.html'}")
     return result

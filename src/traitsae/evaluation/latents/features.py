@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ from traitsae.evaluation.core.firing import (
     density_outputs,
     scan,
 )
-from traitsae.evaluation.core.frames import ImageSource, image_source
+from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.labels import caption_column
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.report import Card, write_report
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import gather_codes
@@ -184,32 +186,48 @@ def galleries(
     return entries
 
 
+@dataclass(frozen=True)
+class FeaturesOptions(ImageOptions):
+    """The `eval.*` options of conf/eval/features.yaml (defaults and meanings there)."""
+
+    split: str
+    latents: list[int] | None
+    min_freq: float
+    max_freq: float
+    max_latents: int
+    top_k: int
+    pool: str
+    batch_patches: int
+    seed: int
+    device: str
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py eval=features run=<run dir>`."""
 
+    opts = build_options(FeaturesOptions, cfg)
     sae = resolve_sae(cfg)
-    sae.eval().to(cfg.device)
+    sae.eval().to(opts.device)
     out = output_dir(cfg)
-    ev = cfg.eval
-    with eval_store(cfg, sae, ev.get("split") or cfg.split) as store:
+    with eval_store(cfg, sae, opts.split) as store:
         stats, topk = scan(
             store,
             sae,
-            int(ev.top_k),
-            batch_patches=int(ev.batch_patches),
-            device=str(cfg.device),
-            pool=str(ev.pool),
+            opts.top_k,
+            batch_patches=opts.batch_patches,
+            device=opts.device,
+            pool=opts.pool,
         )
         chosen = select_latents(
             stats,
-            list(ev.latents) if ev.get("latents") else None,
-            float(ev.min_freq),
-            float(ev.max_freq),
-            int(ev.max_latents),
-            int(cfg.seed),
+            list(opts.latents) if opts.latents else None,
+            opts.min_freq,
+            opts.max_freq,
+            opts.max_latents,
+            opts.seed,
         )
         entries = galleries(
-            store, sae, stats, topk, chosen, image_source(cfg, store), out, str(cfg.device)
+            store, sae, stats, topk, chosen, image_source(store, opts), out, opts.device
         )
         mean_top_S, entropy_S = density_outputs(
             store, stats, topk, out / "density.png", f"{stats.n_images} images"

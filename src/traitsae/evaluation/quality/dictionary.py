@@ -36,6 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from traitsae.data.dictionary import read_truth
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.runs import find_runs, run_labels
 from traitsae.evaluation.core.sources import output_dir, sae_source
 from traitsae.sae.export import RawSpaceSAE, load_sae
@@ -71,20 +72,30 @@ class DictionaryScores:
     split_parents: int
 
 
+@dataclass(frozen=True)
+class DictionaryOptions:
+    """The `eval.*` options of conf/eval/dictionary.yaml (defaults and meanings there)."""
+
+    min_support: int
+    batch: int
+    device: str
+
+
 def run(cfg: DictConfig) -> list[DictionaryScores]:
     """Hydra entry: score one run, or every run of a sweep dir."""
 
+    opts = build_options(DictionaryOptions, cfg)
     runs = find_runs(sae_source(cfg))
     labels = run_labels(runs)
     results = []
     for run_dir, label in zip(runs, labels, strict=True):
-        sae = load_sae(run_dir, device=cfg.get("device", "cpu"))
+        sae = load_sae(run_dir, device=opts.device)
         store = (cfg.get("data") or {}).get("store") or sae.meta.get("store")
         if not store:
             raise TraitsaeError(
                 f"{run_dir}: sae.json names no store; pass data.store=<dictionary store>."
             )
-        scores = score_sae(sae, Path(store), int(cfg.eval.min_support), int(cfg.eval.batch))
+        scores = score_sae(sae, Path(store), opts.min_support, opts.batch)
         results.append(DictionaryScores(run=str(run_dir), label=label, **scores))
     write_outputs(results, output_dir(cfg))
     for r in results:

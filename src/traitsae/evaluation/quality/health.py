@@ -29,6 +29,7 @@ from traitsae.evaluation.core.firing import (
     scan,
 )
 from traitsae.evaluation.core.methods import images_per_block
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.runs import find_runs, run_labels, swept_overrides
 from traitsae.evaluation.core.sources import eval_store, output_dir, sae_source
 from traitsae.evaluation.core.tokens import iter_valid_tokens
@@ -74,24 +75,33 @@ class Health:
     swept: dict[str, str] = field(default_factory=dict)  # short override name -> value
 
 
-# ---------------------------------------------------------------- entry point
+@dataclass(frozen=True)
+class HealthOptions:
+    """The `eval.*` options of conf/eval/health.yaml (defaults and meanings there)."""
+
+    split: str
+    dense_threshold: float
+    max_tokens: int | None
+    top_k: int
+    device: str
 
 
 def run(cfg: DictConfig) -> list[Health]:
     """Hydra entry: measure one run (`run=`/`sae=`) or every run of a sweep dir (`run=<sweep>`)."""
 
+    opts = build_options(HealthOptions, cfg)
     runs = find_runs(sae_source(cfg))
     swept = swept_overrides(runs)
     results = []
     for run_dir, label, overrides in zip(runs, run_labels(runs), swept, strict=True):
-        sae = load_sae(run_dir, device=cfg.get("device", "cpu"))
-        results.append(measure_run(cfg, sae, run_dir, label, overrides))
+        sae = load_sae(run_dir, device=opts.device)
+        results.append(measure_run(cfg, opts, sae, run_dir, label, overrides))
     mark_pareto(results)
     out = output_dir(cfg)
     write_outputs(results, out)
     for i, r in enumerate(results):  # density vs mean activation, coloured by label entropy
         name = "health_density.png" if len(results) == 1 else f"health_density_{i}.png"
-        density_for_health(cfg, load_sae(r.run), out / name, r.label)
+        density_for_health(cfg, opts, load_sae(r.run), out / name, r.label)
     print(format_table(results))
     print(f"health: outputs in {out}")
     return results
@@ -99,6 +109,7 @@ def run(cfg: DictConfig) -> list[Health]:
 
 def measure_run(
     cfg: DictConfig,
+    opts: HealthOptions,
     sae: RawSpaceSAE,
     run_dir: Path,
     label: str | None = None,
@@ -106,15 +117,15 @@ def measure_run(
 ) -> Health:
     """Health of one SAE on the store of its backbone x `cfg.dataset` x `eval.split`."""
 
-    store = eval_store(cfg, sae, cfg.eval.split)
+    store = eval_store(cfg, sae, opts.split)
     try:
         stats = reconstruction_stats(
             sae,
             store,
             sae.layer,
             sae.tokens,
-            cfg.eval.max_tokens,
-            cfg.get("device", "cpu"),
+            opts.max_tokens,
+            opts.device,
         )
     finally:
         store.close()
@@ -122,7 +133,7 @@ def measure_run(
     d_sae = int(freq_S.size)
     target_l0 = ((sae.meta.get("config") or {}).get("sae") or {}).get("target_l0")
     dense_freq = dense_frequency(
-        float(cfg.eval.dense_threshold), d_sae, sae.meta["architecture"].get("k") or target_l0
+        opts.dense_threshold, d_sae, sae.meta["architecture"].get("k") or target_l0
     )
     return Health(
         run=str(run_dir),
@@ -285,12 +296,14 @@ def format_table(results: list[Health]) -> str:
     return "\n".join(lines)
 
 
-def density_for_health(cfg: DictConfig, sae: RawSpaceSAE, out_png: Path, title: str) -> Path | None:
+def density_for_health(
+    cfg: DictConfig, opts: HealthOptions, sae: RawSpaceSAE, out_png: Path, title: str
+) -> Path | None:
     """eval=health's density figure: one scan of the held-out store (patch SAEs only)."""
 
     if sae.tokens != "patches":
         return None  # a CLS SAE has one token per image: no patch frequency to plot
-    with eval_store(cfg, sae, cfg.eval.split) as store:
-        stats, topk = scan(store, sae, int(cfg.eval.get("top_k", 16)), device=str(cfg.device))
+    with eval_store(cfg, sae, opts.split) as store:
+        stats, topk = scan(store, sae, opts.top_k, device=opts.device)
         density_outputs(store, stats, topk, out_png, title)
     return out_png

@@ -10,6 +10,7 @@ originals is also applied to reconstructions (does the SAE keep what that probe 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.methods import images_per_block
+from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.probes import fit_class_probe
 from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import iter_valid_tokens
@@ -27,19 +29,33 @@ from traitsae.sae.export import RawSpaceSAE
 FEATURES = ("auto", "cls", "pooled")
 
 
+@dataclass(frozen=True)
+class ProbeDeltaOptions:
+    """The `eval.*` options of conf/eval/probe.yaml (defaults and meanings there)."""
+
+    train_split: str
+    test_split: str
+    features: str
+    C: float
+    max_iter: int
+    seed: int
+    device: str
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: fit probes on the train split, report accuracies on the test split."""
 
-    device = cfg.get("device", "cpu")
+    opts = build_options(ProbeDeltaOptions, cfg)
+    device = opts.device
     sae = resolve_sae(cfg).to(device)
-    features = resolve_features(cfg.eval.features, sae)
-    stores = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    features = resolve_features(opts.features, sae)
+    stores = eval_stores(cfg, sae, [opts.train_split, opts.test_split])
     try:
         train, test = (image_features(sae, store, features, device) for store in stores)
     finally:
         for store in stores:
             store.close()
-    result = probe_accuracies(train, test, cfg.eval.C, cfg.eval.max_iter, cfg.eval.seed)
+    result = probe_accuracies(train, test, opts.C, opts.max_iter, opts.seed)
     result["features"] = features
     result["layer"] = sae.layer
     out = output_dir(cfg)
