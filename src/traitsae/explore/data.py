@@ -136,7 +136,6 @@ class ExplorerData:
     """Everything the pages read, for one session. Build once per process (the app caches it)."""
 
     def __init__(self, session: Session) -> None:
-
         self.session = session
         self.cache = Path(session.cache_dir)
         self.store = Store(session.store)
@@ -192,7 +191,6 @@ class ExplorerData:
 
     def latent_table(self) -> Any:
         """One row per latent: frequencies, scores, label entropy, and linked eval outputs."""
-
         counts_S = self.fire_counts()
         scores = np.asarray(self.index.lat_score, dtype=np.float64)
         cumulative = np.concatenate([[0.0], np.cumsum(scores)])
@@ -335,7 +333,6 @@ class ExplorerData:
         return self._image_source
 
     def caption(self, row: int) -> str:
-
         column = caption_column(self.metadata)
         tag = f"{self.metadata[column][row]} " if column else ""
         return f"{tag}#{row}"
@@ -437,7 +434,6 @@ def cub_trait_columns(path: Path, d_sae: int) -> dict[str, np.ndarray]:
 
 def discovery_columns(folder: Path, d_sae: int) -> dict[str, np.ndarray]:
     """Per latent: discovery AUROC (latents.csv) and candidate rank / q-value (discovery.json)."""
-
     columns: dict[str, np.ndarray] = {}
     latents_csv = folder / "latents.csv"
     if latents_csv.is_file():

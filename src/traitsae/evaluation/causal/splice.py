@@ -41,7 +41,6 @@ from traitsae.evaluation.causal.forward import (
     ABLATIONS,
     BASELINES,
     CONDITIONS,
-    ClassProbe,
     ProbeOptions,
     backbone_key,
     build_full_backbone,
@@ -55,6 +54,7 @@ from traitsae.evaluation.causal.forward import (
 )
 from traitsae.evaluation.causal.splice_report import write_outputs
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.sae.export import RawSpaceSAE
 
@@ -219,7 +219,6 @@ class SpliceOptions(ProbeOptions):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
-
     opts = build_options(SpliceOptions, cfg)
     device = opts.device
     sae = resolve_sae(cfg).eval().to(device)

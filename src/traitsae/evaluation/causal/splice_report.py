@@ -11,7 +11,6 @@ from traitsae.evaluation.core import figures
 
 
 def write_outputs(result: dict[str, Any], out) -> None:
-
     (out / "splice.json").write_text(json.dumps(result, indent=2) + "\n")
     columns = ["metric", *CONDITIONS, "recovered"]
     with (out / "splice.csv").open("w", newline="") as f:

@@ -37,7 +37,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from traitsae.backbones import Backbone
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import (
-    ClassProbe,
     ProbeOptions,
     build_full_backbone,
     iter_image_batches,
@@ -55,6 +54,7 @@ from traitsae.evaluation.causal.steering import (
     steered_probabilities,
 )
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.sae.export import RawSpaceSAE
 
@@ -163,7 +163,6 @@ def as_list(value: Any) -> list:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: steer the probe with the latents; steer.json, probe.safetensors, figures."""
-
     opts = build_options(SteerOptions, cfg)
     device, alphas = opts.device, opts.alphas
     target = opts.target_class

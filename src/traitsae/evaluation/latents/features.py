@@ -82,7 +82,6 @@ def select_latents(
 
 def frequency_histogram(stats: FiringStats, out_path: Path) -> Path:
     """log10 patch firing frequency of the alive latents; dead/dense counts in the title."""
-
     freq_S = stats.patch_freq
     alive = freq_S[freq_S > 0]
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -204,7 +203,6 @@ class FeaturesOptions(ImageOptions):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py eval=features run=<run dir>`."""
-
     opts = build_options(FeaturesOptions, cfg)
     sae = resolve_sae(cfg)
     sae.eval().to(opts.device)

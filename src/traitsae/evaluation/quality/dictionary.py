@@ -83,7 +83,6 @@ class DictionaryOptions:
 
 def run(cfg: DictConfig) -> list[DictionaryScores]:
     """Hydra entry: score one run, or every run of a sweep dir."""
-
     opts = build_options(DictionaryOptions, cfg)
     runs = find_runs(sae_source(cfg))
     labels = run_labels(runs)
@@ -150,7 +149,6 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_sae(sae: RawSpaceSAE, store_path: Path, min_support: int = 10, batch: int = 8192) -> dict:
     """Every score of the module docstring for one SAE (raw-space `load_sae` module)."""
-
     with Store(store_path) as store:
         truth = read_truth(store)
         n_images = truth["truth_vectors"] // store.n_patches

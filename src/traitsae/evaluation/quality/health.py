@@ -28,11 +28,10 @@ from traitsae.evaluation.core.firing import (
     density_outputs,
     scan,
 )
-from traitsae.evaluation.core.methods import images_per_block
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.runs import find_runs, run_labels, swept_overrides
 from traitsae.evaluation.core.sources import eval_store, output_dir, sae_source
-from traitsae.evaluation.core.tokens import iter_valid_tokens
+from traitsae.evaluation.core.tokens import images_per_block, iter_valid_tokens
 from traitsae.sae.export import RawSpaceSAE, load_sae
 from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained, dense_frequency
 
@@ -88,7 +87,6 @@ class HealthOptions:
 
 def run(cfg: DictConfig) -> list[Health]:
     """Hydra entry: measure one run (`run=`/`sae=`) or every run of a sweep dir (`run=<sweep>`)."""
-
     opts = build_options(HealthOptions, cfg)
     runs = find_runs(sae_source(cfg))
     swept = swept_overrides(runs)
