@@ -15,8 +15,6 @@ latents.csv (every latent), frequency.png, density.png, galleries/*.png, index.h
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from traitsae.evaluation.core.firing import (
 from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.labels import caption_column
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.outputs import write_csv, write_figure, write_json
 from traitsae.evaluation.core.report import Card, write_report
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import gather_codes
@@ -95,8 +94,7 @@ def frequency_histogram(stats: FiringStats, out_path: Path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=90)
+    write_figure(fig, out_path, dpi=90)
     plt.close(fig)
     return out_path
 
@@ -130,21 +128,19 @@ def gallery_figure(
 def write_latents_csv(
     path: Path, stats: FiringStats, mean_top_S: np.ndarray, entropy_S: np.ndarray
 ) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(LATENT_COLUMNS)
-        for s in range(len(stats.patch_fires_S)):
-            writer.writerow(
-                [
-                    s,
-                    f"{stats.patch_freq[s]:.6g}",
-                    f"{stats.image_freq[s]:.6g}",
-                    f"{stats.mean_image_max[s]:.6g}",
-                    f"{stats.image_max_S[s]:.6g}",
-                    f"{mean_top_S[s]:.6g}",
-                    f"{entropy_S[s]:.6g}",
-                ]
-            )
+    rows = [
+        [
+            s,
+            f"{stats.patch_freq[s]:.6g}",
+            f"{stats.image_freq[s]:.6g}",
+            f"{stats.mean_image_max[s]:.6g}",
+            f"{stats.image_max_S[s]:.6g}",
+            f"{mean_top_S[s]:.6g}",
+            f"{entropy_S[s]:.6g}",
+        ]
+        for s in range(len(stats.patch_fires_S))
+    ]
+    write_csv(path, LATENT_COLUMNS, rows)
 
 
 def galleries(
@@ -242,7 +238,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "store": str(store.path),
             "latents": entries,
         }
-    (out / "features.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "features.json", result)
     write_latents_csv(out / "latents.csv", stats, mean_top_S, entropy_S)
     frequency_histogram(stats, out / "frequency.png")
     write_features_index(out, result)
