@@ -20,7 +20,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -31,6 +31,9 @@ from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
 from traitsae.explore.session import Session
+
+if TYPE_CHECKING:  # a type only: importing it loads torch, which the launch does without
+    from traitsae.sae.export import RawSpaceSAE
 
 # Loaded by the server process before Streamlit starts (server.py), keyed by session path.
 PRELOADED: dict[str, ExplorerData] = {}
@@ -139,7 +142,7 @@ class ExplorerData:
         self.session = session
         self.cache = Path(session.cache_dir)
         self.store = Store(session.store)
-        self._sae: Any = None
+        self._sae: RawSpaceSAE | None = None
         self._sae_lock = threading.Lock()
         self._image_source: Any = None
         self._frame_lock = threading.Lock()
