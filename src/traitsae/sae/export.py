@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -18,6 +20,7 @@ from traitsae.errors import TraitsaeError
 from traitsae.sae.activations import TopK
 from traitsae.sae.model import SparseAutoencoder, build_sae
 from traitsae.sae.sparse_ops import topk_indices
+from traitsae.version import __version__
 
 WEIGHTS_FILE = "sae.safetensors"
 JSON_FILE = "sae.json"
@@ -105,8 +108,6 @@ class RawSpaceSAE(nn.Module):
 
 def _json_safe(value: Any) -> Any:
     """Plain JSON types (OmegaConf containers and numpy/torch scalars included)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
@@ -126,10 +127,6 @@ def save_sae(sae: SparseAutoencoder, run_dir: str | Path, meta: dict[str, Any]) 
     `meta` must name `backbone`, `layer` and `scale`; it should also give `dataset`, `tokens`,
     `store` and `config` (the training config). Sizes and variant come from the SAE itself.
     """
-    from safetensors.torch import save_file
-
-    from traitsae import __version__
-
     missing = [key for key in REQUIRED_META if meta.get(key) is None]
     if missing:
         raise TraitsaeError(
@@ -179,8 +176,6 @@ def _resolve_json(path: str | Path) -> Path:
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSAE:
     """Load an exported SAE (run dir, sae.json or sae.safetensors path) in eval mode."""
-    from safetensors.torch import load_file
-
     json_path = _resolve_json(path)
     try:
         record = json.loads(json_path.read_text())
