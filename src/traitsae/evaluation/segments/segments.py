@@ -40,6 +40,8 @@ SELECT_BY = ("ap", "probe_loss")
 class Options:
     """The `eval.*` options of conf/eval/segments.yaml (defaults and meanings there)."""
 
+    train_split: str
+    test_split: str
     patch_rule: str
     frame: str
     k: int
@@ -103,7 +105,7 @@ def run(cfg: DictConfig) -> SegmentsReport:
             f"eval.reference={opts.reference} was trained on layer {reference.layer} "
             f"but the SAE under test on layer {sae.layer}; compare SAEs of one layer."
         )
-    train_store, test_store = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    train_store, test_store = eval_stores(cfg, sae, [opts.train_split, opts.test_split])
     try:
         train, test = (
             load_split(store, layout, sae, opts, cfg.dataset.get("root"))

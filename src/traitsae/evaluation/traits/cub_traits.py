@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> TraitReport:
     """Hydra entry (registry: `cub_traits`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
     opts = build_options(Options, cfg)
-    root = cfg.eval.get("attributes_root") or cfg.dataset.get("root")
+    root = opts.attributes_root or cfg.dataset.get("root")
     if not root:
         raise TraitsaeError(
             "eval=cub_traits needs the CUB attribute files: set dataset.root (or "
@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> TraitReport:
         )
     attrs = load_cub_attributes(root)
     sae = resolve_sae(cfg).to(opts.device)
-    train_store, test_store = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    train_store, test_store = eval_stores(cfg, sae, [opts.train_split, opts.test_split])
     try:
         report = evaluate_traits(sae, train_store, test_store, attrs, opts)
     finally:
