@@ -251,30 +251,14 @@ def discover(
     weights: heatmaps.TriageWeights,
     out: Path,
     *,
-    null: NullOptions | None = None,
-    strata: Sequence[str] = (),
-    n_top_images: int = 6,
-    pool: str = "max",
-    fire_threshold: float = 0.0,
-    batch_patches: int = 4096,
-    device: str = "cpu",
     images: ImageSource,
+    null: NullOptions | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """compute_discovery on an open store, then every output into `out`; returns the JSON."""
+    """compute_discovery (its keyword `options` too) on an open store, then every output into
+    `out`; returns the JSON."""
     found = compute_discovery(
-        store,
-        sae,
-        group_a,
-        group_b,
-        rule,
-        weights,
-        null=null or NullOptions(),
-        strata=strata,
-        n_top_images=n_top_images,
-        pool=pool,
-        fire_threshold=fire_threshold,
-        batch_patches=batch_patches,
-        device=device,
+        store, sae, group_a, group_b, rule, weights, null=null or NullOptions(), **options
     )
     out.mkdir(parents=True, exist_ok=True)
     for cand in found.candidates:
