@@ -59,7 +59,7 @@ OUT = "notebook_outputs/classification_control"
 out = Path(OUT)
 out.mkdir(parents=True, exist_ok=True)
 sae = load_sae(RUN)
-layer = int(sae.meta["layer"])
+layer = sae.layer
 train_store = Store(sae.meta["store"])  # the store the SAE was trained on (train split)
 backbone = build_full_backbone(sae, train_store)  # sae.json's backbone, checked against the store
 train, test = (load_cub(DATA_ROOT, split) for split in ("train", "test"))  # the CUB layout
