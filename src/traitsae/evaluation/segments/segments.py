@@ -37,7 +37,7 @@ SELECT_BY = ("ap", "probe_loss")
 
 
 @dataclass(frozen=True)
-class Options:
+class SegmentsOptions:
     """The `eval.*` options of conf/eval/segments.yaml (defaults and meanings there)."""
 
     train_split: str
@@ -93,7 +93,7 @@ class Options:
 
 def run(cfg: DictConfig) -> SegmentsReport:
     """Hydra entry (`eval.entry`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    opts = build_options(Options, cfg)
+    opts = build_options(SegmentsOptions, cfg)
     if cfg.dataset.get("format") == "synthetic" and cfg.dataset.get("root"):
         # Demo data generated before masks existed gets them here (images stay untouched).
         ensure_synthetic(cfg.dataset.root, seed=int(cfg.dataset.get("seed", 0)))
@@ -123,7 +123,11 @@ def run(cfg: DictConfig) -> SegmentsReport:
 
 
 def load_split(
-    store: Store, layout: MaskLayout, sae: RawSpaceSAE, opts: Options, image_root: str | None
+    store: Store,
+    layout: MaskLayout,
+    sae: RawSpaceSAE,
+    opts: SegmentsOptions,
+    image_root: str | None,
 ) -> SplitPatches:
     if sae.tokens != "patches":
         raise TraitsaeError(
@@ -150,7 +154,7 @@ def build_methods(
     reference: RawSpaceSAE | None,
     train: SplitPatches,
     n_classes: int,
-    opts: Options,
+    opts: SegmentsOptions,
 ) -> list[Method]:
     """Every method's token scorer; baselines fit on the train split's patches and centred on
     their mean (core/methods.py's rule)."""
@@ -182,7 +186,9 @@ def build_methods(
     return methods
 
 
-def supervised_probe(train: SplitPatches, opts: Options, rng: np.random.Generator) -> Method:
+def supervised_probe(
+    train: SplitPatches, opts: SegmentsOptions, rng: np.random.Generator
+) -> Method:
     """One L2 logistic regression per class on raw patch activations (the supervised reference)."""
     n_rows = train.acts_RD.shape[0]
     fit = np.sort(rng.choice(n_rows, min(n_rows, opts.probe_max_patches), replace=False))
@@ -203,7 +209,7 @@ def evaluate_segments(
     train: SplitPatches,
     test: SplitPatches,
     layout: MaskLayout,
-    opts: Options,
+    opts: SegmentsOptions,
     reference: RawSpaceSAE | None = None,
 ) -> SegmentsReport:
     """All methods x classes on already collected patches."""
@@ -259,7 +265,9 @@ def _classes_with_patches(
     return keep_C, rows
 
 
-def _check_memory(scorer: Method, train: SplitPatches, test: SplitPatches, opts: Options) -> None:
+def _check_memory(
+    scorer: Method, train: SplitPatches, test: SplitPatches, opts: SegmentsOptions
+) -> None:
     n_rows = max(train.acts_RD.shape[0], test.acts_RD.shape[0])
     needed = n_rows * scorer.n_directions * 4
     if needed > opts.max_score_bytes:
@@ -271,7 +279,7 @@ def _check_memory(scorer: Method, train: SplitPatches, test: SplitPatches, opts:
 
 
 def _method_rows(
-    scorer: Method, train: SplitPatches, test: SplitPatches, opts: Options
+    scorer: Method, train: SplitPatches, test: SplitPatches, opts: SegmentsOptions
 ) -> dict[str, np.ndarray]:
     """Per class: the selected direction and its test metrics (and train AP / probe losses)."""
     y_train_RC, y_test_RC = train.labels_RC, test.labels_RC
@@ -313,7 +321,9 @@ def _number(value: Any) -> int | float:
     return int(value) if np.issubdtype(np.asarray(value).dtype, np.integer) else float(value)
 
 
-def _summary(scorer: Method, metric: str, values_C: np.ndarray, opts: Options) -> dict[str, Any]:
+def _summary(
+    scorer: Method, metric: str, values_C: np.ndarray, opts: SegmentsOptions
+) -> dict[str, Any]:
     low, high = bootstrap_ci(values_C, opts.n_bootstrap, opts.seed, opts.ci_level)
     return {
         "method": scorer.name,
@@ -327,7 +337,7 @@ def _summary(scorer: Method, metric: str, values_C: np.ndarray, opts: Options) -
 
 
 def _paired_differences(
-    per_values: dict[tuple[str, str], np.ndarray], opts: Options
+    per_values: dict[tuple[str, str], np.ndarray], opts: SegmentsOptions
 ) -> list[dict[str, Any]]:
     """SAE minus each other method per metric, with a paired bootstrap CI over classes."""
     rows = []
@@ -343,7 +353,11 @@ def _paired_differences(
 
 
 def _meta(
-    opts: Options, train: SplitPatches, test: SplitPatches, sae: RawSpaceSAE, names: list[str]
+    opts: SegmentsOptions,
+    train: SplitPatches,
+    test: SplitPatches,
+    sae: RawSpaceSAE,
+    names: list[str],
 ) -> dict[str, Any]:
     n_patches = train.acts_RD.shape[0] // max(1, len(train.rows_N))
     return {

@@ -42,7 +42,7 @@ from traitsae.evaluation.core.precision import (
 )
 from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import valid_rows
-from traitsae.evaluation.traits.options import UNSUPERVISED, Options
+from traitsae.evaluation.traits.options import UNSUPERVISED, CubTraitsOptions
 from traitsae.evaluation.traits.report import TraitReport, format_table, write_outputs
 from traitsae.evaluation.traits.selection import (
     Candidates,
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> TraitReport:
     """Hydra entry (registry: `cub_traits`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-    opts = build_options(Options, cfg)
+    opts = build_options(CubTraitsOptions, cfg)
     root = opts.attributes_root or cfg.dataset.get("root")
     if not root:
         raise TraitsaeError(
@@ -96,7 +96,11 @@ def image_ids(store: Store) -> np.ndarray:
 
 
 def evaluate_traits(
-    sae: RawSpaceSAE, train_store: Store, test_store: Store, attrs: CubAttributes, opts: Options
+    sae: RawSpaceSAE,
+    train_store: Store,
+    test_store: Store,
+    attrs: CubAttributes,
+    opts: CubTraitsOptions,
 ) -> TraitReport:
     """All methods x traits x k x protocols x seeds, on already opened and checked stores."""
     layer = sae.layer
@@ -242,7 +246,7 @@ def _traits_with_positives(
 
 
 def _meta(
-    opts: Options, train_store: Store, test_store: Store, sae, n_traits: int
+    opts: CubTraitsOptions, train_store: Store, test_store: Store, sae, n_traits: int
 ) -> dict[str, Any]:
     return {
         "options": asdict(opts),

@@ -16,7 +16,7 @@ UNSUPERVISED = ("sae", "sae_init", "random", "pca", "kmeans")
 
 
 @dataclass(frozen=True)
-class Options:
+class CubTraitsOptions:
     """The `eval.*` options of conf/eval/cub_traits.yaml (defaults and meanings there)."""
 
     train_split: str
