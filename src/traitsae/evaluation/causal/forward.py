@@ -266,3 +266,18 @@ def sae_token_positions(
     if tokens in ("cls", "both"):
         positions_T[0] = True
     return positions_T
+
+
+def store_mean_tokens(store: Store, layer: int, n_tokens: int) -> torch.Tensor:
+    """[T, D] mean of block `layer`'s output over the store's valid images (CLS at position 0,
+    patches after the prefix; registers are not stored and stay zero: they are never edited)."""
+    mean_TD = torch.zeros(n_tokens, store.d_model, dtype=torch.float64)
+    n_valid = int(np.asarray(store.valid).sum())
+    if n_valid == 0:
+        raise TraitsaeError(f"store {store.path} has no valid images to average.")
+    for tokens, rows in (("patches", slice(store.n_prefix_tokens, None)), ("cls", 0)):
+        total = torch.zeros(mean_TD[rows].shape, dtype=torch.float64)
+        for _, acts in store.iter_valid(layer, tokens=tokens):
+            total += torch.from_numpy(np.asarray(acts, dtype=np.float64)).sum(0)
+        mean_TD[rows] = total / n_valid
+    return mean_TD.float()
