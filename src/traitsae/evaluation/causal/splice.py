@@ -205,7 +205,14 @@ class SpliceOptions(ProbeOptions):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
-    opts = build_options(SpliceOptions, cfg)
+    result = compute_splice(cfg, build_options(SpliceOptions, cfg))
+    write_outputs(result, output_dir(cfg))
+    return result
+
+
+def compute_splice(cfg: DictConfig, opts: SpliceOptions) -> dict[str, Any]:
+    """splice.json's content: every condition's metrics over the split's images (the caches of
+    what does not depend on the SAE are read or filled on the way; no output is written)."""
     device = opts.device
     sae = resolve_sae(cfg).eval().to(device)
     layer = sae.layer
@@ -251,7 +258,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "clean": None if "clean" in conditions else [str(p) for p in clean.paths],
         "ablations": str(ablations) if cached else None,
     }
-    write_outputs(result, output_dir(cfg))
     return result
 
 

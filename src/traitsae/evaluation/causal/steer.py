@@ -161,9 +161,27 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+@dataclass
+class Steered:
+    """What eval=steer found: steer.json's content, the probabilities [A, n, C] behind its
+    figures, and the probe they read; nothing is written yet."""
+
+    result: dict[str, Any]
+    probs_ANC: np.ndarray
+    probe: ClassProbe
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: steer the probe with the latents; steer.json, probe.safetensors, figures."""
-    opts = build_options(SteerOptions, cfg)
+    steered = compute_steer(cfg, build_options(SteerOptions, cfg))
+    out = output_dir(cfg)
+    steered.probe.save(out / "probe.safetensors")
+    write_outputs(steered.result, steered.probs_ANC, steered.probe, out)
+    return steered.result
+
+
+def compute_steer(cfg: DictConfig, opts: SteerOptions) -> Steered:
+    """Fit the probe, choose the latents, steer the chosen images (cfg: the SAE and stores)."""
     device, alphas = opts.device, opts.alphas
     target = opts.target_class
     sae = resolve_sae(cfg).eval().to(device)
@@ -229,10 +247,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "alpha_units": opts.alpha_units,
         "alpha_means": ALPHA_MEANING[opts.alpha_units],
     }
-    out = output_dir(cfg)
-    probe.save(out / "probe.safetensors")
-    write_outputs(result, probs_ANC, probe, out)
-    return result
+    return Steered(result, probs_ANC, probe)
 
 
 def alpha_units(opts: SteerOptions, found: ClassLatents, latents: list[int]) -> np.ndarray:
