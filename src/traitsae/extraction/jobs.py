@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from traitsae import __version__
 from traitsae.backbones import check_backbone_cfg, resolve_layers
-from traitsae.config_diff import changed_keys
+from traitsae.config_diff import IMAGE_LIST_KEY, fingerprint_difference
 from traitsae.data.images import ImageList
 from traitsae.data.store import Store, read_fingerprint
 
@@ -52,7 +54,9 @@ def make_job(cfg: DictConfig, images: ImageList, out: Path, lo: int, hi: int) ->
     content = resolved_config(cfg)
     content["backbone"]["layers"] = layers
     key = {**content, "n_images": len(images), "rows": [lo, hi]}
-    # The fingerprint decides whether an existing file may be resumed: same content, same rows.
+    key[IMAGE_LIST_KEY] = image_list_digest(images, lo, hi)
+    # The fingerprint decides whether an existing file may be resumed: same content, same rows,
+    # same images in them (a folder that changed but kept its count must not resume).
     fingerprint = json.dumps(key, sort_keys=True)
     b = cfg.backbone
     side = int(b.image_size) // int(b.patch_size)
@@ -84,6 +88,27 @@ def image_rows(images: ImageList, lo: int, hi: int) -> dict[str, np.ndarray]:
     return rows
 
 
+def image_list_digest(images: ImageList, lo: int, hi: int) -> str:
+    """sha256 of rows [lo, hi) of the image list: every images/ column (path, label, metadata)
+    and each file's size (-1 when missing). A renamed, replaced or re-labelled image changes it;
+    one `stat` per image, no image is read."""
+    digest = hashlib.sha256()
+    columns = image_rows(images, lo, hi)
+    for key in sorted(columns):
+        digest.update(f"{key}\0".encode())
+        digest.update("\0".join(map(str, columns[key].tolist())).encode("utf-8", "surrogateescape"))
+    sizes = [_file_size(path) for path in images.paths[lo:hi]]
+    digest.update(("size\0" + "\0".join(map(str, sizes))).encode())
+    return digest.hexdigest()
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1  # unreadable images are stored as invalid rows; their absence is part of the list
+
+
 def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
     """True when `out` is a complete store of this config; error or delete when it differs."""
     from traitsae.errors import TraitsaeError
@@ -91,7 +116,7 @@ def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if not out.exists():
         return False
     existing = read_fingerprint(out)
-    if existing == fingerprint:
+    if existing == fingerprint or _predates_image_list(existing, fingerprint):
         with Store(out, require_complete=False) as store:
             if store.complete:
                 return True
@@ -106,10 +131,21 @@ def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
     return False
 
 
-def config_difference(old: str | None, new: str) -> str:
-    """Human summary of how two JSON configs differ: `key: old -> new` for each changed key."""
+def _predates_image_list(existing: str | None, fingerprint: str) -> bool:
+    """A complete store written before fingerprints held the image list, otherwise identical:
+    kept (re-extracting it would cost hours), with a warning that its images are unchecked."""
     try:
-        before, after = json.loads(old or ""), json.loads(new)
+        old, new = json.loads(existing or ""), json.loads(fingerprint)
     except json.JSONDecodeError:
-        return "the existing file carries no traitsae fingerprint"
-    return "; ".join(map(str, changed_keys(before, after))) or "no difference"
+        return False
+    if IMAGE_LIST_KEY in old or {**old, IMAGE_LIST_KEY: new.get(IMAGE_LIST_KEY)} != new:
+        return False
+    log.warning(
+        "the store predates the image-list check: its images cannot be confirmed to be the "
+        "dataset's current ones. If the image folder changed since, re-extract with "
+        "extract.overwrite=true."
+    )
+    return True
+
+
+config_difference = fingerprint_difference  # how a refused resume or overwrite lists the change

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from traitsae import __version__
+from traitsae.config_diff import fingerprint_difference
 from traitsae.data.store.reader import read_fingerprint
 from traitsae.data.store.schema import (
     CORE_IMAGE_KEYS,
@@ -97,8 +98,9 @@ class StoreWriter:
             elif not overwrite:
                 raise TraitsaeError(
                     f"an unfinished store {tmp} exists from a run with a different configuration "
-                    "(different backbone, layers, dataset or image rows). Re-run the original "
-                    "command to finish it, or pass extract.overwrite=true to start again."
+                    f"({fingerprint_difference(existing, fingerprint)}). Resuming would mix "
+                    "the two runs' rows. Re-run the original command (with the original images) "
+                    "to finish it, or pass extract.overwrite=true to start again."
                 )
             tmp.unlink()
         draft = tmp.with_name(tmp.name + ".new")
