@@ -302,7 +302,7 @@ def test_a_second_extraction_of_one_store_refuses(tmp_path, syn_root):
     import subprocess
     import sys
 
-    from traitsae.extraction.lock import lock_path
+    from traitsae.locks import lock_path
 
     cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "split=test"])
     lock = lock_path(store_path_from_cfg(cfg))

@@ -13,7 +13,12 @@ from traitsae.sae.export import save_sae
 from traitsae.training.config import check_train_cfg, run_config
 from traitsae.training.group_checkpoints import GroupCheckpointIO
 from traitsae.training.group_module import MemberLogger, SAEGroupModule, member_metrics
-from traitsae.training.recipe import build_module, export_meta, prepare_data
+from traitsae.training.recipe import (
+    build_module,
+    exclusive_run_dirs,
+    export_meta,
+    prepare_data,
+)
 from traitsae.training.resume import resume_checkpoint
 from traitsae.training.trainer import (
     fit,
@@ -52,11 +57,18 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
     The configs agree on `traitsae.training.grouping.SHARED_NODES`; each job keeps its own SAE,
     seed (initialisation), optimiser, logger, checkpoints and export in its own job dir.
     """
-    first, job_dirs = jobs[0][0], [Path(job_dir) for _, job_dir in jobs]
+    job_dirs = [Path(job_dir) for _, job_dir in jobs]
     for cfg, job_dir in jobs:
         check_train_cfg(cfg)
         job_dir.mkdir(parents=True, exist_ok=True)
     quiet_lightning_console()
+    with exclusive_run_dirs(job_dirs):
+        _train_group_in(jobs, job_dirs)
+    return job_dirs
+
+
+def _train_group_in(jobs: list[tuple[DictConfig, Path]], job_dirs: list[Path]) -> None:
+    first = jobs[0][0]
     ckpt_path = _resume_path(jobs)
     with process_settings(first):
         dm, trainer_node = prepare_data(first)
@@ -99,4 +111,3 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
                 meta = export_meta(cfg, dm, trainer)
                 meta["metrics"] = own
                 log.info("exported %s", save_sae(member.sae.cpu(), job_dir, meta))
-    return job_dirs

@@ -14,13 +14,17 @@ Set-up, train, clean-up:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from traitsae.errors import TraitsaeError
+from traitsae.locks import run_dir_lock
 from traitsae.paths import hydra_output_dir
 from traitsae.sae.export import save_sae
 from traitsae.sae.module import SAEModule
@@ -92,6 +96,17 @@ def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     return dm, trainer_node(cfg, has_val=dm.n_val_vectors > 0)
 
 
+@contextmanager
+def exclusive_run_dirs(run_dirs: list[Path]) -> Iterator[None]:
+    """One training run per run dir (`traitsae.locks.run_dir_lock`), held by the process that
+    launches the run: the other DDP ranks (started by Lightning, torchrun or Slurm) belong to it."""
+    with ExitStack() as stack:
+        if rank_zero_only.rank == 0:
+            for run_dir in run_dirs:
+                stack.enter_context(run_dir_lock(run_dir))
+        yield
+
+
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as configured; returns the run dir (holding sae.json)."""
     check_train_cfg(cfg)
@@ -100,6 +115,12 @@ def train(cfg: DictConfig) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise TraitsaeError(f"hydra.run.dir={run_dir} is a file; the run dir must be a folder.")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_run_dirs([run_dir]):
+        _train_in(cfg, run_dir)
+    return run_dir
+
+
+def _train_in(cfg: DictConfig, run_dir: Path) -> None:
     ckpt_path = resume_checkpoint(cfg, run_dir)
     with process_settings(cfg):
         dm, node = prepare_data(cfg)
@@ -120,4 +141,3 @@ def train(cfg: DictConfig) -> Path:
         if cfg.train.export:
             path = save_sae(module.sae.cpu(), run_dir, export_meta(cfg, dm, trainer))
             log.info("exported %s", path)
-    return run_dir
