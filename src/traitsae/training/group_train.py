@@ -18,8 +18,10 @@ from traitsae.training.recipe import (
     exclusive_run_dirs,
     export_meta,
     prepare_data,
+    summary,
+    trained_metrics,
 )
-from traitsae.training.resume import resume_checkpoint
+from traitsae.training.resume import finished_export, resume_checkpoint
 from traitsae.training.trainer import (
     fit,
     instantiate_checked,
@@ -69,6 +71,15 @@ def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
 
 def _train_group_in(jobs: list[tuple[DictConfig, Path]], job_dirs: list[Path]) -> None:
     first = jobs[0][0]
+    finished = {}
+    for index, (cfg, job_dir) in enumerate(jobs):
+        if (meta := finished_export(cfg, job_dir)) is not None:
+            finished[index] = meta
+            log.info("%s already holds this run, finished: %s", job_dir,
+                     summary(meta["steps"], meta["metrics"]))  # fmt: skip
+    if len(finished) == len(jobs):
+        log.info("every job of the group is finished; nothing to do.")
+        return
     ckpt_path = _resume_path(jobs)
     with process_settings(first):
         dm, trainer_node = prepare_data(first)
@@ -98,15 +109,12 @@ def _train_group_in(jobs: list[tuple[DictConfig, Path]], job_dirs: list[Path]) -
         )
         fit(trainer, group, dm, ckpt_path)
     if trainer.is_global_zero:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics = trained_metrics(trainer)
         for index, ((cfg, job_dir), member) in enumerate(zip(jobs, members, strict=True)):
+            if index in finished:
+                continue  # its export (metrics included) is kept
             own = member_metrics(metrics, index)
-            log.info(
-                "done %s, step %d: val FVU %.4g, L0 %.3g, dead %.3g, dense %.3g", job_dir,
-                trainer.global_step, own.get("val/fvu", float("nan")),
-                own.get("val/l0", float("nan")), own.get("val/dead_frac", float("nan")),
-                own.get("val/dense_frac", float("nan")),
-            )  # fmt: skip
+            log.info("done %s, %s", job_dir, summary(trainer.global_step, own))
             if cfg.train.export:
                 meta = export_meta(cfg, dm, trainer)
                 meta["metrics"] = own

@@ -14,7 +14,7 @@ Set-up, train, clean-up:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ from traitsae.locks import run_dir_lock
 from traitsae.paths import hydra_output_dir
 from traitsae.sae.export import save_sae
 from traitsae.sae.module import SAEModule
+from traitsae.training.checkpoint_io import AtomicCheckpointIO
 from traitsae.training.config import check_train_cfg, run_config, sae_kwargs
-from traitsae.training.resume import resume_checkpoint
+from traitsae.training.resume import finished_export, resume_checkpoint
 from traitsae.training.trainer import (
     fit,
     instantiate_checked,
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 def export_meta(cfg: DictConfig, dm: Any, trainer: Any) -> dict[str, Any]:
     """sae.json fields besides the architecture: provenance, normaliser, final metrics."""
     info = dm.describe()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {
         "backbone": info["backbone"],
         "dataset": info["dataset"],
@@ -58,22 +58,26 @@ def export_meta(cfg: DictConfig, dm: Any, trainer: Any) -> dict[str, Any]:
         "store": info["store"],
         "n_train_vectors": info["n_train_vectors"],
         "steps": int(trainer.global_step),
-        "metrics": metrics,
+        "metrics": trained_metrics(trainer),
         "config": run_config(cfg),
     }
 
 
-def summary(trainer: Any) -> str:
-    """One line: the final step's validation metrics."""
-    metrics = trainer.callback_metrics
+def summary(step: int, metrics: Mapping[str, Any]) -> str:
+    """One line: a run's final step and its validation metrics."""
 
     def value(key: str) -> str:
         return f"{float(metrics[key]):.4g}" if key in metrics else "n/a"
 
     return (
-        f"step {trainer.global_step}: val FVU {value('val/fvu')}, L0 {value('val/l0')}, "
+        f"step {step}: val FVU {value('val/fvu')}, L0 {value('val/l0')}, "
         f"dead {value('val/dead_frac')}, dense {value('val/dense_frac')}"
     )
+
+
+def trained_metrics(trainer: Any) -> dict[str, float]:
+    """The trainer's scalar metrics at the end of the run (validation of the final weights)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def build_module(cfg: DictConfig, dm: Any, max_steps: int, run_dir: Path) -> SAEModule:
@@ -121,6 +125,13 @@ def train(cfg: DictConfig) -> Path:
 
 
 def _train_in(cfg: DictConfig, run_dir: Path) -> None:
+    finished = finished_export(cfg, run_dir)
+    if finished is not None:
+        log.info(
+            "%s already holds this run, finished: %s. Nothing to do (train.overwrite=true "
+            "trains it again).", run_dir, summary(finished["steps"], finished["metrics"]),
+        )  # fmt: skip
+        return
     ckpt_path = resume_checkpoint(cfg, run_dir)
     with process_settings(cfg):
         dm, node = prepare_data(cfg)
@@ -133,11 +144,14 @@ def _train_in(cfg: DictConfig, run_dir: Path) -> None:
             dm.n_train_vectors, dm.n_val_vectors, dm.scale,
         )  # fmt: skip
         trainer = instantiate_checked(
-            node, callbacks=run_callbacks(cfg, run_dir), logger=run_loggers(cfg) or False
+            node,
+            callbacks=run_callbacks(cfg, run_dir),
+            logger=run_loggers(cfg) or False,
+            plugins=[AtomicCheckpointIO()],
         )
         fit(trainer, module, dm, ckpt_path)
     if trainer.is_global_zero:
-        log.info("done, %s", summary(trainer))
+        log.info("done, %s", summary(trainer.global_step, trained_metrics(trainer)))
         if cfg.train.export:
             path = save_sae(module.sae.cpu(), run_dir, export_meta(cfg, dm, trainer))
             log.info("exported %s", path)
