@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
