@@ -125,3 +125,24 @@ def test_bad_firing_start_or_ramp_is_a_clear_error(override: str, match: str, tm
     sae = {**OmegaConf.to_container(cfg.sae, resolve=True), "d_model": 16}
     with pytest.raises(TraitsaeError, match=match):
         SAEModule(sae, OmegaConf.to_container(cfg.sparsity), OmegaConf.to_container(cfg.optim))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [(["sae=relu", "sae.target_l0=100000"],
+      r"sae.target_l0=100000 latents firing per vector is impossible with sae.d_sae=1024"),
+     (["sae=relu", "sae.target_l0=1024"], r"impossible with sae.d_sae=1024"),
+     (["sae=relu", "sae.target_l0=abc"], r"sae.target_l0 must be a positive number, got 'abc'"),
+     (["sae=topk", "sae.target_l0=abc"], r"sae.target_l0 must be a positive number, got 'abc'"),
+     (["sae=relu", "sae.target_l0=8", "sae.target_l0_ramp=x"],
+      r"sae.target_l0_ramp must be a number, got 'x'")],
+)  # fmt: skip
+def test_an_impossible_or_unreadable_target_l0_is_a_clear_error(
+    overrides: list[str], match: str, tmp_path
+) -> None:
+    from traitsae.sae.module import SAEModule
+
+    cfg = compose_train([*overrides, "sae.d_sae=1024", f"hydra.run.dir={tmp_path}"])
+    sae = {**OmegaConf.to_container(cfg.sae, resolve=True), "d_model": 16}
+    with pytest.raises(TraitsaeError, match=match):
+        SAEModule(sae, OmegaConf.to_container(cfg.sparsity), OmegaConf.to_container(cfg.optim))

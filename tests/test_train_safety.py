@@ -210,3 +210,51 @@ def test_a_finished_run_whose_export_lost_its_metrics_is_validated_again(
     train(compose_train(overrides))
     again = json.loads((run_dir / "sae.json").read_text())["metrics"]
     assert again["val/fvu"] == pytest.approx(fvu, rel=1e-5)
+
+
+def _default_path_overrides(tmp_path: Path) -> list[str]:
+    """Train on the store at <activations_dir>/synthetic/train/tiny.h5 (no data.store)."""
+    overrides = train_overrides(Path("unused"), tmp_path / "run")
+    kept = [o for o in overrides if not o.startswith(("data.store=", "paths.activations_dir="))]
+    return [*kept, f"paths.activations_dir={tmp_path / 'activations'}"]
+
+
+@pytest.mark.parametrize(
+    ("store_kwargs", "message"),
+    [
+        ({"d_model": 16}, r"holds vectors of width 16, but backbone=tiny has width 64"),
+        ({"d_model": 64, "backbone": "dinov2"}, r"was written by backbone 'dinov2', not 'tiny'"),
+    ],
+)
+def test_a_store_of_another_backbone_at_the_default_path_is_refused(
+    tmp_path: Path, store_kwargs: dict, message: str
+) -> None:
+    id_store(
+        tmp_path / "activations" / "synthetic" / "train" / "tiny.h5", layers=(3,), **store_kwargs
+    )
+    with pytest.raises(TraitsaeError, match=rf"store \S+tiny\.h5 {message}.*data\.store"):
+        train(compose_train(_default_path_overrides(tmp_path)))
+    assert not (tmp_path / "run" / "sae.json").exists()
+
+
+def test_an_unfinished_store_trains_with_the_default_loader_workers(tmp_path: Path) -> None:
+    """8 of 64 images extracted: fewer held-out blocks than the 2 default loader workers."""
+    import numpy as np
+
+    from traitsae.data.store import create_store
+
+    acts = np.random.default_rng(0).normal(size=(64, 4, 64)).astype(np.float16) + 3
+    done = np.arange(64) < 8
+    acts[~done] = 0
+    create_store(
+        tmp_path / "activations" / "synthetic" / "train" / "tiny.h5.tmp",
+        patches={3: acts}, cls={3: acts[:, 0]},
+        images={"path": np.array(["x.jpg"] * 64), "done": done},
+        attrs={"backbone": "tiny", "dataset": "synthetic", "split": "train", "complete": False},
+    )  # fmt: skip
+    overrides = [o for o in _default_path_overrides(tmp_path) if "num_workers" not in o]
+    overrides.append("data.allow_incomplete=true")
+    from traitsae import load_sae
+
+    meta = load_sae(train(compose_train(overrides))).meta
+    assert meta["n_train_vectors"] < 8 * 4 and meta["metrics"]["val/fvu"] > 0

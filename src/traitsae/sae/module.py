@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from traitsae.config_checks import number
 from traitsae.errors import TraitsaeError
 from traitsae.sae.metrics import (
     FiringFrequency,
@@ -72,31 +73,36 @@ def step_loss(
 
 def check_target_l0(sae_cfg: dict[str, Any], sae: SparseAutoencoder, penalty: Any) -> None:
     """`sae.target_l0` only where the L0 is not fixed already, and with a penalty to adapt."""
-    target = sae_cfg.get("target_l0")
-    if target is None:
+    if sae_cfg.get("target_l0") is None:
         return
+    target = number("sae.target_l0", sae_cfg["target_l0"], positive=True)
     if sae.activation.k is not None:
         raise TraitsaeError(
-            f"sae.target_l0={target} does not apply to sae={sae.variant}: its L0 is fixed by "
-            f"sae.k={sae.activation.k} already. Set sae.k={int(round(float(target)))} instead, "
+            f"sae.target_l0={target:g} does not apply to sae={sae.variant}: its L0 is fixed by "
+            f"sae.k={sae.activation.k} already. Set sae.k={max(1, round(target))} instead, "
             "or use target_l0 with sae=relu or sae=jumprelu."
         )
-    if not float(target) > 0:
-        raise TraitsaeError(f"sae.target_l0={target} must be a positive number of latents.")
-    start, ramp = sae_cfg.get("target_l0_start") or 0.0, sae_cfg.get("target_l0_ramp") or 0.0
-    if not float(start) >= 0:
+    if target >= sae.d_sae:
         raise TraitsaeError(
-            f"sae.target_l0_start={start} must be >= 0: the multiple of target_l0 each latent "
+            f"sae.target_l0={target:g} latents firing per vector is impossible with "
+            f"sae.d_sae={sae.d_sae} latents (it must be below d_sae; a sparse code uses a few "
+            "per cent of them). Lower sae.target_l0 or raise sae.d_sae."
+        )
+    start = number("sae.target_l0_start", sae_cfg.get("target_l0_start") or 0.0)
+    ramp = number("sae.target_l0_ramp", sae_cfg.get("target_l0_ramp") or 0.0)
+    if not start >= 0:
+        raise TraitsaeError(
+            f"sae.target_l0_start={start:g} must be >= 0: the multiple of target_l0 each latent "
             "starts firing at (0: cold start)."
         )
-    if not 0 <= float(ramp) <= 1:
+    if not 0 <= ramp <= 1:
         raise TraitsaeError(
-            f"sae.target_l0_ramp={ramp} must be a fraction of the run in [0, 1] (0: the target "
+            f"sae.target_l0_ramp={ramp:g} must be a fraction of the run in [0, 1] (0: the target "
             "from the first step)."
         )
     if isinstance(penalty, NoPenalty) or penalty.coeff <= 0:
         raise TraitsaeError(
-            f"sae.target_l0={target} adapts the sparsity coefficient, but sparsity={penalty!r} "
+            f"sae.target_l0={target:g} adapts the sparsity coefficient, but sparsity={penalty!r} "
             "has none to adapt; use sparsity=l1, tanh or l0 (sae=relu/jumprelu pick one) with "
             "a positive sparsity.coeff as the starting point."
         )

@@ -95,7 +95,7 @@ def build_module(cfg: DictConfig, dm: Any, max_steps: int, run_dir: Path) -> SAE
 def prepare_data(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     """Seed everything, build and prepare the data module; the trainer's node to go with it."""
     seed_everything(int(cfg.seed))
-    dm = instantiate_checked(cfg.data)
+    dm = instantiate_checked(cfg.data, expected_width=cfg.backbone.get("width"))
     dm.prepare()
     return dm, trainer_node(cfg, has_val=dm.n_val_vectors > 0)
 
