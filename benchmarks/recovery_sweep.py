@@ -18,6 +18,7 @@ recovered / MMCS / FVU / L0 only, which skips the [F, S] co-firing statistics).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -101,8 +102,8 @@ def run_one(
 ) -> dict:
     from traitsae.evaluation.dictionary import score_sae
     from traitsae.sae.export import RawSpaceSAE
+    from traitsae.training.config import TrainConfig, instantiate_checked
     from traitsae.training.recipe import build_module
-    from traitsae.training.trainer import instantiate_checked
 
     cfg = compose("train", BASE + [f"data.store={stores['train']}", *overrides])
     batch = int(cfg.data.batch_size)
@@ -114,7 +115,8 @@ def run_one(
     dm.prepare()
     if "x" not in cache:
         cache["x"] = train_vectors(dm)
-    module = build_module(cfg, dm, steps, Path("/tmp"))
+    config = dataclasses.replace(TrainConfig.from_cfg(cfg), max_steps=steps)
+    module = build_module(config, dm, Path("/tmp"))
     module.figures_dir = None
     module.init_from_sample(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
     loader = torch.utils.data.DataLoader(

@@ -59,3 +59,15 @@ def fingerprint_difference(old: str | None, new: str) -> str:
             words.append("image list: the images' paths, labels or file sizes changed since it "
                          f"was written (digest {str(change.old)[:12]} -> {str(change.new)[:12]})")  # fmt: skip
     return "; ".join(words) or "no difference"
+
+
+def predates_image_list(old: str | None, new: str) -> bool:
+    """Whether fingerprint `old` is `new` without the image-list digest: a file written before
+    fingerprints held the image list, of otherwise the same configuration."""
+    try:
+        before, after = json.loads(old or ""), json.loads(new)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(before, dict) or IMAGE_LIST_KEY in before:
+        return False
+    return {**before, IMAGE_LIST_KEY: after.get(IMAGE_LIST_KEY)} == after

@@ -1,10 +1,9 @@
-"""What a store is and whether an existing file may be resumed: config identity and Job."""
+"""What a store is: its config identity (the fingerprint that guards resuming) and Job."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +12,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from traitsae import __version__
 from traitsae.backbones import check_backbone_cfg, resolve_layers
-from traitsae.config_diff import IMAGE_LIST_KEY, fingerprint_difference
+from traitsae.config_diff import IMAGE_LIST_KEY
 from traitsae.data.images import ImageList
-from traitsae.data.store import Store, read_fingerprint
-
-log = logging.getLogger(__name__)
+from traitsae.version import __version__
 
 
 @dataclass
@@ -96,7 +92,8 @@ def image_list_digest(images: ImageList, lo: int, hi: int) -> str:
     columns = image_rows(images, lo, hi)
     for key in sorted(columns):
         digest.update(f"{key}\0".encode())
-        digest.update("\0".join(map(str, columns[key].tolist())).encode("utf-8", "surrogateescape"))
+        text = "\0".join(map(str, columns[key].tolist()))
+        digest.update(text.encode("utf-8", "surrogateescape"))
     sizes = [_file_size(path) for path in images.paths[lo:hi]]
     digest.update(("size\0" + "\0".join(map(str, sizes))).encode())
     return digest.hexdigest()
@@ -106,46 +103,4 @@ def _file_size(path: str) -> int:
     try:
         return os.stat(path).st_size
     except OSError:
-        return -1  # unreadable images are stored as invalid rows; their absence is part of the list
-
-
-def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True when `out` is a complete store of this config; error or delete when it differs."""
-    from traitsae.errors import TraitsaeError
-
-    if not out.exists():
-        return False
-    existing = read_fingerprint(out)
-    if existing == fingerprint or _predates_image_list(existing, fingerprint):
-        with Store(out, require_complete=False) as store:
-            if store.complete:
-                return True
-    if not overwrite:
-        raise TraitsaeError(
-            f"store {out} already exists and was written with a different configuration "
-            f"({config_difference(existing, fingerprint)}). Pass extract.overwrite=true to "
-            "replace it, or write elsewhere with paths.activations_dir=<dir>."
-        )
-    log.warning("extract.overwrite=true: replacing %s", out)
-    out.unlink()
-    return False
-
-
-def _predates_image_list(existing: str | None, fingerprint: str) -> bool:
-    """A complete store written before fingerprints held the image list, otherwise identical:
-    kept (re-extracting it would cost hours), with a warning that its images are unchecked."""
-    try:
-        old, new = json.loads(existing or ""), json.loads(fingerprint)
-    except json.JSONDecodeError:
-        return False
-    if IMAGE_LIST_KEY in old or {**old, IMAGE_LIST_KEY: new.get(IMAGE_LIST_KEY)} != new:
-        return False
-    log.warning(
-        "the store predates the image-list check: its images cannot be confirmed to be the "
-        "dataset's current ones. If the image folder changed since, re-extract with "
-        "extract.overwrite=true."
-    )
-    return True
-
-
-config_difference = fingerprint_difference  # how a refused resume or overwrite lists the change
+        return -1  # unreadable images are stored as invalid rows; a missing file is listed too

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -26,6 +29,7 @@ from traitsae.files import atomic_write
 from traitsae.sae.activations import TopK
 from traitsae.sae.model import VARIANTS, SparseAutoencoder, build_sae
 from traitsae.sae.sparse_ops import topk_indices
+from traitsae.version import __version__
 
 WEIGHTS_FILE = "sae.safetensors"
 JSON_FILE = "sae.json"
@@ -86,8 +90,6 @@ class RawSpaceSAE(nn.Module):
 
 def _json_safe(value: Any) -> Any:
     """Plain JSON types (OmegaConf containers and numpy/torch scalars included)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
@@ -107,8 +109,6 @@ def save_sae(sae: SparseAutoencoder, run_dir: str | Path, meta: dict[str, Any]) 
     `meta` must name `backbone`, `layer` and `scale`; it should also give `dataset`, `tokens`,
     `store` and `config` (the training config). Sizes and variant come from the SAE itself.
     """
-    from traitsae import __version__
-
     missing = [key for key in REQUIRED_META if meta.get(key) is None]
     if missing:
         raise TraitsaeError(
@@ -135,8 +135,6 @@ def save_sae(sae: SparseAutoencoder, run_dir: str | Path, meta: dict[str, Any]) 
         "normaliser": "x_normalised = x_raw * scale (E||x_normalised||^2 = d_model)",
         "architecture": arch,
     }
-    from safetensors.torch import save
-
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
     weights = save(tensors, metadata={"format": FORMAT})
     record["weights_sha256"] = hashlib.sha256(weights).hexdigest()
@@ -249,9 +247,6 @@ def _read_record(json_path: Path) -> dict[str, Any]:
 def _read_weights(data: bytes, weights_path: Path) -> dict[str, Tensor]:
     """The tensors of a safetensors file's bytes; a damaged header or a non-finite value is
     named."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     try:
         state = load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:

@@ -3,7 +3,8 @@
 Re-running the same command in the same run dir resumes from `last.ckpt` *exactly*: the stream
 restarts at the checkpoint's batch and `ResumeState` restores every RNG, so the result equals an
 uninterrupted run. A checkpoint written with a different configuration is refused (the changed
-keys are listed) unless `train.overwrite`.
+keys are listed) unless `train.overwrite`. Without a readable `last.ckpt` (deleted), the newest
+periodic checkpoint is resumed; a run whose export is finished has nothing to do.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from omegaconf import DictConfig
 
 from traitsae.config_diff import Change, changed_keys
 from traitsae.errors import TraitsaeError
+from traitsae.sae.export import JSON_FILE, load_sae
 from traitsae.training.config import run_config
+from traitsae.training.grouping import Job
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +174,7 @@ def config_changes(old: dict[str, Any], cfg: DictConfig) -> list[Change]:
 
 def finished_export(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """The sae.json of this very run when it already finished (same configuration, every step
-    done, an intact export): a re-run then has nothing to do and keeps it, metrics included."""
-    from traitsae.sae.export import JSON_FILE, load_sae
-
+    done, an intact export with its metrics): a re-run then has nothing to do and keeps it."""
     if not cfg.train.resume or cfg.train.overwrite or not (run_dir / JSON_FILE).is_file():
         return None
     try:
@@ -185,3 +186,21 @@ def finished_export(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if not done or not isinstance(meta.get("config"), dict) or config_changes(meta["config"], cfg):
         return None
     return meta
+
+
+def resume_group(jobs: list[Job]) -> str | None:
+    """The first job's last.ckpt when the whole group resumes (every job's checkpoint checked
+    against its own config, as a solo run's is); None for a fresh start."""
+    paths = [resume_checkpoint(cfg, Path(job_dir)) for cfg, job_dir in jobs]
+    if all(path is None for path in paths):
+        return None
+    fresh = [str(job_dir) for (_, job_dir), path in zip(jobs, paths, strict=True) if path is None]
+    if fresh:
+        raise TraitsaeError(
+            f"cannot resume the grouped sweep: jobs {', '.join(fresh)} have no checkpoint while "
+            "the others of their group do. Re-run in a new hydra.sweep.dir, or pass "
+            "train.overwrite=true to start every job of the group afresh."
+        )
+    if len(jobs) > 1:
+        log.info("resuming the group from its jobs' checkpoints (%s, ...)", paths[0])
+    return paths[0]
