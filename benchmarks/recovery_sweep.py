@@ -100,7 +100,7 @@ def train_vectors(dm) -> torch.Tensor:
 def run_one(
     overrides: list[str], stores: dict[str, Path], budget: int, full: bool, cache: dict
 ) -> dict:
-    from traitsae.evaluation.dictionary import score_sae
+    from traitsae.evaluation.quality.dictionary import score_sae
     from traitsae.sae.export import RawSpaceSAE
     from traitsae.training.config import TrainConfig, instantiate_checked
     from traitsae.training.recipe import build_module
@@ -152,7 +152,7 @@ def quick_scores(sae, store_path: Path) -> dict:
     """recovered / MMCS from the decoder, FVU and L0 on the test store's first 16,384 vectors."""
     from traitsae.data.dictionary import read_truth
     from traitsae.data.store import Store
-    from traitsae.evaluation.dictionary import recovered_by_kind
+    from traitsae.evaluation.quality.dictionary import recovered_by_kind
     from traitsae.sae.metrics import fraction_of_variance_unexplained
 
     with Store(store_path) as store:

@@ -49,9 +49,36 @@ class RawSpaceSAE(nn.Module):
         self.d_model = sae.d_model
         self.d_sae = sae.d_sae
         self.variant = sae.variant
+        # What the SAE was trained on (sae.json), read once; None where meta lacks the key.
+        self._layer = None if meta.get("layer") is None else int(meta["layer"])
+        self._backbone = None if meta.get("backbone") is None else str(meta["backbone"])
+        self._tokens = str(meta.get("tokens") or "patches")
         # The files it was loaded from (set by load_sae): inputs an evaluation must not overwrite.
         self.json_path: Path | None = None
         self.weights_path: Path | None = None
+
+    @property
+    def layer(self) -> int:
+        """The backbone block whose output the SAE was trained on (sae.json `layer`)."""
+        return self._required(self._layer, "layer")
+
+    @property
+    def backbone(self) -> str:
+        """The backbone name the SAE's activations came from (sae.json `backbone`)."""
+        return self._required(self._backbone, "backbone")
+
+    @property
+    def tokens(self) -> str:
+        """The tokens it was trained on: patches | cls | both (sae.json `tokens`)."""
+        return self._tokens
+
+    def _required(self, value: Any, key: str) -> Any:
+        if value is None:
+            raise TraitsaeError(
+                f"this SAE's metadata has no {key!r} (sae.json {self.json_path}); load it with "
+                "traitsae.load_sae from a run dir written by train.py."
+            )
+        return value
 
     @property
     def W_dec(self) -> Tensor:
