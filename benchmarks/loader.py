@@ -23,8 +23,10 @@ Out of core: a store of at least 1.5x this machine's RAM (768-wide fp16 vectors,
 written slab by slab into --dir and deleted afterwards (unless --keep or --store). Before each
 timed pass the file leaves the page cache (`echo 3 > /proc/sys/vm/drop_caches`, or
 posix_fadvise(DONTNEED) on the file where that is not permitted), so every pass reads the disk:
-- sequential: whole chunks in file order, one epoch;
-- shuffled:   the training loader with 0, 1, 2 workers, one epoch each (from its first batch).
+- sequential: whole chunks in file order;
+- shuffled:   the training loader with 0, 1, 2 workers (timed from its first batch);
+each over the first --limit-gb (6) GB of an epoch: a whole epoch is minutes a pass on slow disks,
+and none of it is cached when a pass starts.
 A sampler records the peak memory of the loader's processes: private and shared memory (buffers,
 output rings) apart from the mapped store's page cache (file-backed, reclaimed by the kernel).
 """
@@ -61,12 +63,17 @@ def make_store(path: Path, n_images: int, n_patches: int, d_model: int) -> Path:
     )
 
 
-def sequential(path: Path, key: str, blocks: list[tuple[int, int]]) -> tuple[int, float]:
+def sequential(
+    path: Path, key: str, blocks: list[tuple[int, int]], limit: float = math.inf
+) -> tuple[int, float]:
+    """Whole chunks in file order (up to `limit` vectors): (vectors, seconds)."""
     start, n = time.perf_counter(), 0
     with h5py.File(path, "r") as f:
         data = f[key]
         for a, b in blocks:
             n += data[a:b].reshape(-1, data.shape[-1]).shape[0]
+            if n >= limit:
+                break
     return n, time.perf_counter() - start
 
 
@@ -205,8 +212,12 @@ def out_of_core(args: argparse.Namespace) -> None:
         dm = datamodule(path, 0, args.batch, args.buffer, str(folder))
         blocks = sorted(dm.train_plan.blocks)
         gbps = dm.d_model * 2 / 1e9
+        # Every pass reads the first `limit` vectors of an epoch from disk: the whole epoch
+        # takes minutes a pass on slow disks, and nothing of it is cached at its start.
+        limit = min(dm.n_train_vectors, args.limit_gb * 1e9 / (dm.d_model * 2))
+        print(f"each pass: the first {limit * dm.d_model * 2 / 1e9:.1f} GB of an epoch")
         how = evict(path)
-        n, seconds = sequential(path, dm.train_plan.key, blocks)
+        n, seconds = sequential(path, dm.train_plan.key, blocks, limit)
         seq = n / seconds
         print(f"page cache emptied before each pass by {how}")
         print(f"sequential      : {seq:12,.0f} v/s ({seq * gbps:5.2f} GB/s), {seconds:.0f} s")
@@ -215,8 +226,8 @@ def out_of_core(args: argparse.Namespace) -> None:
             evict(path)
             base_private, base_mapped = pss()  # the interpreter, torch, h5py: before the loader
             with PeakMemory() as peak:
-                total, timed, seconds = one_epoch(dm_w)
-            assert total == dm.n_train_vectors
+                total, timed, seconds = one_epoch(dm_w, limit)
+            assert total >= limit
             rate = timed / seconds
             # Per stream: 8 bytes per buffered vector (the mapped buffer keeps positions), and
             # a ring of RING_SIZE output pieces.
@@ -234,8 +245,9 @@ def out_of_core(args: argparse.Namespace) -> None:
             shutil.rmtree(folder)
 
 
-def one_epoch(dm) -> tuple[int, int, float]:
-    """One epoch of the training loader, timed from its first batch: (vectors, timed, s)."""
+def one_epoch(dm, limit: float = math.inf) -> tuple[int, int, float]:
+    """The training loader's first epoch (up to `limit` vectors), timed from its first batch:
+    (vectors, vectors timed, seconds)."""
     from traitsae.data.stream import ActivationStream
 
     stream = ActivationStream(dm.train_plan, dm.batch_size, dm.buffer_vectors, dm.seed, epochs=1)
@@ -244,6 +256,8 @@ def one_epoch(dm) -> tuple[int, int, float]:
         total += batch.shape[0]
         last = time.perf_counter()
         first = first or (total, last)
+        if total >= limit:
+            break
     return total, total - first[0], last - first[1]
 
 
@@ -274,6 +288,7 @@ def main() -> None:
     parser.add_argument("--out-of-core", action="store_true", help="a store of 1.5x RAM, cold")
     parser.add_argument("--dir", type=Path, default=None, help="where the big store goes")
     parser.add_argument("--keep", action="store_true", help="keep the big store afterwards")
+    parser.add_argument("--limit-gb", type=float, default=6.0, help="GB read a pass (cold)")
     args = parser.parse_args()
     if args.out_of_core:
         if args.workers == [2]:

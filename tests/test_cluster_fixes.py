@@ -193,9 +193,8 @@ def test_a_group_checkpoint_killed_between_member_writes_resumes_at_one_step(
     member 1 at step 5, and the group refused to resume)."""
     import os as os_module
 
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
     from traitsae.training import group_checkpoints
+    from traitsae.training.checkpoint_io import AtomicCheckpointIO
     from traitsae.training.group_checkpoints import GroupCheckpointIO, recover
 
     job_dirs = [tmp_path / "0", tmp_path / "1"]
@@ -208,19 +207,24 @@ def test_a_group_checkpoint_killed_between_member_writes_resumes_at_one_step(
     class Killed(Exception):
         pass
 
-    def counted(real):
+    def counted(real, counts=lambda *args: True):
         def write(*args, **kwargs):
-            writes.append(args)
-            if len(writes) == killed_at_write:
-                raise Killed
+            if counts(*args):
+                writes.append(args)
+                if len(writes) == killed_at_write:
+                    raise Killed
             return real(*args, **kwargs)
 
         return write
 
+    def renames_a_part(src, *args) -> bool:  # (the file writes rename temporaries too)
+        return str(src).endswith(".partial")
+
     monkeypatch.setattr(
-        TorchCheckpointIO, "save_checkpoint", counted(TorchCheckpointIO.save_checkpoint)
+        AtomicCheckpointIO, "save_checkpoint", counted(AtomicCheckpointIO.save_checkpoint)
     )
-    monkeypatch.setattr(group_checkpoints.os, "replace", counted(os_module.replace))
+    monkeypatch.setattr(group_checkpoints, "atomic_write", counted(group_checkpoints.atomic_write))
+    monkeypatch.setattr(os_module, "replace", counted(os_module.replace, renames_a_part))
     with pytest.raises(Killed):
         io.save_checkpoint(_group_checkpoint(10), last)
     monkeypatch.undo()

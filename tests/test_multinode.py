@@ -3,6 +3,7 @@ each task of a (faked) 2-node job Lightning's SLURMEnvironment sees that task's 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,15 @@ def test_lightning_sees_each_task_of_a_two_node_job(
     }  # fmt: skip
     for key, value in fake_task.items():
         monkeypatch.setenv(key, value)
+    # The Trainer sets Lightning's process-wide rank (to 6 here) and the environment sets
+    # MASTER_ADDR/MASTER_PORT (gpu07): both undone after the test, or later DDP runs of this
+    # process and its children would wait for gpu07.
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset after the test")
+        monkeypatch.delenv(key)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     env = trainer.strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment)
@@ -47,6 +57,7 @@ def test_lightning_sees_each_task_of_a_two_node_job(
         8, global_rank, local_rank, node,
     )  # fmt: skip
     assert env.main_address == "gpu07"  # every task connects to the first node
+    assert os.environ["MASTER_ADDR"] == "gpu07"  # (what the monkeypatch above undoes)
 
 
 def test_the_guide_shows_what_the_generator_writes(capsys: pytest.CaptureFixture) -> None:

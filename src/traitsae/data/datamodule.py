@@ -21,16 +21,16 @@ from torch.utils.data import DataLoader
 from traitsae.cluster.signals import ignore_job_signals
 from traitsae.config_checks import fraction, integer
 from traitsae.data.rings import PREFETCH, BatchLoader
-from traitsae.data.store import Store, tmp_path
+from traitsae.data.store import Store, missing_store_message, tmp_path
 from traitsae.data.stream import (
     ActivationStream,
-    StreamPlan,
     plan_blocks,
     sample_vectors,
     split_blocks,
 )
+from traitsae.data.stream_plan import StreamPlan
 from traitsae.errors import TraitsaeError
-from traitsae.paths import extract_command, missing_store_message, store_path
+from traitsae.paths import extract_command, store_path
 
 TOKENS = ("patches", "cls")
 # A sample vector this many times longer than the sample's median is an outlier that would set
@@ -65,6 +65,7 @@ class ActivationsDataModule(L.LightningDataModule):
         seed: int,
         allow_incomplete: bool,
         block_images: int | None,
+        expected_width: int | None = None,
     ) -> None:
         super().__init__()
         if tokens not in TOKENS:
@@ -92,6 +93,8 @@ class ActivationsDataModule(L.LightningDataModule):
         self.block_images = (
             None if block_images is None else integer("data.block_images", block_images, 1)
         )
+        # The configured backbone's width: a store found at the default path must match it.
+        self.expected_width = None if expected_width is None else int(expected_width)
         self.prepared = False
 
     # ---- store discovery -----------------------------------------------------------------
@@ -123,6 +126,8 @@ class ActivationsDataModule(L.LightningDataModule):
             return
         path = self.resolve_store_path()
         with Store(path, require_complete=not self.allow_incomplete) as store:
+            if not self.store_override:
+                self._check_store_backbone(store)
             self.layer = store.resolve_layer(self.layer_requested)
             data = store.tokens(self.layer, self.tokens)
             valid_N = np.asarray(store.valid, dtype=bool).copy()  # usable: valid and written
@@ -152,6 +157,24 @@ class ActivationsDataModule(L.LightningDataModule):
         mean_sq = float(np.mean(np.sum(self.sample.astype(np.float64) ** 2, axis=1)))
         self.scale = math.sqrt(self.d_model / mean_sq) if mean_sq > 0 else 1.0
         self.prepared = True
+
+    def _check_store_backbone(self, store: Store) -> None:
+        """A store at the default path of backbone=<name> holds that backbone's activations
+        (a store copied or written there by another backbone would train silently wrong)."""
+        problems = []
+        if store.backbone != self.backbone:
+            problems.append(f"was written by backbone {store.backbone!r}, not {self.backbone!r}")
+        if self.expected_width is not None and store.d_model != self.expected_width:
+            problems.append(
+                f"holds vectors of width {store.d_model}, but backbone={self.backbone} has "
+                f"width {self.expected_width}"
+            )
+        if problems:
+            raise TraitsaeError(
+                f"store {store.path} {' and '.join(problems)}. Train with the backbone that "
+                f"wrote it (backbone={store.backbone}), point data.store at the store you mean, "
+                "or re-extract this backbone's store with extract.py (extract.overwrite=true)."
+            )
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -197,18 +220,18 @@ class ActivationsDataModule(L.LightningDataModule):
         return CheckedBatches(loader, where, self.median_norm)
 
     def val_workers(self) -> int:
-        """Validation's readers: `num_workers`, but at most one per validation block of this
-        rank (a finite pass: a reader without blocks would have nothing to read)."""
-        rank, world = self._rank_world()
-        per_rank = len(self.val_plan.blocks) // world
-        if per_rank == 0:
+        """Validation's loader workers. A small or unfinished store may hold out fewer blocks
+        than there are loader workers: fewer workers then, so that every stream has blocks to
+        read (one pass, same vectors)."""
+        _, world = self._rank_world()
+        n_blocks = len(self.val_plan.blocks)
+        if 0 < n_blocks < world:
             raise TraitsaeError(
-                f"store {self.store_path} holds out {len(self.val_plan.blocks)} validation "
-                f"blocks of {self.block_images or 'one HDF5 chunk of'} images, fewer than the "
-                f"{world} DDP ranks that validate. Raise data.val_fraction, lower "
-                "data.block_images, or set data.val_fraction=0 to train without validation."
+                f"store {self.store_path} holds out {n_blocks} validation blocks, fewer than the "
+                f"{world} DDP ranks that read them. Raise data.val_fraction, lower "
+                "data.block_images, or extract more images."
             )
-        return min(self.num_workers, per_rank)
+        return min(self.num_workers, n_blocks // world)
 
     def loader(self, stream: ActivationStream, workers: int | None = None) -> BatchLoader:
         """Batches of `stream`, read by `workers` (default `num_workers`) worker processes."""

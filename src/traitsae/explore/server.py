@@ -15,8 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+from streamlit.web import cli
+
 from traitsae.errors import TraitsaeError
+from traitsae.explore import data
 from traitsae.explore.session import SESSION_ENV, Session
+from traitsae.explore.views import latents
 
 APP = Path(__file__).with_name("app.py")
 
@@ -26,8 +30,6 @@ def preload(session_path: str) -> None:
 
     A failure is printed and left to the page: the app tries again and shows the message there.
     """
-    from traitsae.explore import data
-    from traitsae.explore.views import latents
 
     try:
         loaded = data.ExplorerData(Session.load(session_path))
@@ -39,8 +41,6 @@ def preload(session_path: str) -> None:
 
 
 def main(streamlit_flags: list[str]) -> None:
-    from streamlit.web import cli
-
     preload(os.environ[SESSION_ENV])
     sys.argv = ["streamlit", "run", str(APP), *streamlit_flags]
     cli.main()

@@ -1,9 +1,10 @@
-"""What a store is and whether an existing file may be resumed: config identity and Job."""
+"""What a store is: its config identity (the fingerprint that guards resuming) and Job."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from traitsae import __version__
 from traitsae.backbones import check_backbone_cfg, resolve_layers
-from traitsae.config_diff import changed_keys
+from traitsae.config_diff import IMAGE_LIST_KEY
 from traitsae.data.images import ImageList
-from traitsae.data.store import Store, read_fingerprint
-
-log = logging.getLogger(__name__)
+from traitsae.version import __version__
 
 
 @dataclass
@@ -52,7 +50,9 @@ def make_job(cfg: DictConfig, images: ImageList, out: Path, lo: int, hi: int) ->
     content = resolved_config(cfg)
     content["backbone"]["layers"] = layers
     key = {**content, "n_images": len(images), "rows": [lo, hi]}
-    # The fingerprint decides whether an existing file may be resumed: same content, same rows.
+    key[IMAGE_LIST_KEY] = image_list_digest(images, lo, hi)
+    # The fingerprint decides whether an existing file may be resumed: same content, same rows,
+    # same images in them (a folder that changed but kept its count must not resume).
     fingerprint = json.dumps(key, sort_keys=True)
     b = cfg.backbone
     side = int(b.image_size) // int(b.patch_size)
@@ -84,32 +84,23 @@ def image_rows(images: ImageList, lo: int, hi: int) -> dict[str, np.ndarray]:
     return rows
 
 
-def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True when `out` is a complete store of this config; error or delete when it differs."""
-    from traitsae.errors import TraitsaeError
-
-    if not out.exists():
-        return False
-    existing = read_fingerprint(out)
-    if existing == fingerprint:
-        with Store(out, require_complete=False) as store:
-            if store.complete:
-                return True
-    if not overwrite:
-        raise TraitsaeError(
-            f"store {out} already exists and was written with a different configuration "
-            f"({config_difference(existing, fingerprint)}). Pass extract.overwrite=true to "
-            "replace it, or write elsewhere with paths.activations_dir=<dir>."
-        )
-    log.warning("extract.overwrite=true: replacing %s", out)
-    out.unlink()
-    return False
+def image_list_digest(images: ImageList, lo: int, hi: int) -> str:
+    """sha256 of rows [lo, hi) of the image list: every images/ column (path, label, metadata)
+    and each file's size (-1 when missing). A renamed, replaced or re-labelled image changes it;
+    one `stat` per image, no image is read."""
+    digest = hashlib.sha256()
+    columns = image_rows(images, lo, hi)
+    for key in sorted(columns):
+        digest.update(f"{key}\0".encode())
+        text = "\0".join(map(str, columns[key].tolist()))
+        digest.update(text.encode("utf-8", "surrogateescape"))
+    sizes = [_file_size(path) for path in images.paths[lo:hi]]
+    digest.update(("size\0" + "\0".join(map(str, sizes))).encode())
+    return digest.hexdigest()
 
 
-def config_difference(old: str | None, new: str) -> str:
-    """Human summary of how two JSON configs differ: `key: old -> new` for each changed key."""
+def _file_size(path: str) -> int:
     try:
-        before, after = json.loads(old or ""), json.loads(new)
-    except json.JSONDecodeError:
-        return "the existing file carries no traitsae fingerprint"
-    return "; ".join(map(str, changed_keys(before, after))) or "no difference"
+        return os.stat(path).st_size
+    except OSError:
+        return -1  # unreadable images are stored as invalid rows; a missing file is listed too

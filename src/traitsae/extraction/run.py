@@ -6,7 +6,6 @@ message that says how far the store got, and re-running the same command resumes
 
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.cluster.signals import ignore_job_signals
@@ -26,11 +26,9 @@ from traitsae.data.images import ImageDataset, ImageList
 from traitsae.data.store import StoreWriter, stored_rows, tmp_path
 from traitsae.errors import TraitsaeError
 from traitsae.extraction.jobs import Job, image_rows
+from traitsae.files import NO_SPACE
 
 log = logging.getLogger(__name__)
-# Write errors that mean "no room": the rows written so far are kept, a rerun resumes.
-NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-            errno.EFBIG: "the file-size limit (ulimit -f) is reached"}  # fmt: skip
 
 
 class Interrupted(Exception):
@@ -128,8 +126,6 @@ def fill_store(
     device: torch.device,
 ) -> None:
     """Run the backbone over the remaining batches and hand each one to the writer thread."""
-    from tqdm.auto import tqdm
-
     # A bar redraws its line with `\r`: in a log file (a Slurm job's .out) that is thousands of
     # lines; there a line per tenth of the images says as much.
     show = bool(cfg.extract.progress)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
 from traitsae.errors import TraitsaeError
+from traitsae.files import atomic_write
+from traitsae.training.checkpoint_io import AtomicCheckpointIO
 from traitsae.training.resume import CHECKPOINT_DIR
 
 # LambdaLR's state entries that hold one value per param group (= per member).
@@ -95,8 +95,9 @@ def _join_optimizers(states: list[dict[str, Any]]) -> dict[str, Any]:
     return joined
 
 
-class GroupCheckpointIO(TorchCheckpointIO):
-    """Saves a group checkpoint as one file per job, at the same path inside each job dir.
+class GroupCheckpointIO(AtomicCheckpointIO):
+    """Saves a group checkpoint as one file per job, at the same path inside each job dir
+    (each file written atomically).
 
     Lightning names checkpoint paths inside the first job's dir; member i's file is the same
     path relative to job dir i.
@@ -122,10 +123,8 @@ class GroupCheckpointIO(TorchCheckpointIO):
         for index, member_path in enumerate(paths):
             part = split_checkpoint(checkpoint, index, self.configs[index])
             super().save_checkpoint(part, partial_path(member_path), storage_options)
-        marker = commit_path(paths[0])
-        draft = marker.with_name(marker.name + ".tmp")
-        draft.write_text("\n".join(str(p) for p in paths))
-        os.replace(draft, marker)  # the commit: atomic, so never half a list
+        listed = "\n".join(str(p) for p in paths).encode()
+        marker = atomic_write(commit_path(paths[0]), lambda file: file.write(listed))  # commit
         _finish_commit(marker)
 
     def load_checkpoint(

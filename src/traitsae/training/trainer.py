@@ -15,31 +15,17 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from traitsae.errors import TraitsaeError
 from traitsae.sae.sparse_ops import keep_freed_memory
-from traitsae.training.config import run_config
+from traitsae.training.config import instantiate_checked, run_config
 from traitsae.training.resume import CHECKPOINT_DIR, ResumeState
 
 log = logging.getLogger(__name__)
-
-
-def instantiate_checked(node: Any, **kwargs: Any) -> Any:
-    """hydra's instantiate, but a TraitsaeError raised by the target reaches the user as is
-    (Hydra wraps it in an InstantiationException with its own traceback text)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, TraitsaeError):
-            raise cause from None
-        raise
 
 
 def trainer_node(cfg: DictConfig, has_val: bool) -> dict[str, Any]:
@@ -165,6 +151,33 @@ def rank_log_files() -> None:
         root.addHandler(own)
 
 
+# Hydra's default job-log format: a grouped job's train.log reads as a solo run's.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+@contextmanager
+def job_logs(job_dirs: list[Path]) -> Iterator[None]:
+    """A group's jobs each get their `train.log` as a solo run writes it: the group's lines, and
+    the job's own (records logged with `extra={"job_dir": ...}`) only in that job's file."""
+    root = logging.getLogger()
+    level = root.level
+    handlers = []
+    for job_dir in job_dirs:
+        handler = logging.FileHandler(job_dir / "train.log")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(lambda record, own=str(job_dir): getattr(record, "job_dir", own) == own)
+        handlers.append(handler)
+        root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+
+
 def _drop_lightning_adverts(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return "litlogger" not in message and not message.startswith(("TPU available", "HPU available"))
@@ -193,7 +206,11 @@ def fit(trainer: Any, module: Any, dm: Any, ckpt_path: str | None) -> None:
     """Fit (resuming from `ckpt_path`), then validate at the last step when fit's own
     validations stopped short of it, so the reported metrics are the final weights'."""
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    if dm.n_val_vectors and _last_validation_step(trainer) != trainer.global_step:
+    validated = any("val/" in key for key in trainer.callback_metrics)  # (a resumed, finished
+    # run's fit trains and validates nothing)
+    if dm.n_val_vectors and (
+        _last_validation_step(trainer) != trainer.global_step or not validated
+    ):
         trainer.validate(module, datamodule=dm, verbose=False)
 
 

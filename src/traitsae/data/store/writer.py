@@ -1,5 +1,7 @@
-"""The one store writer: `StoreWriter` (incremental, crash-safe, resumable) and `create_store`
-(a whole store from in-memory arrays, through the same writer).
+"""The one store writer: incremental, crash-safe and resumable (`StoreWriter`, `create_store`).
+
+`create_store` writes a whole store from in-memory arrays through the same writer;
+`store_is_done` says whether an existing store is already the one asked for.
 
 `StoreWriter.open` creates `<path>.tmp` (or reopens it when its fingerprint matches), `write`
 stores a batch of rows and marks them done, `finish` sets `complete` and renames the file to
@@ -18,6 +20,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from traitsae import __version__
-from traitsae.data.store.reader import read_fingerprint
+from traitsae.config_diff import fingerprint_difference, predates_image_list
+from traitsae.data.store.reader import Store, read_fingerprint
 from traitsae.data.store.schema import (
     CORE_IMAGE_KEYS,
     ERROR_BYTES,
@@ -39,6 +42,7 @@ from traitsae.data.store.schema import (
     tmp_path,
 )
 from traitsae.errors import TraitsaeError
+from traitsae.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,9 @@ class StoreWriter:
             elif not overwrite:
                 raise TraitsaeError(
                     f"an unfinished store {tmp} exists from a run with a different configuration "
-                    "(different backbone, layers, dataset or image rows). Re-run the original "
-                    "command to finish it, or pass extract.overwrite=true to start again."
+                    f"({fingerprint_difference(existing, fingerprint)}). Resuming would mix "
+                    "the two runs' rows. Re-run the original command (with the original images) "
+                    "to finish it, or pass extract.overwrite=true to start again."
                 )
             tmp.unlink()
         draft = tmp.with_name(tmp.name + ".new")
@@ -242,6 +247,35 @@ def create_store(
         return writer.finish(complete=complete)
     finally:
         writer.close()
+
+
+def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True when `out` is a complete store of this config; error or delete when it differs."""
+    if not out.exists():
+        return False
+    existing = read_fingerprint(out)
+    if existing == fingerprint or predates_image_list(existing, fingerprint):
+        with Store(out, require_complete=False) as store:
+            if store.complete:
+                if existing != fingerprint:  # kept: re-extracting it could cost hours
+                    log.warning(
+                        "%s predates the image-list check: its images cannot be confirmed to be "
+                        "the dataset's current ones. If the image folder changed since, "
+                        "re-extract with extract.overwrite=true.", out,
+                    )  # fmt: skip
+                return True
+    if not overwrite:
+        raise TraitsaeError(
+            f"store {out} already exists and was written with a different configuration "
+            f"({config_difference(existing, fingerprint)}). Pass extract.overwrite=true to "
+            "replace it, or write elsewhere with paths.activations_dir=<dir>."
+        )
+    log.warning("extract.overwrite=true: replacing %s", out)
+    out.unlink()
+    return False
+
+
+config_difference = fingerprint_difference  # how a refused resume or overwrite lists the change
 
 
 def _runs(mask_N: np.ndarray) -> list[tuple[int, int]]:
@@ -394,8 +428,6 @@ def _fault_injection(rows_written: int) -> None:
     *before* they are marked done -- the worst moment for a crash (tests use it)."""
     limit = os.environ.get("TRAITSAE_KILL_AFTER_ROWS")
     if limit and rows_written >= int(limit):
-        import signal
-
         name = os.environ.get("TRAITSAE_KILL_SIGNAL", "KILL")
         os.environ.pop("TRAITSAE_KILL_AFTER_ROWS")  # once
         os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
