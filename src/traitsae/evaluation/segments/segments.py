@@ -26,7 +26,8 @@ from traitsae.evaluation.core import probes
 from traitsae.evaluation.core.methods import Method, baseline_methods
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.precision import bootstrap_ci, paired_difference, units_with_positives
-from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_stores, output_dir
 from traitsae.evaluation.segments import metrics as patch_metrics
 from traitsae.evaluation.segments.patches import FRAMES, SplitPatches, collect_patches, store_frame
 from traitsae.evaluation.segments.report import METRICS, SegmentsReport, format_table, write_outputs
