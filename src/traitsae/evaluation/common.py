@@ -34,12 +34,30 @@ def sae_source(cfg: DictConfig) -> str:
     return str(source)
 
 
+def load_eval_sae(cfg: DictConfig, path: str | Path, device: str = "cpu") -> Any:
+    """`load_sae` with the command line's say on a foreign checkpoint (`sae_format=`,
+    `backbone=`, `data.layer=`, `data.tokens=`), which must then know where it belongs."""
+    from traitsae.sae.export import FORMAT, load_sae
+    from traitsae.sae.formats import require_placement
+
+    data = cfg.get("data") or {}
+    sae = load_sae(
+        path,
+        device=device,
+        sae_format=cfg.get("sae_format"),
+        backbone=(cfg.get("backbone") or {}).get("name"),
+        layer=data.get("layer"),
+        tokens=data.get("tokens"),
+    )
+    if sae.meta.get("format") != FORMAT:
+        require_placement(sae, path)
+    return sae
+
+
 def resolve_sae(cfg: DictConfig) -> Any:
     """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`; a `backbone=` given on
     the command line must be the one the SAE was trained on (sae.json names it)."""
-    from traitsae.sae.export import load_sae
-
-    sae = load_sae(sae_source(cfg))
+    sae = load_eval_sae(cfg, sae_source(cfg))
     requested = (cfg.get("backbone") or {}).get("name")
     if requested and requested != sae.meta["backbone"]:
         raise TraitsaeError(

@@ -68,15 +68,14 @@ class DictionaryScores:
 
 def run(cfg: DictConfig) -> list[DictionaryScores]:
     """Hydra entry: score one run, or every run of a sweep dir."""
-    from traitsae.evaluation.common import output_dir, sae_source
+    from traitsae.evaluation.common import load_eval_sae, output_dir, sae_source
     from traitsae.evaluation.health import find_runs, run_labels
-    from traitsae.sae.export import load_sae
 
     runs = find_runs(sae_source(cfg))
     labels = run_labels(runs)
     results = []
     for run_dir, label in zip(runs, labels, strict=True):
-        sae = load_sae(run_dir, device=cfg.get("device", "cpu"))
+        sae = load_eval_sae(cfg, run_dir, device=cfg.get("device", "cpu"))
         store = (cfg.get("data") or {}).get("store") or sae.meta.get("store")
         if not store:
             raise TraitsaeError(

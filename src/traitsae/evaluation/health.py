@@ -70,21 +70,20 @@ class Health:
 
 def run(cfg: DictConfig) -> list[Health]:
     """Hydra entry: measure one run (`run=`/`sae=`) or every run of a sweep dir (`run=<sweep>`)."""
-    from traitsae.evaluation.common import output_dir, sae_source
-    from traitsae.sae.export import load_sae
+    from traitsae.evaluation.common import load_eval_sae, output_dir, sae_source
 
     runs = find_runs(sae_source(cfg))
     swept = swept_overrides(runs)
     results = []
     for run_dir, label, overrides in zip(runs, run_labels(runs), swept, strict=True):
-        sae = load_sae(run_dir, device=cfg.get("device", "cpu"))
+        sae = load_eval_sae(cfg, run_dir, device=cfg.get("device", "cpu"))
         results.append(measure_run(cfg, sae, run_dir, label, overrides))
     mark_pareto(results)
     out = output_dir(cfg)
     write_outputs(results, out)
     for i, r in enumerate(results):  # density vs mean activation, coloured by label entropy
         name = "health_density.png" if len(results) == 1 else f"health_density_{i}.png"
-        features.density_for_health(cfg, load_sae(r.run), out / name, r.label)
+        features.density_for_health(cfg, load_eval_sae(cfg, r.run), out / name, r.label)
     print(format_table(results))
     print(f"health: outputs in {out}")
     return results
@@ -92,8 +91,10 @@ def run(cfg: DictConfig) -> list[Health]:
 
 def find_runs(target: str | Path) -> list[Path]:
     """The run dirs (or sae.json files) to measure: one, or every sweep job holding an sae.json."""
+    from traitsae.sae.formats import is_checkpoint
+
     target = Path(target)
-    if target.is_file() or (target / "sae.json").is_file():
+    if target.is_file() or (target / "sae.json").is_file() or is_checkpoint(target):
         return [target]
     if not target.is_dir():
         raise TraitsaeError(f"{target} is neither a train run dir, a sweep dir nor an sae.json.")

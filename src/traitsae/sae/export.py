@@ -1,7 +1,9 @@
 """Portable SAE export: `sae.safetensors` (tensors) + `sae.json` (everything else). No pickle.
 
 `load_sae(path)` returns a `RawSpaceSAE`: the SAE plus its normaliser, working on raw backbone
-activations (x_norm = x_raw * scale, chosen so that E||x_norm||^2 = d_model).
+activations (x_norm = x_raw * scale, chosen so that E||x_norm||^2 = d_model). It also reads the
+checkpoints of other SAE libraries (SAELens, sparsify, saev, overcomplete, dictionary_learning):
+see traitsae.sae.formats.
 """
 
 from __future__ import annotations
@@ -150,10 +152,37 @@ def _resolve_json(path: str | Path) -> Path:
     return path
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSAE:
-    """Load an exported SAE (run dir, sae.json or sae.safetensors path) in eval mode."""
+def _traitsae_json(path: Path) -> Path | None:
+    """The sae.json a path names, when it is a traitsae export (not another library's)."""
+    if path.is_dir():
+        return path / JSON_FILE if (path / JSON_FILE).is_file() else None
+    if path.suffix == ".safetensors":
+        return path.with_name(JSON_FILE) if path.with_name(JSON_FILE).is_file() else None
+    other_libraries = ("cfg.json", "config.json")
+    return path if path.suffix == ".json" and path.name not in other_libraries else None
+
+
+def load_sae(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    sae_format: str | None = None,
+    backbone: str | None = None,
+    layer: int | None = None,
+    tokens: str | None = None,
+) -> RawSpaceSAE:
+    """Load an SAE in eval mode: a traitsae export (run dir, sae.json or sae.safetensors path)
+    or another library's checkpoint, detected from its files (`sae_format` names the library
+    when they are ambiguous). For those, backbone/layer/tokens fill in (and override) what the
+    checkpoint records of where the SAE belongs."""
     from safetensors.torch import load_file
 
+    foreign = sae_format is not None or _traitsae_json(Path(path)) is None
+    if sae_format != "traitsae" and Path(path).exists() and foreign:
+        from traitsae.sae.formats import load_foreign
+
+        placement = {"backbone": backbone, "layer": layer, "tokens": tokens}
+        return load_foreign(path, device, sae_format, **placement)
     json_path = _resolve_json(path)
     try:
         record = json.loads(json_path.read_text())
