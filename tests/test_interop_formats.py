@@ -94,7 +94,7 @@ def test_folder_matching_no_format_lists_what_was_looked_for(tmp_path):
     with pytest.raises(TraitsaeError) as err:
         traitsae.load_sae(tmp_path)
     message = str(err.value)
-    assert "matches no SAE checkpoint format" in message and "\n" not in message
+    assert "matches no checkpoint format" in message and "\n" not in message
     for looked_for in ("sae.json", "sae_weights.safetensors", "sae.safetensors", "ae.pt", "sae.pt"):
         assert looked_for in message
 

@@ -59,7 +59,8 @@ def detect(path: str | Path, fmt: str | None = None) -> tuple[str, Path]:
     found = {name: loc for name, reader in READERS.items() if (loc := reader.find(path))}
     if not found:
         raise TraitsaeError(
-            f"{path} matches no SAE checkpoint format traitsae reads. Looked for {_looked_for()}."
+            f"no exported SAE at {path}: it matches no checkpoint format traitsae reads. Looked "
+            f"for {_looked_for()}."
             " Point at the folder (or file) the library saved (a train.py run dir holds sae.json"
             " once training finished), or pass sae_format=<name>."
         )
