@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from traitsae.sae.module import SAEModule
 from traitsae.sae.sparse_ops import keep_freed_memory
-from traitsae.sweeps.module import SAEGroupModule
-from traitsae.training import sae_kwargs
+from traitsae.training.config import sae_kwargs
+from traitsae.training.group_module import SAEGroupModule
 
 REPO = Path(__file__).resolve().parents[1]
 

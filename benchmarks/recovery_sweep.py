@@ -101,7 +101,8 @@ def run_one(
 ) -> dict:
     from traitsae.evaluation.dictionary import score_sae
     from traitsae.sae.export import RawSpaceSAE
-    from traitsae.training import build_module, instantiate_checked
+    from traitsae.training.recipe import build_module
+    from traitsae.training.trainer import instantiate_checked
 
     cfg = compose("train", BASE + [f"data.store={stores['train']}", *overrides])
     batch = int(cfg.data.batch_size)

@@ -2,7 +2,9 @@
 
 Hydra finds launchers only inside the `hydra_plugins` namespace package, hence this module.
 Each job still gets its own job dir, `.hydra/` record and outputs, as with the basic launcher;
-then `traitsae.sweeps.grouping` groups the jobs and `traitsae.sweeps.train` trains each group.
+then `traitsae.training.grouping` groups the jobs and `traitsae.training.train_group` trains each
+group. Hydra imports every plugin at each start-up: the training imports (Lightning, torch) stay
+inside the methods that need them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class TrainGroup:
 
     def __call__(self, jobs: list[tuple[DictConfig, Path]], hydra_cfg: DictConfig) -> list[Path]:
         from traitsae.errors import exit_on_user_error
-        from traitsae.sweeps.train import train_group
+        from traitsae.training import train_group
 
         HydraConfig.instance().set_config(hydra_cfg)  # as inside the group's first job
         return exit_on_user_error(train_group)(jobs)
@@ -76,7 +78,7 @@ class GroupedLauncher(Launcher):
     def _launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from traitsae.sweeps.grouping import group_jobs, splitting_keys
+        from traitsae.training.grouping import group_jobs, splitting_keys
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()

@@ -9,18 +9,18 @@ import torch
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
-from traitsae.training import (
-    build_module,
-    check_train_cfg,
-    export_meta,
+from traitsae.sae.export import save_sae
+from traitsae.training.config import check_train_cfg, run_config
+from traitsae.training.group_checkpoints import GroupCheckpointIO
+from traitsae.training.group_module import MemberLogger, SAEGroupModule, member_metrics
+from traitsae.training.recipe import build_module, export_meta, prepare_data
+from traitsae.training.resume import resume_checkpoint
+from traitsae.training.trainer import (
     fit,
     instantiate_checked,
-    prepare_data,
     process_settings,
     quiet_lightning_console,
-    resume_checkpoint,
     run_callbacks,
-    run_config,
     run_loggers,
 )
 
@@ -49,14 +49,9 @@ def _resume_path(jobs: list[tuple[DictConfig, Path]]) -> str | None:
 def train_group(jobs: list[tuple[DictConfig, Path]]) -> list[Path]:
     """Train every (config, job dir) of a group on the same batches; returns the job dirs.
 
-    The configs agree on `traitsae.sweeps.grouping.SHARED_NODES`; each job keeps its own SAE,
+    The configs agree on `traitsae.training.grouping.SHARED_NODES`; each job keeps its own SAE,
     seed (initialisation), optimiser, logger, checkpoints and export in its own job dir.
     """
-
-    from traitsae.sae.export import save_sae
-    from traitsae.sweeps.checkpoints import GroupCheckpointIO
-    from traitsae.sweeps.module import MemberLogger, SAEGroupModule, member_metrics
-
     first, job_dirs = jobs[0][0], [Path(job_dir) for _, job_dir in jobs]
     for cfg, job_dir in jobs:
         check_train_cfg(cfg)
