@@ -166,3 +166,12 @@ def test_traitsae_exports_still_load_as_before(tmp_path):
     assert traitsae.load_sae(tmp_path / "run", sae_format="traitsae").variant == "topk"
     with pytest.raises(TraitsaeError, match="no exported SAE at"):
         traitsae.load_sae(tmp_path / "missing")
+
+
+def test_the_files_read_are_recorded_as_inputs():
+    """Evaluations refuse to write over an SAE's files: a foreign SAE names them too."""
+    sae = traitsae.load_sae(FIXTURES / "saelens_jumprelu")
+    assert sae.weights_path == FIXTURES / "saelens_jumprelu" / "sae_weights.safetensors"
+    assert sae.json_path == FIXTURES / "saelens_jumprelu" / "cfg.json"
+    sae = traitsae.load_sae(FIXTURES / "saev_topk")
+    assert sae.weights_path == FIXTURES / "saev_topk" / "checkpoint" / "sae.pt"

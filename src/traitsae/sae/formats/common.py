@@ -190,8 +190,20 @@ def to_raw_space(
         "architecture": arch,
     }
     model = RawSpaceSAE(sae.to(device), foreign.scale, meta)
-    model.weights_path = path
+    # The files read: inputs an evaluation must not write over.
+    model.weights_path = _first_file(path, WEIGHT_FILES)
+    model.json_path = _first_file(path, CONFIG_FILES) if path.is_dir() else None
     return model.eval()
+
+
+WEIGHT_FILES = ("sae_weights.safetensors", "sae.safetensors", "ae.pt", "sae.pt")
+CONFIG_FILES = ("cfg.json", "config.json")
+
+
+def _first_file(path: Path, names: tuple[str, ...]) -> Path:
+    if path.is_file():
+        return path
+    return next((path / n for n in names if (path / n).is_file()), path)
 
 
 def require_placement(sae: Any, source: Any) -> None:
