@@ -300,7 +300,7 @@ import sys, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 from traitsae.sae.export import load_sae, save_sae
-from traitsae.sae.formats.saev import export
+from traitsae.sae.formats.saev_export import export
 from traitsae.sae.model import build_sae
 out, variant = Path(sys.argv[1]), sys.argv[2]
 torch.manual_seed(30)

@@ -27,12 +27,12 @@ from eval_helpers import (
     trait_directions,
 )
 from safetensors.torch import save_file
+from traitsae.evaluation.registry import run_evaluation
 
 import traitsae
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.common import run_evaluation
 from traitsae.sae.export import save_sae
-from traitsae.sae.formats import saev
+from traitsae.sae.formats import saev_export
 from traitsae.sae.model import build_sae
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
@@ -161,7 +161,7 @@ def test_export_to_saev_round_trip(tmp_path, variant):
     meta = {"backbone": "tiny", "layer": 2, "tokens": "cls", "scale": 0.6, "dataset": "synthetic"}
     save_sae(sae, tmp_path / "run", meta)
     ours = traitsae.load_sae(tmp_path / "run")
-    checkpoint = saev.export(tmp_path / "run", tmp_path / "saev")
+    checkpoint = saev_export.export(tmp_path / "run", tmp_path / "saev")
     assert checkpoint == tmp_path / "saev" / "sae.pt"
     back = traitsae.load_sae(tmp_path / "saev")
     assert back.meta["format"] == "saev"
@@ -180,15 +180,15 @@ def test_export_refuses_what_saev_cannot_hold_and_never_overwrites_inputs(tmp_pa
     sae = build_sae("jumprelu", 16, 32, threshold_init=0.1, bandwidth=1e-3)
     save_sae(sae, tmp_path / "run", {"backbone": "tiny", "layer": 3, "scale": 1.0})
     with pytest.raises(TraitsaeError, match=r"jumprelu SAE; saev has no jumprelu activation"):
-        saev.export(tmp_path / "run", tmp_path / "out")
+        saev_export.export(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out" / "sae.pt").exists()
 
 
 def test_export_cli(tmp_path, capsys):
     make_sae(tmp_path / "run", 16, 32, variant="topk")
-    saev.main(["export", str(tmp_path / "run"), str(tmp_path / "out")])
+    saev_export.main([str(tmp_path / "run"), str(tmp_path / "out")])
     assert "saev checkpoint:" in capsys.readouterr().out
     assert traitsae.load_sae(tmp_path / "out").variant == "topk"
     with pytest.raises(SystemExit) as exit_info:
-        saev.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out2")])
+        saev_export.main([str(tmp_path / "nowhere"), str(tmp_path / "out2")])
     assert exit_info.value.code == 2 and "error: no exported SAE at" in capsys.readouterr().err

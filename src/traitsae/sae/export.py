@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from traitsae.errors import TraitsaeError
 from traitsae.sae.activations import TopK
+from traitsae.sae.formats import load_foreign
 from traitsae.sae.model import SparseAutoencoder, build_sae
 from traitsae.sae.sparse_ops import topk_indices
+from traitsae.version import __version__
 
 WEIGHTS_FILE = "sae.safetensors"
 JSON_FILE = "sae.json"
@@ -39,9 +43,36 @@ class RawSpaceSAE(nn.Module):
         self.d_model = sae.d_model
         self.d_sae = sae.d_sae
         self.variant = sae.variant
+        # What the SAE was trained on (sae.json), read once; None where meta lacks the key.
+        self._layer = None if meta.get("layer") is None else int(meta["layer"])
+        self._backbone = None if meta.get("backbone") is None else str(meta["backbone"])
+        self._tokens = str(meta.get("tokens") or "patches")
         # The files it was loaded from (set by load_sae): inputs an evaluation must not overwrite.
         self.json_path: Path | None = None
         self.weights_path: Path | None = None
+
+    @property
+    def layer(self) -> int:
+        """The backbone block whose output the SAE was trained on (sae.json `layer`)."""
+        return self._required(self._layer, "layer")
+
+    @property
+    def backbone(self) -> str:
+        """The backbone name the SAE's activations came from (sae.json `backbone`)."""
+        return self._required(self._backbone, "backbone")
+
+    @property
+    def tokens(self) -> str:
+        """The tokens it was trained on: patches | cls | both (sae.json `tokens`)."""
+        return self._tokens
+
+    def _required(self, value: Any, key: str) -> Any:
+        if value is None:
+            raise TraitsaeError(
+                f"this SAE's metadata has no {key!r} (sae.json {self.json_path}); load it with "
+                "traitsae.load_sae from a run dir written by train.py."
+            )
+        return value
 
     @property
     def W_dec(self) -> Tensor:
@@ -80,8 +111,6 @@ class RawSpaceSAE(nn.Module):
 
 def _json_safe(value: Any) -> Any:
     """Plain JSON types (OmegaConf containers and numpy/torch scalars included)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
@@ -101,10 +130,6 @@ def save_sae(sae: SparseAutoencoder, run_dir: str | Path, meta: dict[str, Any]) 
     `meta` must name `backbone`, `layer` and `scale`; it should also give `dataset`, `tokens`,
     `store` and `config` (the training config). Sizes and variant come from the SAE itself.
     """
-    from safetensors.torch import save_file
-
-    from traitsae import __version__
-
     missing = [key for key in REQUIRED_META if meta.get(key) is None]
     if missing:
         raise TraitsaeError(
@@ -175,14 +200,13 @@ def load_sae(
     or another library's checkpoint, detected from its files (`sae_format` names the library
     when they are ambiguous). For those, backbone/layer/tokens fill in (and override) what the
     checkpoint records of where the SAE belongs."""
-    from safetensors.torch import load_file
-
     foreign = sae_format is not None or _traitsae_json(Path(path)) is None
     if sae_format != "traitsae" and Path(path).exists() and foreign:
-        from traitsae.sae.formats import load_foreign
-
         placement = {"backbone": backbone, "layer": layer, "tokens": tokens}
-        return load_foreign(path, device, sae_format, **placement)
+        loaded = load_foreign(path, sae_format, **placement)
+        model = RawSpaceSAE(loaded.sae.to(device), loaded.scale, loaded.meta)
+        model.weights_path, model.json_path = loaded.weights_path, loaded.json_path
+        return model.eval()
     json_path = _resolve_json(path)
     try:
         record = json.loads(json_path.read_text())

@@ -1,47 +1,69 @@
-"""The training config checked up front: optimiser and trainer settings, the SAE's kwargs."""
+"""One job's training config, typed and checked up front: before any store is opened."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from traitsae.config_checks import integer, number
+from traitsae.config_checks import integer
 from traitsae.errors import TraitsaeError
-from traitsae.sae.model import VARIANTS
+from traitsae.sae.config import Architecture, Objective, Optim
+from traitsae.sae.sparsity import SparsityPenalty
 
 
-def check_train_cfg(cfg: DictConfig) -> None:
-    """Reject bad optimiser and trainer settings before anything is built."""
-    optim = cfg.optim
-    number("optim.lr", optim.lr, positive=True)
-    number("optim.eps", optim.eps, positive=True)
-    number("optim.min_lr_ratio", optim.min_lr_ratio)
-    betas = list(optim.betas) if OmegaConf.is_list(optim.betas) else []
-    if len(betas) != 2 or not all(0 <= number("optim.betas", b) < 1 for b in betas):
-        raise TraitsaeError(f"optim.betas must be two numbers in [0, 1), got {optim.betas!r}.")
-    integer("optim.warmup_steps", optim.warmup_steps, minimum=0)
-    integer("trainer.max_steps", cfg.trainer.max_steps, minimum=1)
-    if cfg.trainer.get("val_check_interval") is not None:  # steps: the stream has no length
-        integer("trainer.val_check_interval", cfg.trainer.val_check_interval, minimum=1)
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one job trains (`architecture`), to minimise what (`objective`), how (`optim`), for
+    how long (`max_steps`) and from which seed (the SAE's initialisation)."""
+
+    architecture: Architecture
+    objective: Objective
+    optim: Optim
+    max_steps: int
+    seed: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> TrainConfig:
+        """Every key of `cfg.sae`, `cfg.sparsity`, `cfg.optim` and the trainer's length, checked
+        (a TraitsaeError naming the key and value); the store is not opened."""
+        optim = Optim.from_node(_plain(cfg.optim))
+        max_steps = integer("trainer.max_steps", cfg.trainer.max_steps, minimum=1)
+        if cfg.trainer.get("val_check_interval") is not None:  # steps: the stream has no length
+            integer("trainer.val_check_interval", cfg.trainer.val_check_interval, minimum=1)
+        sae = _plain(cfg.sae)
+        architecture = Architecture.from_node(sae)
+        penalty = instantiate_checked(cfg.sparsity)
+        if not isinstance(penalty, SparsityPenalty):
+            raise TraitsaeError(
+                f"sparsity._target_={cfg.sparsity.get('_target_')} built a "
+                f"{type(penalty).__name__}, not a traitsae.sae.sparsity.SparsityPenalty: "
+                "subclass SparsityPenalty (see conf/sparsity/) and point sparsity._target_ at it."
+            )
+        objective = Objective.from_node(sae, penalty, architecture)
+        seed = integer("seed", cfg.seed)
+        return cls(architecture, objective, optim, max_steps, seed)
 
 
-def sae_kwargs(cfg: DictConfig, d_model: int) -> dict[str, Any]:
-    """`cfg.sae` as plain kwargs with d_sae resolved (`sae.d_sae`, else expansion x d_model)."""
-    sae = OmegaConf.to_container(cfg.sae, resolve=True)
-    assert isinstance(sae, dict)
-    variant = sae.get("variant")
-    if variant not in VARIANTS:
-        raise TraitsaeError(
-            f"unknown SAE variant sae={variant!r}; available: {', '.join(VARIANTS)} "
-            "(choose with sae=<name>; each is a yaml file in conf/sae/)."
-        )
-    if sae.get("d_sae") is None:
-        if not sae.get("expansion"):
-            raise TraitsaeError("set sae.d_sae=<latents> or sae.expansion=<latents per d_model>.")
-        sae["d_sae"] = int(sae["expansion"]) * d_model
-    sae["d_model"] = d_model
-    return sae
+def _plain(node: Any) -> dict[str, Any]:
+    value = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(value, dict)
+    return value
+
+
+def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+    """hydra's instantiate, but a TraitsaeError raised by the target reaches the user as is
+    (Hydra wraps it in an InstantiationException with its own traceback text)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, TraitsaeError):
+            raise cause from None
+        raise
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

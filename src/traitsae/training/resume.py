@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from traitsae.config_diff import changed_keys
 from traitsae.errors import TraitsaeError
 from traitsae.training.config import run_config
+from traitsae.training.grouping import Job
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +131,21 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         )
     log.info("resuming from %s", last)
     return str(last)
+
+
+def resume_group(jobs: list[Job]) -> str | None:
+    """The first job's last.ckpt when the whole group resumes (every job's checkpoint checked
+    against its own config, as a solo run's is); None for a fresh start."""
+    paths = [resume_checkpoint(cfg, Path(job_dir)) for cfg, job_dir in jobs]
+    if all(path is None for path in paths):
+        return None
+    fresh = [str(job_dir) for (_, job_dir), path in zip(jobs, paths, strict=True) if path is None]
+    if fresh:
+        raise TraitsaeError(
+            f"cannot resume the grouped sweep: jobs {', '.join(fresh)} have no checkpoint while "
+            "the others of their group do. Re-run in a new hydra.sweep.dir, or pass "
+            "train.overwrite=true to start every job of the group afresh."
+        )
+    if len(jobs) > 1:
+        log.info("resuming the group from its jobs' checkpoints (%s, ...)", paths[0])
+    return paths[0]

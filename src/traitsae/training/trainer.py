@@ -13,30 +13,16 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from traitsae.errors import TraitsaeError
 from traitsae.sae.sparse_ops import keep_freed_memory
-from traitsae.training.config import run_config
+from traitsae.training.config import instantiate_checked, run_config
 from traitsae.training.resume import CHECKPOINT_DIR, ResumeState
 
 log = logging.getLogger(__name__)
-
-
-def instantiate_checked(node: Any, **kwargs: Any) -> Any:
-    """hydra's instantiate, but a TraitsaeError raised by the target reaches the user as is
-    (Hydra wraps it in an InstantiationException with its own traceback text)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, TraitsaeError):
-            raise cause from None
-        raise
 
 
 def trainer_node(cfg: DictConfig, has_val: bool) -> dict[str, Any]:

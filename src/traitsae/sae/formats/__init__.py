@@ -3,7 +3,8 @@
 One module per library (saelens, sparsify, saev, overcomplete, dictionary_learning), each with
 `FILES` (what it looks for, for messages), `find(path)` (the checkpoint it would read at
 `path`, or None) and `read(location) -> ForeignSAE`. `traitsae.load_sae` stays the one entry:
-it calls `load_foreign` for anything that is not a traitsae export. Torch pickles are read with
+it calls `load_foreign` for anything that is not a traitsae export. `saev_export` writes a
+traitsae SAE in saev's layout. Torch pickles are read with
 `torch.load(weights_only=True)` only.
 """
 
@@ -13,11 +14,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
-
 from traitsae.errors import TraitsaeError
 from traitsae.sae.formats import dictionary_learning, overcomplete, saelens, saev, sparsify
-from traitsae.sae.formats.common import ForeignSAE, require_placement, to_raw_space
+from traitsae.sae.formats.common import Converted, ForeignSAE, require_placement, to_traitsae
 
 READERS: dict[str, ModuleType] = {
     "saelens": saelens,
@@ -28,7 +27,7 @@ READERS: dict[str, ModuleType] = {
 }
 TRAITSAE_FILES = "sae.json + sae.safetensors (traitsae's own export)"
 
-__all__ = ["READERS", "ForeignSAE", "detect", "load_foreign", "require_placement"]
+__all__ = ["READERS", "Converted", "ForeignSAE", "detect", "load_foreign", "require_placement"]
 
 
 def _looked_for() -> str:
@@ -78,15 +77,9 @@ def is_checkpoint(path: str | Path) -> bool:
     return any(reader.find(Path(path)) for reader in READERS.values())
 
 
-def load_foreign(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    fmt: str | None = None,
-    **placement: Any,
-) -> Any:
-    """Read a foreign checkpoint into a `RawSpaceSAE` (eval mode).
+def load_foreign(path: str | Path, fmt: str | None = None, **placement: Any) -> Converted:
+    """Read a foreign checkpoint into traitsae's pieces (`traitsae.load_sae` wraps them).
 
     `placement` (backbone, layer, tokens) overrides what the checkpoint records."""
     name, location = detect(path, fmt)
-    foreign = READERS[name].read(location)
-    return to_raw_space(foreign, location, placement, device)
+    return to_traitsae(READERS[name].read(location), location, placement)

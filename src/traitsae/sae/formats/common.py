@@ -6,7 +6,7 @@ or per-row sparsifier and one affine decoder:
     codes = f(W_enc (x * scale - b_dec) + b_enc),    x_hat = (W_dec^T codes + b_dec) / scale
 
 A reader returns a `ForeignSAE` holding those tensors in traitsae's layout (latent-major [S, D]);
-`to_raw_space` turns it into the same `RawSpaceSAE` that traitsae's own exports load as.
+`to_traitsae` turns it into the pieces of the `RawSpaceSAE` that traitsae's own exports load as.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from traitsae.errors import TraitsaeError
+from traitsae.sae.model import SparseAutoencoder, build_sae
 
 #: Where an evaluation places the SAE: which backbone's activations, which layer, which tokens.
 PLACEMENT_KEYS = ("backbone", "layer", "tokens")
@@ -33,7 +35,7 @@ PLACEMENT_OVERRIDES["tokens"] = "data.tokens=<patches|cls>"
 class ForeignSAE:
     """A checkpoint of another library, read into traitsae's inference rule (see module doc).
 
-    `subtracts_b_dec=False`: the library encodes x, not x - b_dec; `to_raw_space` folds
+    `subtracts_b_dec=False`: the library encodes x, not x - b_dec; `to_traitsae` folds
     W_enc b_dec into b_enc so the two agree. `threshold` is a scalar (batchtopk) or one per
     latent [S] (jumprelu); values <= 0 mean ReLU, as in every library read here.
     """
@@ -53,6 +55,17 @@ class ForeignSAE:
     library_variant: str = ""  # the library's own name for the architecture
     placement: dict[str, Any] = field(default_factory=dict)  # backbone/layer/tokens it records
     config: dict[str, Any] = field(default_factory=dict)  # the library's own config, as saved
+
+
+@dataclass
+class Converted:
+    """A foreign checkpoint as traitsae's own pieces: what `RawSpaceSAE` is built from."""
+
+    sae: SparseAutoencoder
+    scale: float
+    meta: dict[str, Any]
+    weights_path: Path
+    json_path: Path | None
 
 
 def unknown_variant(path: Path, library: str, variant: Any, known: str, version: Any) -> Any:
@@ -77,8 +90,6 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for a bad header
@@ -118,13 +129,9 @@ def as_float(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def to_raw_space(
-    foreign: ForeignSAE, path: Path, overrides: dict[str, Any], device: str | torch.device
-) -> Any:
-    """The `RawSpaceSAE` that computes what the library computes (at fp32 tolerance)."""
-    from traitsae.sae.export import RawSpaceSAE
-    from traitsae.sae.model import build_sae
-
+def to_traitsae(foreign: ForeignSAE, path: Path, overrides: dict[str, Any]) -> Converted:
+    """The traitsae SAE, scale and sae.json-like record that compute what the library computes
+    (at fp32 tolerance); `traitsae.load_sae` wraps them in a `RawSpaceSAE`."""
     W_enc_SD, W_dec_SD = as_float(foreign.W_enc_SD), as_float(foreign.W_dec_SD)
     b_enc_S, b_dec_D = as_float(foreign.b_enc_S), as_float(foreign.b_dec_D)
     d_sae, d_model = W_enc_SD.shape
@@ -151,7 +158,8 @@ def to_raw_space(
     if foreign.variant in ("topk", "batchtopk", "matryoshka"):
         arch["k"] = int(foreign.k or 1)
     if foreign.variant in ("batchtopk", "matryoshka"):
-        arch["threshold_momentum"] = 0.0  # training only; a loaded SAE keeps its threshold
+        # Training only (a loaded SAE keeps its threshold): a nominal value, as for JumpReLU.
+        arch["threshold_momentum"] = 0.1
         threshold = foreign.threshold if foreign.threshold is not None else torch.tensor(0.0)
         state["activation.threshold"] = as_float(threshold).reshape(()).clamp_min(0.0)
     if foreign.variant == "matryoshka":
@@ -189,11 +197,9 @@ def to_raw_space(
         "normaliser": f"x_normalised = x_raw * scale, as {foreign.library} scales its input",
         "architecture": arch,
     }
-    model = RawSpaceSAE(sae.to(device), foreign.scale, meta)
     # The files read: inputs an evaluation must not write over.
-    model.weights_path = _first_file(path, WEIGHT_FILES)
-    model.json_path = _first_file(path, CONFIG_FILES) if path.is_dir() else None
-    return model.eval()
+    config_file = _first_file(path, CONFIG_FILES) if path.is_dir() else None
+    return Converted(sae, float(foreign.scale), meta, _first_file(path, WEIGHT_FILES), config_file)
 
 
 WEIGHT_FILES = ("sae_weights.safetensors", "sae.safetensors", "ae.pt", "sae.pt")

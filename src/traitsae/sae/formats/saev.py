@@ -12,21 +12,17 @@ so the two differ only on vectors with fewer than k positive pre-activations.
 saev normalises activations in its data loader (`scale_mean`/`scale_norm`); the checkpoint does
 not record that, so the SAE is read as working on the activations it is given.
 
-Export: `python -m traitsae.sae.formats.saev export <traitsae run dir> <out dir>` writes
-`<out>/sae.pt` (schema 5) that saev's `saev.nn.modeling.load` reads.
+Export to this layout: traitsae.sae.formats.saev_export.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from traitsae.errors import TraitsaeError, exit_on_user_error
 from traitsae.sae.formats.common import (
     ForeignSAE,
     need,
@@ -39,7 +35,7 @@ NAME = "saev"
 FILES = "sae.pt (or any file) starting with a JSON header line, then a torch state dict"
 KNOWN = "Relu, TopK and BatchTopK activations (legacy and schema 1-5 headers)"
 CHECKPOINT = "sae.pt"
-EXPORT_SCHEMA = 5
+SCHEMA = 5  # the newest header schema saev writes (and traitsae exports)
 TOKENS = {"content": "patches", "special": "cls"}  # saev's token kinds -> traitsae's
 
 
@@ -86,7 +82,7 @@ def read(path: Path) -> ForeignSAE:
         name, params = activation.get("cls"), activation.get("params") or {}
     else:  # schema 1, format A: the header's cls names the activation
         name, params = header.get("cls"), cfg
-    if not isinstance(schema, int) or not 1 <= schema <= EXPORT_SCHEMA:
+    if not isinstance(schema, int) or not 1 <= schema <= SCHEMA:
         raise unknown_variant(path, NAME, f"header schema {schema}", KNOWN, version)
     common.update(subtracts_b_dec=False, version=version, library_variant=str(name))
     if name == "Relu":
@@ -115,87 +111,3 @@ def _placement(path: Path, header: dict[str, Any]) -> tuple[dict[str, Any], dict
         "layer": layer if isinstance(layer, int) and layer >= 0 else None,
         "tokens": TOKENS.get(data.get("tokens")),
     }, {"header": header, "run_config": config}
-
-
-# ---------------------------------------------------------------- export
-
-
-def export(source: str | Path, out_dir: str | Path) -> Path:
-    """Write the traitsae SAE at `source` as saev's `<out_dir>/sae.pt` (schema 5); returns it.
-
-    saev encodes x without removing b_dec and has no input scale, so both fold into its
-    weights: codes and reconstructions stay those of the traitsae SAE on raw activations."""
-    from traitsae import __version__
-    from traitsae.sae.export import load_sae
-
-    sae = load_sae(source)
-    variant, inner = sae.variant, sae.sae
-    activations = {"relu": "Relu", "topk": "TopK", "batchtopk": "BatchTopK"}
-    activations["matryoshka"] = "BatchTopK"  # saev's Matryoshka is an objective on BatchTopK
-    if variant not in activations:
-        raise TraitsaeError(
-            f"{source} is a traitsae {variant} SAE; saev has no {variant} activation (it has "
-            f"ReLU, TopK, BatchTopK), so it cannot be exported to saev's layout."
-        )
-    scale = float(sae.scale)
-    with torch.no_grad():
-        W_enc_SD = inner.W_enc.double() * scale  # pre = W_enc (s x - b_dec) + b_enc
-        b_enc_S = inner.b_enc.double() - inner.W_enc.double() @ inner.b_dec.double()
-        W_dec_SD = inner.W_dec.double() / scale  # x_hat = (W_dec^T c + b_dec) / s
-        b_dec_D = inner.b_dec.double() / scale
-    state = {
-        "W_dec": W_dec_SD.float().contiguous(),
-        "b_dec": b_dec_D.float().contiguous(),
-        "W_enc": W_enc_SD.T.float().contiguous(),
-        "b_enc": b_enc_S.float().contiguous(),
-    }
-    kind = activations[variant]
-    if kind == "BatchTopK" and float(inner.activation.threshold) < 0:
-        kind = "TopK"  # its threshold was never estimated: traitsae encodes it as TopK
-    params: dict[str, Any] = {}
-    if variant != "relu":
-        params["top_k"] = int(inner.activation.k)
-    if kind == "BatchTopK":
-        state["activation.threshold"] = inner.activation.threshold.detach().float().clone()
-        params["momentum"] = float(inner.activation.momentum) or 0.1
-    unit_rows = bool(torch.allclose(W_dec_SD.norm(dim=1), torch.ones(sae.d_sae).double()))
-    header = {
-        "schema": EXPORT_SCHEMA,
-        "cfg": {
-            "d_model": sae.d_model,
-            "d_sae": sae.d_sae,
-            "activation": {"cls": kind, "params": params},
-            "normalize_w_dec": unit_rows,
-        },
-        "commit": "unknown",
-        "lib": f"traitsae {__version__}",
-        # saev's load reads schema and cfg only; traitsae reads where the SAE belongs from here.
-        "traitsae": {key: sae.meta.get(key) for key in ("backbone", "layer", "tokens", "dataset")},
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / CHECKPOINT
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(json.dumps(header).encode() + b"\n" + buffer.getvalue())
-    tmp.replace(target)
-    return target
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m traitsae.sae.formats.saev",
-        description="Export a traitsae SAE to saev's checkpoint layout (sae.pt).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    exporter = commands.add_parser("export", help="write <out>/sae.pt from a traitsae run")
-    exporter.add_argument("run", help="train.py run dir or its sae.json")
-    exporter.add_argument("out", help="folder to write sae.pt into")
-    args = parser.parse_args(argv)
-    print(f"saev checkpoint: {export(args.run, args.out)}")
-
-
-if __name__ == "__main__":
-    main()
