@@ -27,10 +27,10 @@ from eval_helpers import (
     trait_directions,
 )
 from safetensors.torch import save_file
-from traitsae.evaluation.registry import run_evaluation
 
 import traitsae
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.registry import run_evaluation
 from traitsae.sae.export import save_sae
 from traitsae.sae.formats import saev_export
 from traitsae.sae.model import build_sae
