@@ -26,7 +26,7 @@ from eval_helpers import (
     planted_split_labels,
     trait_directions,
 )
-from safetensors.torch import save_file
+from interop_helpers import FIXTURES, saelens_layout
 
 import traitsae
 from traitsae.errors import TraitsaeError
@@ -35,7 +35,6 @@ from traitsae.sae.export import save_sae
 from traitsae.sae.formats import saev_export
 from traitsae.sae.model import build_sae
 
-FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 REPO = Path(__file__).resolve().parents[1]
 D_MODEL = 32  # the fixtures' width
 
@@ -70,21 +69,6 @@ def test_saelens_checkpoint_and_same_weights_in_traitsae_give_identical_health(s
         theirs.pop(key), ours.pop(key)
     assert theirs == ours  # every number, bit for bit
     assert 0 < theirs["l0"] <= 6 and theirs["n_tokens"] == 40 * 16
-
-
-def saelens_layout(run: Path, out: Path) -> Path:
-    """A traitsae SAE in SAELens's layout (the keys its save_model writes, as the fixtures made
-    by SAELens itself show): a standard SAE, b_dec removed from the input."""
-    sae = traitsae.load_sae(run).sae
-    out.mkdir()
-    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    save_file(
-        {k: v.detach().contiguous() for k, v in tensors.items()}, out / "sae_weights.safetensors"
-    )
-    reference = json.loads((FIXTURES / "saelens_standard" / "cfg.json").read_text())
-    cfg = {**reference, "d_in": sae.d_model, "d_sae": sae.d_sae, "apply_b_dec_to_input": True}
-    (out / "cfg.json").write_text(json.dumps(cfg))
-    return out
 
 
 def test_saelens_checkpoint_and_same_weights_give_identical_cub_traits(tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.bench import bench
 from traitsae.evaluation.causal import splice, steer
 from traitsae.evaluation.discovery import discovery
 from traitsae.evaluation.latents import encode, features
@@ -40,6 +41,7 @@ EVALUATIONS: dict[str, Evaluation] = {
         Evaluation("probe", probe.run),
         Evaluation("features", features.run),
         Evaluation("encode", encode.run),
+        Evaluation("bench", bench.run),
     )
 }
 
