@@ -175,3 +175,15 @@ def test_the_files_read_are_recorded_as_inputs():
     assert sae.json_path == FIXTURES / "saelens_jumprelu" / "cfg.json"
     sae = traitsae.load_sae(FIXTURES / "saev_topk")
     assert sae.weights_path == FIXTURES / "saev_topk" / "checkpoint" / "sae.pt"
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "saelens"
+    shutil.copytree(FIXTURES / "saelens_standard", folder)
+    state = load_file(str(folder / "sae_weights.safetensors"))
+    state["b_enc"][3] = float("nan")
+    save_file(state, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(TraitsaeError, match=r"b_enc holds 1 non-finite values"):
+        traitsae.load_sae(folder)

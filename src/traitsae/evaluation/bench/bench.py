@@ -7,6 +7,9 @@ gives, per SAE, its origin (library) and config, FVU, L0, dead and dense fractio
 and precision@k of its latents (selected on train, reported on test, with the bootstrap CI over
 traits), the probe bound and the best baseline; `paired` gives R-precision differences between
 every two SAEs with a paired bootstrap CI over traits (trait difficulty cancels).
+
+bench is not a task of its own question but a composition of tasks (like the registry): it
+imports their compute functions and adds only the table.
 """
 
 from __future__ import annotations
@@ -28,13 +31,26 @@ from traitsae.evaluation.core.runs import run_labels
 from traitsae.evaluation.core.sources import eval_stores, load_eval_sae, output_dir, sae_source
 from traitsae.evaluation.quality.health import Health, HealthOptions, measure_run
 from traitsae.evaluation.traits.cub_traits import evaluate_traits
-from traitsae.evaluation.traits.options import Options as TraitOptions
+from traitsae.evaluation.traits.options import CubTraitsOptions
 from traitsae.evaluation.traits.report import TraitReport
 from traitsae.sae.export import FORMAT, RawSpaceSAE
 from traitsae.sae.formats import is_checkpoint
 
 PROTOCOL = "select_on_train"  # the leaderboard's protocol: selected on train, reported on test
 BASELINES = ("random", "pca", "kmeans")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The `eval.*` options of conf/eval/bench.yaml (defaults and meanings there); the options
+    of the evaluations it runs are their own (`eval.health.*`, `eval.cub_traits.*`)."""
+
+    saes: list[str] | None  # None: run=/sae=
+    traits: str  # auto | true | false
+
+    def __post_init__(self) -> None:
+        if str(self.traits).lower() not in ("auto", "true", "false"):
+            raise TraitsaeError(f"eval.traits={self.traits!r} must be auto, true or false.")
 
 
 @dataclass
@@ -51,12 +67,13 @@ class Entry:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry (registry: `bench`): evaluate every SAE, write bench.json/csv/png, print."""
-    paths = bench_paths(cfg)
+    opts = build_options(BenchOptions, cfg)
+    paths = bench_paths(cfg, opts)
     saes = [load_eval_sae(cfg, p) for p in paths]
     check_same_place(saes, paths)
     health_cfg, trait_cfg = sub_config(cfg, "health"), sub_config(cfg, "cub_traits")
     health_opts = build_options(HealthOptions, health_cfg)
-    attributes = _attributes_root(cfg)
+    attributes = _attributes_root(cfg, opts)
     entries, reports = [], []
     for path, label, sae in zip(paths, run_labels(paths), saes, strict=True):
         sae = sae.to(health_opts.device)
@@ -80,12 +97,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def bench_paths(cfg: DictConfig) -> list[Path]:
+def bench_paths(cfg: DictConfig, opts: BenchOptions) -> list[Path]:
     """eval.saes, else run=/sae=: one SAE, or each subfolder holding one (a sweep dir, or a
     folder of checkpoints of any origin), sweep jobs in numeric order."""
-    listed = cfg.eval.get("saes")
-    if listed:
-        return [Path(str(p)) for p in listed]
+    if opts.saes:
+        return [Path(str(p)) for p in opts.saes]
     target = Path(sae_source(cfg))
     if target.is_file() or _holds_sae(target):
         return [target]
@@ -131,14 +147,14 @@ def sub_config(cfg: DictConfig, name: str) -> DictConfig:
     return sub
 
 
-def _attributes_root(cfg: DictConfig) -> Path | None:
+def _attributes_root(cfg: DictConfig, opts: BenchOptions) -> Path | None:
     """Where the CUB attribute files are, when cub_traits applies (eval.traits)."""
-    mode = str(cfg.eval.get("traits", "auto")).lower()
+    mode = str(opts.traits).lower()
     root = cfg.eval.cub_traits.get("attributes_root") or cfg.dataset.get("root")
     present = bool(root) and (Path(str(root)) / "attributes.txt").is_file()
-    if mode in ("false", "off", "no"):
+    if mode == "false":
         return None
-    if mode in ("true", "on", "yes") and not present:
+    if mode == "true" and not present:
         raise TraitsaeError(
             "eval.traits=true but no CUB attribute files were found (attributes.txt in "
             f"{root or 'dataset.root / eval.cub_traits.attributes_root, neither set'})."
@@ -172,8 +188,8 @@ def health_summary(h: Health) -> dict[str, Any]:
 
 
 def trait_report(cfg: DictConfig, sae: RawSpaceSAE, root: Path) -> TraitReport:
-    opts = build_options(TraitOptions, cfg)
-    train, test = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    opts = build_options(CubTraitsOptions, cfg)
+    train, test = eval_stores(cfg, sae, [opts.train_split, opts.test_split])
     try:
         return evaluate_traits(sae.to(opts.device), train, test, load_cub_attributes(root), opts)
     finally:
@@ -224,7 +240,7 @@ def paired_between_saes(
     entries: list[Entry], reports: list[TraitReport], cfg: DictConfig
 ) -> list[dict[str, Any]]:
     """R-precision of SAE a minus SAE b for every pair, bootstrap CI over the shared traits."""
-    opts = build_options(TraitOptions, cfg)
+    opts = build_options(CubTraitsOptions, cfg)
     per_trait = [_per_trait_r(r) for r in reports]
     rows = []
     for (i, a), (j, b) in combinations(enumerate(per_trait), 2):

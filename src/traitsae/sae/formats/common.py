@@ -145,6 +145,7 @@ def to_traitsae(foreign: ForeignSAE, path: Path, overrides: dict[str, Any]) -> C
             f" (as [latents, d_model]), W_dec {list(W_dec_SD.shape)}, b_enc "
             f"{list(b_enc_S.shape)}, b_dec {list(b_dec_D.shape)}."
         )
+    _check_finite(foreign, path, W_enc_SD, W_dec_SD, b_enc_S, b_dec_D)
     if not foreign.subtracts_b_dec:  # W (x - b) + (c + W b) = W x + c; in float64 so it stays exact
         b_enc_S = (b_enc_S.double() + W_enc_SD.double() @ b_dec_D.double()).float()
     arch: dict[str, Any] = {
@@ -200,6 +201,22 @@ def to_traitsae(foreign: ForeignSAE, path: Path, overrides: dict[str, Any]) -> C
     # The files read: inputs an evaluation must not write over.
     config_file = _first_file(path, CONFIG_FILES) if path.is_dir() else None
     return Converted(sae, float(foreign.scale), meta, _first_file(path, WEIGHT_FILES), config_file)
+
+
+def _check_finite(foreign: ForeignSAE, path: Path, *tensors: Tensor) -> None:
+    """NaN or inf weights score nothing meaningful: refuse them, as for traitsae's exports."""
+    names = ("W_enc", "W_dec", "b_enc", "b_dec")
+    named = list(zip(names, tensors, strict=True))
+    if foreign.threshold is not None:
+        named.append(("threshold", as_float(foreign.threshold)))
+    for name, tensor in named:
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        if n_bad:
+            raise TraitsaeError(
+                f"{path}: the {foreign.library} checkpoint's {name} holds {n_bad} non-finite "
+                f"values (NaN or inf) of {tensor.numel()}; an SAE with them scores nothing "
+                "meaningful. Load a checkpoint saved before its training diverged."
+            )
 
 
 WEIGHT_FILES = ("sae_weights.safetensors", "sae.safetensors", "ae.pt", "sae.pt")
