@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.bench import bench
 from traitsae.evaluation.causal import splice, steer
 from traitsae.evaluation.discovery import discovery
 from traitsae.evaluation.latents import encode, features
@@ -42,6 +43,7 @@ EVALUATIONS: dict[str, Evaluation] = {
         Evaluation("probe", probe.run, probe.ProbeDeltaOptions),
         Evaluation("features", features.run, features.FeaturesOptions),
         Evaluation("encode", encode.run, encode.EncodeOptions),
+        Evaluation("bench", bench.run, bench.BenchOptions),
     )
 }
 

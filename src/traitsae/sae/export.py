@@ -1,7 +1,9 @@
 """Portable SAE export: `sae.safetensors` (tensors) + `sae.json` (everything else). No pickle.
 
 `load_sae(path)` returns a `RawSpaceSAE`: the SAE plus its normaliser, working on raw backbone
-activations (x_norm = x_raw * scale, chosen so that E||x_norm||^2 = d_model).
+activations (x_norm = x_raw * scale, chosen so that E||x_norm||^2 = d_model). It also reads the
+checkpoints of other SAE libraries (SAELens, sparsify, saev, overcomplete, dictionary_learning):
+see traitsae.sae.formats.
 
 The pair is written atomically (each file through a temporary file and a rename) and bound
 together: sae.json records the sha256 of the weights file, checked on load, so a kill between
@@ -27,6 +29,7 @@ from torch.nn import functional as F
 from traitsae.errors import TraitsaeError
 from traitsae.files import atomic_write
 from traitsae.sae.activations import TopK
+from traitsae.sae.formats import load_foreign
 from traitsae.sae.model import VARIANTS, SparseAutoencoder, build_sae
 from traitsae.sae.sparse_ops import topk_indices
 from traitsae.version import __version__
@@ -188,10 +191,37 @@ def _resolve_json(path: str | Path) -> Path:
     return path
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSAE:
-    """Load an exported SAE (run dir, sae.json or sae.safetensors path) in eval mode with its
-    parameters frozen (`requires_grad_(True)` to fine-tune it); `check_export` vouches for the
-    pair first."""
+def _traitsae_json(path: Path) -> Path | None:
+    """The sae.json a path names, when it is a traitsae export (not another library's)."""
+    if path.is_dir():
+        return path / JSON_FILE if (path / JSON_FILE).is_file() else None
+    if path.suffix == ".safetensors":
+        return path.with_name(JSON_FILE) if path.with_name(JSON_FILE).is_file() else None
+    other_libraries = ("cfg.json", "config.json")
+    return path if path.suffix == ".json" and path.name not in other_libraries else None
+
+
+def load_sae(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    sae_format: str | None = None,
+    backbone: str | None = None,
+    layer: int | None = None,
+    tokens: str | None = None,
+) -> RawSpaceSAE:
+    """Load an SAE in eval mode: a traitsae export (run dir, sae.json or sae.safetensors path)
+    or another library's checkpoint, detected from its files (`sae_format` names the library
+    when they are ambiguous). For those, backbone/layer/tokens fill in (and override) what the
+    checkpoint records of where the SAE belongs. Parameters come frozen (`requires_grad_(True)`
+    to fine-tune); `check_export` vouches for a traitsae pair first."""
+    foreign = sae_format is not None or _traitsae_json(Path(path)) is None
+    if sae_format != "traitsae" and Path(path).exists() and foreign:
+        placement = {"backbone": backbone, "layer": layer, "tokens": tokens}
+        loaded = load_foreign(path, sae_format, **placement)
+        model = RawSpaceSAE(loaded.sae.to(device), loaded.scale, loaded.meta)
+        model.weights_path, model.json_path = loaded.weights_path, loaded.json_path
+        return model.eval().requires_grad_(False)
     json_path = _resolve_json(path)
     record, state = check_export(json_path)
     weights_path = json_path.with_name(record["weights"])
