@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.keys import sparse
 from traitsae.evaluation.keys.options import options_from_cfg
-from traitsae.evaluation.keys.pooled import DENSE, METHODS, Pooled, class_labels, pooled_scores
+from traitsae.evaluation.keys.pooled import (
+    DENSE,
+    METHODS,
+    Pooled,
+    class_labels,
+    fit_methods,
+    pooled_scores,
+)
 from traitsae.evaluation.precision import bootstrap_ci, paired_difference
 from traitsae.evaluation.scoring import POOLS, valid_rows
 
@@ -197,10 +204,9 @@ def compute_key(sae: Any, train_store: Any, test_store: Any, opts: KeyOptions) -
         opts.class_column,
         opts.classes,
     )
-    pooled = pooled_scores(
+    methods = fit_methods(
         sae,
         train_store,
-        test_store,
         [*opts.methods, *DENSE],
         pool=opts.pool,
         n_samples=opts.n_samples,
@@ -208,6 +214,7 @@ def compute_key(sae: Any, train_store: Any, test_store: Any, opts: KeyOptions) -
         seed=opts.seed,
         device=opts.device,
     )
+    pooled = pooled_scores(sae, methods, train_store, test_store, opts.device)
     fit_N, held_N = labels.train_N >= 0, labels.test_N >= 0
     if not held_N.any():
         raise TraitsaeError(
@@ -221,17 +228,17 @@ def compute_key(sae: Any, train_store: Any, test_store: Any, opts: KeyOptions) -
             f"{int((~held_N).sum())} test images of classes absent from the train split (or "
             "eval.classes) are left out."
         )
-    methods = {}
+    keys = {}
     for name in opts.methods:
         x_train, x_test = pooled.train[name][fit_N], pooled.test[name][held_N]
-        methods[name] = method_key(name, x_train, y_train, x_test, y_test, budgets, labels.names,
+        keys[name] = method_key(name, x_train, y_train, x_test, y_test, budgets, labels.names,
                                    opts, notes)  # fmt: skip
-    add_top_rows(methods["sae"].tree, pooled, fit_N, opts.n_top_images)
+    add_top_rows(keys["sae"].tree, pooled, fit_N, opts.n_top_images)
     dense = dense_ceiling(pooled, fit_N, held_N, y_train, y_test, opts)
     return KeyResult(
-        methods,
+        keys,
         dense,
-        differences(methods, budgets, opts),
+        differences(keys, budgets, opts),
         notes,
         {
             "options": asdict(opts),

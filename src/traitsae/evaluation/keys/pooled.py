@@ -67,6 +67,30 @@ def column_values(store: Any, column: str, rows: np.ndarray, option: str) -> np.
     return np.asarray(metadata[column]).astype(str)[rows]
 
 
+def class_names(
+    values_N: np.ndarray, classes: list[str] | None, store: Any, column: str
+) -> list[str]:
+    """The classes of a run: those of the (train) split, or `classes`; at least two present."""
+    present = sorted(set(values_N))
+    names = [str(c) for c in classes] if classes else present
+    absent = [c for c in names if c not in present]
+    if absent or len(names) < 2:
+        counts = ", ".join(f"{v!r} ({n})" for v, n in Counter(values_N).most_common(12))
+        why = f"eval.classes lists {absent}, absent from" if absent else "fewer than two classes in"
+        raise TraitsaeError(
+            f"eval.class_column={column!r}: {why} the train split (store {store.path}: "
+            f"{counts}). Separating classes needs at least two: choose a column with several "
+            "values (or list two or more of its values in eval.classes)."
+        )
+    return names
+
+
+def class_ids(values_N: np.ndarray, names: list[str]) -> np.ndarray:
+    """int64 [N]: the index of each value in `names`, -1 for values not among them."""
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index.get(v, -1) for v in values_N], dtype=np.int64)
+
+
 def class_labels(
     train_store: Any,
     test_store: Any,
@@ -79,24 +103,8 @@ def class_labels(
     `classes`), and at least two of them must be present there."""
     train_values = column_values(train_store, column, rows_train, "eval.class_column")
     test_values = column_values(test_store, column, rows_test, "eval.class_column")
-    present = sorted(set(train_values))
-    names = [str(c) for c in classes] if classes else present
-    absent = [c for c in names if c not in present]
-    if absent or len(names) < 2:
-        counts = ", ".join(f"{v!r} ({n})" for v, n in Counter(train_values).most_common(12))
-        why = f"eval.classes lists {absent}, absent from" if absent else "fewer than two classes in"
-        raise TraitsaeError(
-            f"eval.class_column={column!r}: {why} the train split (store {train_store.path}: "
-            f"{counts}). A key separates at least two classes: choose a column with several "
-            "values (or list two or more of its values in eval.classes)."
-        )
-    index = {name: i for i, name in enumerate(names)}
-    return Labels(
-        column,
-        names,
-        np.array([index.get(v, -1) for v in train_values], dtype=np.int64),
-        np.array([index.get(v, -1) for v in test_values], dtype=np.int64),
-    )
+    names = class_names(train_values, classes, train_store, column)
+    return Labels(column, names, class_ids(train_values, names), class_ids(test_values, names))
 
 
 def build_methods(
@@ -136,10 +144,9 @@ def build_methods(
     return methods
 
 
-def pooled_scores(
+def fit_methods(
     sae: torch.nn.Module,
     train_store: Any,
-    test_store: Any,
     names: list[str],
     *,
     pool: str,
@@ -147,11 +154,18 @@ def pooled_scores(
     n_directions: int | None,
     seed: int,
     device: str,
+) -> dict[str, Method]:
+    """The methods' token scorers, baselines fit on a token sample of the train split."""
+    layer, tokens = int(sae.meta["layer"]), str(sae.meta.get("tokens", "patches"))
+    sample = baselines.sample_train_activations(train_store, layer, tokens, n_samples, seed)
+    return build_methods(sae, sample, names, pool, seed, n_directions, device)
+
+
+def pooled_scores(
+    sae: torch.nn.Module, methods: dict[str, Method], train_store: Any, test_store: Any, device: str
 ) -> Pooled:
     """One pass per split: every method's pooled scores on the valid images of both."""
     layer, tokens = int(sae.meta["layer"]), str(sae.meta.get("tokens", "patches"))
-    sample = baselines.sample_train_activations(train_store, layer, tokens, n_samples, seed)
-    methods = build_methods(sae, sample, names, pool, seed, n_directions, device)
     train, rows_train = image_scores(train_store, layer, methods, tokens, device, "pooling train")
     test, rows_test = image_scores(test_store, layer, methods, tokens, device, "pooling test")
     return Pooled(train, test, rows_train, rows_test)
