@@ -21,7 +21,7 @@ def sae_override_as_path(argv: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    from traitsae.evaluation.common import run_evaluation
+    from traitsae.evaluation.registry import run_evaluation
 
     run_evaluation(cfg)
 

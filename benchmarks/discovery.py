@@ -98,7 +98,9 @@ def run_pass(name: str, store_path: Path, run_dir: Path, batch_patches: int, rep
     import torch
 
     from traitsae.data.store import Store
-    from traitsae.evaluation import discovery, discovery_stats, features
+    from traitsae.evaluation.core import firing
+    from traitsae.evaluation.discovery import discovery, groups
+    from traitsae.evaluation.discovery import stats as discovery_stats
     from traitsae.sae.export import load_sae
 
     torch.set_flush_denormal(True)
@@ -109,8 +111,8 @@ def run_pass(name: str, store_path: Path, run_dir: Path, batch_patches: int, rep
         before = current_rss_mib()
         start = time.perf_counter()
         if name == "discovery":
-            mask_a = discovery.group_mask(meta, {"species": ["erato"]}, "group_a", "bench")
-            mask_b = discovery.group_mask(meta, {"species": ["melpomene"]}, "group_b", "bench")
+            mask_a = groups.group_mask(meta, {"species": ["erato"]}, "group_a", "bench")
+            mask_b = groups.group_mask(meta, {"species": ["melpomene"]}, "group_b", "bench")
             scores = discovery.collect_scores(
                 store, sae, mask_a, mask_b, batch_patches=batch_patches, progress=False
             )
@@ -132,7 +134,7 @@ def run_pass(name: str, store_path: Path, run_dir: Path, batch_patches: int, rep
             out["refined_latents"] = int((result.latents.permutations > 1000).sum())
             out["tested"] = result.summary["tested"]
         else:
-            features.scan(store, sae, top_k=16, batch_patches=batch_patches)
+            firing.scan(store, sae, top_k=16, batch_patches=batch_patches)
         seconds = time.perf_counter() - start
         n_patches = store.n_images * store.n_patches
     return {

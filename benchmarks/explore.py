@@ -70,14 +70,14 @@ def write_codes(path: Path, store_path: Path, run_dir: Path, d_sae: int, k: int)
     import h5py
 
     from traitsae.data.store import Store
-    from traitsae.evaluation import encode
+    from traitsae.evaluation.core import codes
     from traitsae.sae.export import load_sae
 
     rng = np.random.default_rng(0)
     with Store(store_path) as store, h5py.File(path, "w") as f:
         meta = store.metadata
         valid_N = np.asarray(meta["valid"], dtype=bool)
-        encode._write_header(f, store, load_sae(run_dir), meta, valid_N, str(run_dir))
+        codes._write_header(f, store, load_sae(run_dir), meta, valid_N, str(run_dir))
         n_rows = int(valid_N.sum()) * store.n_patches
         p_S = 1.0 / np.arange(1, d_sae + 1) ** 1.1
         latent_RK = np.sort(

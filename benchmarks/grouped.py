@@ -22,13 +22,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from traitsae.sae.module import SAEModule
 from traitsae.sae.sparse_ops import keep_freed_memory
-from traitsae.sweeps.module import SAEGroupModule
-from traitsae.training import sae_kwargs
+from traitsae.training.config import TrainConfig
+from traitsae.training.group_module import SAEGroupModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,13 +61,10 @@ def member(args: argparse.Namespace, seed: int) -> SAEModule:
         overrides.append("sae.dead_after_steps=1")
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         cfg = compose("train", overrides=overrides)
+    config = TrainConfig.from_cfg(cfg)
     torch.manual_seed(seed)
-    return SAEModule(
-        sae_kwargs(cfg, args.d_model),
-        OmegaConf.to_container(cfg.sparsity, resolve=True),
-        OmegaConf.to_container(cfg.optim, resolve=True),
-        max_steps=10**6,
-    )
+    sae = config.architecture.build(args.d_model)
+    return SAEModule(sae, config.objective, config.optim, max_steps=10**6)
 
 
 def fit_steps(

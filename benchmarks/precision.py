@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from traitsae.evaluation.precision import (
+from traitsae.evaluation.core.precision import (
     precision_at_k,
     precision_at_k_loop,
     precision_at_trait_k,

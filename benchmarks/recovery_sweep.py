@@ -18,6 +18,7 @@ recovered / MMCS / FVU / L0 only, which skips the [F, S] co-firing statistics).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -99,9 +100,10 @@ def train_vectors(dm) -> torch.Tensor:
 def run_one(
     overrides: list[str], stores: dict[str, Path], budget: int, full: bool, cache: dict
 ) -> dict:
-    from traitsae.evaluation.dictionary import score_sae
+    from traitsae.evaluation.quality.dictionary import score_sae
     from traitsae.sae.export import RawSpaceSAE
-    from traitsae.training import build_module, instantiate_checked
+    from traitsae.training.config import TrainConfig, instantiate_checked
+    from traitsae.training.recipe import build_module
 
     cfg = compose("train", BASE + [f"data.store={stores['train']}", *overrides])
     batch = int(cfg.data.batch_size)
@@ -113,7 +115,8 @@ def run_one(
     dm.prepare()
     if "x" not in cache:
         cache["x"] = train_vectors(dm)
-    module = build_module(cfg, dm, steps, Path("/tmp"))
+    config = dataclasses.replace(TrainConfig.from_cfg(cfg), max_steps=steps)
+    module = build_module(config, dm, Path("/tmp"))
     module.figures_dir = None
     module.init_from_sample(torch.from_numpy(dm.sample), str(cfg.sae.b_dec_init))
     loader = torch.utils.data.DataLoader(
@@ -149,7 +152,7 @@ def quick_scores(sae, store_path: Path) -> dict:
     """recovered / MMCS from the decoder, FVU and L0 on the test store's first 16,384 vectors."""
     from traitsae.data.dictionary import read_truth
     from traitsae.data.store import Store
-    from traitsae.evaluation.dictionary import recovered_by_kind
+    from traitsae.evaluation.quality.dictionary import recovered_by_kind
     from traitsae.sae.metrics import fraction_of_variance_unexplained
 
     with Store(store_path) as store:

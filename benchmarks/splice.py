@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from traitsae.backbones import Final, build_backbone  # noqa: E402
-from traitsae.evaluation.downstream import sae_token_positions  # noqa: E402
-from traitsae.evaluation.splice import CONDITIONS, Tally, splice_batch  # noqa: E402
+from traitsae.evaluation.causal.forward import sae_token_positions  # noqa: E402
+from traitsae.evaluation.causal.splice import CONDITIONS, Tally, splice_batch  # noqa: E402
 from traitsae.sae.export import RawSpaceSAE  # noqa: E402
 from traitsae.sae.model import build_sae  # noqa: E402
 

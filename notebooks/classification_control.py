@@ -37,8 +37,8 @@ from PIL import Image
 from traitsae import load_sae
 from traitsae.data.images.cub import load_cub
 from traitsae.data.store import Store
-from traitsae.evaluation.downstream import ClassProbe, build_full_backbone, final_embeddings
-from traitsae.evaluation.steer import class_latents, steered_probabilities
+from traitsae.evaluation.causal.forward import ClassProbe, build_full_backbone, final_embeddings
+from traitsae.evaluation.causal.steering import class_latents, steered_probabilities
 
 # %%
 # Paths below are relative to the repository root, where `make demo` writes.

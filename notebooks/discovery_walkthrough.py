@@ -31,8 +31,11 @@ from IPython.display import Image, display
 
 from traitsae import load_sae
 from traitsae.data.store import Store
-from traitsae.evaluation import discovery, discovery_stats, heatmaps
-from traitsae.evaluation.encode import gather_codes
+from traitsae.evaluation.core import frames, heatmaps
+from traitsae.evaluation.core.tokens import gather_codes
+from traitsae.evaluation.discovery import discovery, groups
+from traitsae.evaluation.discovery import stats as discovery_stats
+from traitsae.evaluation.discovery.candidates import build_candidates, candidate_figure
 
 # %%
 # Paths below are relative to the repository root, where `make demo` writes.
@@ -60,8 +63,8 @@ print(store)
 # A group is a filter on the store's per-image metadata columns (any column, several values).
 
 # %%
-mask_a = discovery.group_mask(store.metadata, GROUP_A, "group_a", str(store.path))
-mask_b = discovery.group_mask(store.metadata, GROUP_B, "group_b", str(store.path))
+mask_a = groups.group_mask(store.metadata, GROUP_A, "group_a", str(store.path))
+mask_b = groups.group_mask(store.metadata, GROUP_B, "group_b", str(store.path))
 print(f"group A: {mask_a.sum()} images, group B: {mask_b.sum()} images")
 
 # %% [markdown]
@@ -102,16 +105,16 @@ for cand in result.table():
 # gamma*Moran's I. Discoveries come first, then confirmed candidates, then the rest.
 
 # %%
-candidates, maps = discovery.build_candidates(
+candidates, maps = build_candidates(
     store, sae, scores, result.candidates, heatmaps.TriageWeights(), n_top_images=6
 )
 top = next(c for c in candidates if c.stats.group == "a")
 print(f"top candidate for A: latent {top.stats.latent}, triage score {top.score:.2f}")
 
 # %%
-names = {"a": discovery.describe_group(GROUP_A), "b": discovery.describe_group(GROUP_B)}
-images = heatmaps.store_image_source(store, IMAGE_ROOT)
-figure = discovery.candidate_figure(
+names = {"a": groups.describe_group(GROUP_A), "b": groups.describe_group(GROUP_B)}
+images = frames.store_image_source(store, IMAGE_ROOT)
+figure = candidate_figure(
     top, maps, store.metadata, names, images, scores, out / "top_candidate.png"
 )
 display(Image(filename=str(figure)))

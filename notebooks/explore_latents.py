@@ -31,8 +31,9 @@ from IPython.display import Image, display
 
 from traitsae import load_sae
 from traitsae.data.store import Store
-from traitsae.evaluation import features, heatmaps
-from traitsae.evaluation.encode import SparseCodes, write_sparse_codes
+from traitsae.evaluation.core import figures, firing, frames
+from traitsae.evaluation.core.codes import SparseCodes, write_sparse_codes
+from traitsae.evaluation.latents import features
 
 # %%
 # Paths below are relative to the repository root, where `make demo` writes.
@@ -55,7 +56,7 @@ out = Path(OUT)
 out.mkdir(parents=True, exist_ok=True)
 sae = load_sae(RUN)
 store = Store(STORE or sae.meta["store"])
-images = heatmaps.store_image_source(store, IMAGE_ROOT, IMAGE_SIZE)
+images = frames.store_image_source(store, IMAGE_ROOT, IMAGE_SIZE)
 print(store)
 print(f"SAE: {sae.d_sae} latents, trained on layer {sae.meta['layer']} of {sae.meta['backbone']}")
 
@@ -65,7 +66,7 @@ print(f"SAE: {sae.d_sae} latents, trained on layer {sae.meta['layer']} of {sae.m
 # top images on the fly.
 
 # %%
-stats, topk = features.scan(store, sae, TOP_K)
+stats, topk = firing.scan(store, sae, TOP_K)
 display(Image(filename=str(features.frequency_histogram(stats, out / "frequency.png"))))
 freq = stats.patch_freq
 print(
@@ -104,12 +105,11 @@ print(f"latents firing in region {QUERY_REGION} of image {QUERY_IMAGE}: {found}"
 
 # %%
 path = str(codes.metadata("path")[QUERY_IMAGE])
-region_panel = heatmaps.Panel(images.load(path), inside_RC.astype(float), "query region")
+region_panel = figures.Panel(images.load(path), inside_RC.astype(float), "query region")
 latent_panels = [
-    heatmaps.Panel(images.load(path), codes.latent_map(QUERY_IMAGE, s), f"latent {s}")
-    for s in found
+    figures.Panel(images.load(path), codes.latent_map(QUERY_IMAGE, s), f"latent {s}") for s in found
 ]
-figure = heatmaps.plot_panel_rows(
+figure = figures.plot_panel_rows(
     [("query", [region_panel, *latent_panels])],
     out / "region_query.png",
     f"image {QUERY_IMAGE}: {path}",

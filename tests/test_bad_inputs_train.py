@@ -41,6 +41,26 @@ def test_bad_settings_are_named(store: Path, tmp_path: Path, override: str, mess
         train(compose_train([*train_overrides(store, tmp_path / "run"), override]))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.decay=exponential", r"optim\.decay='exponential' is unknown"),
+        ("sae.b_dec_init=median", r"sae\.b_dec_init='median' is unknown"),
+        ("sae.k=0", r"sae\.k=0 is out of range for sae=topk"),
+        ("sae.dead_after_steps=0", r"sae\.dead_after_steps must be an integer >= 1"),
+        ("sparsity=l1", None),  # a good setting: only the missing store stops the run
+    ],
+)
+def test_bad_sae_and_objective_settings_fail_before_the_store_is_opened(
+    tmp_path: Path, override: str, message: str | None
+) -> None:
+    """Typed configs are checked up front: a bad setting is named even when the store is
+    missing (the store is opened only after every setting passed)."""
+    overrides = [*train_overrides(tmp_path / "missing.h5", tmp_path / "run"), override]
+    with pytest.raises(TraitsaeError, match=message or r"missing\.h5"):
+        train(compose_train(overrides))
+
+
 def test_the_cli_prints_one_paragraph_and_exits_2(store: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "train.py", *train_overrides(store, tmp_path / "run"), "data.layer=abc"],

@@ -6,8 +6,8 @@ import pytest
 from eval_helpers import compose_evaluate, experiment_overrides, make_sae, planted_experiment
 from test_cub_traits_run import FAST, METHODS
 
-from traitsae.evaluation.common import run_evaluation
-from traitsae.evaluation.precision import precision_at_k_loop, precision_at_trait_k
+from traitsae.evaluation.core.precision import precision_at_k_loop, precision_at_trait_k
+from traitsae.evaluation.registry import run_evaluation
 
 UNSUPERVISED = [m for m in METHODS if m != "probe"]
 K_COVER = 30  # some planted traits have >= 30 test positives, some fewer

@@ -13,7 +13,7 @@ from eval_helpers import (
 )
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.common import run_evaluation
+from traitsae.evaluation.registry import run_evaluation
 
 FAST = [
     "eval=cub_traits",
@@ -147,7 +147,7 @@ def test_sae_of_another_layer_or_backbone(experiment, tmp_path):
 
 def test_invalid_images_are_skipped(experiment, tmp_path):
     from traitsae.data.store import Store
-    from traitsae.evaluation.scoring import Method, image_scores, linear_scorer
+    from traitsae.evaluation.core.methods import Method, image_scores, linear_scorer
 
     rng = np.random.default_rng(0)
     patches_NPD = rng.standard_normal((10, 4, 8)).astype(np.float32)

@@ -15,8 +15,8 @@ from train_helpers import id_store
 from traitsae.data.dictionary import DictionarySpec, make_dictionary, read_truth
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.common import run_evaluation
-from traitsae.evaluation.dictionary import recovered_by_kind
+from traitsae.evaluation.quality.dictionary import recovered_by_kind
+from traitsae.evaluation.registry import run_evaluation
 from traitsae.extraction import extract
 from traitsae.sae.export import save_sae
 from traitsae.sae.model import build_sae

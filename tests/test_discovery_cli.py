@@ -12,8 +12,8 @@ import pytest
 from discovery_helpers import TRAIT_A, TRAIT_B, compose_cfg, planted_sae, planted_store
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.common import run_evaluation
-from traitsae.evaluation.encode import SparseCodes
+from traitsae.evaluation.core.codes import SparseCodes
+from traitsae.evaluation.registry import run_evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 

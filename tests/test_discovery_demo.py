@@ -16,9 +16,9 @@ import pytest
 from discovery_helpers import compose_cfg, demo_sae, outputs_text, run_notebook
 
 from traitsae.data.store import Store
-from traitsae.evaluation import heatmaps
-from traitsae.evaluation.common import run_evaluation
-from traitsae.evaluation.encode import gather_codes
+from traitsae.evaluation.core import frames, heatmaps
+from traitsae.evaluation.core.tokens import gather_codes
+from traitsae.evaluation.registry import run_evaluation
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def heatmap_mass_per_trait(root, run_dir, candidate) -> np.ndarray:
     position = {int(i): n for n, i in enumerate(image_ids)}
     sae = load_sae(run_dir)
     with Store(root / "activations" / "synthetic" / "train" / "tiny.h5") as store:
-        frame = heatmaps.store_image_source(store).frame
+        frame = frames.store_image_source(store).frame
         meta = store.metadata
         rows = np.flatnonzero(np.isin(meta["path"], candidate["top_images"]))
         codes = gather_codes(store, sae, rows, np.array([candidate["latent"]]))
@@ -87,13 +87,13 @@ def shared_trait_latents(root, run_dir, trait: int) -> np.ndarray:
     >= half of their activation mass on the trait's patches."""
     from traitsae import load_sae
     from traitsae.data.synthetic import ALPHA, BETA, load_trait_masks
-    from traitsae.evaluation.encode import stream_codes
+    from traitsae.evaluation.core.tokens import stream_codes
 
     image_ids, masks_NTHW = load_trait_masks(root / "data" / "synthetic")
     position = {int(i): n for n, i in enumerate(image_ids)}
     sae = load_sae(run_dir)
     with Store(root / "activations" / "synthetic" / "train" / "tiny.h5") as store:
-        frame = heatmaps.store_image_source(store).frame
+        frame = frames.store_image_source(store).frame
         species = store.metadata["species"]
         inside_S = np.zeros(sae.d_sae)
         total_S = np.zeros(sae.d_sae)

@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import heatmaps
-from traitsae.evaluation.discovery import group_mask, parse_group, parse_strata, strata_labels
-from traitsae.evaluation.features import RunningTopK
-from traitsae.evaluation.report import Card, Section, write_report
+from traitsae.evaluation.core import frames, heatmaps
+from traitsae.evaluation.core.firing import RunningTopK
+from traitsae.evaluation.core.report import Card, Section, write_report
+from traitsae.evaluation.discovery.groups import (
+    group_mask,
+    parse_group,
+    parse_strata,
+    strata_labels,
+)
 
 
 def morans_i_reference(map_RC: np.ndarray) -> float:
@@ -172,7 +177,7 @@ def test_frame_moves_masks_like_images(tmp_path):
     pixels = np.zeros((80, 100, 3), dtype=np.uint8)
     pixels[20:40, 50:70] = 255
     Image.fromarray(pixels).save(tmp_path / "x.png")
-    frame = heatmaps.Frame.simple(40, "center_crop")  # 80x100 -> 40x50 -> crop cols 5..45
+    frame = frames.Frame.simple(40, "center_crop")  # 80x100 -> 40x50 -> crop cols 5..45
     framed_image = frame.image(tmp_path / "x.png")
     framed_mask = frame.mask(pixels[..., 0] > 0)
     assert framed_image.shape == (40, 40, 3) and framed_mask.shape == (40, 40)

@@ -11,11 +11,11 @@ from discovery_helpers import SHARED, TRAIT_A, TRAIT_B, block_mask, planted_sae,
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import heatmaps
-from traitsae.evaluation.discovery import discover
-from traitsae.evaluation.discovery_stats import NullOptions, RankingRule
-from traitsae.evaluation.encode import gather_codes
-from traitsae.evaluation.heatmaps import Frame, ImageSource
+from traitsae.evaluation.core import heatmaps
+from traitsae.evaluation.core.frames import Frame, ImageSource
+from traitsae.evaluation.core.tokens import gather_codes
+from traitsae.evaluation.discovery.discovery import discover
+from traitsae.evaluation.discovery.stats import NullOptions, RankingRule
 
 CONTRACT_KEYS = {
     "p_value",

@@ -12,8 +12,9 @@ from scipy.stats import binom
 from sklearn.metrics import roc_auc_score
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import discovery_stats
-from traitsae.evaluation.discovery_stats import (
+from traitsae.evaluation.discovery import stats as discovery_stats
+from traitsae.evaluation.discovery.null import shuffled_labels
+from traitsae.evaluation.discovery.stats import (
     NullOptions,
     RankingRule,
     auroc_per_column,
@@ -22,7 +23,6 @@ from traitsae.evaluation.discovery_stats import (
     contrast,
     permutation_test,
     rank_by_specificity,
-    shuffled_labels,
     stratum_codes,
 )
 

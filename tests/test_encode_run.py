@@ -10,7 +10,7 @@ from discovery_helpers import TRAIT_A, planted_sae, planted_store
 
 from traitsae.data.store import Store, create_store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.encode import SparseCodes, write_sparse_codes
+from traitsae.evaluation.core.codes import SparseCodes, write_sparse_codes
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def _encode_cfg(root, out_dir, *overrides):
 
 
 def test_encode_never_overwrites_an_input_or_an_existing_file(planted, tmp_path):
-    from traitsae.evaluation.encode import run
+    from traitsae.evaluation.latents.encode import run
 
     store, _, root = planted
     before = store.path.read_bytes()
@@ -120,7 +120,7 @@ def test_encode_never_overwrites_an_input_or_an_existing_file(planted, tmp_path)
 
 
 def test_evaluate_accepts_the_sae_backbone_and_refuses_another(planted, tmp_path):
-    from traitsae.evaluation.encode import run
+    from traitsae.evaluation.latents.encode import run
 
     _, _, root = planted
     assert run(_encode_cfg(root, tmp_path, "backbone=tiny", "eval.output=a.h5")).is_file()

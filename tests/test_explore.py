@@ -84,7 +84,7 @@ def test_index_matches_dense_max_pooling():
 
 
 def test_latent_table_agrees_with_eval_features(planted, data):
-    from traitsae.evaluation.features import scan
+    from traitsae.evaluation.core.firing import scan
 
     _, _, _, store = planted
     with Store(store.path) as opened:

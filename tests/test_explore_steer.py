@@ -42,7 +42,7 @@ def demo(tmp_path_factory):
 
 
 def test_unsteered_probabilities_are_the_probe_on_the_final_embedding(demo):
-    from traitsae.evaluation.downstream import iter_image_batches
+    from traitsae.evaluation.causal.forward import iter_image_batches
     from traitsae.explore.steering import Steering
 
     _, _, data = demo

@@ -20,7 +20,7 @@ from PIL import Image
 
 from traitsae.backbones import build_backbone
 from traitsae.backbones.timm_vit import create_timm_model
-from traitsae.data.store import Store
+from traitsae.data.store import Store, schema
 from traitsae.errors import TraitsaeError
 from traitsae.extraction import encode_batch, extract
 from traitsae.paths import store_path_from_cfg
@@ -58,6 +58,31 @@ def test_store_equals_forward_hook_on_the_same_images(reference_store):
             np.testing.assert_array_equal(store.patches(layer)[()], expected[:, 1:])
             np.testing.assert_array_equal(store.cls(layer)[()], expected[:, 0])
         assert "backbone:" in store.config and store.file.attrs["image_size"] == 64
+
+
+def test_an_extracted_store_holds_exactly_the_schema_keys(reference_store):
+    """Every key extraction writes is in `schema.SCHEMA` and every key there is written: the
+    schema (and docs/guide/store.md, generated from it) cannot lose or miss a key."""
+    path, _ = reference_store
+    with Store(path) as store:
+        attrs = set(store.file.attrs)
+        datasets = set()
+        store.file.visititems(
+            lambda name, obj: datasets.add(name) if hasattr(obj, "shape") else None
+        )
+        columns, layers = store.metadata_columns, store.layers
+    expected_attrs, expected_datasets = set(), set()
+    for key in schema.SCHEMA:
+        if key.kind == "attr":
+            expected_attrs.add(key.name)
+        elif "<L>" in key.name:
+            expected_datasets |= {key.name.replace("<L>", str(layer)) for layer in layers}
+        elif "<column>" in key.name:
+            expected_datasets |= {f"images/{column}" for column in columns}
+        else:
+            expected_datasets.add(key.name)
+    assert columns == ["image_id", "species"]
+    assert attrs == expected_attrs and datasets == expected_datasets
 
 
 def test_rerun_is_a_noop_and_config_mismatch_is_an_error(reference_store, syn_root):

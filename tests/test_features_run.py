@@ -9,17 +9,15 @@ from discovery_helpers import SHARED, TRAIT_A, TRAIT_B, planted_sae, planted_sto
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.features import (
-    density_outputs,
+from traitsae.evaluation.core.firing import density_outputs, scan
+from traitsae.evaluation.core.frames import Frame, ImageSource
+from traitsae.evaluation.core.labels import label_entropy, top_image_summary
+from traitsae.evaluation.latents.features import (
     frequency_histogram,
     galleries,
-    label_entropy,
-    scan,
     select_latents,
-    top_image_summary,
     write_features_index,
 )
-from traitsae.evaluation.heatmaps import Frame, ImageSource
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +132,7 @@ def test_top_image_summary_on_the_planted_store(planted):
 def test_features_and_health_write_the_density_figure(planted, tmp_path):
     from discovery_helpers import compose_cfg
 
-    from traitsae.evaluation.common import run_evaluation
+    from traitsae.evaluation.registry import run_evaluation
 
     store, _ = planted
     run_dir = store.path.parents[3] / "run"

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from train_helpers import ROOT, compose_train, id_store, subprocess_env, train_overrides
 
 import traitsae
-from traitsae.sweeps.checkpoints import join_checkpoints, split_checkpoint
-from traitsae.sweeps.grouping import group_jobs, splitting_keys
 from traitsae.training import train
+from traitsae.training.group_checkpoints import join_checkpoints, split_checkpoint
+from traitsae.training.grouping import group_jobs, splitting_keys
 
 
 @pytest.fixture(scope="module")

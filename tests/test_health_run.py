@@ -16,7 +16,7 @@ from eval_helpers import (
 )
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.common import run_evaluation
+from traitsae.evaluation.registry import run_evaluation
 from traitsae.sae.export import load_sae
 
 D_MODEL = 16
@@ -97,7 +97,7 @@ def test_sweep_dir_gives_csv_and_pareto(setup, tmp_path):
 
 
 def test_labels_name_only_what_differs_and_stay_short(tmp_path):
-    from traitsae.evaluation.health import run_labels, short_names
+    from traitsae.evaluation.core.runs import run_labels, short_names
 
     runs = []
     for job, (k, lr) in enumerate(((16, "0.001"), (32, "0.001"), (16, "0.0004"))):

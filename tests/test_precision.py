@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.precision import (
+from traitsae.evaluation.core.precision import (
     average_precision_columns,
     average_precision_pairs,
     bootstrap_ci,

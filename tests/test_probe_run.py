@@ -7,7 +7,7 @@ import torch
 from eval_helpers import LAYER, compose_evaluate, experiment_overrides, planted_experiment
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.common import run_evaluation
+from traitsae.evaluation.registry import run_evaluation
 from traitsae.sae.export import load_sae, save_sae
 
 

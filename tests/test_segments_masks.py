@@ -18,7 +18,7 @@ from traitsae.data.images.masks import (
     read_mask_classes,
 )
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.heatmaps import Frame
+from traitsae.evaluation.core.frames import Frame
 
 CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
 

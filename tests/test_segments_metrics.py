@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from traitsae.evaluation import patch_metrics as pm
+from traitsae.evaluation.segments import metrics as pm
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_pair_logits_pick_each_class_its_direction(case):
 
 
 def test_units_with_positives_lists_the_splits_that_lack_them() -> None:
-    from traitsae.evaluation.precision import units_with_positives
+    from traitsae.evaluation.core.precision import units_with_positives
 
     keep, skipped = units_with_positives(np.array([3, 0, 0, 2]), np.array([1, 4, 0, 0]), "masks")
     assert keep.tolist() == [True, False, False, False]

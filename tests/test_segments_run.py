@@ -81,7 +81,7 @@ def overrides(ex, *extra):
 
 
 def test_planted_classes_are_found_by_their_latent(experiment, tmp_path, capsys):
-    from traitsae.evaluation.segments import run
+    from traitsae.evaluation.segments.segments import run
 
     report = run(compose_evaluate(overrides(experiment), tmp_path))
     sae_rows = [r for r in report.per_class if r["method"] == "sae"]
@@ -106,7 +106,7 @@ def test_planted_classes_are_found_by_their_latent(experiment, tmp_path, capsys)
 
 
 def test_reference_sae_and_bad_options(experiment, tmp_path):
-    from traitsae.evaluation.segments import run
+    from traitsae.evaluation.segments.segments import run
 
     untrained = make_sae(tmp_path / "init", D_MODEL, D_SAE, seed=1)
     report = run(

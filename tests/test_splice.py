@@ -16,7 +16,7 @@ from test_backbones_hub import hub_cache  # noqa: F401 (the fixture)
 from traitsae.backbones import build_backbone
 from traitsae.backbones.openclip_vit import create_openclip_model
 from traitsae.backbones.timm_vit import create_timm_model
-from traitsae.evaluation.splice import CONDITIONS, condition_tokens, recovered
+from traitsae.evaluation.causal.splice import CONDITIONS, condition_tokens, recovered
 
 
 def _images(size: int, n: int = 3) -> torch.Tensor:
@@ -107,7 +107,7 @@ def test_conditions_edit_only_the_chosen_tokens():
 def test_splice_on_the_demo(tmp_path):
     import shutil
 
-    from traitsae.evaluation.splice import run
+    from traitsae.evaluation.causal.splice import run
 
     cfg = evaluate_cfg("splice", tmp_path, ["split=test"])
     cache_dir = Path(cfg.paths.activations_dir) / "synthetic" / "test" / "tiny.h5.cache"
@@ -146,7 +146,7 @@ def test_backbone_in_sae_json_must_match_the_store(tmp_path):
     import shutil
 
     from traitsae.errors import TraitsaeError
-    from traitsae.evaluation.splice import run
+    from traitsae.evaluation.causal.splice import run
 
     cfg = evaluate_cfg("splice", tmp_path / "out", ["split=test"])
     run_dir = tmp_path / "run"
@@ -169,7 +169,7 @@ def test_zero_shot_rows_of_a_tiny_bioclip_from_the_hub_cache(hub_cache, tmp_path
     from test_backbones_hub import TEXT, VISION, put
 
     from traitsae.data.images import load_image_list
-    from traitsae.evaluation.splice import run
+    from traitsae.evaluation.causal.splice import run
     from traitsae.extraction import extract
     from traitsae.sae.export import save_sae
     from traitsae.sae.model import build_sae
@@ -239,7 +239,7 @@ def test_cache_file_follows_the_store_and_the_key(tmp_path):
 
     import numpy as np
 
-    from traitsae.evaluation.downstream import cache_file, load_cached, save_cached
+    from traitsae.evaluation.causal.forward import cache_file, load_cached, save_cached
 
     store = SimpleNamespace(path=tmp_path / "tiny.h5")
     store.path.write_bytes(b"not hdf5")  # no fingerprint: the file's size and mtime still count

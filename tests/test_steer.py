@@ -11,8 +11,9 @@ import torch
 from causal_helpers import ALPHA, BETA, evaluate_cfg
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.downstream import ClassProbe
-from traitsae.evaluation.steer import run, steer_tokens
+from traitsae.evaluation.causal.forward import ClassProbe
+from traitsae.evaluation.causal.steer import run
+from traitsae.evaluation.causal.steering import steer_tokens
 
 
 class _Sae(torch.nn.Module):

@@ -8,7 +8,14 @@ import h5py
 import numpy as np
 import pytest
 
-from traitsae.data.store import Store, StoreWriter, create_store, row_offsets, write_rows
+from traitsae.data.store import (
+    Store,
+    StoreWriter,
+    create_store,
+    missing_store_message,
+    row_offsets,
+    write_rows,
+)
 from traitsae.data.store import tmp_path as store_tmp_path
 from traitsae.errors import TraitsaeError
 
@@ -302,8 +309,6 @@ def test_schema_violations_name_the_dataset(tmp_path, kwargs, message):
 
 
 def test_missing_and_incomplete_store_messages(tmp_path):
-    from traitsae.paths import missing_store_message
-
     _partial(tmp_path / "tiny.h5.tmp")
     message = missing_store_message([tmp_path / "tiny.h5", tmp_path / "b.h5"], ["cmd a", "cmd b"])
     assert f"{tmp_path}/tiny.h5 is incomplete (extraction stopped; " in message

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from train_helpers import compose_train, dictionary_store, train_overrides
 
 from traitsae.errors import TraitsaeError
 from traitsae.sae.model import build_sae
 from traitsae.sae.sparsity import L0Controller, start_firing_at
 from traitsae.training import train
+from traitsae.training.config import TrainConfig
 
 
 def test_controller_raises_the_coefficient_while_l0_is_too_high_and_lowers_it_after() -> None:
@@ -103,13 +103,10 @@ def test_controller_does_not_wind_up_while_l0_is_already_falling() -> None:
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka"])
 def test_target_l0_for_a_topk_family_is_a_clear_error(variant: str, tmp_path) -> None:
-    from traitsae.sae.module import SAEModule
-
     cfg = compose_train([f"sae={variant}", "sae.d_sae=64", "sae.target_l0=8",
                          f"hydra.run.dir={tmp_path}"])  # fmt: skip
-    sae = {**OmegaConf.to_container(cfg.sae, resolve=True), "d_model": 16}
     with pytest.raises(TraitsaeError, match=r"sae.target_l0=8 does not apply .* sae.k=32"):
-        SAEModule(sae, OmegaConf.to_container(cfg.sparsity), OmegaConf.to_container(cfg.optim))
+        TrainConfig.from_cfg(cfg)  # checked up front, before the store is opened
 
 
 @pytest.mark.parametrize(
@@ -118,10 +115,7 @@ def test_target_l0_for_a_topk_family_is_a_clear_error(variant: str, tmp_path) ->
      ("sae.target_l0_ramp=1.5", r"sae.target_l0_ramp=1.5 must be a fraction of the run")],
 )  # fmt: skip
 def test_bad_firing_start_or_ramp_is_a_clear_error(override: str, match: str, tmp_path) -> None:
-    from traitsae.sae.module import SAEModule
-
     cfg = compose_train(["sae=relu", "sae.d_sae=64", "sae.target_l0=8", override,
                          f"hydra.run.dir={tmp_path}"])  # fmt: skip
-    sae = {**OmegaConf.to_container(cfg.sae, resolve=True), "d_model": 16}
     with pytest.raises(TraitsaeError, match=match):
-        SAEModule(sae, OmegaConf.to_container(cfg.sparsity), OmegaConf.to_container(cfg.optim))
+        TrainConfig.from_cfg(cfg)  # checked up front, before the store is opened

@@ -192,7 +192,7 @@ def test_lightning_lines_print_once_without_adverts() -> None:
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-    from traitsae.training import quiet_lightning_console
+    from traitsae.training.trainer import quiet_lightning_console
 
     seen: list[str] = []
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -110,13 +111,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def _lightning_callback_base() -> type:
-    import lightning as L
-
-    return L.Callback
-
-
-class KillAtStep(_lightning_callback_base()):
+class KillAtStep(L.Callback):
     """SIGKILL the training process once `step` optimiser steps are done (crash test)."""
 
     def __init__(self, step: int) -> None:
@@ -129,7 +124,7 @@ class KillAtStep(_lightning_callback_base()):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class RecordRun(_lightning_callback_base()):
+class RecordRun(L.Callback):
     """Writes rank<r>.json: first step, ids (image*1000 + patch) of trained vectors, a weights
     digest and the final metrics -- what the resume and DDP tests compare."""
 

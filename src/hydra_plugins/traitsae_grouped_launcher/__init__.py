@@ -1,0 +1,1 @@
+"""The grouped launcher plugin (`hydra/launcher=grouped`), where Hydra looks for it."""

@@ -2,7 +2,11 @@
 
 Hydra finds launchers only inside the `hydra_plugins` namespace package, hence this module.
 Each job still gets its own job dir, `.hydra/` record and outputs, as with the basic launcher;
-then `traitsae.sweeps.grouping` groups the jobs and `traitsae.sweeps.train` trains each group.
+then `traitsae.training.grouping` groups the jobs and `traitsae.training.train_group` trains each group.
+
+Hydra imports every module of `hydra_plugins` when any Hydra app starts (extract.py and
+evaluate.py too), so this module imports the training code (Lightning: seconds) only when a
+group trains, and submitit (an optional dependency, the `slurm` extra) only when it submits.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from traitsae.errors import TraitsaeError, exit_on_user_error
+from traitsae.training.grouping import group_jobs, splitting_keys
+
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +49,7 @@ class TrainGroup:
     """
 
     def __call__(self, jobs: list[tuple[DictConfig, Path]], hydra_cfg: DictConfig) -> list[Path]:
-        from traitsae.errors import exit_on_user_error
-        from traitsae.sweeps.train import train_group
+        from traitsae.training import train_group  # Lightning: see the module docstring
 
         HydraConfig.instance().set_config(hydra_cfg)  # as inside the group's first job
         return exit_on_user_error(train_group)(jobs)
@@ -69,15 +75,11 @@ class GroupedLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from traitsae.errors import exit_on_user_error
-
         return exit_on_user_error(self._launch)(job_overrides, initial_job_idx)
 
     def _launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from traitsae.sweeps.grouping import group_jobs, splitting_keys
-
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -144,8 +146,6 @@ class GroupedLauncher(Launcher):
 def _result(job: Any) -> list[Path]:
     """A group job's job dirs, or its error as one paragraph (not submitit's traceback)."""
     from submitit.core.utils import UncompletedJobError
-
-    from traitsae.errors import TraitsaeError
 
     try:
         return job.results()[0]

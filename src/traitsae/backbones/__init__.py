@@ -6,23 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from traitsae.backbones.base import Backbone, Final, Geometry, resolve_layers
+from traitsae.backbones.openclip_vit import build_openclip
+from traitsae.backbones.timm_vit import build_timm
 from traitsae.errors import TraitsaeError
 
-
-def _timm(cfg: Any) -> Backbone:
-    from traitsae.backbones.timm_vit import build_timm
-
-    return build_timm(cfg)
-
-
-def _open_clip(cfg: Any) -> Backbone:
-    from traitsae.backbones.openclip_vit import build_openclip
-
-    return build_openclip(cfg)
-
-
 # Family registry: a new family is a builder function here plus conf/backbone/<name>.yaml files.
-FAMILIES: dict[str, Callable[[Any], Backbone]] = {"timm": _timm, "open_clip": _open_clip}
+FAMILIES: dict[str, Callable[[Any], Backbone]] = {"timm": build_timm, "open_clip": build_openclip}
 # The store's geometry is derived from these before the model is built (and checked after).
 REQUIRED_KEYS = (
     "name", "family", "checkpoint", "image_size", "patch_size", "width", "depth",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import open_clip
 import torch
 
 from traitsae.backbones.base import Backbone, Geometry
@@ -35,8 +36,6 @@ class TextTower:
     @torch.inference_mode()
     def classifier(self, prompts: list[str]) -> torch.Tensor:
         """Unit text embeddings [C, E] of `prompts` (zero-shot class c scores emb @ row c)."""
-        import open_clip
-
         tokenizer = open_clip.get_tokenizer(
             self.tokenizer_name, context_length=int(self.model.context_length)
         )
@@ -60,8 +59,6 @@ def model_name(cfg: Any) -> tuple[str, str | None]:
 
 def create_openclip_model(cfg: Any) -> tuple[torch.nn.Module, Any]:
     """(CLIP model, eval preprocessing) of a backbone config."""
-    import open_clip
-
     weights = local_weights(cfg.get("weights"), cfg.name)
     kwargs = init_kwargs(cfg)
     checkpoint = str(cfg.checkpoint)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
 import torch
+from timm.data import create_transform, resolve_data_config
 
 from traitsae.backbones.base import Backbone, Geometry
 from traitsae.backbones.weights import init_kwargs, load_or_explain, local_weights
@@ -26,8 +28,6 @@ class TimmViT(Backbone):
 
 def create_timm_model(cfg: Any) -> torch.nn.Module:
     """The timm model of a backbone config (weights as configured, classifier removed)."""
-    import timm
-
     weights = local_weights(cfg.get("weights"), cfg.name)
     pretrained = bool(cfg.get("pretrained", True)) or weights is not None
     kwargs = dict(img_size=int(cfg.image_size), num_classes=0, **init_kwargs(cfg))
@@ -46,8 +46,6 @@ def create_timm_model(cfg: Any) -> torch.nn.Module:
 
 
 def build_timm(cfg: Any) -> TimmViT:
-    from timm.data import create_transform, resolve_data_config
-
     model = create_timm_model(cfg)
     size = int(cfg.image_size)
     overrides = {"input_size": (3, size, size)}

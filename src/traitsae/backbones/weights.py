@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from huggingface_hub import constants
+from omegaconf import OmegaConf
+
 from traitsae.errors import TraitsaeError
 
 T = TypeVar("T")
@@ -97,8 +100,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 @contextmanager
 def hub_offline() -> Iterator[None]:
     """huggingface_hub in offline mode for the duration (it reads the flag at call time)."""
-    from huggingface_hub import constants
-
     saved_flag, saved_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
     constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
     try:
@@ -118,8 +119,6 @@ def _first_line(err: BaseException) -> str:
 
 def init_kwargs(cfg: Any) -> dict[str, Any]:
     """The family-specific constructor overrides of a backbone config as a plain dict."""
-    from omegaconf import OmegaConf
-
     kwargs = cfg.get("model_kwargs") or {}
     return (
         OmegaConf.to_container(kwargs, resolve=True)

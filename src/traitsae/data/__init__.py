@@ -1,1 +1,1 @@
-"""Data: image datasets (images/, synthetic demo) and the HDF5 activation store (store.py)."""
+"""Data: image sources, the HDF5 activation store and the training stream (never the SAE)."""

@@ -20,16 +20,16 @@ from torch.utils.data import DataLoader
 
 from traitsae.config_checks import fraction, integer
 from traitsae.data.rings import PREFETCH, BatchLoader
-from traitsae.data.store import Store, tmp_path
+from traitsae.data.store import Store, missing_store_message, tmp_path
 from traitsae.data.stream import (
     ActivationStream,
-    StreamPlan,
     plan_blocks,
     sample_vectors,
     split_blocks,
 )
+from traitsae.data.stream_plan import StreamPlan
 from traitsae.errors import TraitsaeError
-from traitsae.paths import extract_command, missing_store_message, store_path
+from traitsae.paths import extract_command, store_path
 
 TOKENS = ("patches", "cls")
 # A sample vector this many times longer than the sample's median is an outlier that would set

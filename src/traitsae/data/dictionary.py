@@ -14,9 +14,8 @@ Magnitudes are |N(magnitude_mean, magnitude_sd)|.
 
 The store is written through the real `StoreWriter` at the standard store path (one layer, 0;
 `patches_per_image` vectors per "image"), so train.py streams it unchanged. The truth lives in
-the store under `ground_truth/`: `features` float32 [F, D], `parents` int64 [F] (-1 = none),
-`frequency` float64 [F] (firing probability), `bias` float32 [D], and the true codes of the first `truth_images`
-images as CSR (`codes_indptr` int64, `codes_indices` int32, `codes_values` float32).
+the store under `ground_truth/` (`TRUTH_KEYS`: the feature directions, their parents and
+frequencies, the bias, and the true codes of the first `truth_images` images as CSR).
 The dictionary depends only on `seed`; the vectors on `seed` and the split.
 """
 
@@ -35,12 +34,26 @@ from scipy import sparse
 from scipy.special import ndtri
 from tqdm.auto import tqdm
 
-from traitsae import __version__
+from traitsae.data.store import StoreWriter, store_is_done
+from traitsae.data.store.schema import Key
 from traitsae.errors import TraitsaeError
+from traitsae.paths import store_path_from_cfg
+from traitsae.version import __version__
 
 log = logging.getLogger(__name__)
 
 TRUTH_GROUP = "ground_truth"
+# What a dictionary store adds to the store schema (docs/guide/store.md lists them too).
+TRUTH_KEYS: tuple[Key, ...] = (
+    Key("ground_truth/features", "dataset", "float32 [F, D]", True, "the F unit feature directions"),
+    Key("ground_truth/parents", "dataset", "int64 [F]", True, "each feature's parent (-1: none)"),
+    Key("ground_truth/frequency", "dataset", "float64 [F]", True, "each feature's firing probability"),
+    Key("ground_truth/bias", "dataset", "float32 [D]", True, "the bias every vector shares"),
+    Key("ground_truth/codes_indptr", "dataset", "int64 [T + 1]", True, "CSR row pointer of the true codes of the first T vectors"),
+    Key("ground_truth/codes_indices", "dataset", "int32 [nnz]", True, "CSR feature index of each true code"),
+    Key("ground_truth/codes_values", "dataset", "float32 [nnz]", True, "CSR magnitude of each true code"),
+    Key("truth_vectors", "attr", "int", True, "T, the vectors whose true codes are stored (an attr of `ground_truth/`)"),
+)  # fmt: skip
 # Vectors generated per write: a few MiB of float16 rows.
 CHUNK_VECTORS = 8192
 
@@ -190,10 +203,6 @@ def fingerprint(spec: DictionarySpec, split: str) -> str:
 
 def write_dictionary_store(cfg: DictConfig) -> Path:
     """Generate the `dataset=dictionary` store of `cfg.split` at the standard store path."""
-    from traitsae.data.store import StoreWriter
-    from traitsae.extraction import store_is_done
-    from traitsae.paths import store_path_from_cfg
-
     spec = DictionarySpec.from_cfg(cfg.dataset, str(cfg.split))
     out = store_path_from_cfg(cfg)
     key = fingerprint(spec, str(cfg.split))
@@ -303,6 +312,14 @@ def read_truth(store: Any) -> dict[str, np.ndarray]:
             "Pass data.store=<such a store>, or evaluate an SAE trained on one."
         )
     group = store.file[TRUTH_GROUP]
+    names = [key.name.removeprefix(f"{TRUTH_GROUP}/") for key in TRUTH_KEYS]
+    missing = [n for n in names if n not in group and n not in group.attrs]
+    if missing:
+        raise TraitsaeError(
+            f"store {store.path}: {TRUTH_GROUP}/ lacks {missing} (the keys of a dictionary store: "
+            "docs/guide/store.md); re-write it with `python extract.py dataset=dictionary "
+            "extract.overwrite=true`."
+        )
     truth = {key: group[key][()] for key in group}
     truth["truth_vectors"] = int(group.attrs["truth_vectors"])
     return truth

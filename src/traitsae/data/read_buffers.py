@@ -11,15 +11,13 @@ from __future__ import annotations
 import mmap
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from traitsae.data.store import row_offsets
-
-if TYPE_CHECKING:
-    from traitsae.data.stream import StreamPlan
+from traitsae.data.stream_plan import StreamPlan
 
 
 def open_buffer(plan: StreamPlan, data: Any, capacity: int) -> ReadBuffer | MappedBuffer:

@@ -20,36 +20,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from traitsae.data.read_buffers import open_buffer
 from traitsae.data.rings import PIECE_BYTES, LocalOutputs, Piece, SharedOutputs, run_ahead
+from traitsae.data.stream_plan import StreamPlan
 
 # Aim for at least this many blocks per store so small stores still split across streams and
 # leave whole images for validation.
 MIN_BLOCKS = 32
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """Everything a worker needs to read its share; picklable (no open file handles)."""
-
-    path: str
-    key: str  # HDF5 dataset, e.g. "patches/11"
-    blocks: tuple[tuple[int, int], ...]  # [start, stop) image ranges
-    valid: np.ndarray | None  # bool [N] per image, None = all valid
-    d_model: int
-    per_image: int  # vectors per image: patches, or 1 for CLS tokens
-
-    def block_rows(self) -> np.ndarray:
-        """Vectors in each block (valid images only), [n_blocks] int64."""
-        if self.valid is None:
-            return np.array([(b - a) * self.per_image for a, b in self.blocks], np.int64)
-        return np.array([self.valid[a:b].sum() * self.per_image for a, b in self.blocks], np.int64)
 
 
 def _stream_rng(seed: int, *key: int) -> np.random.Generator:
@@ -218,8 +201,6 @@ class ActivationStream(IterableDataset):
         return self._pieces()
 
     def _pieces(self) -> Iterator[torch.Tensor | Piece]:
-        import h5py
-
         info = get_worker_info()
         stream, n_streams, position = self.placement(
             *((info.id, info.num_workers) if info else (0, 1))

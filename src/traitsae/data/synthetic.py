@@ -27,6 +27,7 @@ Files written under `root` (the CUB-200-2011 layout, so the real `cub` loader re
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from traitsae.data.images.common import read_table
+from traitsae.data.tables import read_table
 from traitsae.errors import TraitsaeError
 
 Painter = Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]  # (yy, xx, dy, dx) -> mask
@@ -354,8 +355,6 @@ def trait_names() -> list[str]:
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Write the synthetic CUB-layout demo dataset.")
     parser.add_argument("root")
     parser.add_argument("--seed", type=int, default=0)

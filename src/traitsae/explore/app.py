@@ -22,15 +22,14 @@ from typing import Any
 import streamlit as st
 
 from traitsae.errors import TraitsaeError
-from traitsae.explore.session import SESSION_ENV
+from traitsae.explore.data import PRELOADED, ExplorerData
+from traitsae.explore.session import SESSION_ENV, Session
 
 log = logging.getLogger("traitsae.explore")
 
 
 @st.cache_resource(show_spinner="Loading sparse codes and indexes ...")
 def load_data(session_path: str):
-    from traitsae.explore.data import PRELOADED, ExplorerData
-    from traitsae.explore.session import Session
 
     return PRELOADED.pop(session_path, None) or ExplorerData(Session.load(session_path))
 

@@ -24,8 +24,12 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pandas as pd
+from PIL import Image
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
 from traitsae.explore.session import Session
 
 # Loaded by the server process before Streamlit starts (server.py), keyed by session path.
@@ -39,28 +43,6 @@ _INDEX_ARRAYS = (
     "lat_score",
     "patch_fires",
 )
-
-
-def check_codes_match(codes: Path, store: Any, sae: Any) -> None:
-    """A codes file must come from this SAE (d_sae) and this store (patches, images)."""
-    with h5py.File(codes, "r") as f:
-        if not f.attrs.get("complete", False) or "codes/indptr" not in f:
-            raise TraitsaeError(
-                f"{codes} is not a complete sparse-code file; delete it (or drop explore.codes) "
-                "to have it made again."
-            )
-        found = {
-            "d_sae": int(f.attrs["d_sae"]),
-            "n_patches": int(f.attrs["n_patches"]),
-            "n_images": len(f["images/first_row"]),
-        }
-    wanted = {"d_sae": int(sae.d_sae), "n_patches": store.n_patches, "n_images": store.n_images}
-    if found != wanted:
-        raise TraitsaeError(
-            f"sparse codes {codes} do not belong to this SAE and store: they have {found}, the "
-            f"SAE and store {store.path} have {wanted}. Pass the codes of this run, or drop "
-            "explore.codes to have them made."
-        )
 
 
 @dataclass
@@ -80,7 +62,7 @@ def build_index(
     indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_patches: int, d_sae: int
 ) -> ImageIndex:
     """Max-pool CSR patch codes to images, then sort a copy latent-major, best first."""
-    import torch
+    import torch  # lazy: torch (launch stays torch-free)
 
     n_images = (len(indptr) - 1) // n_patches
     nnz_per_image = np.diff(indptr[::n_patches])
@@ -154,8 +136,6 @@ class ExplorerData:
     """Everything the pages read, for one session. Build once per process (the app caches it)."""
 
     def __init__(self, session: Session) -> None:
-        from traitsae.data.store import Store
-        from traitsae.evaluation.label_entropy import image_labels, top_image_summary
 
         self.session = session
         self.cache = Path(session.cache_dir)
@@ -185,7 +165,7 @@ class ExplorerData:
         """The SAE, loaded (with torch) on first use; one load even when two threads ask."""
         with self._sae_lock:
             if self._sae is None:
-                from traitsae.sae.export import load_sae
+                from traitsae.sae.export import load_sae  # lazy: torch (launch stays torch-free)
 
                 self._sae = load_sae(self.session.sae, device=self.session.device).eval()
         return self._sae
@@ -212,7 +192,6 @@ class ExplorerData:
 
     def latent_table(self) -> Any:
         """One row per latent: frequencies, scores, label entropy, and linked eval outputs."""
-        import pandas as pd
 
         counts_S = self.fire_counts()
         scores = np.asarray(self.index.lat_score, dtype=np.float64)
@@ -298,9 +277,11 @@ class ExplorerData:
 
     def reconstruction_error(self, row: int) -> np.ndarray:
         """[grid] per-patch ||x - x_hat||^2 / ||x||^2 of the SAE on the store's activations."""
-        import torch
+        import torch  # lazy: torch (launch stays torch-free)
 
-        from traitsae.evaluation.encode import sae_layer
+        from traitsae.evaluation.core.tokens import (
+            sae_layer,  # lazy: torch (launch stays torch-free)
+        )
 
         self.image_position(row)
         sae = self.sae
@@ -322,14 +303,10 @@ class ExplorerData:
             return None
         cached = self.image_cache / f"{row}.png"
         if cached.is_file():
-            from PIL import Image
-
             with Image.open(cached) as img:
                 return np.asarray(img.convert("RGB"))
         picture = self.image_source().load(str(self.paths[row]))
         if picture is not None:
-            from PIL import Image
-
             self.image_cache.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
             Image.fromarray(picture).save(partial, format="PNG")
@@ -345,7 +322,9 @@ class ExplorerData:
 
     def image_source(self) -> Any:
         """The store's pictures framed like extraction (built once: it imports torchvision)."""
-        from traitsae.evaluation.heatmaps import store_image_source
+        from traitsae.evaluation.core.frames import (
+            store_image_source,  # lazy: torch (launch stays torch-free)
+        )
 
         with self._frame_lock:
             if self._image_source is None:
@@ -356,7 +335,6 @@ class ExplorerData:
         return self._image_source
 
     def caption(self, row: int) -> str:
-        from traitsae.evaluation.heatmaps import caption_column
 
         column = caption_column(self.metadata)
         tag = f"{self.metadata[column][row]} " if column else ""
@@ -379,7 +357,6 @@ class ExplorerData:
         `region_scores`). Ranked by firing-rate gap (rate on positives - rate on negatives),
         ties by the gap in mean score; latents that fire on no positive are left out.
         """
-        import pandas as pd
 
         if len(positives_NS) == 0:
             raise TraitsaeError("choose at least one positive example to search by example.")
@@ -419,7 +396,9 @@ class ExplorerData:
 
     def group_scores(self, mask_a: np.ndarray, mask_b: np.ndarray) -> Any:
         """discovery.GroupScores of two groups of store rows, from the codes (no re-encoding)."""
-        from traitsae.evaluation.discovery import GroupScores
+        from traitsae.evaluation.discovery.candidates import (
+            GroupScores,  # lazy: torch (launch stays torch-free)
+        )
 
         has_codes_N = self.position >= 0
         rows = np.flatnonzero((mask_a | mask_b) & has_codes_N)
@@ -458,7 +437,6 @@ def cub_trait_columns(path: Path, d_sae: int) -> dict[str, np.ndarray]:
 
 def discovery_columns(folder: Path, d_sae: int) -> dict[str, np.ndarray]:
     """Per latent: discovery AUROC (latents.csv) and candidate rank / q-value (discovery.json)."""
-    import pandas as pd
 
     columns: dict[str, np.ndarray] = {}
     latents_csv = folder / "latents.csv"

@@ -6,12 +6,16 @@ renders in milliseconds, which keeps every interaction well under a second.
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 
-from traitsae.evaluation.heatmaps import upsample_map
+from traitsae.evaluation.core.heatmaps import upsample_map
 
 BLANK_SIZE = 128  # pixels of a heat-map drawn without its image
 
@@ -53,11 +57,6 @@ def patch_grid_spec(picture_HW3: np.ndarray, grid: tuple[int, int], size: int = 
     box (PATCH_BOX: {"col": [lo, hi], "row": [lo, hi]} in patch units); chosen patches are
     filled in cyan. Double-click clears the box.
     """
-    import base64
-    import io
-
-    import pandas as pd
-    from PIL import Image
 
     rows, cols = grid
     patch = np.arange(rows * cols)
@@ -120,7 +119,6 @@ def blank_image(size: int = BLANK_SIZE) -> np.ndarray:
 def histogram_spec(scores: np.ndarray, n_zero: int, title: str) -> tuple[Any, dict]:
     """(data, Vega-Lite spec) of a latent's image scores where it fires; zeros counted in the
     title. Plain specs for st.vega_lite_chart: no Altair validation pass on every rerun."""
-    import pandas as pd
 
     counts, edges = np.histogram(scores, bins=30) if len(scores) else (np.zeros(0), np.zeros(1))
     frame = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "images": counts})

@@ -19,16 +19,18 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
+from traitsae.explore.data import ExplorerData
 from traitsae.explore.session import SESSION_ENV, Session, prepare
+from traitsae.explore.views.latents import FIRST_LATENT
+from traitsae.paths import hydra_output_dir
 
 STARTUP_TIMEOUT_S = 600  # preloading 1 M patches of codes on a loaded machine
 
 
 def explore(cfg: DictConfig) -> None:
-    from traitsae.evaluation.common import output_dir
 
     session = prepare(cfg)
-    path = session.save(output_dir(cfg) / "session.json")
+    path = session.save(hydra_output_dir() / "session.json")
     warm_cache(session)
     serve(path, str(cfg.explore.address), int(cfg.explore.port), bool(cfg.explore.browser))
 
@@ -36,8 +38,6 @@ def explore(cfg: DictConfig) -> None:
 def warm_cache(session: Session) -> None:
     """Build the cached image indexes now (terminal), and frame the pictures of the first page
     (FIRST_LATENT's gallery), so the app's first page opens fast."""
-    from traitsae.explore.data import ExplorerData
-    from traitsae.explore.views.latents import FIRST_LATENT
 
     if not (Path(session.cache_dir) / "index" / "complete").is_file():
         print("indexing the sparse codes (once per SAE and store) ...")

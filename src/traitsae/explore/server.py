@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from traitsae.errors import TraitsaeError
+from traitsae.explore import data
 from traitsae.explore.session import SESSION_ENV, Session
+from traitsae.explore.views import latents
 
 APP = Path(__file__).with_name("app.py")
 
@@ -26,8 +28,6 @@ def preload(session_path: str) -> None:
 
     A failure is printed and left to the page: the app tries again and shows the message there.
     """
-    from traitsae.explore import data
-    from traitsae.explore.views import latents
 
     try:
         loaded = data.ExplorerData(Session.load(session_path))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 from omegaconf import DictConfig, OmegaConf
 
 from traitsae.errors import TraitsaeError
@@ -93,7 +94,7 @@ def free_port(address: str = "127.0.0.1") -> int:
 def check_backbone(cfg: DictConfig, sae: Any) -> None:
     """`backbone=<name>` on the command line must name the SAE's backbone (docs/ARCHITECTURE.md)."""
     chosen = (cfg.get("backbone") or {}).get("name")
-    trained = sae.meta["backbone"]
+    trained = sae.backbone
     if chosen and chosen != trained:
         raise TraitsaeError(
             f"backbone={chosen} was given but the SAE ({sae.meta.get('store', 'sae.json')}) was "
@@ -149,11 +150,30 @@ class SaeRecord:
     def d_sae(self) -> int:
         return int(self.meta["d_sae"])
 
+    @property
+    def d_model(self) -> int:
+        return int(self.meta["d_model"])
+
+    @property
+    def layer(self) -> int:
+        return int(self.meta["layer"])
+
+    @property
+    def backbone(self) -> str:
+        return str(self.meta["backbone"])
+
+    @property
+    def tokens(self) -> str:
+        return str(self.meta.get("tokens") or "patches")
+
 
 def sae_record(cfg: DictConfig) -> Any:
     """The SAE's SaeRecord; anything unusual (no sae.json, bad JSON, keys missing) is left to
     load_sae, whose messages say what is wrong."""
-    from traitsae.evaluation.common import resolve_sae, sae_source
+    from traitsae.evaluation.core.sources import (  # lazy: torch (launch stays torch-free)
+        resolve_sae,
+        sae_source,
+    )
 
     source = Path(sae_source(cfg))
     if source.is_dir():
@@ -171,8 +191,11 @@ def sae_record(cfg: DictConfig) -> Any:
 
 def prepare(cfg: DictConfig) -> Session:
     """Validate everything the app needs; make the sparse codes when missing (progress bar)."""
-    from traitsae.evaluation.common import eval_store, resolve_sae, sae_source
-    from traitsae.explore.data import check_codes_match
+    from traitsae.evaluation.core.sources import (  # lazy: torch (launch stays torch-free)
+        eval_store,
+        resolve_sae,
+        sae_source,
+    )
 
     ex = cfg.explore
     check_options(ex)
@@ -193,7 +216,9 @@ def prepare(cfg: DictConfig) -> Session:
                 "eval=encode run=<run dir>, or drop explore.codes to have it made here."
             )
         if not codes.is_file():
-            from traitsae.evaluation.encode import write_sparse_codes
+            from traitsae.evaluation.core.codes import (
+                write_sparse_codes,  # lazy: torch (launch stays torch-free)
+            )
 
             print(f"no sparse codes for this SAE and store yet: encoding {store_path} once ...")
             write_sparse_codes(
@@ -225,3 +250,25 @@ def prepare(cfg: DictConfig) -> Session:
         probe=find_eval_output(cfg, "probe.safetensors", ex.get("probe")),
         contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
     )
+
+
+def check_codes_match(codes: Path, store: Any, sae: Any) -> None:
+    """A codes file must come from this SAE (d_sae) and this store (patches, images)."""
+    with h5py.File(codes, "r") as f:
+        if not f.attrs.get("complete", False) or "codes/indptr" not in f:
+            raise TraitsaeError(
+                f"{codes} is not a complete sparse-code file; delete it (or drop explore.codes) "
+                "to have it made again."
+            )
+        found = {
+            "d_sae": int(f.attrs["d_sae"]),
+            "n_patches": int(f.attrs["n_patches"]),
+            "n_images": len(f["images/first_row"]),
+        }
+    wanted = {"d_sae": int(sae.d_sae), "n_patches": store.n_patches, "n_images": store.n_images}
+    if found != wanted:
+        raise TraitsaeError(
+            f"sparse codes {codes} do not belong to this SAE and store: they have {found}, the "
+            f"SAE and store {store.path} have {wanted}. Pass the codes of this run, or drop "
+            "explore.codes to have them made."
+        )

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.heatmaps import resolve_image_path
+from traitsae.evaluation.causal.forward import (
+    ClassProbe,
+    build_full_backbone,
+    final_embeddings,
+    iter_image_batches,
+)
+from traitsae.evaluation.causal.steering import steered_probabilities
+from traitsae.evaluation.core.frames import resolve_image_path
 
 
 def class_names(metadata: dict[str, np.ndarray]) -> np.ndarray:
@@ -30,8 +37,6 @@ class Steering:
     """Backbone + probe for one ExplorerData; class probabilities under latent edits."""
 
     def __init__(self, data: Any) -> None:
-        from traitsae.evaluation.downstream import ClassProbe, build_full_backbone
-
         self.data = data
         self.device = data.session.device
         self.backbone = build_full_backbone(data.sae, data.store, self.device).eval()
@@ -48,8 +53,6 @@ class Steering:
 
     def fit_probe(self) -> Any:
         """A probe on the final embeddings of the explored split's valid images."""
-        from traitsae.evaluation.downstream import ClassProbe, final_embeddings
-
         rows = self.data.rows_V
         emb_NE, done = final_embeddings(
             self.backbone, [self.image_path(int(r)) for r in rows], 32, 0, self.device
@@ -65,14 +68,12 @@ class Steering:
     @torch.inference_mode()
     def layer_tokens(self, row: int) -> torch.Tensor:
         """Block L's output tokens [1, T, D] of one image (kept: sliders re-use them)."""
-        from traitsae.evaluation.downstream import iter_image_batches
-
         if row not in self._tokens:
             batches = iter_image_batches(self.backbone, [self.image_path(row)], 1, 0, self.device)
             found = next(batches, None)
             if found is None:
                 raise TraitsaeError(f"image {self.image_path(row)} could not be read.")
-            layer = int(self.data.sae.meta["layer"])
+            layer = self.data.sae.layer
             self._tokens[row] = self.backbone.tokens_after(found[1], layer)
         return self._tokens[row]
 
@@ -81,8 +82,6 @@ class Steering:
     ) -> np.ndarray:
         """[C] probe probabilities (order `probe.classes`) with each latent's code raised by
         its alpha in every edited token (`where="all"`) or where it fires (`"firing"`)."""
-        from traitsae.evaluation.steer import steered_probabilities
-
         if not latents:
             latents, alphas = [0], [0.0]  # no edit: the clean probabilities
         probs_1C = steered_probabilities(

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from traitsae.data.dictionary import write_dictionary_store
 from traitsae.data.images import ImageList, load_image_list
-from traitsae.data.store import Store
+from traitsae.data.store import Store, config_difference, store_is_done
 from traitsae.data.store.schema import printable
 from traitsae.errors import TraitsaeError
-from traitsae.extraction.jobs import config_difference, image_rows, make_job, store_is_done
+from traitsae.extraction.jobs import image_rows, make_job
 from traitsae.extraction.lock import store_lock
 from traitsae.extraction.run import AsyncWriter, Interrupted, encode_batch, resumable, run_job
 from traitsae.extraction.shards import (
@@ -50,8 +51,6 @@ __all__ = [
 def extract(cfg: DictConfig) -> Path:
     """Write (or finish, or join) the store of cfg.backbone x cfg.dataset x cfg.split."""
     if cfg.dataset.get("format") == "dictionary":  # generated activations: no images, no backbone
-        from traitsae.data.dictionary import write_dictionary_store
-
         return write_dictionary_store(cfg)
     torch.manual_seed(int(cfg.seed))
     check_extract_cfg(cfg)

@@ -1,9 +1,8 @@
-"""What a store is and whether an existing file may be resumed: config identity and Job."""
+"""What a store is: its config identity (the fingerprint that guards resuming) and Job."""
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,13 +10,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from traitsae import __version__
 from traitsae.backbones import check_backbone_cfg, resolve_layers
-from traitsae.config_diff import changed_keys
 from traitsae.data.images import ImageList
-from traitsae.data.store import Store, read_fingerprint
-
-log = logging.getLogger(__name__)
+from traitsae.version import __version__
 
 
 @dataclass
@@ -82,34 +77,3 @@ def image_rows(images: ImageList, lo: int, hi: int) -> dict[str, np.ndarray]:
         dtype = np.int64 if key == "label" else object
         rows[key] = np.asarray(values, dtype=dtype)[lo:hi]
     return rows
-
-
-def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True when `out` is a complete store of this config; error or delete when it differs."""
-    from traitsae.errors import TraitsaeError
-
-    if not out.exists():
-        return False
-    existing = read_fingerprint(out)
-    if existing == fingerprint:
-        with Store(out, require_complete=False) as store:
-            if store.complete:
-                return True
-    if not overwrite:
-        raise TraitsaeError(
-            f"store {out} already exists and was written with a different configuration "
-            f"({config_difference(existing, fingerprint)}). Pass extract.overwrite=true to "
-            "replace it, or write elsewhere with paths.activations_dir=<dir>."
-        )
-    log.warning("extract.overwrite=true: replacing %s", out)
-    out.unlink()
-    return False
-
-
-def config_difference(old: str | None, new: str) -> str:
-    """Human summary of how two JSON configs differ: `key: old -> new` for each changed key."""
-    try:
-        before, after = json.loads(old or ""), json.loads(new)
-    except json.JSONDecodeError:
-        return "the existing file carries no traitsae fingerprint"
-    return "; ".join(map(str, changed_keys(before, after))) or "no difference"

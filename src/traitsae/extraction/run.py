@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.data.images import ImageDataset, ImageList
@@ -125,8 +126,6 @@ def fill_store(
     device: torch.device,
 ) -> None:
     """Run the backbone over the remaining batches and hand each one to the writer thread."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(
         total=len(dataset), initial=start, unit="img", desc=f"extract {backbone.name}",
         disable=not cfg.extract.progress, dynamic_ncols=True,

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -18,6 +20,7 @@ from traitsae.errors import TraitsaeError
 from traitsae.sae.activations import TopK
 from traitsae.sae.model import SparseAutoencoder, build_sae
 from traitsae.sae.sparse_ops import topk_indices
+from traitsae.version import __version__
 
 WEIGHTS_FILE = "sae.safetensors"
 JSON_FILE = "sae.json"
@@ -37,9 +40,36 @@ class RawSpaceSAE(nn.Module):
         self.d_model = sae.d_model
         self.d_sae = sae.d_sae
         self.variant = sae.variant
+        # What the SAE was trained on (sae.json), read once; None where meta lacks the key.
+        self._layer = None if meta.get("layer") is None else int(meta["layer"])
+        self._backbone = None if meta.get("backbone") is None else str(meta["backbone"])
+        self._tokens = str(meta.get("tokens") or "patches")
         # The files it was loaded from (set by load_sae): inputs an evaluation must not overwrite.
         self.json_path: Path | None = None
         self.weights_path: Path | None = None
+
+    @property
+    def layer(self) -> int:
+        """The backbone block whose output the SAE was trained on (sae.json `layer`)."""
+        return self._required(self._layer, "layer")
+
+    @property
+    def backbone(self) -> str:
+        """The backbone name the SAE's activations came from (sae.json `backbone`)."""
+        return self._required(self._backbone, "backbone")
+
+    @property
+    def tokens(self) -> str:
+        """The tokens it was trained on: patches | cls | both (sae.json `tokens`)."""
+        return self._tokens
+
+    def _required(self, value: Any, key: str) -> Any:
+        if value is None:
+            raise TraitsaeError(
+                f"this SAE's metadata has no {key!r} (sae.json {self.json_path}); load it with "
+                "traitsae.load_sae from a run dir written by train.py."
+            )
+        return value
 
     @property
     def W_dec(self) -> Tensor:
@@ -78,8 +108,6 @@ class RawSpaceSAE(nn.Module):
 
 def _json_safe(value: Any) -> Any:
     """Plain JSON types (OmegaConf containers and numpy/torch scalars included)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
@@ -99,10 +127,6 @@ def save_sae(sae: SparseAutoencoder, run_dir: str | Path, meta: dict[str, Any]) 
     `meta` must name `backbone`, `layer` and `scale`; it should also give `dataset`, `tokens`,
     `store` and `config` (the training config). Sizes and variant come from the SAE itself.
     """
-    from safetensors.torch import save_file
-
-    from traitsae import __version__
-
     missing = [key for key in REQUIRED_META if meta.get(key) is None]
     if missing:
         raise TraitsaeError(
@@ -152,8 +176,6 @@ def _resolve_json(path: str | Path) -> Path:
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSAE:
     """Load an exported SAE (run dir, sae.json or sae.safetensors path) in eval mode."""
-    from safetensors.torch import load_file
-
     json_path = _resolve_json(path)
     try:
         record = json.loads(json_path.read_text())

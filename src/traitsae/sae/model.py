@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from traitsae.config_checks import integer, number
 from traitsae.errors import TraitsaeError
 from traitsae.sae.activations import Activation, BatchTopK, JumpReLU, ReLU, TopK
 from traitsae.sae.metrics import fraction_of_variance_unexplained
@@ -277,34 +278,44 @@ def _needed(variant: str, **option: Any) -> float:
             f"sae={variant} needs `sae.{name}`; none given. Its default is in "
             f"conf/sae/{variant}.yaml: compose the config from there (or pass sae.{name}=...)."
         )
-    return float(value)
+    return number(f"sae.{name}", value, positive=True)
 
 
-def _check_k(k: int | None, d_sae: int, variant: str) -> int:
+def _check_k(k: Any, d_sae: int | None, variant: str) -> int:
     if k is None:
         raise TraitsaeError(f"sae={variant} needs `sae.k` (active latents per vector); none given.")
-    if not 0 < int(k) <= d_sae:
+    k = integer("sae.k", k)
+    if k < 1 or (d_sae is not None and k > d_sae):
         raise TraitsaeError(
             f"sae.k={k} is out of range for sae={variant} with d_sae={d_sae}: k must be in "
             f"1..d_sae. Lower sae.k or raise sae.d_sae / sae.expansion."
         )
-    return int(k)
+    return k
 
 
-def _check_prefixes(prefixes: list[int | float] | None, d_sae: int, sampled: int) -> list[int]:
+def _check_prefixes(prefixes: Any, d_sae: int | None, sampled: int) -> list[int] | None:
+    """Matryoshka's prefix sizes; None while d_sae is unknown (only the values are checked)."""
     if sampled:
-        if not 1 <= sampled <= d_sae:
+        if sampled < 1 or (d_sae is not None and sampled > d_sae):
             raise TraitsaeError(
                 f"sae.sampled_prefixes={sampled} must be between 1 and d_sae={d_sae}."
             )
+        if d_sae is None:
+            return None
         # Validation and export use evenly spaced prefixes when training samples them.
         return sorted({max(1, d_sae * (i + 1) // sampled) for i in range(sampled)})
+    shown = d_sae or 1024  # an example size for the message
     if not prefixes:
         raise TraitsaeError(
             "sae=matryoshka needs `sae.prefixes` (increasing latent counts ending at d_sae, e.g. "
-            f"[{d_sae // 16}, {d_sae // 4}, {d_sae}], or fractions of d_sae like [0.0625, 0.25, 1.0]) "
-            "or `sae.sampled_prefixes=<n>`."
+            f"[{shown // 16}, {shown // 4}, {shown}], or fractions of d_sae like "
+            "[0.0625, 0.25, 1.0]) or `sae.sampled_prefixes=<n>`."
         )
+    values = [number("sae.prefixes", p) for p in prefixes]
+    if d_sae is None:
+        if min(values) <= 0:
+            raise TraitsaeError(f"sae.prefixes={list(prefixes)} must be positive latent counts.")
+        return None
     # floats in (0, 1] are fractions of d_sae, so one config fits every dictionary size
     sizes = [round(p * d_sae) if isinstance(p, float) and 0 < p <= 1 else int(p) for p in prefixes]
     increasing = all(a < b for a, b in zip(sizes, sizes[1:], strict=False))
@@ -316,6 +327,43 @@ def _check_prefixes(prefixes: list[int | float] | None, d_sae: int, sampled: int
     if sizes[-1] != d_sae:
         sizes.append(d_sae)  # the full dictionary always reconstructs too
     return sizes
+
+
+def check_family(
+    variant: str,
+    d_sae: int | None,
+    k: Any = None,
+    threshold_momentum: Any = None,
+    threshold_init: Any = None,
+    bandwidth: Any = None,
+    prefixes: Any = None,
+    sampled_prefixes: Any = 0,
+) -> dict[str, Any]:
+    """A family's settings checked and normalised: the one place every SAE's settings are
+    checked, up front for a training config (`d_sae=None` while it depends on the store's
+    d_model: the checks against d_sae wait until it is known) and again by `build_sae`.
+
+    Returns the settings the family uses (`k`, `threshold_momentum`, `threshold_init`,
+    `bandwidth`, `sampled_prefixes`, `prefixes` as latent counts, or None while d_sae is unknown).
+    """
+    if variant not in VARIANTS:
+        raise TraitsaeError(
+            f"unknown SAE variant sae={variant!r}; available: {', '.join(VARIANTS)} "
+            "(choose with sae=<name>; each is a yaml file in conf/sae/)."
+        )
+    family: dict[str, Any] = {}
+    if variant in ("topk", "batchtopk", "matryoshka"):
+        family["k"] = _check_k(k, d_sae, variant)
+    if variant in ("batchtopk", "matryoshka"):
+        family["threshold_momentum"] = _needed(variant, threshold_momentum=threshold_momentum)
+    if variant == "jumprelu":
+        family["threshold_init"] = _needed(variant, threshold_init=threshold_init)
+        family["bandwidth"] = _needed(variant, bandwidth=bandwidth)
+    if variant == "matryoshka":
+        sampled = integer("sae.sampled_prefixes", sampled_prefixes or 0, minimum=0)
+        family["sampled_prefixes"] = sampled
+        family["prefixes"] = _check_prefixes(prefixes, d_sae, sampled)
+    return family
 
 
 def build_sae(
@@ -338,41 +386,28 @@ def build_sae(
     A family's hyperparameters (threshold_momentum for BatchTopK and Matryoshka,
     threshold_init and bandwidth for JumpReLU) have their defaults in conf/sae/ only: they
     must be given here."""
-    if variant not in VARIANTS:
-        raise TraitsaeError(
-            f"unknown SAE variant sae={variant!r}; available: {', '.join(VARIANTS)} "
-            "(one yaml per variant in conf/sae/)."
-        )
     d_model, d_sae = int(d_model), int(d_sae)
     if d_model < 1 or d_sae < 1:
         raise TraitsaeError(f"SAE sizes must be positive, got d_model={d_model}, d_sae={d_sae}.")
-    sizes = None
+    family = check_family(
+        variant, d_sae, k, threshold_momentum, threshold_init, bandwidth, prefixes,
+        sampled_prefixes,
+    )  # fmt: skip
     if variant == "relu":
         act: Activation = ReLU()
     elif variant == "topk":
-        act = TopK(_check_k(k, d_sae, variant))
-    elif variant == "batchtopk":
-        act = BatchTopK(
-            _check_k(k, d_sae, variant), _needed(variant, threshold_momentum=threshold_momentum)
-        )
+        act = TopK(family["k"])
     elif variant == "jumprelu":
-        act = JumpReLU(
-            d_sae,
-            _needed(variant, threshold_init=threshold_init),
-            _needed(variant, bandwidth=bandwidth),
-        )
-    else:
-        act = BatchTopK(
-            _check_k(k, d_sae, variant), _needed(variant, threshold_momentum=threshold_momentum)
-        )
-        sizes = _check_prefixes(prefixes, d_sae, int(sampled_prefixes))
+        act = JumpReLU(d_sae, family["threshold_init"], family["bandwidth"])
+    else:  # batchtopk, matryoshka
+        act = BatchTopK(family["k"], family["threshold_momentum"])
     return SparseAutoencoder(
         variant,
         d_model,
         d_sae,
         act,
-        prefixes=sizes,
-        sampled_prefixes=int(sampled_prefixes) if variant == "matryoshka" else 0,
+        prefixes=family.get("prefixes"),
+        sampled_prefixes=family.get("sampled_prefixes", 0),
         prefix_weights=prefix_weights,
         unit_norm_decoder=unit_norm_decoder,
     )

@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from traitsae.errors import TraitsaeError
+from traitsae.sae.config import Objective, Optim
 from traitsae.sae.metrics import (
     FiringFrequency,
     FractionOfVarianceUnexplained,
     dense_frequency,
     fraction_of_variance_unexplained,
 )
-from traitsae.sae.model import SAEOutput, SparseAutoencoder, build_sae
-from traitsae.sae.sparsity import L0Controller, NoPenalty, SparsityPenalty, start_firing_at
-
-
-def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """Linear warm-up to 1, then `decay` (cosine | linear | constant) down to `min_ratio`."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if decay == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    if decay == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise TraitsaeError(f"optim.decay={decay!r} is unknown; use cosine, linear or constant.")
+from traitsae.sae.model import SAEOutput, SparseAutoencoder
+from traitsae.sae.plots import firing_histogram
+from traitsae.sae.sparsity import L0Controller, SparsityPenalty, start_firing_at
 
 
 @dataclass
@@ -70,38 +56,6 @@ def step_loss(
     return StepLoss(loss=recon + sparsity, recon=recon, mse=mse, sparsity=sparsity)
 
 
-def check_target_l0(sae_cfg: dict[str, Any], sae: SparseAutoencoder, penalty: Any) -> None:
-    """`sae.target_l0` only where the L0 is not fixed already, and with a penalty to adapt."""
-    target = sae_cfg.get("target_l0")
-    if target is None:
-        return
-    if sae.activation.k is not None:
-        raise TraitsaeError(
-            f"sae.target_l0={target} does not apply to sae={sae.variant}: its L0 is fixed by "
-            f"sae.k={sae.activation.k} already. Set sae.k={int(round(float(target)))} instead, "
-            "or use target_l0 with sae=relu or sae=jumprelu."
-        )
-    if not float(target) > 0:
-        raise TraitsaeError(f"sae.target_l0={target} must be a positive number of latents.")
-    start, ramp = sae_cfg.get("target_l0_start") or 0.0, sae_cfg.get("target_l0_ramp") or 0.0
-    if not float(start) >= 0:
-        raise TraitsaeError(
-            f"sae.target_l0_start={start} must be >= 0: the multiple of target_l0 each latent "
-            "starts firing at (0: cold start)."
-        )
-    if not 0 <= float(ramp) <= 1:
-        raise TraitsaeError(
-            f"sae.target_l0_ramp={ramp} must be a fraction of the run in [0, 1] (0: the target "
-            "from the first step)."
-        )
-    if isinstance(penalty, NoPenalty) or penalty.coeff <= 0:
-        raise TraitsaeError(
-            f"sae.target_l0={target} adapts the sparsity coefficient, but sparsity={penalty!r} "
-            "has none to adapt; use sparsity=l1, tanh or l0 (sae=relu/jumprelu pick one) with "
-            "a positive sparsity.coeff as the starting point."
-        )
-
-
 class SAEModule(L.LightningModule):
     """Loss = reconstruction MSE + sparsity penalty + aux_coeff * AuxK (TopK family).
 
@@ -111,31 +65,38 @@ class SAEModule(L.LightningModule):
 
     def __init__(
         self,
-        sae: dict[str, Any],
-        sparsity: dict[str, Any],
-        optim: dict[str, Any],
+        sae: SparseAutoencoder,
+        objective: Objective,
+        optim: Optim,
         scale: float = 1.0,
         max_steps: int = 1000,
         figures_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.sae = build_sae(**sae)
-        self.penalty = instantiate(sparsity)
-        self.optim_cfg = dict(optim)
-        self.aux_k = int(sae.get("aux_k") or self.sae.d_model // 2)
-        self.aux_coeff = float(sae["aux_coeff"])
-        self.dead_after_steps = int(sae["dead_after_steps"])
-        check_target_l0(sae, self.sae, self.penalty)
-        target_l0 = sae.get("target_l0")
+        # Plain values only: checkpoints load with weights_only=True.
+        self.save_hyperparameters(
+            {
+                "sae": sae.architecture(),
+                "objective": objective.summary(),
+                "optim": asdict(optim),
+                "scale": float(scale),
+                "max_steps": int(max_steps),
+            }
+        )
+        self.sae = sae
+        self.penalty = objective.penalty
+        self.optim_cfg = optim
+        self.aux_k = objective.aux_k or self.sae.d_model // 2
+        self.aux_coeff = objective.aux_coeff
+        self.dead_after_steps = objective.dead_after_steps
         self.l0_controller = None
-        self.target_l0_start = float(sae.get("target_l0_start") or 0.0)
-        if target_l0 is not None:  # the controller sets the coefficient: no warm-up ramp
-            ramp = round(float(sae.get("target_l0_ramp") or 0.0) * int(max_steps))
-            self.l0_controller = L0Controller(float(target_l0), ramp_steps=ramp)
-            self.penalty.warmup_steps = 0
+        self.target_l0_start = objective.target_l0_start
+        target_l0 = objective.target_l0
+        if target_l0 is not None:  # the controller sets the coefficient (no warm-up ramp)
+            ramp = round(objective.target_l0_ramp * int(max_steps))
+            self.l0_controller = L0Controller(target_l0, ramp_steps=ramp)
         self.dense_freq = dense_frequency(
-            float(sae["dense_threshold"]), self.sae.d_sae, self.sae.activation.k or target_l0
+            objective.dense_threshold, self.sae.d_sae, self.sae.activation.k or target_l0
         )
         self.figures_dir = Path(figures_dir) if figures_dir else None
         self.register_buffer("scale", torch.tensor(float(scale)))
@@ -239,23 +200,16 @@ class SAEModule(L.LightningModule):
 
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_cfg
+        optim, total = self.optim_cfg, int(self.hparams.max_steps)
         # Lightning's mixed-precision plugin cannot clip the gradients of a fused optimiser
         # (it unscales internally), so fused Adam is for full precision only.
         mixed = "mixed" in str(self.trainer.precision) if self._trainer else False
         fused = self.device.type in ("cpu", "cuda") and not mixed
         optimizer = torch.optim.Adam(
-            self.parameters(),
-            lr=float(cfg["lr"]),
-            betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            eps=float(cfg.get("eps", 1e-8)),
-            fused=fused,
+            self.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused
         )
-        warmup, total = int(cfg.get("warmup_steps", 0)), int(self.hparams.max_steps)
-        decay, min_ratio = str(cfg.get("decay", "constant")), float(cfg.get("min_lr_ratio", 0.0))
-        lr_factor(0, warmup, total, decay, min_ratio)  # reject a bad `decay` before training
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup, total, decay, min_ratio)
+            optimizer, lambda step: optim.lr_factor(step, total)
         )
         return {
             "optimizer": optimizer,
@@ -315,8 +269,6 @@ class SAEModule(L.LightningModule):
         return logs
 
     def _save_histogram(self, freq_S: Tensor) -> None:
-        from traitsae.sae.plots import firing_histogram
-
         if self.figures_dir is None:
             return
         path = self.figures_dir / f"firing_freq_step{self.global_step:07d}.png"

@@ -12,6 +12,8 @@ decode, both weight gradients and the input gradient run on entries, never on de
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import warnings
 from typing import Any
 
@@ -259,9 +261,6 @@ def keep_freed_memory() -> bool:
     fault per 4 KiB to get it back -- a large share of a k-sparse step. Returns False where
     this does not apply (not glibc).
     """
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

@@ -6,42 +6,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from traitsae.data.images.butterflies import load_butterflies
 from traitsae.data.images.common import ImageDataset, ImageList
+from traitsae.data.images.cub import load_cub
+from traitsae.data.images.imagefolder import load_imagefolder
+from traitsae.data.synthetic import ensure_synthetic
 from traitsae.errors import TraitsaeError
 
 
 def _cub(cfg: Any, split: str) -> ImageList:
-    from traitsae.data.images.cub import load_cub
-
     return load_cub(cfg.root, split)
 
 
 def _synthetic(cfg: Any, split: str) -> ImageList:
-    from traitsae.data.images.cub import load_cub
-    from traitsae.data.synthetic import ensure_synthetic
-
     # The demo data is generated on first use (deterministic from dataset.seed).
     ensure_synthetic(Path(cfg.root), seed=int(cfg.get("seed", 0)))
     return load_cub(cfg.root, split)
 
 
-def _butterflies(cfg: Any, split: str) -> ImageList:
-    from traitsae.data.images.butterflies import load_butterflies
-
-    return load_butterflies(cfg, split)
-
-
-def _imagefolder(cfg: Any, split: str) -> ImageList:
-    from traitsae.data.images.imagefolder import load_imagefolder
-
-    return load_imagefolder(cfg, split)
-
-
 FORMATS: dict[str, Callable[[Any, str], ImageList]] = {
     "cub": _cub,
     "synthetic": _synthetic,
-    "butterflies": _butterflies,
-    "imagefolder": _imagefolder,
+    "butterflies": load_butterflies,
+    "imagefolder": load_imagefolder,
 }
 
 

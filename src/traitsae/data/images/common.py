@@ -55,21 +55,6 @@ def require_dir(path: Path, what: str, key: str = "dataset.root") -> Path:
     return path
 
 
-def read_table(path: Path, n_fields: int) -> list[list[str]]:
-    """Whitespace-separated lines -> first `n_fields` fields (extra fields are ignored)."""
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split(maxsplit=n_fields - 1) if n_fields == 2 else line.split()
-        if len(parts) < n_fields:
-            raise TraitsaeError(
-                f"{path}:{lineno}: expected {n_fields} whitespace-separated fields, got {line!r}."
-            )
-        rows.append(parts[:n_fields])
-    return rows
-
-
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers (`to_rgb`: every PIL mode to 8-bit RGB); an
     unreadable file yields a blank image, ok=False, and the reason."""

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from traitsae.data.images.common import ImageList, read_table, require_dir, require_file
+from traitsae.data.images.common import ImageList, require_dir, require_file
+from traitsae.data.tables import read_table
 from traitsae.errors import TraitsaeError
 
 SPLITS = {"train": {1}, "test": {0}, "all": {0, 1}}

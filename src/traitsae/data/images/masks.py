@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from traitsae.errors import TraitsaeError
 
@@ -54,8 +56,6 @@ class MaskLayout:
 
     def read(self, mask_path: Path, image_size: tuple[int, int] | None = None) -> np.ndarray:
         """Class ids [H, W] (int64) of one mask file, checked against the classes and the image."""
-        from PIL import Image
-
         with Image.open(mask_path) as img:
             if img.mode not in ("L", "P", "I", "I;16", "1"):
                 raise TraitsaeError(
@@ -135,9 +135,6 @@ def frame_labels(image_ops: Sequence[Any], labels_HW: np.ndarray) -> np.ndarray:
     become nearest-neighbour resizes with the same target size; any other geometric step is an
     error rather than a silently misaligned mask.
     """
-    from PIL import Image
-    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-
     labels_HW = np.asarray(labels_HW)
     if labels_HW.size and (labels_HW.min() < 0 or labels_HW.max() > 255):
         framed = Image.fromarray(labels_HW.astype(np.int32))  # mode I

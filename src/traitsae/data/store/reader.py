@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from traitsae.data.store.schema import REQUIRED_ATTRS, decode_text, read_text
+from traitsae.data.store.schema import REQUIRED_ATTRS, decode_text, read_text, tmp_path
 from traitsae.errors import TraitsaeError
 
 
@@ -25,8 +25,6 @@ class Store:
     def __init__(self, path: str | Path, require_complete: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            from traitsae.paths import missing_store_message
-
             raise TraitsaeError(missing_store_message([self.path]))
         try:
             self.file = h5py.File(self.path, "r", locking=False)
@@ -50,7 +48,7 @@ class Store:
         if missing or groups:
             raise TraitsaeError(
                 f"{self.path} is not a traitsae activation store: it lacks root attrs {missing} "
-                f"and groups {groups} (schema: README, section Extract). Write stores with "
+                f"and groups {groups} (schema: docs/guide/store.md). Write stores with "
                 "extract.py or traitsae.data.store.create_store."
             )
         self.backbone: str = decode_text(attrs["backbone"])
@@ -91,7 +89,7 @@ class Store:
                 raise TraitsaeError(
                     f"store {self.path}: dataset {key} {found}, but the root attrs (n_images={n}, "
                     f"n_patches={p}, d_model={d}, layers={self.layers}) promise shape {shape}. "
-                    "The file does not follow the store schema (README, section Extract); "
+                    "The file does not follow the store schema (docs/guide/store.md); "
                     "re-extract it with extract.py."
                 )
         if require_complete and not self.complete:
@@ -212,3 +210,33 @@ def stored_rows(path: str | Path) -> tuple[int, int | None]:
         return total, total
     pending = np.flatnonzero(~done_N)
     return int(pending[0]) if pending.size else total, total
+
+
+def missing_store_message(
+    paths: Sequence[str | Path], commands: Sequence[str] | None = None, hint: str = ""
+) -> str:
+    """The whole error for stores that do not exist or are incomplete: each path, how far an
+    incomplete one got, and the extract.py command that makes or finishes it (`commands[i]`
+    for `paths[i]`); `hint` (another way out) ends the message."""
+    states, incomplete = [], []
+    for path in map(Path, paths):
+        tmp = tmp_path(path)
+        if tmp.is_file():
+            done, total = stored_rows(tmp)
+            got = f"the first {done} of {total} images" if total is not None else "no image yet"
+            states.append(f"{path} is incomplete (extraction stopped; {tmp} holds {got})")
+            incomplete.append(path)
+        else:
+            states.append(f"{path} does not exist")
+    one = len(states) == 1
+    verb = "finish" if len(incomplete) == len(states) else "make"
+    message = f"activation store{'' if one else 's'} {'; '.join(states)}."
+    if commands:
+        lines = "\n".join(f"  {cmd}" for cmd in commands)
+        message += f" {verb.capitalize()} {'it' if one else 'them'} with:\n{lines}"
+    else:
+        message += (
+            f" Write {'it' if one else 'them'} with extract.py (rerunning the command that "
+            "stopped finishes an incomplete store)."
+        )
+    return f"{message}\n{hint}" if hint else message

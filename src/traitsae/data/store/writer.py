@@ -1,5 +1,7 @@
-"""The one store writer: `StoreWriter` (incremental, crash-safe, resumable) and `create_store`
-(a whole store from in-memory arrays, through the same writer).
+"""The one store writer: incremental, crash-safe and resumable (`StoreWriter`, `create_store`).
+
+`create_store` writes a whole store from in-memory arrays through the same writer;
+`store_is_done` says whether an existing store is already the one asked for.
 
 `StoreWriter.open` creates `<path>.tmp` (or reopens it when its fingerprint matches), `write`
 stores a batch of rows and marks them done, `finish` sets `complete` and renames the file to
@@ -14,10 +16,12 @@ would also do, but a killed SWMR writer leaves "file is open for write" flags th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
 import shutil
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from traitsae import __version__
-from traitsae.data.store.reader import read_fingerprint
+from traitsae.config_diff import changed_keys
+from traitsae.data.store.reader import Store, read_fingerprint
 from traitsae.data.store.schema import (
     CORE_IMAGE_KEYS,
     ERROR_BYTES,
@@ -39,6 +43,7 @@ from traitsae.data.store.schema import (
     tmp_path,
 )
 from traitsae.errors import TraitsaeError
+from traitsae.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +249,35 @@ def create_store(
         writer.close()
 
 
+def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True when `out` is a complete store of this config; error or delete when it differs."""
+    if not out.exists():
+        return False
+    existing = read_fingerprint(out)
+    if existing == fingerprint:
+        with Store(out, require_complete=False) as store:
+            if store.complete:
+                return True
+    if not overwrite:
+        raise TraitsaeError(
+            f"store {out} already exists and was written with a different configuration "
+            f"({config_difference(existing, fingerprint)}). Pass extract.overwrite=true to "
+            "replace it, or write elsewhere with paths.activations_dir=<dir>."
+        )
+    log.warning("extract.overwrite=true: replacing %s", out)
+    out.unlink()
+    return False
+
+
+def config_difference(old: str | None, new: str) -> str:
+    """Human summary of how two JSON configs differ: `key: old -> new` for each changed key."""
+    try:
+        before, after = json.loads(old or ""), json.loads(new)
+    except json.JSONDecodeError:
+        return "the existing file carries no traitsae fingerprint"
+    return "; ".join(map(str, changed_keys(before, after))) or "no difference"
+
+
 def _runs(mask_N: np.ndarray) -> list[tuple[int, int]]:
     """[lo, hi) of every run of True in `mask_N`."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask_N.astype(np.int8), [0]])))
@@ -394,8 +428,6 @@ def _fault_injection(rows_written: int) -> None:
     *before* they are marked done -- the worst moment for a crash (tests use it)."""
     limit = os.environ.get("TRAITSAE_KILL_AFTER_ROWS")
     if limit and rows_written >= int(limit):
-        import signal
-
         name = os.environ.get("TRAITSAE_KILL_SIGNAL", "KILL")
         os.environ.pop("TRAITSAE_KILL_AFTER_ROWS")  # once
         os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

@@ -1,6 +1,6 @@
 """Compare groups: two groups of images from metadata columns -> eval=discovery's ranking of the
 latents specific to each, with its statistics (permutation p, BH q, held-out confirmation) and
-heat-maps: discovery_stats.contrast and discovery.build_candidates themselves, fed with image
+heat-maps: discovery_stats.contrast and candidates.build_candidates themselves, fed with image
 scores from the sparse codes instead of a new pass over the store."""
 
 from __future__ import annotations
@@ -8,11 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import discovery, heatmaps
-from traitsae.evaluation.discovery_stats import NullOptions, RankingRule, contrast
+from traitsae.evaluation.core import heatmaps
+from traitsae.evaluation.discovery import groups
+from traitsae.evaluation.discovery.candidates import build_candidates
+from traitsae.evaluation.discovery.stats import NullOptions, RankingRule, contrast
 from traitsae.explore import draw
 from traitsae.explore.views.common import overlays
 
@@ -54,17 +57,17 @@ def rank_groups(
     cache = data.__dict__.setdefault("_compare_cache", {})
     if key not in cache:
         source = str(data.store.path)
-        mask_a = discovery.group_mask(data.metadata, group_a, "group_a", source)
-        mask_b = discovery.group_mask(data.metadata, group_b, "group_b", source)
+        mask_a = groups.group_mask(data.metadata, group_a, "group_a", source)
+        mask_b = groups.group_mask(data.metadata, group_b, "group_b", source)
         if (mask_a & mask_b).any():
             raise TraitsaeError(
                 f"groups {group_a} and {group_b} share {int((mask_a & mask_b).sum())} images; "
                 "choose disjoint groups."
             )
         scores = data.group_scores(mask_a, mask_b)
-        names = {"a": discovery.describe_group(group_a), "b": discovery.describe_group(group_b)}
+        names = {"a": groups.describe_group(group_a), "b": groups.describe_group(group_b)}
         result = contrast(scores.scores_NS, scores.in_a, rule, null, names=names, progress=False)
-        candidates, _ = discovery.build_candidates(
+        candidates, _ = build_candidates(
             data.store,
             data.sae,
             scores,
@@ -96,7 +99,6 @@ def options() -> tuple[RankingRule, NullOptions]:
 
 
 def render(data: Any) -> None:
-    import pandas as pd
 
     st.header("Compare groups")
     contrast_pair = data.session.contrast or {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from traitsae.explore import draw
@@ -70,7 +71,6 @@ def render(data: Any) -> None:
     )
     latents, scores = data.image_latents(row)
     top = st.number_input("latents listed", 1, 200, 10, key="image_top")
-    import pandas as pd
 
     patches_firing = (codes_PS[:, latents[:top]] > 0).sum(0)
     st.subheader(f"Latents firing most on image #{row}")
@@ -124,7 +124,6 @@ def patch_latents(codes_PS: np.ndarray, patches: np.ndarray) -> Any:
     """Latents firing on the chosen patches, by their total activation there: `fires_on` of
     the chosen patches, `elsewhere` = other patches of the image where they fire, `inside` =
     share of their activation on the image that falls on the chosen patches."""
-    import pandas as pd
 
     inside_PS = codes_PS[patches]
     inside_S, total_S = inside_PS.sum(axis=0), codes_PS.sum(axis=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from traitsae.explore import draw
@@ -20,7 +21,7 @@ N_CLASSES_SHOWN = 8
 def steering(data: Any) -> Any:
     """One Steering per ExplorerData (backbone built, probe loaded or fitted once)."""
     if getattr(data, "_steering", None) is None:
-        from traitsae.explore.steering import Steering
+        from traitsae.explore.steering import Steering  # lazy: torch (launch stays torch-free)
 
         with st.spinner("building the backbone and the class probe (once) ..."):
             data._steering = Steering(data)
@@ -28,7 +29,6 @@ def steering(data: Any) -> Any:
 
 
 def render(data: Any) -> None:
-    import pandas as pd
 
     st.header("Steer")
     model = steering(data)

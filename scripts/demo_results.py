@@ -1,0 +1,193 @@
+"""Write docs/guide/demo.md from the JSON outputs of `make demo`, so that no demo number in the
+docs is typed by hand.
+
+    make demo
+    .venv/bin/python scripts/demo_results.py            # runs eval=segments on the demo if missing
+
+Reads `<demo>/cub_traits/cub_traits.json`, `<demo>/discovery/discovery.json` and
+`<demo>/segments/segments.json`, and names the machine and commit the numbers come from (float
+arithmetic differs between CPUs, so they move slightly from one machine to another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL = "select_on_train"
+
+
+def ci(row: dict[str, Any], value: str) -> str:
+    return f"{row[value]:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+
+def signed_ci(row: dict[str, Any], value: str) -> str:
+    return f"{row[value]:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def cub_traits_section(report: dict[str, Any], k: int = 10) -> str:
+    at_k = {
+        r["method"]: r
+        for r in report["summary"]
+        if r["protocol"] == PROTOCOL and r["k"] == k and r.get("mean_precision") is not None
+    }
+    r_prec = {r["method"]: r for r in report["r_precision"]["summary"] if r["protocol"] == PROTOCOL}
+    rows = [
+        [
+            method,
+            ci(at_k[method], "mean_precision") if method in at_k else "—",
+            ci(r_prec[method], "mean_precision") if method in r_prec else "—",
+            str(at_k.get(method, r_prec.get(method, {})).get("n_directions", "—")),
+        ]
+        for method in dict.fromkeys([*at_k, *r_prec])
+    ]
+    differences = [
+        [
+            d["method"],
+            "R-precision" if d["metric"] == "r_precision" else f"P@{d['k']}",
+            signed_ci(d, "sae_minus_method"),
+            "yes" if d["excludes_zero"] else "no",
+        ]
+        for d in report["paired_differences"]
+        if d["protocol"] == PROTOCOL and d["k"] in (None, k)
+    ]
+    return (
+        "## cub_traits: the planted traits\n\n"
+        f"`{PROTOCOL}`, mean over `eval.seeds`, 95 % bootstrap CI over the traits. `probe` is the\n"
+        "supervised upper bound; `sae_init` the same SAE before training.\n\n"
+        + table(["method", f"P@{k}", "R-precision", "directions"], rows)
+        + "\nThe trained SAE minus each method, paired over the same traits:\n\n"
+        + table(["method", "metric", "SAE − method", "CI excludes 0"], differences)
+    )
+
+
+def discovery_section(report: dict[str, Any], top: int = 3) -> str:
+    groups = report.get("groups", {})
+    lines = [
+        "## discovery: what separates the two demo species\n",
+        f"Groups: {', '.join(f'{k} = {v}' for k, v in groups.items())}; "
+        f"{report.get('tested', '—')} latents tested, {report.get('n_permutations', '—')} "
+        f"permutations, FDR level {report.get('alpha', '—')}.\n",
+    ]
+    verdict = report.get("verdict")
+    if isinstance(verdict, dict):
+        lines += [f"- group {g}: {sentence}" for g, sentence in verdict.items()]
+        lines.append("")
+    rows = []
+    for group in ("a", "b"):
+        candidates = [c for c in report["candidates"] if c["group"] == group][:top]
+        rows += [
+            [
+                group,
+                str(c["rank"]),
+                str(c["latent"]),
+                f"{c['auroc']:.2f}",
+                f"{c['p_value']:.3g}",
+                f"{c['q_value']:.3g}",
+                "yes" if c.get("confirmed") else "no",
+                "—" if c.get("confirm_auroc") is None else f"{c['confirm_auroc']:.2f}",
+            ]
+            for c in candidates
+        ]
+    header = ["group", "rank", "latent", "AUROC", "p", "q", "confirmed", "held-out AUROC"]
+    return "\n".join(lines) + "\n" + table(header, rows)
+
+
+def segments_section(report: dict[str, Any]) -> str:
+    by_method: dict[str, dict[str, str]] = {}
+    for row in report["summary"]:
+        by_method.setdefault(row["method"], {})[row["metric"]] = ci(row, "mean")
+    metrics = ["ap", "probe_ap", "purity", "coverage"]
+    rows = [[m, *(values.get(x, "—") for x in metrics)] for m, values in by_method.items()]
+    return (
+        "## segments: patches against the planted-trait masks\n\n"
+        "Test split, mean over mask classes, 95 % bootstrap CI over classes.\n\n"
+        + table(["method", *metrics], rows)
+    )
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln)
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return model
+
+
+def commit() -> str:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return result.stdout.strip() or "unknown"
+
+
+def render(demo: Path) -> str:
+    sections = [
+        "# What the demo shows\n",
+        "Generated by `scripts/demo_results.py` from the outputs of `make demo` "
+        f"({datetime.date.today().isoformat()}, commit {commit()}, {machine()}). "
+        "How to read each table: [cub_traits](cub_traits.md), [discovery](discovery.md), "
+        "[segments](segments.md).\n",
+    ]
+    readers = [
+        ("cub_traits/cub_traits.json", cub_traits_section),
+        ("discovery/discovery.json", discovery_section),
+        ("segments/segments.json", segments_section),
+    ]
+    for name, section in readers:
+        path = demo / name
+        if path.exists():
+            sections.append(section(json.loads(path.read_text())))
+    return "\n".join(sections)
+
+
+def run_missing(demo: Path) -> None:
+    """eval=segments is not part of `make demo`; run it on the demo's SAE when it is missing."""
+    if (demo / "segments" / "segments.json").exists():
+        return
+    subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            "eval=segments",
+            f"run={demo / 'train'}",
+            f"paths.activations_dir={demo / 'activations'}",
+            f"hydra.run.dir={demo / 'segments'}",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", type=Path, default=ROOT / "logs" / "demo")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "guide" / "demo.md")
+    parser.add_argument("--no-run", action="store_true", help="only read what exists")
+    args = parser.parse_args()
+    if not (args.demo / "cub_traits" / "cub_traits.json").exists():
+        sys.exit(f"error: no demo outputs under {args.demo}: run `make demo` first.")
+    if not args.no_run:
+        run_missing(args.demo)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(render(args.demo))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

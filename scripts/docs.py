@@ -1,0 +1,183 @@
+"""Writes the generated parts of the docs from the code and the tree.
+
+    .venv/bin/python scripts/docs.py           # rewrite them
+    .venv/bin/python scripts/docs.py --check   # exit 1 and name the stale files (tests/test_docs.py)
+
+- `docs/guide/store.md`: the store schema from `traitsae.data.store.schema.SCHEMA` (and the keys a
+  dictionary store adds, `traitsae.data.dictionary.TRUTH_KEYS`);
+- in `docs/ARCHITECTURE.md`, between `<!-- generated: NAME -->` and `<!-- end: NAME -->`: `layout`
+  (the repository's folders and files, each with its docstring's first line) and `layers` (the
+  import layers of `scripts/import_graph.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this tree's code, whichever install the venv points at
+
+import import_graph  # noqa: E402  (scripts/ is on sys.path when this file runs)
+
+from traitsae.data import dictionary  # noqa: E402
+from traitsae.data.store import schema  # noqa: E402
+
+ENTRY_SCRIPTS = import_graph.ENTRY_SCRIPTS
+# Folders whose files are not Python modules with docstrings: what each holds, in one line.
+FOLDER_NOTES = {
+    "conf": "Hydra configs: one YAML per entry script, one folder per config group",
+    "src/hydra_plugins": "namespace package where Hydra finds launcher plugins",
+    "scripts": "maintenance scripts (docs generator, import-graph check)",
+    "benchmarks": "one script per measured claim; the numbers are in docs/LOGBOOK.md",
+    "notebooks": "jupytext notebooks run by tests/test_notebooks.py",
+    "tests": "the pytest suite; *_helpers.py hold what several test files share",
+    "docs": "ARCHITECTURE (this file), ENGINEERING, LOGBOOK, guide/ (one page per topic)",
+}
+SKIP = {"__pycache__"}
+
+
+def first_line(path: Path) -> str:
+    """The first line of a Python file's docstring ("…" when the sentence goes on)."""
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    if not doc:
+        return ""
+    paragraph = doc.strip().split("\n\n")[0].splitlines()
+    line = paragraph[0].strip()
+    return line + " …" if len(paragraph) > 1 and not line.endswith((".", ":", "?")) else line
+
+
+def _package_lines(folder: Path, depth: int) -> list[tuple[str, str]]:
+    """(indented name, description) for the files and subpackages of one source folder."""
+    lines = []
+    files = sorted(p for p in folder.glob("*.py") if p.name != "__init__.py")
+    folders = sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in SKIP)
+    for path in files:
+        lines.append(("  " * depth + path.name, first_line(path)))
+    for sub in folders:
+        init = sub / "__init__.py"
+        lines.append(("  " * depth + sub.name + "/", first_line(init) if init.is_file() else ""))
+        lines += _package_lines(sub, depth + 1)
+    return lines
+
+
+def _folder(root: Path, name: str, list_files: str | None = None) -> list[tuple[str, str]]:
+    folder = root / name
+    if not folder.is_dir():
+        raise SystemExit(f"docs.py: {folder} is not a folder (update FOLDER_NOTES)")
+    lines = [(name + "/", FOLDER_NOTES[name])]
+    if list_files:
+        for path in sorted(folder.glob(list_files)):
+            lines.append(("  " + path.name, first_line(path) if path.suffix == ".py" else ""))
+    return lines
+
+
+def layout_block(root: Path = ROOT) -> str:
+    """The repository's layout: entry scripts, configs, every source module, the other folders."""
+    lines = [(name, first_line(root / name)) for name in ENTRY_SCRIPTS]
+    groups = sorted(p.name + "/" for p in (root / "conf").iterdir() if p.is_dir())
+    top = sorted(p.name for p in (root / "conf").glob("*.yaml"))
+    lines.append(("conf/", f"{FOLDER_NOTES['conf']}: {', '.join(top)}; {' '.join(groups)}"))
+    package = root / "src" / "traitsae"
+    lines.append(("src/traitsae/", first_line(package / "__init__.py")))
+    lines += _package_lines(package, 1)
+    lines += _folder(root, "src/hydra_plugins")
+    lines += _package_lines(root / "src" / "hydra_plugins", 1)
+    lines += _folder(root, "scripts", "*.py")
+    lines += _folder(root, "benchmarks", "*.py")
+    lines += _folder(root, "notebooks") + _folder(root, "tests") + _folder(root, "docs")
+    width = min(max(len(name) for name, _ in lines) + 2, 34)
+    rows = [f"{name:<{width - 2}}  {text}".rstrip() for name, text in lines]
+    return "```\n" + "\n".join(rows) + "\n```"
+
+
+def layers_table() -> str:
+    return import_graph.layers_markdown()
+
+
+def store_page() -> str:
+    """docs/guide/store.md: the schema module's docstring and a table of every key."""
+    paragraphs = schema.__doc__.strip().split("\n\n")[1:]  # after the module's summary line
+    return "\n".join(
+        [
+            "# The activation store",
+            "",
+            "<!-- Generated by scripts/docs.py from src/traitsae/data/store/schema.py "
+            "(SCHEMA) and src/traitsae/data/dictionary.py (TRUTH_KEYS); do not edit. -->",
+            "",
+            "\n\n".join(p.strip() for p in paragraphs),
+            "",
+            "## Keys",
+            "",
+            "N images, P patches per image, D = `d_model`, L a stored layer (absolute block "
+            "index, decimal). A required key must be present in any store `Store(path)` opens.",
+            "",
+            schema.key_table(schema.SCHEMA),
+            "",
+            "## Dictionary stores (`dataset=dictionary`)",
+            "",
+            "Generated activations with known features, in the same schema (backbone "
+            "`dictionary`, layer 0, `patches_per_image` vectors per row), plus the ground "
+            "truth that `eval=dictionary` scores against:",
+            "",
+            schema.key_table(dictionary.TRUTH_KEYS),
+            "",
+        ]
+    )
+
+
+def replace_section(text: str, name: str, body: str, where: str) -> str:
+    """`text` with what lies between the `name` markers replaced by `body`."""
+    pattern = re.compile(
+        rf"(<!-- generated: {name} [^\n]*-->\n)(.*?)(<!-- end: {name} -->)", re.DOTALL
+    )
+    if not pattern.search(text):
+        raise SystemExit(f"docs.py: {where} lacks the markers of the generated `{name}` section")
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text, count=1)
+
+
+def architecture(text: str, root: Path = ROOT) -> str:
+    text = replace_section(text, "layout", layout_block(root), "docs/ARCHITECTURE.md")
+    return replace_section(text, "layers", layers_table(), "docs/ARCHITECTURE.md")
+
+
+# Each generated file: its path and how its new text follows from its current text.
+TARGETS: dict[str, Callable[[str], str]] = {
+    "docs/guide/store.md": lambda _current: store_page(),
+    "docs/ARCHITECTURE.md": architecture,
+}
+
+
+def stale(root: Path = ROOT) -> dict[Path, str]:
+    """Generated files whose committed text differs from what the code and tree give: new text."""
+    out = {}
+    for name, make in TARGETS.items():
+        path = root / name
+        current = path.read_text(encoding="utf-8") if path.is_file() else ""
+        new = make(current)
+        if new != current:
+            out[path] = new
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report stale files")
+    args = parser.parse_args()
+    changed = stale()
+    for path, text in changed.items():
+        if not args.check:
+            tmp = path.with_name(path.name + ".tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+        print(f"{'stale' if args.check else 'wrote'} {path.relative_to(ROOT)}")
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""What `eval=splice` and `eval=steer` share: the SAE's backbone built whole, the images of a
+split run through it, and a linear class probe on the model's final image embedding.
+
+The backbone config comes from `sae.json` (the training config's `backbone` node) and must agree
+with the store the SAE's activations came from; it is built by `build_backbone`, the builder
+extraction uses, without pruning so that the blocks after the SAE's layer and the head run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from traitsae.backbones import Backbone, build_backbone
+from traitsae.data.images import ImageDataset, ImageList, load_image_list
+from traitsae.data.store import Store, read_fingerprint
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.probes import fit_class_probe
+from traitsae.evaluation.core.sources import eval_store
+from traitsae.sae.export import RawSpaceSAE
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between the SAE's backbone config and its store's: which blocks were
+# stored, and where the weights file lives on this machine.
+_FREE_KEYS = ("layers", "weights")
+# The runs of the blocks after the SAE's layer that splice compares (and their ablated baselines).
+CONDITIONS = ("clean", "spliced", "mean_ablated", "zero_ablated")
+ABLATIONS = ("mean_ablated", "zero_ablated")
+BASELINES = {"mean": "mean_ablated", "zero": "zero_ablated"}
+
+
+# ----------------------------------------------------------------------------- the backbone
+
+
+def backbone_config(sae: RawSpaceSAE, store: Store) -> DictConfig:
+    """The SAE's backbone config (`sae.json` -> config.backbone, else the store's), checked
+    against the config that wrote `store`; TraitsaeError naming every differing key."""
+    stored = (yaml.safe_load(store.config) or {}).get("backbone") if store.config else None
+    from_sae = ((sae.meta.get("config") or {}).get("backbone")) or None
+    if from_sae and from_sae.get("name") != sae.meta.get("backbone"):
+        from_sae = None  # train.py's default group, unused when data.store named another store
+    chosen = from_sae or stored
+    if not chosen:
+        raise TraitsaeError(
+            f"neither sae.json ({sae.meta.get('backbone')!r}) nor store {store.path} records the "
+            "backbone config (config.backbone), so the backbone cannot be rebuilt; re-extract "
+            "the store with extract.py or retrain the SAE with train.py."
+        )
+    if from_sae and stored:
+        differ = {
+            key: (from_sae.get(key), stored.get(key))
+            for key in sorted(from_sae.keys() | stored.keys())
+            if key not in _FREE_KEYS and from_sae.get(key) != stored.get(key)
+        }
+        if differ:
+            detail = "; ".join(
+                f"{k}: sae.json {a!r} vs store {b!r}" for k, (a, b) in differ.items()
+            )
+            raise TraitsaeError(
+                f"the backbone in sae.json (config.backbone of {sae.meta.get('backbone')!r}) does "
+                f"not match the one that wrote store {store.path} ({detail}). Evaluate the SAE on "
+                "stores of the backbone it was trained on (or re-extract them with that backbone)."
+            )
+    return OmegaConf.create(chosen)
+
+
+def build_full_backbone(sae: RawSpaceSAE, store: Store, device: str = "cpu") -> Backbone:
+    """The SAE's backbone with every block and the head (nothing pruned), on `device`."""
+    return build_backbone(backbone_config(sae, store), prune=False).to(device)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def cache_file(store: Store, kind: str, key: dict[str, Any]) -> Path:
+    """`<store>.cache/<kind>-<hash>.npz`: results that depend on the backbone and the store's
+    images but not on the SAE (clean embeddings, ablations), computed once for every SAE of a
+    sweep. The hash covers `key`, the store's fingerprint and its file's size and mtime, so a
+    re-extracted store or another backbone config never reads a stale file."""
+
+    stat = store.path.stat()
+    ident = {
+        "store": str(store.path.resolve()),
+        "fingerprint": read_fingerprint(store.path),
+        "file": [stat.st_size, stat.st_mtime_ns],
+        **key,
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return store.path.with_name(store.path.name + ".cache") / f"{kind}-{digest[:16]}.npz"
+
+
+def load_cached(path: Path | None) -> dict[str, np.ndarray] | None:
+    if path is None or not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
+
+
+def save_cached(path: Path | None, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically (a reader never sees half a file); an unwritable folder only warns."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write the cache %s (%s); the next run recomputes it", path, err)
+
+
+def backbone_key(sae: RawSpaceSAE, store: Store) -> dict[str, Any]:
+    """What the backbone's outputs depend on: its config, except which blocks were stored."""
+    config = OmegaConf.to_container(backbone_config(sae, store), resolve=True)
+    return {k: v for k, v in config.items() if k != "layers"}
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass
+class SplitImages:
+    """The images of one split, in store order, with their class names."""
+
+    images: ImageList
+    classes_N: np.ndarray  # object [N]: class name per image ('' = none)
+
+    @property
+    def paths(self) -> list[str]:
+        return self.images.paths
+
+
+def split_images(cfg: DictConfig, split: str, store: Store, class_column: str) -> SplitImages:
+    """The split's image list (the loader extraction uses), checked to be the store's images."""
+    images = load_image_list(cfg.dataset, split)
+    if len(images) != store.n_images:
+        raise TraitsaeError(
+            f"dataset {cfg.dataset.name} split {split} lists {len(images)} images but store "
+            f"{store.path} holds {store.n_images}: the store is stale; re-extract it with "
+            "extract.py ... extract.overwrite=true."
+        )
+    if class_column not in images.metadata:
+        raise TraitsaeError(
+            f"eval.class_column={class_column!r} is not a metadata column of dataset "
+            f"{cfg.dataset.name}; it has {sorted(images.metadata)}."
+        )
+    return SplitImages(images, np.asarray(images.metadata[class_column], dtype=object))
+
+
+def iter_image_batches(
+    backbone: Backbone,
+    paths: Sequence[str],
+    batch_size: int,
+    num_workers: int = 0,
+    device: str = "cpu",
+    desc: str = "images",
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(dataset positions [B], preprocessed images [B, C, H, W]) of the readable images."""
+    dataset = ImageDataset(list(paths), backbone.transform, backbone.geometry.image_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False
+    )
+    with tqdm(total=len(dataset), desc=desc, unit="img", leave=False) as bar:
+        for batch in loader:
+            ok_B = batch["ok"].numpy().astype(bool)
+            bar.update(len(ok_B))
+            if ok_B.any():
+                yield batch["index"].numpy()[ok_B], batch["image"][ok_B].to(device)
+
+
+@torch.inference_mode()
+def final_embeddings(
+    backbone: Backbone, paths: Sequence[str], batch_size: int, num_workers: int, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clean final embeddings [n, E] float32 and their dataset positions [n] (readable images)."""
+    rows, embeddings = [], []
+    last = backbone.geometry.depth - 1
+    for rows_B, images_BCHW in iter_image_batches(
+        backbone, paths, batch_size, num_workers, device, desc="clean embeddings"
+    ):
+        final = backbone.finish_from(backbone.tokens_after(images_BCHW, last), last)
+        embeddings.append(final.embedding_BE.float().cpu().numpy())
+        rows.append(rows_B)
+    if not rows:
+        raise TraitsaeError("none of the images could be read; check dataset.root.")
+    return np.concatenate(embeddings), np.concatenate(rows)
+
+
+# ----------------------------------------------------------------------------- the class probe
+
+
+@dataclass
+class ClassProbe:
+    """Multinomial logistic regression on standardised final embeddings, as torch tensors.
+
+    probabilities(emb_BE) = softmax(((emb - mean) / std) @ weight^T + bias), classes in order.
+    """
+
+    classes: list[str]
+    mean_E: torch.Tensor
+    std_E: torch.Tensor
+    weight_CE: torch.Tensor
+    bias_C: torch.Tensor
+
+    @classmethod
+    def fit(
+        cls,
+        emb_NE: np.ndarray,
+        labels_N: np.ndarray,
+        C: float = 1.0,
+        max_iter: int = 1000,
+        seed: int = 0,
+    ) -> ClassProbe:
+        """Fit on embeddings and their class names (images without a class are skipped)."""
+        labels_N = np.asarray(labels_N, dtype=object)
+        keep_N = labels_N != ""
+        classes = sorted(set(labels_N[keep_N]))
+        index = {name: i for i, name in enumerate(classes)}
+        y_N = np.array([index[name] for name in labels_N[keep_N]], dtype=np.int64)
+        model = fit_class_probe(emb_NE[keep_N], y_N, C, max_iter, seed)
+        scaler, logistic = model[0], model[-1]
+        weight, bias = logistic.coef_, logistic.intercept_
+        if len(classes) == 2:  # sklearn keeps one row for two classes: p(1) = sigmoid(z)
+            weight, bias = np.concatenate([-weight, weight]) / 2, np.array([-bias[0], bias[0]]) / 2
+        as_t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+        return cls(classes, as_t(scaler.mean_), as_t(scaler.scale_), as_t(weight), as_t(bias))
+
+    def logits(self, emb_BE: torch.Tensor) -> torch.Tensor:
+        x_BE = (emb_BE.float().cpu() - self.mean_E) / self.std_E
+        return x_BE @ self.weight_CE.T + self.bias_C
+
+    def probabilities(self, emb_BE: torch.Tensor) -> torch.Tensor:
+        """[B, E] final embeddings -> [B, C] class probabilities (CPU float32)."""
+        return self.logits(emb_BE).softmax(-1)
+
+    def class_index(self, name: str, what: str = "eval.target_class") -> int:
+        if name not in self.classes:
+            shown = ", ".join(self.classes[:20]) + (" ..." if len(self.classes) > 20 else "")
+            raise TraitsaeError(
+                f"{what}={name!r} is not a class of the dataset's train split; its "
+                f"{len(self.classes)} classes are: {shown}."
+            )
+        return self.classes.index(name)
+
+    def accuracy(self, emb_NE: np.ndarray | torch.Tensor, labels_N: np.ndarray) -> float:
+        """Fraction of images whose most probable class is their own (unseen classes count wrong)."""
+        predicted = np.asarray(self.classes, dtype=object)[
+            self.logits(torch.as_tensor(emb_NE)).argmax(-1).numpy()
+        ]
+        return float((predicted == np.asarray(labels_N, dtype=object)).mean())
+
+    def save(self, path: str | Path) -> Path:
+
+        tensors = {
+            "mean": self.mean_E,
+            "std": self.std_E,
+            "weight": self.weight_CE,
+            "bias": self.bias_C,
+        }
+        save_file(tensors, str(path), metadata={"classes": json.dumps(self.classes)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClassProbe:
+
+        with safe_open(str(path), framework="pt") as f:
+            classes = json.loads(f.metadata()["classes"])
+            t = {key: f.get_tensor(key) for key in ("mean", "std", "weight", "bias")}
+        return cls(classes, t["mean"], t["std"], t["weight"], t["bias"])
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """The class probe on clean final embeddings that eval=splice and eval=steer read (their
+    conf/eval YAML holds these keys)."""
+
+    train_split: str
+    class_column: str
+    C: float
+    max_iter: int
+    batch_size: int
+    num_workers: int
+    cache: bool
+    seed: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise TraitsaeError(f"eval.batch_size must be >= 1, got {self.batch_size}.")
+
+
+def train_class_probe(
+    cfg: DictConfig, backbone: Backbone, sae: RawSpaceSAE, opts: ProbeOptions
+) -> ClassProbe:
+    """The class probe on clean final embeddings of the train split's images."""
+    with eval_store(cfg, sae, opts.train_split) as store:
+        train = split_images(cfg, opts.train_split, store, opts.class_column)
+        cache = cache_file(store, "final-embeddings", backbone_key(sae, store))
+    cached = load_cached(cache) if opts.cache else None
+    if cached is not None:
+        emb_NE, rows_N = cached["embedding"], cached["rows"]
+    else:
+        emb_NE, rows_N = final_embeddings(
+            backbone, train.paths, opts.batch_size, opts.num_workers, opts.device
+        )
+        if opts.cache:
+            save_cached(cache, {"embedding": emb_NE, "rows": rows_N})
+    labels_N = train.classes_N[rows_N]
+    if len(set(labels_N) - {""}) < 2:
+        raise TraitsaeError(
+            f"the {opts.train_split} split of dataset {cfg.dataset.name} has fewer than 2 classes "
+            f"in column {opts.class_column!r}; a class probe needs 2 or more."
+        )
+    return ClassProbe.fit(emb_NE, labels_N, opts.C, opts.max_iter, opts.seed)
+
+
+def sae_token_positions(
+    sae: RawSpaceSAE, tokens: str, n_prefix: int, n_tokens: int
+) -> torch.Tensor:
+    """Bool [T]: the token positions of block L's output that the SAE edits.
+
+    `tokens`: auto (what the SAE was trained on), patches, cls, or both (patches and CLS);
+    registers (prefix tokens after CLS) are never edited.
+    """
+    if tokens == "auto":
+        tokens = "cls" if sae.tokens == "cls" else "patches"
+    if tokens not in ("patches", "cls", "both"):
+        raise TraitsaeError(f"eval.tokens must be auto, patches, cls or both; got {tokens!r}.")
+    positions_T = torch.zeros(n_tokens, dtype=torch.bool)
+    if tokens in ("patches", "both"):
+        positions_T[n_prefix:] = True
+    if tokens in ("cls", "both"):
+        positions_T[0] = True
+    return positions_T

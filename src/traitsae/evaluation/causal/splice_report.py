@@ -1,0 +1,42 @@
+"""What eval=splice writes: splice.json, splice.csv, splice.png and the printed table."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Any
+
+from traitsae.evaluation.causal.forward import CONDITIONS
+from traitsae.evaluation.core import figures
+
+
+def write_outputs(result: dict[str, Any], out) -> None:
+
+    (out / "splice.json").write_text(json.dumps(result, indent=2) + "\n")
+    columns = ["metric", *CONDITIONS, "recovered"]
+    with (out / "splice.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(result["metrics"])
+    rows = result["metrics"]
+    meta = result["meta"]
+    fig = figures.grouped_bars_with_ci(
+        [r["metric"].replace("_", "\n") for r in rows],
+        {c: [(r[c], r[c], r[c]) for r in rows] for c in CONDITIONS},
+        title=f"{meta['backbone']} block {meta['layer']}: SAE spliced in ({meta['dataset']} "
+        f"{meta['split']}, {meta['n_images']} images)",
+        ylabel="value",
+    )
+    figures.save(fig, out / "splice.png")
+    print(format_result(result))
+    print(f"splice: outputs in {out}")
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"{'metric':24s}" + "".join(f"{c:>14s}" for c in (*CONDITIONS, "recovered"))]
+    for row in result["metrics"]:
+        rec = "—" if row["recovered"] is None else f"{row['recovered']:.3f}"
+        lines.append(
+            f"{row['metric']:24s}" + "".join(f"{row[c]:14.4f}" for c in CONDITIONS) + f"{rec:>14s}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Steering a class probe through the SAE: add latents' decoder directions at the SAE's layer,
+run the remaining blocks, read the probe (the function API eval=steer and the explorer share),
+and the latents most specific to a class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from traitsae.backbones import Backbone
+from traitsae.data.store import Store
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.causal.forward import (
+    ClassProbe,
+    sae_token_positions,
+)
+from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
+from traitsae.sae.export import RawSpaceSAE
+
+WHERE = ("all", "firing")
+
+
+def steer_tokens(
+    x_BTD: torch.Tensor,
+    sae: RawSpaceSAE,
+    latents: Sequence[int],
+    alphas_K: torch.Tensor,
+    positions_T: torch.Tensor,
+    where: str = "all",
+) -> torch.Tensor:
+    """Block L's output plus alpha_k * W_dec[latent_k] (raw space) at the edited positions
+    (`where="all"`) or only at those where latent k fires on the clean tokens (`"firing"`)."""
+    if where not in WHERE:
+        raise TraitsaeError(f"eval.where must be one of {WHERE}, got {where!r}.")
+    idx = torch.as_tensor(list(latents), dtype=torch.long, device=sae.W_dec.device)
+    d_KD = (sae.W_dec[idx] / sae.scale).to(x_BTD.dtype)
+    chosen_BPD = x_BTD[:, positions_T]
+    w_BPK = alphas_K.to(x_BTD).expand(*chosen_BPD.shape[:2], len(idx))
+    if where == "firing":
+        n_b, n_p, d = chosen_BPD.shape
+        codes_BPK = sae.encode(chosen_BPD.reshape(-1, d))[:, idx].reshape(n_b, n_p, -1)
+        w_BPK = w_BPK * (codes_BPK > 0).to(w_BPK)
+    steered_BTD = x_BTD.clone()
+    steered_BTD[:, positions_T] = chosen_BPD + w_BPK @ d_KD
+    return steered_BTD
+
+
+@torch.inference_mode()
+def steered_probabilities(
+    backbone: Backbone,
+    sae: RawSpaceSAE,
+    probe: ClassProbe,
+    images_BCHW: torch.Tensor | None,
+    latents: Sequence[int],
+    alphas: float | Sequence[float],
+    where: str = "all",
+    tokens: str = "auto",
+    layer_tokens_BTD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Probe class probabilities [B, C] (order `probe.classes`) after steering `latents` by
+    `alphas` (one per latent, or one for all) at the SAE's layer.
+
+    Pass `layer_tokens_BTD = backbone.tokens_after(images, layer)` (then `images_BCHW` may be
+    None) to move sliders without re-running the blocks up to the SAE's layer.
+    """
+    layer = sae.layer
+    check_latents(latents, sae.d_sae)
+    x_BTD = layer_tokens_BTD
+    if x_BTD is None:
+        x_BTD = backbone.tokens_after(images_BCHW, layer)
+    alphas_K = torch.as_tensor(alphas, dtype=torch.float32).flatten()
+    if alphas_K.numel() == 1:
+        alphas_K = alphas_K.expand(len(latents))
+    if alphas_K.numel() != len(latents):
+        raise TraitsaeError(
+            f"{alphas_K.numel()} alphas for {len(latents)} latents: give one per latent or one."
+        )
+    g = backbone.geometry
+    positions_T = sae_token_positions(sae, tokens, g.n_prefix_tokens, x_BTD.shape[1])
+    steered_BTD = steer_tokens(x_BTD, sae, latents, alphas_K, positions_T.to(x_BTD.device), where)
+    return probe.probabilities(backbone.finish_from(steered_BTD, layer).embedding_BE)
+
+
+def check_latents(latents: Sequence[int], d_sae: int) -> None:
+    bad = [s for s in latents if not 0 <= int(s) < d_sae]
+    if bad or not latents:
+        raise TraitsaeError(
+            f"eval.latents={list(latents)}: {'latents ' + str(bad) + ' are' if bad else 'none is'} "
+            f"out of range; this SAE has {d_sae} latents, ids 0..{d_sae - 1}."
+        )
+
+
+def check_alphas(alphas: Sequence[float]) -> list[float]:
+    values = sorted(float(a) for a in alphas)
+    if 0.0 not in values:
+        raise TraitsaeError(
+            f"eval.alphas={list(alphas)} must include 0 (the unsteered probabilities every other "
+            "alpha is compared with), e.g. eval.alphas=[0,2,4,8]."
+        )
+    return values
+
+
+@dataclass
+class ClassLatents:
+    """What the train store says about every latent for one target class."""
+
+    ranked: list[int]  # the n latents most specific to the class, most specific first
+    latent_max_S: np.ndarray  # each latent's largest image score on the split
+    specificity_S: np.ndarray  # mean image score in the class minus outside it
+    typical_S: np.ndarray  # mean over the class's images of the code averaged over edited tokens
+
+
+def class_latents(
+    sae: RawSpaceSAE, store: Store, classes_N: np.ndarray, target: str, n: int, device: str
+) -> ClassLatents:
+    """The `n` latents most specific to `target` (mean image score in the class minus outside
+    it; image score = max over the edited tokens), and each latent's statistics (ClassLatents)."""
+
+    tokens = "cls" if sae.tokens == "cls" else "patches"
+    methods = {
+        pool: Method(pool, sae_scorer(sae), sae.d_sae, pool=pool) for pool in ("max", "mean")
+    }
+    scores, rows = image_scores(store, sae.layer, methods, tokens, device)
+    s_NS = scores["max"]
+    in_class_N = classes_N[rows] == target
+    if not in_class_N.any() or in_class_N.all():
+        raise TraitsaeError(
+            f"eval.target_class={target!r}: the train store {store.path} has "
+            f"{int(in_class_N.sum())} valid images of it out of {len(rows)}; ranking its latents "
+            "needs images in and out of the class."
+        )
+    specificity_S = s_NS[in_class_N].mean(0) - s_NS[~in_class_N].mean(0)
+    order = np.argsort(-specificity_S, kind="stable")[:n]
+    typical_S = scores["mean"][in_class_N].mean(0)
+    return ClassLatents([int(s) for s in order], s_NS.max(0), specificity_S, typical_S)
+
+
+def latent_effects(
+    backbone: Backbone,
+    sae: RawSpaceSAE,
+    probe: ClassProbe,
+    x_BTD: torch.Tensor,
+    latents: Sequence[int],
+    target_index: int,
+    where: str = "all",
+    tokens: str = "auto",
+) -> np.ndarray:
+    """d mean log p(target) / d alpha_k at alpha = 0 for each latent k, on block L's output
+    `x_BTD` of some images: how much steering by latent k raises the probe's belief in the
+    target, to first order (one backward pass through the blocks after L and the head)."""
+    g = backbone.geometry
+    positions_T = sae_token_positions(sae, tokens, g.n_prefix_tokens, x_BTD.shape[1])
+    alphas_K = torch.zeros(len(latents), device=x_BTD.device, requires_grad=True)
+    with torch.enable_grad():
+        steered_BTD = steer_tokens(
+            x_BTD.detach(), sae, latents, alphas_K, positions_T.to(x_BTD.device), where
+        )
+        embedding_BE = backbone.finish_from(steered_BTD, sae.layer).embedding_BE
+        log_p_B = probe.logits(embedding_BE).log_softmax(-1)[:, target_index]
+        (grad_K,) = torch.autograd.grad(log_p_B.mean(), alphas_K)
+    return grad_K.cpu().numpy()

@@ -1,0 +1,1 @@
+"""Services every evaluation shares; nothing here imports a task."""

@@ -1,0 +1,1 @@
+"""eval=discovery: which latents separate two groups of images?"""

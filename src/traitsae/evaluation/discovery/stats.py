@@ -1,0 +1,369 @@
+"""The statistics of `eval=discovery` on a per-image score matrix: no store, no SAE, no files.
+
+    result = contrast(scores_NS, in_a_N, RankingRule(), NullOptions(), strata_N=None)
+    result.table()      # candidate dicts, every statistic; result.summary: tested, alpha, ...
+
+Rows are the images of the two groups (A where `in_a_N`, else B), columns are latents (an
+image-level score, e.g. the max over patches).
+
+1. Held-out half (`confirm` > 0): each group is split by image, seeded and balanced over strata,
+   into a selection part and a confirmation part (the fraction `confirm`).
+2. Selection part, per latent: firing rates, means, support and the AUROC of A vs B
+   (Mann-Whitney, average ranks for ties). With strata it is the stratified AUROC
+   sum_s U_s / sum_s n_a,s * n_b,s: only pairs of images from the same stratum are compared,
+   so a latent that tells strata apart but not the groups within a stratum scores 0.5.
+3. Null: group labels shuffled within strata; the statistic T = sum over A of the
+   within-stratum centred ranks (= sum_s U_s - n_a,s * n_b,s / 2) for all latents at once, one
+   matrix product per batch of shuffles. Two-sided p = (1 + #{|T_perm| >= |T_obs|}) /
+   (1 + draws). Every latent gets `n_permutations` draws; a latent with fewer than
+   `RESOLVED` exceedances gets 10x more, repeatedly, up to `max_permutations` (see
+   `permutation_pvalues` for why this stays a valid p-value). Benjamini-Hochberg q-values over
+   the tested latents: those firing on enough images to ever be a candidate (a count that
+   shuffling labels cannot change, so leaving the rest out keeps the null exact).
+4. Candidates: per group the `n_candidates` most specific eligible latents; a candidate is a
+   discovery when q <= alpha.
+5. Confirmation part: each candidate's AUROC and a one-sided permutation p in its own
+   direction, BH over the candidates; `confirmed` when that q <= alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.discovery.null import (
+    GROUPS,
+    NullOptions,
+    auroc_per_column,
+    bh_qvalues,
+    check_group_sizes,
+    comparable_pairs,
+    confirmation_split,
+    permutation_test,
+    smallest_p,
+    stratum_codes,
+)
+
+
+@dataclass(frozen=True)
+class RankingRule:
+    """Which latents may be candidates, and how many per group."""
+
+    min_support: float = 0.2  # fraction of the own group where the latent must fire
+    dense_rate: float = 0.9  # firing on >= this fraction of both groups = dense, excluded
+    min_auroc: float = 0.8  # specificity floor (AUROC for A, 1 - AUROC for B)
+    n_candidates: int = 10  # per group
+
+
+# ----------------------------------------------------------------------------- per-latent table
+
+
+@dataclass
+class LatentTable:
+    """Per-latent statistics on the selection part, arrays of length d_sae."""
+
+    rate_a: np.ndarray
+    rate_b: np.ndarray
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    support_a: np.ndarray  # images of A where the latent fires
+    support_b: np.ndarray
+    auroc: np.ndarray  # A (positive) vs B; stratified when strata are given
+    dense: np.ndarray  # bool: fires on >= dense_rate of both groups (never a candidate)
+    tested: np.ndarray  # bool: in the BH family
+    p_value: np.ndarray  # two-sided; NaN when not tested
+    q_value: np.ndarray  # BH over the tested latents; NaN when not tested
+    permutations: np.ndarray  # draws behind each p-value (0 when not tested)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {"latent": np.arange(len(self.auroc)), **asdict(self)}
+
+
+def firing_stats(
+    scores_NS: np.ndarray, in_a_N: np.ndarray, fire_threshold: float
+) -> dict[str, np.ndarray]:
+    """Rates, means and support (images where the latent fires) of every latent per group."""
+    fires_NS = scores_NS > fire_threshold
+    support_a, support_b = fires_NS[in_a_N].sum(axis=0), fires_NS[~in_a_N].sum(axis=0)
+    return {
+        "rate_a": support_a / in_a_N.sum(),
+        "rate_b": support_b / (~in_a_N).sum(),
+        "mean_a": scores_NS[in_a_N].mean(axis=0),
+        "mean_b": scores_NS[~in_a_N].mean(axis=0),
+        "support_a": support_a,
+        "support_b": support_b,
+    }
+
+
+def specificity(table: LatentTable, group: str) -> np.ndarray:
+    return table.auroc if group == "a" else 1.0 - table.auroc
+
+
+def rank_by_specificity(table: LatentTable, group: str, rule: RankingRule) -> np.ndarray:
+    """Eligible latents for `group` ('a' or 'b'), most specific first (ties: larger rate gap)."""
+    spec_S = specificity(table, group)
+    own, other = (table.rate_a, table.rate_b) if group == "a" else (table.rate_b, table.rate_a)
+    eligible_S = (own >= rule.min_support) & (spec_S >= rule.min_auroc) & ~table.dense
+    latents = np.flatnonzero(eligible_S)
+    order = np.lexsort((-(own - other)[latents], -spec_S[latents]))
+    return latents[order][: rule.n_candidates]
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class CandidateStats:
+    """Everything the statistics say about one candidate (selection part unless `confirm_`)."""
+
+    latent: int
+    group: str  # "a" | "b": the group it is specific to
+    auroc: float
+    specificity: float
+    rate_a: float
+    rate_b: float
+    mean_a: float
+    mean_b: float
+    support: int
+    p_value: float | None
+    q_value: float | None
+    discovery: bool | None  # q <= alpha
+    permutations: int
+    confirm_auroc: float | None = None
+    confirm_p_value: float | None = None
+    confirm_q_value: float | None = None
+    confirmed: bool | None = None
+    auroc_unstratified: float | None = None
+    strata_auroc: dict[str, float] | None = None
+
+
+@dataclass
+class Contrast:
+    latents: LatentTable
+    candidates: list[CandidateStats]
+    selection_N: np.ndarray  # bool: images the ranking and the p-values used
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> list[dict[str, Any]]:
+        """The candidates as plain dicts (group A's first, each group most specific first)."""
+        return [asdict(c) for c in self.candidates]
+
+
+def _optional(value: Any) -> Any:
+    """NumPy scalars to Python; NaN to None (JSON null)."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def candidate_stats(table: LatentTable, latent: int, group: str, alpha: float) -> CandidateStats:
+    q = _optional(table.q_value[latent])
+    return CandidateStats(
+        latent=int(latent),
+        group=group,
+        auroc=float(table.auroc[latent]),
+        specificity=float(specificity(table, group)[latent]),
+        rate_a=float(table.rate_a[latent]),
+        rate_b=float(table.rate_b[latent]),
+        mean_a=float(table.mean_a[latent]),
+        mean_b=float(table.mean_b[latent]),
+        support=int((table.support_a if group == "a" else table.support_b)[latent]),
+        p_value=_optional(table.p_value[latent]),
+        q_value=q,
+        discovery=None if q is None else bool(q <= alpha),
+        permutations=int(table.permutations[latent]),
+    )
+
+
+def add_strata_aurocs(
+    candidates: list[CandidateStats],
+    scores_NS: np.ndarray,
+    in_a_N: np.ndarray,
+    strata_N: np.ndarray,
+) -> None:
+    """Each candidate's AUROC ignoring strata, and within every stratum holding both groups."""
+    if not candidates:
+        return
+    latents = np.array([c.latent for c in candidates])
+    pooled_C = auroc_per_column(scores_NS[:, latents], in_a_N)
+    labels = np.asarray(strata_N).astype(str)
+    per_stratum = {}
+    for label in np.unique(labels):
+        rows = labels == label
+        if in_a_N[rows].any() and (~in_a_N[rows]).any():
+            per_stratum[str(label)] = auroc_per_column(scores_NS[rows][:, latents], in_a_N[rows])
+    for j, cand in enumerate(candidates):
+        cand.auroc_unstratified = float(pooled_C[j])
+        cand.strata_auroc = {label: float(au[j]) for label, au in per_stratum.items()}
+
+
+def confirm_candidates(
+    candidates: list[CandidateStats],
+    scores_NS: np.ndarray,
+    in_a_N: np.ndarray,
+    codes_N: np.ndarray,
+    null: NullOptions,
+    rng: np.random.Generator,
+) -> None:
+    """AUROC on the held-out images, one-sided p in the candidate's direction, BH over all
+    candidates (a family chosen without looking at these images)."""
+    if not candidates:
+        return
+    held_NC = scores_NS[:, [c.latent for c in candidates]]
+    sign_C = np.array([1.0 if c.group == "a" else -1.0 for c in candidates])
+    t_C, p_C, _ = permutation_test(
+        held_NC, in_a_N, codes_N, null, rng, sign_S=sign_C, progress=False
+    )
+    auroc_C = 0.5 + t_C / comparable_pairs(in_a_N, codes_N)
+    q_C = bh_qvalues(p_C) if null.n_permutations else p_C
+    for cand, auroc, p, q in zip(candidates, auroc_C, p_C, q_C, strict=True):
+        cand.confirm_auroc = float(auroc)
+        if null.n_permutations:
+            cand.confirm_p_value, cand.confirm_q_value = float(p), float(q)
+            cand.confirmed = bool(q <= null.alpha)
+
+
+# ----------------------------------------------------------------------------- the contrast
+
+
+def verdicts(
+    table: LatentTable,
+    candidates: list[CandidateStats],
+    null: NullOptions,
+    in_a_N: np.ndarray,
+    codes_N: np.ndarray,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Discoveries per group among all tested latents, and one sentence per group saying so
+    (and, when there are none, whether these group sizes allowed any)."""
+    n_tested = int(table.tested.sum())
+    significant_S = table.tested & (np.nan_to_num(table.q_value, nan=1.0) <= null.alpha)
+    counts = {
+        "a": int((significant_S & (table.auroc > 0.5)).sum()),
+        "b": int((significant_S & (table.auroc < 0.5)).sum()),
+    }
+    floor = smallest_p(in_a_N, codes_N, null.max_permutations)
+    needed = math.ceil(floor * n_tested / null.alpha - 1e-9)
+    limit = (
+        f" With these group sizes and {null.max_permutations:,} permutations no p-value can be "
+        f"below {floor:.2g}, so at least {needed} latents would have to reach it together for "
+        f"any q to be <= {null.alpha}."
+        if needed > 1
+        else ""
+    )
+    words = {}
+    for g in GROUPS:
+        if null.n_permutations == 0:
+            words[g] = "No permutation null was run (eval.n_permutations=0): no p-values."
+        elif counts[g]:
+            shown = sum(bool(c.discovery) for c in candidates if c.group == g)
+            rest = counts[g] - shown
+            words[g] = (
+                f"{counts[g]} of {n_tested} tested latents are discoveries specific to group "
+                f"{g.upper()} (q <= {null.alpha}); {shown} of them pass the candidate filters"
+                + (
+                    f", {rest} are dense, rare or below eval.min_auroc (latents.csv)."
+                    if rest
+                    else "."
+                )
+            )
+        else:
+            words[g] = (
+                f"No discoveries: none of the {n_tested} tested latents is specific to group "
+                f"{g.upper()} at q <= {null.alpha}." + limit
+            )
+    return counts, words
+
+
+def strata_cells(
+    strata_N: np.ndarray, in_a_N: np.ndarray, held_N: np.ndarray
+) -> list[dict[str, Any]]:
+    """Images of each group per stratum (selection part); `compared`: holds both groups."""
+    labels_N = np.asarray(strata_N).astype(str)
+    cells = []
+    for label in np.unique(labels_N):
+        rows = (labels_N == label) & ~held_N
+        n_a, n_b = int((rows & in_a_N).sum()), int((rows & ~in_a_N).sum())
+        cells.append({"stratum": str(label), "n_a": n_a, "n_b": n_b, "compared": n_a * n_b > 0})
+    return cells
+
+
+def contrast(
+    scores_NS: np.ndarray,
+    in_a_N: np.ndarray,
+    rule: RankingRule,
+    null: NullOptions,
+    *,
+    strata_N: np.ndarray | None = None,
+    fire_threshold: float = 0.0,
+    names: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> Contrast:
+    """Rank latents specific to group A or B, with permutation p/q-values and confirmation.
+
+    scores_NS: [N, S] image-level scores of the N images of both groups; in_a_N: bool [N]
+    (False = group B); strata_N: [N] stratum labels (e.g. "collection=X") or None.
+    names: how errors and sentences name the groups (default "A", "B").
+    """
+    scores_NS = np.asarray(scores_NS)
+    in_a_N = np.asarray(in_a_N, dtype=bool)
+    names = dict(names or {"a": "A", "b": "B"})
+    codes_N = stratum_codes(strata_N, len(in_a_N))
+    rng = np.random.default_rng(null.seed)
+    held_N = confirmation_split(in_a_N, codes_N, null.confirm, rng)
+    sizes = check_group_sizes(in_a_N, held_N, null, names)
+    select_N = ~held_N
+    sel_NS, sel_a_N, sel_codes_N = scores_NS[select_N], in_a_N[select_N], codes_N[select_N]
+    if comparable_pairs(sel_a_N, sel_codes_N) == 0:
+        raise TraitsaeError(
+            "no stratum of eval.strata holds images of both groups, so within strata there is "
+            "nothing to compare; drop eval.strata or choose groups that share strata."
+        )
+    firing = firing_stats(sel_NS, sel_a_N, fire_threshold)
+    # A candidate fires on >= min_support of its own group: fewer images in all can never be one.
+    floor = max(1, math.ceil(rule.min_support * min(sel_a_N.sum(), (~sel_a_N).sum()) - 1e-9))
+    tested_S = firing["support_a"] + firing["support_b"] >= floor
+    t_S, p_S, draws_S = permutation_test(
+        sel_NS, sel_a_N, sel_codes_N, null, rng, test_S=tested_S, progress=progress
+    )
+    q_S = np.full(len(p_S), np.nan)
+    if null.n_permutations:
+        q_S[tested_S] = bh_qvalues(p_S[tested_S])
+    table = LatentTable(
+        **firing,
+        auroc=0.5 + t_S / comparable_pairs(sel_a_N, sel_codes_N),
+        dense=(firing["rate_a"] >= rule.dense_rate) & (firing["rate_b"] >= rule.dense_rate),
+        tested=tested_S,
+        p_value=p_S,
+        q_value=q_S,
+        permutations=draws_S,
+    )
+    candidates = [
+        candidate_stats(table, latent, g, null.alpha)
+        for g in GROUPS
+        for latent in rank_by_specificity(table, g, rule)
+    ]
+    if strata_N is not None:
+        add_strata_aurocs(candidates, sel_NS, sel_a_N, np.asarray(strata_N)[select_N])
+    if null.confirm > 0:
+        confirm_candidates(
+            candidates, scores_NS[held_N], in_a_N[held_N], codes_N[held_N], null, rng
+        )
+    counts, words = verdicts(table, candidates, null, sel_a_N, sel_codes_N)
+    summary = {
+        "tested": int(tested_S.sum()),
+        "alpha": null.alpha,
+        "n_permutations": null.n_permutations,
+        "max_permutations": null.max_permutations,
+        "confirm": null.confirm,
+        "min_group": null.min_group,
+        "sizes": sizes,
+        "n_discoveries": counts,
+        "verdict": words,
+        "n_dense": int(table.dense.sum()),
+        "strata": None if strata_N is None else strata_cells(strata_N, in_a_N, held_N),
+    }
+    return Contrast(table, candidates, select_N, summary)

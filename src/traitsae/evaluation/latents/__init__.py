@@ -1,0 +1,1 @@
+"""eval=features and eval=encode: what each latent fires on, and the codes on disk."""

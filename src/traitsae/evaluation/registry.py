@@ -1,0 +1,59 @@
+"""Every evaluation by its `eval.name`: the one table `evaluate.py` dispatches through.
+
+A new evaluation is a folder beside the others (its `run(cfg)` entry point and its conf/eval
+YAML) and one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.causal import splice, steer
+from traitsae.evaluation.discovery import discovery
+from traitsae.evaluation.latents import encode, features
+from traitsae.evaluation.quality import dictionary, health, probe
+from traitsae.evaluation.segments import segments
+from traitsae.evaluation.traits import cub_traits
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    name: str
+    run: Callable[[DictConfig], Any]  # Hydra entry: the composed config -> the task's result
+
+
+EVALUATIONS: dict[str, Evaluation] = {
+    e.name: e
+    for e in (
+        Evaluation("cub_traits", cub_traits.run),
+        Evaluation("discovery", discovery.run),
+        Evaluation("segments", segments.run),
+        Evaluation("splice", splice.run),
+        Evaluation("steer", steer.run),
+        Evaluation("health", health.run),
+        Evaluation("dictionary", dictionary.run),
+        Evaluation("probe", probe.run),
+        Evaluation("features", features.run),
+        Evaluation("encode", encode.run),
+    )
+}
+
+
+def get_evaluation(name: str) -> Evaluation:
+    """The evaluation registered as `name`; an unknown name lists the known ones."""
+    if name not in EVALUATIONS:
+        raise TraitsaeError(
+            f"eval.name={name!r} is not a registered evaluation; the known ones are "
+            f"{', '.join(sorted(EVALUATIONS))} (pass eval=<name>, e.g. eval=cub_traits)."
+        )
+    return EVALUATIONS[name]
+
+
+def run_evaluation(cfg: DictConfig) -> Any:
+    """Run the evaluation named by `cfg.eval.name` (conf/eval/<name>.yaml) on `cfg`."""
+    return get_evaluation(str(cfg.eval.name)).run(cfg)

@@ -1,0 +1,1 @@
+"""eval=segments: do latents find segmented parts, patch by patch?"""

@@ -1,0 +1,1 @@
+"""eval=cub_traits: do latents find CUB's annotated traits (precision@k vs baselines)?"""
