@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from eval_helpers import AMPLITUDE, BACKBONE, DATASET, LAYER, make_sae, trait_directions
 from PIL import Image
 
@@ -55,8 +56,37 @@ def masked_experiment(root: Path, n_species: int = 6, images_per_species: int = 
             attrs={"backbone": BACKBONE, "dataset": DATASET, "split": split, "depth": LAYER + 1,
                    "grid": list(GRID), "image_size": 64},
         )  # fmt: skip
-    run_dir = make_sae(root / "run", D_MODEL, D_SAE, dirs_TD).parent
-    return {"root": root, "data": data, "run": run_dir, "directions": dirs_TD}
+    return {
+        "root": root,
+        "data": data,
+        "run": oracle_sae(root / "run", dirs_TD),
+        "directions": dirs_TD,
+    }
+
+
+def oracle_sae(run_dir: Path, dirs_TD: np.ndarray) -> Path:
+    """Latent t fires on trait t; the other latents are random directions orthogonal to every
+    trait, firing on the noise: distractors a key must pass over."""
+    from safetensors.torch import load_file, save_file
+
+    sae_json = make_sae(run_dir, D_MODEL, D_SAE, dirs_TD)
+    weights_path = run_dir / "sae.safetensors"
+    weights = load_file(weights_path)
+    q_DD, _ = np.linalg.qr(
+        np.c_[dirs_TD.T, np.random.default_rng(1).standard_normal((D_MODEL, D_MODEL))]
+    )
+    noise_RD = np.random.default_rng(2).standard_normal((D_SAE - N_TRAITS, D_MODEL - N_TRAITS))
+    rows_RD = noise_RD @ q_DD[:, N_TRAITS:].T  # in the complement of the trait directions
+    rows_RD /= np.linalg.norm(rows_RD, axis=1, keepdims=True)
+    for key in ("W_enc", "W_dec"):
+        w = weights[key].numpy().copy()
+        if w.shape == (D_SAE, D_MODEL):
+            w[N_TRAITS:] = rows_RD
+        else:
+            w[:, N_TRAITS:] = rows_RD.T
+        weights[key] = torch.from_numpy(w)
+    save_file(weights, weights_path)
+    return sae_json.parent
 
 
 def overrides(ex: dict, evaluation: str, *extra: str) -> list[str]:

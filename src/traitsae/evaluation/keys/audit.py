@@ -24,11 +24,15 @@ import numpy as np
 from omegaconf import DictConfig
 
 from traitsae.data.images.masks import RULES, load_mask_layout
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.discovery_stats import centred_ranks, comparable_pairs, stratum_codes
+from traitsae.evaluation.core.methods import POOLS, Method, image_scores, valid_rows
+from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.patches import FRAMES, SplitPatches, collect_patches, store_frame
+from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 from traitsae.evaluation.keys import grounding, sparse
+from traitsae.evaluation.keys.audit_report import format_table, write_outputs
 from traitsae.evaluation.keys.key import check_budgets
-from traitsae.evaluation.keys.options import options_from_cfg
 from traitsae.evaluation.keys.pooled import (
     METHODS,
     class_ids,
@@ -36,8 +40,9 @@ from traitsae.evaluation.keys.pooled import (
     column_values,
     fit_methods,
 )
-from traitsae.evaluation.scoring import POOLS, Method, image_scores, valid_rows
-from traitsae.evaluation.segment_patches import FRAMES, SplitPatches
+from traitsae.evaluation.keys.ranks import centred_ranks, comparable_pairs, stratum_codes
+from traitsae.evaluation.keys.results import AuditResult, MethodAudit
+from traitsae.sae.export import RawSpaceSAE
 
 PROPOSERS = ("classifier", "discovery")
 
@@ -71,7 +76,7 @@ class AuditOptions:
     seed: int
     device: str
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         checks = [
             (0.0 < self.tau <= 1.0, f"eval.tau={self.tau} must be in (0, 1]: a direction is "
              "grounded when its best-class patch AP reaches tau, and an AP lies in [0, 1]"),
@@ -96,52 +101,15 @@ class AuditOptions:
         )
 
 
-@dataclass
-class MethodAudit:
-    """One method's proposals, their grounding and its yield curve (CIs over audited images)."""
-
-    method: str
-    n_directions: int
-    yields: list[dict[str, Any]]  # per budget: budget, yield, ci_low, ci_high, n_grounded
-    auc: float
-    auc_ci: tuple[float, float]
-    n_proposed: int
-    n_grounded_all: int  # grounded directions among all of the method's (the ranking's ceiling)
-    proposals: list[dict[str, Any]]  # top max(budgets): rank, direction, best_ap, class, grounded
-
-
-@dataclass
-class AuditResult:
-    """Everything audit.json holds."""
-
-    methods: dict[str, MethodAudit]
-    null: dict[str, Any]
-    notes: list[str]
-    meta: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "methods": {name: asdict(m) for name, m in self.methods.items()},
-            "null": self.null,
-            "notes": self.notes,
-            "meta": self.meta,
-        }
-
-
 # ---------------------------------------------------------------- entry point
 
 
 def run(cfg: DictConfig) -> AuditResult:
     """Hydra entry: compute, write audit.json / CSV / PNG, print a short table."""
-    from traitsae.evaluation.common import eval_stores, output_dir, resolve_sae
-    from traitsae.evaluation.keys import audit_report
-    from traitsae.evaluation.segment_patches import collect_patches, store_frame
-
-    opts = options_from_cfg(AuditOptions, cfg)
-    opts.validate()
+    opts = build_options(AuditOptions, cfg)
     layout = mask_layout(cfg)
     sae = resolve_sae(cfg).to(opts.device).eval()
-    if str(sae.meta.get("tokens", "patches")) != "patches":
+    if sae.tokens != "patches":
         raise TraitsaeError(
             "eval=audit grounds latents patch by patch, but this SAE was trained on CLS tokens "
             "(data.tokens=cls); audit an SAE trained with data.tokens=patches."
@@ -151,7 +119,7 @@ def run(cfg: DictConfig) -> AuditResult:
         patches = collect_patches(
             test_store,
             layout,
-            int(sae.meta["layer"]),
+            sae.layer,
             frame=store_frame(test_store, opts.frame),
             rule=opts.patch_rule,
             image_root=cfg.dataset.get("root"),
@@ -164,8 +132,8 @@ def run(cfg: DictConfig) -> AuditResult:
         train_store.close()
         test_store.close()
     out = output_dir(cfg)
-    audit_report.write_outputs(result, out)
-    print(audit_report.format_table(result))
+    write_outputs(result, out)
+    print(format_table(result))
     print(f"audit: outputs in {out}")
     return result
 
@@ -189,11 +157,16 @@ def mask_layout(cfg: DictConfig):
 
 
 def compute_audit(
-    sae: Any, train_store: Any, patches: SplitPatches, mask_classes: list[str], opts: AuditOptions
+    sae: RawSpaceSAE,
+    train_store: Store,
+    patches: SplitPatches,
+    mask_classes: list[str],
+    opts: AuditOptions,
 ) -> AuditResult:
     """Propose on the train split, audit on the masked test patches; writes nothing."""
-    d_sae = int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0)))
-    budgets = check_budgets(opts.budgets, d_sae, f"the SAE ({d_sae} latents)", "eval.budgets")
+    budgets = check_budgets(
+        opts.budgets, sae.d_sae, f"the SAE ({sae.d_sae} latents)", "eval.budgets"
+    )
     rows = valid_rows(train_store)
     values = column_values(train_store, opts.class_column, rows, "eval.class_column")
     names = class_names(values, opts.classes, train_store, opts.class_column)
@@ -211,8 +184,9 @@ def compute_audit(
         seed=opts.seed,
         device=opts.device,
     )
-    layer, tokens = int(sae.meta["layer"]), str(sae.meta.get("tokens", "patches"))
-    pooled, _ = image_scores(train_store, layer, methods, tokens, opts.device, "pooling train")
+    pooled, _ = image_scores(
+        train_store, sae.layer, methods, sae.tokens, opts.device, "pooling train"
+    )
     per_image = patches.acts_RD.shape[0] // max(1, len(patches.rows_N))
     notes: list[str] = []
     audits, null = {}, {}
@@ -235,12 +209,12 @@ def compute_audit(
     return AuditResult(audits, null, notes, meta(opts, names, train_store, patches, sae, keep_N))
 
 
-def strata_codes(store: Any, rows: np.ndarray, columns: list[str] | None) -> np.ndarray:
+def strata_codes(store: Store, rows: np.ndarray, columns: list[str] | None) -> np.ndarray:
     """One int per image naming its stratum (the combination of the `columns` values)."""
     if not columns:
         return np.zeros(len(rows), dtype=np.int64)
     parts = [column_values(store, c, rows, "eval.strata") for c in columns]
-    return stratum_codes(np.array(["\x1f".join(v) for v in zip(*parts, strict=True)]), len(rows))
+    return stratum_codes(np.array(["\x1f".join(v) for v in zip(*parts, strict=True)]))
 
 
 class Proposer:
@@ -371,9 +345,9 @@ def permutation_null(
 def meta(
     opts: AuditOptions,
     names: list[str],
-    train_store: Any,
+    train_store: Store,
     patches: SplitPatches,
-    sae: Any,
+    sae: RawSpaceSAE,
     keep_N: np.ndarray,
 ) -> dict[str, Any]:
     return {

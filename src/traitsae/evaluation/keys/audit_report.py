@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from traitsae.evaluation import figures
-from traitsae.evaluation.keys.audit import AuditResult
+from traitsae.evaluation.core import figures
 from traitsae.evaluation.keys.key_report import _atomic_text, _write_csv
+from traitsae.evaluation.keys.results import AuditResult
 
 
 def write_outputs(result: AuditResult, out: Path) -> dict[str, Path]:
@@ -33,8 +33,7 @@ def write_outputs(result: AuditResult, out: Path) -> dict[str, Path]:
 
 def yield_figure(result: AuditResult):
     """Yield(B) per method with bootstrap CIs; the SAE's permutation null as a band."""
-    plt = figures._pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    fig, ax = figures.plt.subplots(figsize=(6.0, 4.0))
     for i, (name, m) in enumerate(result.methods.items()):
         b = np.array([r["budget"] for r in m.yields])
         y = np.array([r["yield"] for r in m.yields])

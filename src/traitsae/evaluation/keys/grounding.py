@@ -3,20 +3,19 @@ yield of a ranking of proposals, its bootstrap over images and its permutation n
 
 A direction is *grounded* when its patch scores rank the patches of some mask class well:
 best-class AP = max over classes of the AP of its scores against that class's patch labels
-(`patch_metrics.average_precision`, the machinery of eval=segments) is >= tau.
+(`core.precision.average_precision_columns`, sklearn's AP, ties as one threshold) is >= tau.
 Yield(B) = (grounded directions among the top B proposals) / B; a ranking shorter than B
 counts its missing proposals as not grounded.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from traitsae.evaluation.patch_metrics import average_precision
+from traitsae.evaluation.core.precision import average_precision_columns
 
 # Patch scores held at once while grounding every direction (float32).
 _SCORE_BYTES = 512 * 2**20
@@ -25,12 +24,15 @@ _SCORE_BYTES = 512 * 2**20
 def best_class_ap(
     scores_RM: np.ndarray | torch.Tensor, labels_RC: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(best AP [M], its class index [M]) over the classes with labelled patches."""
-    ap_MC = average_precision(scores_RM, labels_RC)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no labelled class
-        best_M = np.nanmax(ap_MC, axis=1)
-    return np.nan_to_num(best_M, nan=0.0), np.nanargmax(np.nan_to_num(ap_MC, nan=-1.0), axis=1)
+    """(best AP [M], its class index [M]) over the classes with labelled patches; a direction
+    whose classes have no labelled patch gets AP 0."""
+    scores_RM = np.asarray(scores_RM, dtype=np.float32)
+    ap_MC = np.stack(
+        [average_precision_columns(scores_RM[:, j], labels_RC) for j in range(scores_RM.shape[1])]
+    )
+    ap_MC = np.nan_to_num(ap_MC, nan=-1.0)  # NaN: a class without labelled patches
+    best_C = ap_MC.argmax(axis=1)
+    return np.maximum(ap_MC[np.arange(len(best_C)), best_C], 0.0), best_C
 
 
 @torch.no_grad()
@@ -87,7 +89,7 @@ class RankedPatches:
     patch weights.
 
     With integer weights (how often the bootstrap drew each patch's image) the AP equals
-    `patch_metrics.average_precision` on the resampled rows, without re-sorting them: a positive
+    `best_class_ap`'s on the resampled rows, without re-sorting them: a positive
     scores the weighted precision at the last patch of its tie group.
     """
 

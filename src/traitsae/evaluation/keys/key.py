@@ -16,15 +16,21 @@ test split, with percentile bootstrap CIs over its images.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.frames import ImageOptions, image_source
+from traitsae.evaluation.core.methods import POOLS, valid_rows
+from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.precision import paired_difference
+from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
 from traitsae.evaluation.keys import sparse
-from traitsae.evaluation.keys.options import options_from_cfg
+from traitsae.evaluation.keys.key_report import format_table, write_outputs
 from traitsae.evaluation.keys.pooled import (
     DENSE,
     METHODS,
@@ -33,12 +39,12 @@ from traitsae.evaluation.keys.pooled import (
     fit_methods,
     pooled_scores,
 )
-from traitsae.evaluation.precision import bootstrap_ci, paired_difference
-from traitsae.evaluation.scoring import POOLS, valid_rows
+from traitsae.evaluation.keys.results import Accuracy, KeyResult, MethodKey
+from traitsae.sae.export import RawSpaceSAE
 
 
 @dataclass(frozen=True)
-class KeyOptions:
+class KeyOptions(ImageOptions):
     """The options of conf/eval/key.yaml (meanings and defaults documented there)."""
 
     train_split: str
@@ -65,7 +71,7 @@ class KeyOptions:
     seed: int
     device: str
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         checks = [
             (self.pool in POOLS, f"eval.pool must be one of {POOLS}, got {self.pool!r}"),
             (
@@ -103,88 +109,23 @@ def check_budgets(budgets: list[int], width: int, what: str, option: str) -> lis
     return budgets
 
 
-@dataclass
-class Accuracy:
-    """Held-out accuracy with a percentile bootstrap CI over test images."""
-
-    accuracy: float
-    ci_low: float
-    ci_high: float
-    n_test: int
-
-    @classmethod
-    def of(cls, correct_N: np.ndarray, opts: KeyOptions) -> Accuracy:
-        correct_N = np.asarray(correct_N, dtype=np.float64)
-        low, high = bootstrap_ci(correct_N, opts.n_bootstrap, opts.seed, opts.ci_level)
-        return cls(float(correct_N.mean()), low, high, int(correct_N.size))
-
-
-@dataclass
-class MethodKey:
-    """One method's path, keys of n latents and tree (per-image correctness kept for pairs)."""
-
-    method: str
-    n_directions: int
-    path: list[dict[str, Any]]
-    budgets: list[dict[str, Any]]
-    tree: dict[str, Any]
-    tree_accuracy: Accuracy
-    tree_latents: list[int]
-    correct: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        row = asdict(self)
-        del row["correct"]
-        return row
-
-
-@dataclass
-class KeyResult:
-    """Everything key.json holds."""
-
-    methods: dict[str, MethodKey]
-    dense: dict[str, Any]
-    differences: list[dict[str, Any]]
-    notes: list[str]
-    meta: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "methods": {name: m.to_json() for name, m in self.methods.items()},
-            "dense_probe": self.dense,
-            "differences": self.differences,
-            "notes": self.notes,
-            "meta": self.meta,
-        }
-
-
 # ---------------------------------------------------------------- entry point
 
 
 def run(cfg: DictConfig) -> KeyResult:
     """Hydra entry: compute, write key.json / CSV / PNG / key.html, print a short table."""
-    from traitsae.evaluation.common import eval_stores, output_dir, resolve_sae
-    from traitsae.evaluation.heatmaps import store_image_source
-    from traitsae.evaluation.keys import key_report
-
-    opts = options_from_cfg(KeyOptions, cfg)
-    opts.validate()
+    opts = build_options(KeyOptions, cfg)
     sae = resolve_sae(cfg).to(opts.device).eval()
     train_store, test_store = eval_stores(cfg, sae, [opts.train_split, opts.test_split])
     try:
         result = compute_key(sae, train_store, test_store, opts)
         out = output_dir(cfg)
-        ev = cfg.eval
-        images = (
-            store_image_source(train_store, ev.image_root, ev.image_size, str(ev.resize_mode))
-            if ev.draw_images
-            else None
-        )
-        key_report.write_outputs(result, out, train_store, sae, images, opts.device)
+        images = image_source(train_store, opts)
+        write_outputs(result, out, train_store, sae, images, opts.device)
     finally:
         train_store.close()
         test_store.close()
-    print(key_report.format_table(result))
+    print(format_table(result))
     print(f"key: outputs in {out} (the drawn key: {out / 'key.html'})")
     return result
 
@@ -192,10 +133,17 @@ def run(cfg: DictConfig) -> KeyResult:
 # ---------------------------------------------------------------- computation
 
 
-def compute_key(sae: Any, train_store: Any, test_store: Any, opts: KeyOptions) -> KeyResult:
+def accuracy(correct_N: np.ndarray, opts: KeyOptions) -> Accuracy:
+    return Accuracy.of(correct_N, opts.n_bootstrap, opts.seed, opts.ci_level)
+
+
+def compute_key(
+    sae: RawSpaceSAE, train_store: Store, test_store: Store, opts: KeyOptions
+) -> KeyResult:
     """Every method's path, keys and tree on already opened stores; writes nothing."""
-    d_sae = int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0)))
-    budgets = check_budgets(opts.n_latents, d_sae, f"the SAE ({d_sae} latents)", "eval.n_latents")
+    budgets = check_budgets(
+        opts.n_latents, sae.d_sae, f"the SAE ({sae.d_sae} latents)", "eval.n_latents"
+    )
     labels = class_labels(
         train_store,
         test_store,
@@ -271,7 +219,7 @@ def method_key(
     path = sparse.l1_path(z_train, y_train, opts.path())
     correct_PN = sparse.path_predictions(path, z_test, np.unique(y_train)) == y_test
     path_rows = [
-        {"c": float(c), "n_latents": int(n), **asdict(Accuracy.of(ok_N, opts))}
+        {"c": float(c), "n_latents": int(n), **asdict(accuracy(ok_N, opts))}
         for c, n, ok_N in zip(path.cs, path.active_PS.sum(axis=1), correct_PN, strict=True)
     ]
     order = path.entry_order()
@@ -288,7 +236,7 @@ def method_key(
                                     opts.max_iter)  # fmt: skip
         correct[f"n={n}"] = ok_N
         budget_rows.append(
-            {"n_latents": n, **asdict(Accuracy.of(ok_N, opts)), "latents": order[:n].tolist()}
+            {"n_latents": n, **asdict(accuracy(ok_N, opts)), "latents": order[:n].tolist()}
         )
     tree = sparse.fit_tree(x_train, y_train, opts.max_depth, opts.min_leaf, opts.seed)
     correct["tree"] = tree.predict(x_test) == y_test
@@ -299,7 +247,7 @@ def method_key(
         path_rows,
         budget_rows,
         tree_doc,
-        Accuracy.of(correct["tree"], opts),
+        accuracy(correct["tree"], opts),
         sorted({s["latent"] for s in sparse.splits_of(tree_doc)}),
         correct,
     )
@@ -329,7 +277,7 @@ def dense_ceiling(
     ok_N, c = sparse.dense_probe_correct(
         z_train, y_train, z_test, y_test, opts.probe_cs, opts.max_iter, opts.seed
     )
-    return {"n_dimensions": int(z_train.shape[1]), "c": c, **asdict(Accuracy.of(ok_N, opts))}
+    return {"n_dimensions": int(z_train.shape[1]), "c": c, **asdict(accuracy(ok_N, opts))}
 
 
 def differences(

@@ -9,11 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from traitsae.evaluation import figures, heatmaps
-from traitsae.evaluation.encode import gather_codes
+from traitsae.data.store import Store
+from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.figures import Panel, plot_panel_rows
+from traitsae.evaluation.core.frames import ImageSource
+from traitsae.evaluation.core.report import Card, Section, write_report
+from traitsae.evaluation.core.tokens import gather_codes
 from traitsae.evaluation.keys import sparse
-from traitsae.evaluation.keys.key import KeyResult
-from traitsae.evaluation.report import Card, Section, write_report
+from traitsae.evaluation.keys.results import KeyResult
+from traitsae.sae.export import RawSpaceSAE
 
 ACCURACY = ["accuracy", "ci_low", "ci_high", "n_test"]
 
@@ -21,9 +25,9 @@ ACCURACY = ["accuracy", "ci_low", "ci_high", "n_test"]
 def write_outputs(
     result: KeyResult,
     out: Path,
-    store: Any,
-    sae: Any,
-    images: heatmaps.ImageSource | None,
+    store: Store,
+    sae: RawSpaceSAE,
+    images: ImageSource,
     device: str = "cpu",
 ) -> dict[str, Path]:
     """Every output file in `out`; galleries of the SAE tree's latents from the train `store`."""
@@ -74,8 +78,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Pa
 
 def curves_figure(result: KeyResult):
     """Held-out accuracy against latents used: the L1 path (lines) and the keys of n (dots)."""
-    plt = figures._pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = figures.plt.subplots(figsize=(6.4, 4.2))
     for i, (name, method) in enumerate(result.methods.items()):
         colour = f"C{i}"
         points = sorted((r["n_latents"], r["accuracy"]) for r in method.path if r["n_latents"])
@@ -107,20 +110,19 @@ def curves_figure(result: KeyResult):
 def draw_galleries(
     result: KeyResult,
     out: Path,
-    store: Any,
-    sae: Any,
-    images: heatmaps.ImageSource | None,
+    store: Store,
+    sae: RawSpaceSAE,
+    images: ImageSource,
     device: str,
 ) -> dict[int, Path]:
     """One figure per split of the SAE's tree: its latent's top train images with heat-maps."""
     splits = sparse.splits_of(result.methods["sae"].tree)
-    if not splits or sae.meta.get("tokens", "patches") != "patches":
+    if not splits or sae.tokens != "patches":
         return {}
     latents = np.array(sorted({s["latent"] for s in splits}), dtype=np.int64)
     rows = np.array(sorted({r for s in splits for r in s["top_rows"]}), dtype=np.int64)
     codes = gather_codes(store, sae, rows, latents, device)
     grid = tuple(int(g) for g in store.grid)
-    images = images or heatmaps.ImageSource(root=None, frame=None)
     column = {int(lat): j for j, lat in enumerate(latents)}
     labels = np.asarray(store.metadata[result.meta["class_column"]]).astype(str)
     paths = np.asarray(store.metadata["path"]).astype(str)
@@ -128,7 +130,7 @@ def draw_galleries(
     for split in splits:
         j = column[split["latent"]]
         panels = [
-            heatmaps.Panel(
+            Panel(
                 images.load(paths[r]),
                 codes[r][:, j].reshape(grid),
                 f"{labels[r]} #{r} {score:.2f}",
@@ -137,7 +139,7 @@ def draw_galleries(
         ]
         target = out / "key" / f"node{split['node']:03d}_latent{split['latent']}.png"
         title = f"latent {split['latent']}: top train images (split at {split['threshold']:.3g})"
-        drawn[split["node"]] = heatmaps.plot_panel_rows([("", panels)], target, title)
+        drawn[split["node"]] = plot_panel_rows([("", panels)], target, title)
     return drawn
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation import baselines
-from traitsae.evaluation.scoring import Method, image_scores, linear_scorer, sae_scorer
+from traitsae.evaluation.core import directions
+from traitsae.evaluation.core.methods import Method, image_scores, linear_scorer, sae_scorer
+from traitsae.sae.export import RawSpaceSAE
 
 METHODS = ("sae", "sae_init", "random", "pca", "kmeans")
 # The dense probe's features: every raw dimension, mean- and max-pooled over the tokens.
@@ -55,7 +56,7 @@ def column_listing(metadata: dict[str, np.ndarray], rows: np.ndarray, top: int =
     return "; ".join(parts)
 
 
-def column_values(store: Any, column: str, rows: np.ndarray, option: str) -> np.ndarray:
+def column_values(store: Store, column: str, rows: np.ndarray, option: str) -> np.ndarray:
     """The values of one metadata column on `rows`, as strings; a clear error if it is absent."""
     metadata = store.metadata
     if column not in metadata or column in _BOOKKEEPING:
@@ -68,7 +69,7 @@ def column_values(store: Any, column: str, rows: np.ndarray, option: str) -> np.
 
 
 def class_names(
-    values_N: np.ndarray, classes: list[str] | None, store: Any, column: str
+    values_N: np.ndarray, classes: list[str] | None, store: Store, column: str
 ) -> list[str]:
     """The classes of a run: those of the (train) split, or `classes`; at least two present."""
     present = sorted(set(values_N))
@@ -92,8 +93,8 @@ def class_ids(values_N: np.ndarray, names: list[str]) -> np.ndarray:
 
 
 def class_labels(
-    train_store: Any,
-    test_store: Any,
+    train_store: Store,
+    test_store: Store,
     rows_train: np.ndarray,
     rows_test: np.ndarray,
     column: str,
@@ -108,8 +109,8 @@ def class_labels(
 
 
 def build_methods(
-    sae: torch.nn.Module,
-    sample: baselines.TrainSample,
+    sae: RawSpaceSAE,
+    sample: directions.TrainSample,
     names: list[str],
     pool: str,
     seed: int,
@@ -118,25 +119,25 @@ def build_methods(
 ) -> dict[str, Method]:
     """Token scorers of `names` (METHODS and DENSE), baselines fit on the sample."""
     d_model = sample.tokens_SD.shape[1]
-    d_sae = int(sae.meta.get("d_sae", getattr(sae, "d_sae", 0)))
+    d_sae = sae.d_sae
     width = n_directions or d_sae
     methods: dict[str, Method] = {}
     for name in names:
         if name == "sae":
             methods[name] = Method(name, sae_scorer(sae), d_sae, pool)
         elif name == "sae_init":
-            init = baselines.untrained_sae(sae, sample.tokens_SD, seed)
+            init = directions.untrained_sae(sae, sample.tokens_SD, seed)
             methods[name] = Method(name, sae_scorer(init), d_sae, pool)
         elif name in DENSE:
             methods[name] = Method(name, lambda x_RD: x_RD, d_model, DENSE[name])
         else:
             if name == "random":
-                dirs_MD = baselines.random_directions(d_model, width, seed)
+                dirs_MD = directions.random_directions(d_model, width, seed)
             elif name == "pca":
-                dirs_MD = baselines.pca_directions(sample.tokens_SD, True, seed)
+                dirs_MD = directions.pca_directions(sample.tokens_SD, True, seed)
             elif name == "kmeans":
                 k = min(width, sample.tokens_SD.shape[0])
-                dirs_MD = baselines.kmeans_directions(sample.tokens_SD, k, seed)
+                dirs_MD = directions.kmeans_directions(sample.tokens_SD, k, seed)
             else:
                 raise TraitsaeError(f"eval.methods: unknown method {name!r}; use {METHODS}.")
             scorer = linear_scorer(torch.from_numpy(dirs_MD).to(device))
@@ -145,8 +146,8 @@ def build_methods(
 
 
 def fit_methods(
-    sae: torch.nn.Module,
-    train_store: Any,
+    sae: RawSpaceSAE,
+    train_store: Store,
     names: list[str],
     *,
     pool: str,
@@ -156,16 +157,20 @@ def fit_methods(
     device: str,
 ) -> dict[str, Method]:
     """The methods' token scorers, baselines fit on a token sample of the train split."""
-    layer, tokens = int(sae.meta["layer"]), str(sae.meta.get("tokens", "patches"))
-    sample = baselines.sample_train_activations(train_store, layer, tokens, n_samples, seed)
+    sample = directions.sample_train_activations(
+        train_store, sae.layer, sae.tokens, n_samples, seed
+    )
     return build_methods(sae, sample, names, pool, seed, n_directions, device)
 
 
 def pooled_scores(
-    sae: torch.nn.Module, methods: dict[str, Method], train_store: Any, test_store: Any, device: str
+    sae: RawSpaceSAE, methods: dict[str, Method], train_store: Store, test_store: Store, device: str
 ) -> Pooled:
     """One pass per split: every method's pooled scores on the valid images of both."""
-    layer, tokens = int(sae.meta["layer"]), str(sae.meta.get("tokens", "patches"))
-    train, rows_train = image_scores(train_store, layer, methods, tokens, device, "pooling train")
-    test, rows_test = image_scores(test_store, layer, methods, tokens, device, "pooling test")
+    train, rows_train = image_scores(
+        train_store, sae.layer, methods, sae.tokens, device, "pooling train"
+    )
+    test, rows_test = image_scores(
+        test_store, sae.layer, methods, sae.tokens, device, "pooling test"
+    )
     return Pooled(train, test, rows_train, rows_test)

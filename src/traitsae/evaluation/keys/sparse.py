@@ -65,9 +65,10 @@ def standardise(train_NS: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def c_grid(z_NS: np.ndarray, y_N: np.ndarray, settings: PathSettings) -> np.ndarray:
-    """n_cs values of C, log-spaced from the smallest C that activates a latent."""
+    """n_cs values of C, log-spaced over c_decades above the smallest C that activates a latent
+    (that C itself is left out: at it the fit is empty up to the solver's tolerance)."""
     c_min = l1_min_c(z_NS, y_N, loss="log")
-    return c_min * np.logspace(0, settings.c_decades, settings.n_cs)
+    return c_min * np.logspace(0, settings.c_decades, settings.n_cs + 1)[1:]
 
 
 def l1_logistic(c: float, settings: PathSettings, warm_start: bool = False) -> LogisticRegression:
