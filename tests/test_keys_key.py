@@ -149,13 +149,16 @@ def test_bad_class_column_budget_and_classes_are_user_errors(experiment, tmp_pat
         class_names(np.array(["a", "a", "a"]), None, store, "species")
 
 
-def test_cli_prints_a_table_and_turns_bad_input_into_one_error_line(experiment, tmp_path):
-    base = [sys.executable, str(ROOT / "evaluate.py"), f"hydra.run.dir={tmp_path}"]
+def test_prints_a_table_and_the_cli_turns_bad_input_into_one_error_line(
+    experiment, tmp_path, capsys
+):
     args = overrides(experiment, "key", "eval.methods=[sae,random]", "eval.n_latents=[2]")
-    ok = subprocess.run(base + args, capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "held-out accuracy (species" in ok.stdout and "dense probe" in ok.stdout
+    run(compose_evaluate(args, tmp_path))
+    out = capsys.readouterr().out
+    assert "held-out accuracy (species" in out and "dense probe" in out and "random" in out
+    command = [sys.executable, str(ROOT / "evaluate.py"), f"hydra.run.dir={tmp_path}"]
     bad = subprocess.run(
-        base + [*args, "eval.class_column=colour"], capture_output=True, text=True, cwd=ROOT
+        [*command, *args, "eval.class_column=colour"], capture_output=True, text=True, cwd=ROOT
     )
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert "eval.class_column='colour' is not a metadata column" in bad.stderr
