@@ -89,28 +89,48 @@ class RankedPatches:
     patch weights.
 
     With integer weights (how often the bootstrap drew each patch's image) the AP equals
-    `best_class_ap`'s on the resampled rows, without re-sorting them: a positive
-    scores the weighted precision at the last patch of its tie group.
+    `best_class_ap`'s on the resampled rows, without re-sorting them: a positive scores the
+    weighted precision at the last patch of its tie group. Only two passes over all patches
+    remain per call (the weights in rank order and their running sum); the rest runs over the
+    positives, a few per cent of the patches.
     """
 
     def __init__(self, scores_RB: torch.Tensor, labels_RC: np.ndarray, classes_B: np.ndarray):
         s_BR, self.order_BR = torch.sort(scores_RB.T.float(), dim=1, descending=True, stable=True)
-        n_rows = s_BR.shape[1]
+        n_dirs, n_rows = s_BR.shape
         is_end_BR = torch.ones_like(s_BR, dtype=torch.bool)
         is_end_BR[:, :-1] = s_BR[:, 1:] != s_BR[:, :-1]
         ends_BR = torch.where(is_end_BR, torch.arange(n_rows), n_rows)
-        self.ends_BR = ends_BR.flip(1).cummin(1).values.flip(1)
+        ends_BR = ends_BR.flip(1).cummin(1).values.flip(1)
         labels_BR = torch.from_numpy(np.asarray(labels_RC, dtype=bool)[:, classes_B].T.copy())
-        self.labels_BR = torch.gather(labels_BR, 1, self.order_BR).to(torch.float32)
+        positive_BR = torch.gather(labels_BR, 1, self.order_BR)
+        # Ranks of each direction's positives, padded (mask False) to the longest list.
+        n_pos_B = positive_BR.sum(1)
+        width = max(1, int(n_pos_B.max()))
+        rank_BR = torch.arange(n_rows).expand(n_dirs, n_rows)
+        key_BR = torch.where(positive_BR, rank_BR, n_rows + rank_BR)
+        self.pos_BP = key_BR.sort(dim=1).values[:, :width].clamp_max(n_rows - 1)
+        self.mask_BP = torch.arange(width)[None] < n_pos_B[:, None]
+        self.end_BP = torch.gather(ends_BR, 1, self.pos_BP)
+        # The last positive at or before each positive's group end: its running count is the
+        # number of positives retrieved with that group.
+        last_BP = torch.searchsorted(
+            torch.where(self.mask_BP, self.pos_BP, n_rows).contiguous(),
+            self.end_BP.contiguous(),
+            right=True,
+        )
+        self.last_BP = (last_BP - 1).clamp_min(0)
 
     def ap(self, weights_R: torch.Tensor) -> np.ndarray:
         """AP [B] of every direction against its class, with these patch weights."""
         # float32: integer weights and their sums stay exact below 2^24 patches.
         w_BR = weights_R.to(torch.float32)[self.order_BR]
-        hit_BR = w_BR * self.labels_BR
-        prec_BR = hit_BR.cumsum(1) / w_BR.cumsum(1).clamp_min(1e-12)
-        n_pos_B = hit_BR.sum(1)
-        ap_B = (hit_BR * torch.gather(prec_BR, 1, self.ends_BR)).sum(1) / n_pos_B.clamp_min(1e-12)
+        seen_BR = w_BR.cumsum(1)
+        w_BP = torch.gather(w_BR, 1, self.pos_BP) * self.mask_BP
+        hits_BP = torch.gather(w_BP.cumsum(1), 1, self.last_BP)
+        prec_BP = hits_BP / torch.gather(seen_BR, 1, self.end_BP).clamp_min(1e-12)
+        n_pos_B = w_BP.sum(1)
+        ap_B = (w_BP * prec_BP).sum(1) / n_pos_B.clamp_min(1e-12)
         return torch.where(n_pos_B > 0, ap_B, 0.0).numpy()
 
 
