@@ -37,8 +37,9 @@ from PIL import Image
 from traitsae import load_sae
 from traitsae.data.images.cub import load_cub
 from traitsae.data.store import Store
-from traitsae.evaluation.causal.forward import ClassProbe, build_full_backbone, final_embeddings
+from traitsae.evaluation.causal.forward import build_full_backbone, final_embeddings
 from traitsae.evaluation.causal.steering import class_latents, steered_probabilities
+from traitsae.evaluation.core.probes import ClassProbe
 
 # %%
 # Paths below are relative to the repository root, where `make demo` writes.
@@ -58,7 +59,7 @@ OUT = "notebook_outputs/classification_control"
 out = Path(OUT)
 out.mkdir(parents=True, exist_ok=True)
 sae = load_sae(RUN)
-layer = int(sae.meta["layer"])
+layer = sae.layer
 train_store = Store(sae.meta["store"])  # the store the SAE was trained on (train split)
 backbone = build_full_backbone(sae, train_store)  # sae.json's backbone, checked against the store
 train, test = (load_cub(DATA_ROOT, split) for split in ("train", "test"))  # the CUB layout

@@ -58,7 +58,7 @@ sae = load_sae(RUN)
 store = Store(STORE or sae.meta["store"])
 images = frames.store_image_source(store, IMAGE_ROOT, IMAGE_SIZE)
 print(store)
-print(f"SAE: {sae.d_sae} latents, trained on layer {sae.meta['layer']} of {sae.meta['backbone']}")
+print(f"SAE: {sae.d_sae} latents, trained on layer {sae.layer} of {sae.backbone}")
 
 # %% [markdown]
 # ## 1. Firing frequency

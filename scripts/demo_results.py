@@ -50,7 +50,7 @@ def cub_traits_section(report: dict[str, Any], k: int = 10) -> str:
         [
             method,
             ci(at_k[method], "mean_precision") if method in at_k else "—",
-            ci(r_prec[method], "mean_precision") if method in r_prec else "—",
+            ci(r_prec[method], "mean_r_precision") if method in r_prec else "—",
             str(at_k.get(method, r_prec.get(method, {})).get("n_directions", "—")),
         ]
         for method in dict.fromkeys([*at_k, *r_prec])
@@ -75,11 +75,20 @@ def cub_traits_section(report: dict[str, Any], k: int = 10) -> str:
     )
 
 
+def own_group(auroc: float | None, group: str) -> str:
+    """discovery.json's AUROCs are A vs B; a group-B candidate reads the right way round as 1 − it."""
+    if auroc is None:
+        return "—"
+    return f"{auroc if group == 'a' else 1.0 - auroc:.2f}"
+
+
 def discovery_section(report: dict[str, Any], top: int = 3) -> str:
     groups = report.get("groups", {})
     lines = [
         "## discovery: what separates the two demo species\n",
-        f"Groups: {', '.join(f'{k} = {v}' for k, v in groups.items())}; "
+        "Groups: "
+        + ", ".join(f"{k} = {g['name']} ({g['n_images']} images)" for k, g in groups.items())
+        + "; "
         f"{report.get('tested', '—')} latents tested, {report.get('n_permutations', '—')} "
         f"permutations, FDR level {report.get('alpha', '—')}.\n",
     ]
@@ -95,16 +104,20 @@ def discovery_section(report: dict[str, Any], top: int = 3) -> str:
                 group,
                 str(c["rank"]),
                 str(c["latent"]),
-                f"{c['auroc']:.2f}",
+                own_group(c["auroc"], group),
                 f"{c['p_value']:.3g}",
                 f"{c['q_value']:.3g}",
                 "yes" if c.get("confirmed") else "no",
-                "—" if c.get("confirm_auroc") is None else f"{c['confirm_auroc']:.2f}",
+                own_group(c.get("confirm_auroc"), group),
             ]
             for c in candidates
         ]
     header = ["group", "rank", "latent", "AUROC", "p", "q", "confirmed", "held-out AUROC"]
-    return "\n".join(lines) + "\n" + table(header, rows)
+    note = (
+        "\nAUROCs are each candidate's own group against the other (0.5 = no difference, 1 = "
+        "every image of its group scores above every image of the other).\n"
+    )
+    return "\n".join(lines) + "\n" + table(header, rows) + note
 
 
 def segments_section(report: dict[str, Any]) -> str:

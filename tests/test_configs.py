@@ -10,8 +10,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, get_method
+from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
+
+from traitsae.evaluation.registry import get_evaluation
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ENTRY_POINTS = ("extract", "train", "evaluate")
@@ -58,7 +60,7 @@ def test_option_composes_and_resolves(entry: str, group: str, option: str, tmp_p
     for target in _targets(job):  # every component a config names exists
         assert isinstance(get_class(target), type)
     if entry == "evaluate" and group == "eval":
-        assert callable(get_method(job["eval"]["entry"]))
+        assert callable(get_evaluation(job["eval"]["name"]).run)  # was: eval.entry
 
 
 def _targets(node: object) -> list[str]:

@@ -327,7 +327,7 @@ def test_a_second_extraction_of_one_store_refuses(tmp_path, syn_root):
     import subprocess
     import sys
 
-    from traitsae.extraction.lock import lock_path
+    from traitsae.locks import lock_path
 
     cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "split=test"])
     lock = lock_path(store_path_from_cfg(cfg))
@@ -369,3 +369,90 @@ def test_file_names_that_are_not_utf8_round_trip(tmp_path):
         row = list(meta["path"]).index(str(broken))
         assert not meta["valid"][row] and "UnidentifiedImageError" in meta["error"][row]
         assert meta["valid"].sum() == 2 and all(Path(p).exists() for p in meta["path"])
+
+
+def _stop_after_first_batch(monkeypatch, cfg) -> None:
+    """Run `cfg` until the second batch's first write fails with ENOSPC (8 of 16 rows kept)."""
+    import errno
+    import os
+
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 3:  # one batch of one layer: patches, cls, valid
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(TraitsaeError, match="holds the first 8 of 16 images"):
+        extract(cfg)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+
+
+def test_resume_refuses_an_image_folder_that_changed_but_kept_its_count(
+    tmp_path, syn_root, monkeypatch
+):
+    """Rows 0..7 were stored, then images were swapped (same paths, same count): resuming would
+    put the old images' activations next to the new images' paths."""
+    root = shutil.copytree(syn_root, tmp_path / "syn")
+    cfg = compose_extract(tmp_path, ["dataset=cub", f"dataset.root={root}"])
+    _stop_after_first_batch(monkeypatch, cfg)
+    paths = sorted((root / "images").rglob("*.png"))
+    (root / "images" / "extra.png").write_bytes(b"not an image" * 100)
+    listing = (
+        (root / "images.txt")
+        .read_text()
+        .replace(str(paths[0].relative_to(root / "images")), "extra.png")
+    )
+    (root / "images.txt").write_text(listing)  # row 0 now names another file
+    with pytest.raises(TraitsaeError, match=r"(?s)image list.*extract.overwrite=true"):
+        extract(cfg)
+    cfg.extract.overwrite = True
+    with Store(extract(cfg)) as store:
+        assert store.metadata["path"][0].endswith("extra.png") and not store.metadata["valid"][0]
+
+
+def test_a_renamed_image_after_a_complete_run_is_not_nothing_to_do(tmp_path, syn_root):
+    root = shutil.copytree(syn_root, tmp_path / "syn")
+    cfg = compose_extract(tmp_path, ["dataset=cub", f"dataset.root={root}", "split=test"])
+    extract(cfg)
+    listing = (root / "images.txt").read_text().splitlines()
+    last_id, last_rel = listing[-1].split(maxsplit=1)  # id 32: a test image
+    (root / "images" / last_rel).rename(root / "images" / f"{last_rel}.renamed.png")
+    listing[-1] = f"{last_id} {last_rel}.renamed.png"
+    (root / "images.txt").write_text("\n".join(listing) + "\n")
+    with pytest.raises(TraitsaeError, match=r"(?s)image list: .*changed.*extract.overwrite=true"):
+        extract(cfg)
+
+
+def test_a_resized_image_file_changes_the_image_list(tmp_path, syn_root):
+    from traitsae.data.images import load_image_list
+    from traitsae.extraction.jobs import make_job
+
+    root = shutil.copytree(syn_root, tmp_path / "syn")
+    cfg = compose_extract(tmp_path, ["dataset=cub", f"dataset.root={root}"])
+    images = load_image_list(cfg.dataset, cfg.split)
+    before = make_job(cfg, images, tmp_path / "a.h5", 0, len(images)).fingerprint
+    Path(images.paths[3]).write_bytes(Path(images.paths[4]).read_bytes() + b"\0")
+    after = make_job(cfg, images, tmp_path / "a.h5", 0, len(images)).fingerprint
+    assert before != after
+
+
+def test_a_store_from_before_the_image_list_check_is_kept_with_a_warning(
+    tmp_path, syn_root, caplog
+):
+    import json
+
+    import h5py
+
+    cfg = compose_extract(tmp_path, [f"dataset.root={syn_root}", "split=test"])
+    out = extract(cfg)
+    with h5py.File(out, "r+") as f:
+        old = json.loads(f.attrs["fingerprint"])
+        del old["image_list"]
+        f.attrs["fingerprint"] = json.dumps(old, sort_keys=True)
+    before = out.stat().st_mtime_ns
+    with caplog.at_level("WARNING"):
+        assert extract(cfg) == out and out.stat().st_mtime_ns == before
+    assert "predates the image-list check" in caplog.text

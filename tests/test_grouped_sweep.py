@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,15 @@ def test_grouped_slurm_submits_one_job_per_group(store: Path, tmp_path: Path) ->
     ks = sorted(traitsae.load_sae(p).sae.activation.k for p in sweep.glob("*/sae.json"))
     assert ks == [2, 4]
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 1  # one job per group
+
+
+def test_re_running_a_finished_grouped_sweep_keeps_every_export(
+    store: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    argv = ["sae.k=2,4", f"hydra.sweep.dir={sweep}", *_sweep_overrides(store, steps=4)]
+    _grouped_sweep(argv)
+    before = {job: (sweep / job / "sae.json").read_bytes() for job in "01"}
+    assert all(json.loads(text)["metrics"]["val/fvu"] > 0 for text in before.values())
+    _grouped_sweep(argv)  # the same command again: nothing to do, nothing rewritten
+    assert {job: (sweep / job / "sae.json").read_bytes() for job in "01"} == before

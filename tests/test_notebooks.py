@@ -61,3 +61,16 @@ def test_classification_control_runs(tmp_path):
     ]
     assert len(p_alpha) == 3 and p_alpha[0] < p_alpha[1] < p_alpha[2], text
     assert (tmp_path / "out" / "before_after.png").exists()
+
+
+def test_the_dev_install_has_what_jupytext_execute_needs():
+    """`jupytext --execute notebooks/<name>.py` runs the notebook with nbconvert's executor (and
+    nbclient, an ipykernel): the dev extra must install each of them."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dev = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["dev"]
+    names = {re.split(r"[<>=!~\[; ]", requirement)[0].lower() for requirement in dev}
+    assert {"jupytext", "nbconvert", "nbclient", "ipykernel"} <= names

@@ -85,6 +85,7 @@ def test_resuming_with_another_config_is_refused_unless_overwrite(
 
 def test_truncated_and_pickled_checkpoints_are_refused(store: Path, tmp_path: Path) -> None:
     overrides = _checkpointed_run(store, tmp_path / "run")
+    (tmp_path / "run" / "sae.json").unlink()  # unfinished (a finished run has nothing to do)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     good = last.read_bytes()
     last.write_bytes(good[: len(good) // 2])

@@ -11,9 +11,9 @@ import torch
 from causal_helpers import ALPHA, BETA, evaluate_cfg
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.causal.forward import ClassProbe
 from traitsae.evaluation.causal.steer import run
 from traitsae.evaluation.causal.steering import steer_tokens
+from traitsae.evaluation.core.probes import ClassProbe
 
 
 class _Sae(torch.nn.Module):

@@ -119,3 +119,34 @@ def test_bad_firing_start_or_ramp_is_a_clear_error(override: str, match: str, tm
                          f"hydra.run.dir={tmp_path}"])  # fmt: skip
     with pytest.raises(TraitsaeError, match=match):
         TrainConfig.from_cfg(cfg)  # checked up front, before the store is opened
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [(["sae=relu", "sae.target_l0=100000"],
+      r"sae.target_l0=100000 latents firing per vector is impossible with 1024 latents"),
+     (["sae=relu", "sae.target_l0=1024"], r"impossible with 1024 latents"),
+     (["sae=relu", "sae.target_l0=abc"], r"sae.target_l0 must be a positive number, got 'abc'"),
+     (["sae=topk", "sae.target_l0=abc"], r"sae.target_l0 must be a positive number, got 'abc'"),
+     (["sae=relu", "sae.target_l0=8", "sae.target_l0_ramp=x"],
+      r"sae.target_l0_ramp must be a number, got 'x'")],
+)  # fmt: skip
+def test_an_impossible_or_unreadable_target_l0_is_a_clear_error(
+    overrides: list[str], match: str, tmp_path
+) -> None:
+    cfg = compose_train([*overrides, "sae.d_sae=1024", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(TraitsaeError, match=match):
+        TrainConfig.from_cfg(cfg)  # checked up front, before the store is opened
+
+
+def test_a_target_l0_above_the_latents_of_an_expansion_is_refused_once_they_are_known(
+    tmp_path,
+) -> None:
+    """sae.expansion=4: d_sae is 4 x the store's d_model, known when the SAE is built."""
+    cfg = compose_train(["sae=relu", "sae.d_sae=null", "sae.expansion=4", "sae.target_l0=100",
+                         f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    config = TrainConfig.from_cfg(cfg)
+    from traitsae.sae.module import SAEModule
+
+    with pytest.raises(TraitsaeError, match=r"target_l0=100 latents .* impossible with 64 lat"):
+        SAEModule(config.architecture.build(16), config.objective, config.optim)

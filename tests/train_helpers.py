@@ -124,6 +124,36 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillWhileWritingLastCheckpoint(L.Callback):
+    """From step `step` on, the checkpoint folder behaves as if it were on another filesystem
+    than the temp folder (a rename across them fails with EXDEV) and the process is SIGKILLed
+    the moment `last.ckpt` (or a temporary file for it) is opened for writing: a crash during
+    the `last.ckpt` rewrite, after the target may have been truncated."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step < self.step:
+            return
+        import builtins
+        import errno
+        import signal
+
+        real_open = builtins.open
+
+        def open_then_die(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+            handle = real_open(file, mode, *a, **k)
+            if "last.ckpt" in str(file) and "w" in mode:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return handle
+
+        def cross_device(*a: Any, **k: Any) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        builtins.open, os.rename = open_then_die, cross_device
+
+
 class RecordRun(L.Callback):
     """Writes rank<r>.json: first step, ids (image*1000 + patch) of trained vectors, a weights
     digest and the final metrics -- what the resume and DDP tests compare."""

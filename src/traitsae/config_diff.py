@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -34,3 +35,39 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]
         k for k in before.keys() | after.keys() if before.get(k, MISSING) != after.get(k, MISSING)
     )
     return [Change(k, before.get(k, MISSING), after.get(k, MISSING)) for k in keys]
+
+
+# The fingerprint key that holds the digest of a store's image list (see extraction.jobs).
+IMAGE_LIST_KEY = "image_list"
+
+
+def fingerprint_difference(old: str | None, new: str) -> str:
+    """Human summary of how two JSON fingerprints differ: `key: old -> new` for each changed key;
+    the image-list digest is explained in words rather than shown as two hashes."""
+    try:
+        before, after = json.loads(old or ""), json.loads(new)
+    except json.JSONDecodeError:
+        return "the existing file carries no traitsae fingerprint"
+    words = []
+    for change in changed_keys(before, after):
+        if change.key != IMAGE_LIST_KEY:
+            words.append(str(change))
+        elif change.old == MISSING:
+            words.append("image list: the file predates the image-list check, so its images "
+                         "cannot be confirmed to be these")  # fmt: skip
+        else:
+            words.append("image list: the images' paths, labels or file sizes changed since it "
+                         f"was written (digest {str(change.old)[:12]} -> {str(change.new)[:12]})")  # fmt: skip
+    return "; ".join(words) or "no difference"
+
+
+def predates_image_list(old: str | None, new: str) -> bool:
+    """Whether fingerprint `old` is `new` without the image-list digest: a file written before
+    fingerprints held the image list, of otherwise the same configuration."""
+    try:
+        before, after = json.loads(old or ""), json.loads(new)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(before, dict) or IMAGE_LIST_KEY in before:
+        return False
+    return {**before, IMAGE_LIST_KEY: after.get(IMAGE_LIST_KEY)} == after

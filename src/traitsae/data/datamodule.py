@@ -64,6 +64,7 @@ class ActivationsDataModule(L.LightningDataModule):
         seed: int,
         allow_incomplete: bool,
         block_images: int | None,
+        expected_width: int | None = None,
     ) -> None:
         super().__init__()
         if tokens not in TOKENS:
@@ -91,6 +92,8 @@ class ActivationsDataModule(L.LightningDataModule):
         self.block_images = (
             None if block_images is None else integer("data.block_images", block_images, 1)
         )
+        # The configured backbone's width: a store found at the default path must match it.
+        self.expected_width = None if expected_width is None else int(expected_width)
         self.prepared = False
 
     # ---- store discovery -----------------------------------------------------------------
@@ -122,6 +125,8 @@ class ActivationsDataModule(L.LightningDataModule):
             return
         path = self.resolve_store_path()
         with Store(path, require_complete=not self.allow_incomplete) as store:
+            if not self.store_override:
+                self._check_store_backbone(store)
             self.layer = store.resolve_layer(self.layer_requested)
             data = store.tokens(self.layer, self.tokens)
             valid_N = np.asarray(store.valid, dtype=bool).copy()  # usable: valid and written
@@ -151,6 +156,24 @@ class ActivationsDataModule(L.LightningDataModule):
         mean_sq = float(np.mean(np.sum(self.sample.astype(np.float64) ** 2, axis=1)))
         self.scale = math.sqrt(self.d_model / mean_sq) if mean_sq > 0 else 1.0
         self.prepared = True
+
+    def _check_store_backbone(self, store: Store) -> None:
+        """A store at the default path of backbone=<name> holds that backbone's activations
+        (a store copied or written there by another backbone would train silently wrong)."""
+        problems = []
+        if store.backbone != self.backbone:
+            problems.append(f"was written by backbone {store.backbone!r}, not {self.backbone!r}")
+        if self.expected_width is not None and store.d_model != self.expected_width:
+            problems.append(
+                f"holds vectors of width {store.d_model}, but backbone={self.backbone} has "
+                f"width {self.expected_width}"
+            )
+        if problems:
+            raise TraitsaeError(
+                f"store {store.path} {' and '.join(problems)}. Train with the backbone that "
+                f"wrote it (backbone={store.backbone}), point data.store at the store you mean, "
+                "or re-extract this backbone's store with extract.py (extract.overwrite=true)."
+            )
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -190,14 +213,25 @@ class ActivationsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> CheckedBatches:
         where = f"store {self.store_path} ({self.val_plan.key}), validation images"
-        return CheckedBatches(self.loader(self.val_dataset()), where, self.median_norm)
+        _, world = self._rank_world()
+        n_blocks = len(self.val_plan.blocks)
+        if 0 < n_blocks < world:
+            raise TraitsaeError(
+                f"store {self.store_path} holds out {n_blocks} validation blocks, fewer than the "
+                f"{world} DDP ranks that read them. Raise data.val_fraction, lower "
+                "data.block_images, or extract more images."
+            )
+        # A small or unfinished store may hold out fewer blocks than there are loader workers:
+        # fewer workers then, so that every stream has blocks to read (one pass, same vectors).
+        workers = min(self.num_workers, n_blocks // world)
+        return CheckedBatches(self.loader(self.val_dataset(), workers), where, self.median_norm)
 
-    def loader(self, stream: ActivationStream) -> BatchLoader:
-        """Batches of `stream`, read by `num_workers` worker processes."""
+    def loader(self, stream: ActivationStream, workers: int | None = None) -> BatchLoader:
+        """Batches of `stream`, read by `workers` (default `num_workers`) worker processes."""
         # batch_size=None: the stream yields whole shuffled pieces (no per-vector collation).
         # Its own generator: creating the loader does not draw from the global RNG, so a
         # resumed run's RNG stream (restored from the checkpoint) matches the uninterrupted one.
-        workers = self.num_workers
+        workers = self.num_workers if workers is None else workers
         loader = DataLoader(
             stream,
             batch_size=None,

@@ -20,29 +20,31 @@ from traitsae.evaluation.latents import encode, features
 from traitsae.evaluation.quality import dictionary, health, probe
 from traitsae.evaluation.segments import segments
 from traitsae.evaluation.traits import cub_traits
+from traitsae.evaluation.traits.options import CubTraitsOptions
 
 
 @dataclass(frozen=True)
 class Evaluation:
     name: str
     run: Callable[[DictConfig], Any]  # Hydra entry: the composed config -> the task's result
+    options: type  # its frozen options dataclass, built from cfg.eval by core.options
 
 
 EVALUATIONS: dict[str, Evaluation] = {
     e.name: e
     for e in (
-        Evaluation("cub_traits", cub_traits.run),
-        Evaluation("discovery", discovery.run),
-        Evaluation("segments", segments.run),
-        Evaluation("splice", splice.run),
-        Evaluation("steer", steer.run),
-        Evaluation("health", health.run),
-        Evaluation("dictionary", dictionary.run),
-        Evaluation("probe", probe.run),
-        Evaluation("features", features.run),
-        Evaluation("encode", encode.run),
-        Evaluation("key", key.run),
-        Evaluation("audit", audit.run),
+        Evaluation("cub_traits", cub_traits.run, CubTraitsOptions),
+        Evaluation("discovery", discovery.run, discovery.DiscoveryOptions),
+        Evaluation("segments", segments.run, segments.SegmentsOptions),
+        Evaluation("splice", splice.run, splice.SpliceOptions),
+        Evaluation("steer", steer.run, steer.SteerOptions),
+        Evaluation("health", health.run, health.HealthOptions),
+        Evaluation("dictionary", dictionary.run, dictionary.DictionaryOptions),
+        Evaluation("probe", probe.run, probe.ProbeDeltaOptions),
+        Evaluation("features", features.run, features.FeaturesOptions),
+        Evaluation("encode", encode.run, encode.EncodeOptions),
+        Evaluation("key", key.run, key.KeyOptions),
+        Evaluation("audit", audit.run, audit.AuditOptions),
     )
 }
 

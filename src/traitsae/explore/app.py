@@ -30,7 +30,6 @@ log = logging.getLogger("traitsae.explore")
 
 @st.cache_resource(show_spinner="Loading sparse codes and indexes ...")
 def load_data(session_path: str):
-
     return PRELOADED.pop(session_path, None) or ExplorerData(Session.load(session_path))
 
 

@@ -20,7 +20,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -31,6 +31,9 @@ from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
 from traitsae.explore.session import Session
+
+if TYPE_CHECKING:  # a type only: importing it loads torch, which the launch does without
+    from traitsae.sae.export import RawSpaceSAE
 
 # Loaded by the server process before Streamlit starts (server.py), keyed by session path.
 PRELOADED: dict[str, ExplorerData] = {}
@@ -136,11 +139,10 @@ class ExplorerData:
     """Everything the pages read, for one session. Build once per process (the app caches it)."""
 
     def __init__(self, session: Session) -> None:
-
         self.session = session
         self.cache = Path(session.cache_dir)
         self.store = Store(session.store)
-        self._sae: Any = None
+        self._sae: RawSpaceSAE | None = None
         self._sae_lock = threading.Lock()
         self._image_source: Any = None
         self._frame_lock = threading.Lock()
@@ -192,7 +194,6 @@ class ExplorerData:
 
     def latent_table(self) -> Any:
         """One row per latent: frequencies, scores, label entropy, and linked eval outputs."""
-
         counts_S = self.fire_counts()
         scores = np.asarray(self.index.lat_score, dtype=np.float64)
         cumulative = np.concatenate([[0.0], np.cumsum(scores)])
@@ -335,7 +336,6 @@ class ExplorerData:
         return self._image_source
 
     def caption(self, row: int) -> str:
-
         column = caption_column(self.metadata)
         tag = f"{self.metadata[column][row]} " if column else ""
         return f"{tag}#{row}"
@@ -437,7 +437,6 @@ def cub_trait_columns(path: Path, d_sae: int) -> dict[str, np.ndarray]:
 
 def discovery_columns(folder: Path, d_sae: int) -> dict[str, np.ndarray]:
     """Per latent: discovery AUROC (latents.csv) and candidate rank / q-value (discovery.json)."""
-
     columns: dict[str, np.ndarray] = {}
     latents_csv = folder / "latents.csv"
     if latents_csv.is_file():

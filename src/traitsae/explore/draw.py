@@ -11,6 +11,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -22,8 +23,6 @@ BLANK_SIZE = 128  # pixels of a heat-map drawn without its image
 
 def colourise(map_RC: np.ndarray, vmax: float, size: tuple[int, int], cmap: str) -> np.ndarray:
     """[H, W, 4] float RGBA of a patch map upsampled to pixels (nearest patch)."""
-    import matplotlib
-
     scaled_RC = np.clip(np.asarray(map_RC, dtype=np.float64) / (vmax or 1.0), 0, 1)
     return matplotlib.colormaps[cmap](upsample_map(scaled_RC, *size))
 

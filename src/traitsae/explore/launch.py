@@ -28,7 +28,6 @@ STARTUP_TIMEOUT_S = 600  # preloading 1 M patches of codes on a loaded machine
 
 
 def explore(cfg: DictConfig) -> None:
-
     session = prepare(cfg)
     path = session.save(hydra_output_dir() / "session.json")
     warm_cache(session)

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from streamlit.web import cli
+
 from traitsae.errors import TraitsaeError
 from traitsae.explore import data
 from traitsae.explore.session import SESSION_ENV, Session
@@ -39,8 +41,6 @@ def preload(session_path: str) -> None:
 
 
 def main(streamlit_flags: list[str]) -> None:
-    from streamlit.web import cli
-
     preload(os.environ[SESSION_ENV])
     sys.argv = ["streamlit", "run", str(APP), *streamlit_flags]
     cli.main()

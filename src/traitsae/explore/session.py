@@ -13,12 +13,16 @@ import json
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 from omegaconf import DictConfig, OmegaConf
 
+from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+
+if TYPE_CHECKING:  # a type only: importing it loads torch, which the launch does without
+    from traitsae.sae.export import RawSpaceSAE
 
 RESIZE_MODES = ("backbone", "center_crop", "stretch")
 SESSION_ENV = "TRAITSAE_EXPLORE_SESSION"  # how the Streamlit script finds session.json
@@ -91,7 +95,7 @@ def free_port(address: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def check_backbone(cfg: DictConfig, sae: Any) -> None:
+def check_backbone(cfg: DictConfig, sae: SaeRecord | RawSpaceSAE) -> None:
     """`backbone=<name>` on the command line must name the SAE's backbone (docs/ARCHITECTURE.md)."""
     chosen = (cfg.get("backbone") or {}).get("name")
     trained = sae.backbone
@@ -252,7 +256,7 @@ def prepare(cfg: DictConfig) -> Session:
     )
 
 
-def check_codes_match(codes: Path, store: Any, sae: Any) -> None:
+def check_codes_match(codes: Path, store: Store, sae: SaeRecord | RawSpaceSAE) -> None:
     """A codes file must come from this SAE (d_sae) and this store (patches, images)."""
     with h5py.File(codes, "r") as f:
         if not f.attrs.get("complete", False) or "codes/indptr" not in f:

@@ -16,13 +16,13 @@ import torch
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import (
-    ClassProbe,
     build_full_backbone,
     final_embeddings,
     iter_image_batches,
 )
 from traitsae.evaluation.causal.steering import steered_probabilities
 from traitsae.evaluation.core.frames import resolve_image_path
+from traitsae.evaluation.core.probes import ClassProbe
 
 
 def class_names(metadata: dict[str, np.ndarray]) -> np.ndarray:

@@ -5,7 +5,7 @@ thread runs the backbone and checks float16 range; a writer thread stores each b
 overlap the next forward pass). Progress is committed per batch, so re-running the same command
 resumes; `jobs.py` decides whether an existing file is this configuration's. Several devices:
 contiguous shard stores joined into one (`shards.py`). One extraction per store at a time
-(`lock.py`).
+(`traitsae.locks`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from traitsae.data.store import Store, config_difference, store_is_done
 from traitsae.data.store.schema import printable
 from traitsae.errors import TraitsaeError
 from traitsae.extraction.jobs import image_rows, make_job
-from traitsae.extraction.lock import store_lock
 from traitsae.extraction.run import AsyncWriter, Interrupted, encode_batch, resumable, run_job
 from traitsae.extraction.shards import (
     join_shards,
@@ -32,6 +31,7 @@ from traitsae.extraction.shards import (
     shard_jobs,
     shard_path,
 )
+from traitsae.locks import store_lock
 from traitsae.paths import store_path_from_cfg
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from traitsae.backbones import check_backbone_cfg, resolve_layers
+from traitsae.config_diff import IMAGE_LIST_KEY
 from traitsae.data.images import ImageList
 from traitsae.version import __version__
 
@@ -47,7 +50,9 @@ def make_job(cfg: DictConfig, images: ImageList, out: Path, lo: int, hi: int) ->
     content = resolved_config(cfg)
     content["backbone"]["layers"] = layers
     key = {**content, "n_images": len(images), "rows": [lo, hi]}
-    # The fingerprint decides whether an existing file may be resumed: same content, same rows.
+    key[IMAGE_LIST_KEY] = image_list_digest(images, lo, hi)
+    # The fingerprint decides whether an existing file may be resumed: same content, same rows,
+    # same images in them (a folder that changed but kept its count must not resume).
     fingerprint = json.dumps(key, sort_keys=True)
     b = cfg.backbone
     side = int(b.image_size) // int(b.patch_size)
@@ -77,3 +82,25 @@ def image_rows(images: ImageList, lo: int, hi: int) -> dict[str, np.ndarray]:
         dtype = np.int64 if key == "label" else object
         rows[key] = np.asarray(values, dtype=dtype)[lo:hi]
     return rows
+
+
+def image_list_digest(images: ImageList, lo: int, hi: int) -> str:
+    """sha256 of rows [lo, hi) of the image list: every images/ column (path, label, metadata)
+    and each file's size (-1 when missing). A renamed, replaced or re-labelled image changes it;
+    one `stat` per image, no image is read."""
+    digest = hashlib.sha256()
+    columns = image_rows(images, lo, hi)
+    for key in sorted(columns):
+        digest.update(f"{key}\0".encode())
+        text = "\0".join(map(str, columns[key].tolist()))
+        digest.update(text.encode("utf-8", "surrogateescape"))
+    sizes = [_file_size(path) for path in images.paths[lo:hi]]
+    digest.update(("size\0" + "\0".join(map(str, sizes))).encode())
+    return digest.hexdigest()
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1  # unreadable images are stored as invalid rows; a missing file is listed too

@@ -6,7 +6,6 @@ message that says how far the store got, and re-running the same command resumes
 
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import threading
@@ -25,11 +24,9 @@ from traitsae.data.images import ImageDataset, ImageList
 from traitsae.data.store import StoreWriter, stored_rows, tmp_path
 from traitsae.errors import TraitsaeError
 from traitsae.extraction.jobs import Job, image_rows
+from traitsae.files import NO_SPACE
 
 log = logging.getLogger(__name__)
-# Write errors that mean "no room": the rows written so far are kept, a rerun resumes.
-NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-            errno.EFBIG: "the file-size limit (ulimit -f) is reached"}  # fmt: skip
 
 
 class Interrupted(Exception):

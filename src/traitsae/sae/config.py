@@ -150,15 +150,15 @@ def _check_target_l0(
     target: Any, start: float, ramp: float, penalty: SparsityPenalty, architecture: Architecture
 ) -> float:
     """`sae.target_l0` only where the L0 is not fixed already, and with a penalty to adapt."""
+    value = number("sae.target_l0", target, positive=True)
     if architecture.k is not None:
         raise TraitsaeError(
-            f"sae.target_l0={target} does not apply to sae={architecture.variant}: its L0 is "
-            f"fixed by sae.k={architecture.k} already. Set sae.k={int(round(float(target)))} "
+            f"sae.target_l0={value:g} does not apply to sae={architecture.variant}: its L0 is "
+            f"fixed by sae.k={architecture.k} already. Set sae.k={max(1, round(value))} "
             "instead, or use target_l0 with sae=relu or sae=jumprelu."
         )
-    value = number("sae.target_l0", target)
-    if not value > 0:
-        raise TraitsaeError(f"sae.target_l0={target} must be a positive number of latents.")
+    if architecture.d_sae is not None:  # else once the store's d_model is known (SAEModule)
+        check_target_fits(value, architecture.d_sae)
     if not start >= 0:
         raise TraitsaeError(
             f"sae.target_l0_start={start:g} must be >= 0: the multiple of target_l0 each latent "
@@ -171,11 +171,21 @@ def _check_target_l0(
         )
     if isinstance(penalty, NoPenalty) or penalty.coeff <= 0:
         raise TraitsaeError(
-            f"sae.target_l0={target} adapts the sparsity coefficient, but sparsity={penalty!r} "
+            f"sae.target_l0={value:g} adapts the sparsity coefficient, but sparsity={penalty!r} "
             "has none to adapt; use sparsity=l1, tanh or l0 (sae=relu/jumprelu pick one) with "
             "a positive sparsity.coeff as the starting point."
         )
     return value
+
+
+def check_target_fits(target_l0: float, d_sae: int) -> None:
+    """An L0 target must be below the number of latents (every latent firing is no code)."""
+    if target_l0 >= d_sae:
+        raise TraitsaeError(
+            f"sae.target_l0={target_l0:g} latents firing per vector is impossible with {d_sae} "
+            "latents (sae.d_sae, or sae.expansion x d_model): it must be below them, and a "
+            "sparse code uses a few per cent. Lower sae.target_l0 or raise sae.d_sae."
+        )
 
 
 @dataclass(frozen=True)

@@ -2,23 +2,32 @@
 
 `load_sae(path)` returns a `RawSpaceSAE`: the SAE plus its normaliser, working on raw backbone
 activations (x_norm = x_raw * scale, chosen so that E||x_norm||^2 = d_model).
+
+The pair is written atomically (each file through a temporary file and a rename) and bound
+together: sae.json records the sha256 of the weights file, checked on load, so a kill between
+the two renames, a byte flipped on disk or files from two exports are an error, never scored.
+`check_export` is the load-time integrity check (see its docstring).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from traitsae.errors import TraitsaeError
+from traitsae.files import atomic_write
 from traitsae.sae.activations import TopK
-from traitsae.sae.model import SparseAutoencoder, build_sae
+from traitsae.sae.model import VARIANTS, SparseAutoencoder, build_sae
 from traitsae.sae.sparse_ops import topk_indices
 from traitsae.version import __version__
 
@@ -154,9 +163,14 @@ def save_sae(sae: SparseAutoencoder, run_dir: str | Path, meta: dict[str, Any]) 
         "architecture": arch,
     }
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    save_file(tensors, str(run_dir / WEIGHTS_FILE), metadata={"format": FORMAT})
+    weights = save(tensors, metadata={"format": FORMAT})
+    record["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    # Weights first, then the json that vouches for them: a kill in between leaves a pair whose
+    # digest disagrees (refused on load), and a rerun of the same command writes both again.
+    atomic_write(run_dir / WEIGHTS_FILE, lambda file: file.write(weights))
     json_path = run_dir / JSON_FILE
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(json_path, lambda file: file.write(text.encode()))
     return json_path
 
 
@@ -175,22 +189,12 @@ def _resolve_json(path: str | Path) -> Path:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSAE:
-    """Load an exported SAE (run dir, sae.json or sae.safetensors path) in eval mode."""
+    """Load an exported SAE (run dir, sae.json or sae.safetensors path) in eval mode with its
+    parameters frozen (`requires_grad_(True)` to fine-tune it); `check_export` vouches for the
+    pair first."""
     json_path = _resolve_json(path)
-    try:
-        record = json.loads(json_path.read_text())
-    except json.JSONDecodeError as err:
-        raise TraitsaeError(f"{json_path} is not valid JSON ({err}); re-export the SAE.") from err
-    if record.get("format") != FORMAT or "architecture" not in record:
-        raise TraitsaeError(
-            f"{json_path} is not a traitsae SAE export (expected format {FORMAT!r} with an "
-            "'architecture' entry); point at the sae.json written by train.py."
-        )
-    weights_path = json_path.with_name(record.get("weights", WEIGHTS_FILE))
-    if not weights_path.is_file():
-        raise TraitsaeError(f"{json_path} names weights {weights_path}, which does not exist.")
-    state = load_file(str(weights_path), device=str(device))
-    _check_sizes(record, state, json_path, weights_path)
+    record, state = check_export(json_path)
+    weights_path = json_path.with_name(record["weights"])
     sae = build_sae(**record["architecture"])
     try:
         sae.load_state_dict(state, strict=True)
@@ -201,7 +205,92 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> RawSpaceSA
         ) from err
     model = RawSpaceSAE(sae.to(device), record["scale"], record)
     model.json_path, model.weights_path = json_path, weights_path
-    return model.eval()
+    # Frozen: a loaded SAE reads activations, and codes without an autograd graph convert
+    # straight to numpy (gradients with respect to inputs or edits still flow).
+    return model.eval().requires_grad_(False)
+
+
+def check_export(json_path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """sae.json and its weights, checked: every field load_sae uses has a valid value (format,
+    weights, scale finite and > 0, architecture sizes), the weights file is the one sae.json
+    names (its sha256, when recorded), parses as safetensors, holds finite tensors only and
+    matches the recorded sizes. Each failure is one paragraph naming the file and the key."""
+    record = _read_record(json_path)
+    weights_path = json_path.with_name(record["weights"])
+    if not weights_path.is_file():
+        raise TraitsaeError(f"{json_path} names weights {weights_path}, which does not exist.")
+    data = weights_path.read_bytes()
+    expected = record.get("weights_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise TraitsaeError(
+            f"{weights_path} is not the weights file {json_path} was written with (its sha256 "
+            f"differs from weights_sha256 = {str(expected)[:16]}...): the file changed on disk, "
+            "or the pair comes from two exports (one interrupted between its two files). Re-run "
+            "the train.py command of this run dir to export both again, or restore the pair."
+        )
+    state = _read_weights(data, weights_path)
+    _check_sizes(record, state, json_path, weights_path)
+    return record, state
+
+
+def _read_record(json_path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TraitsaeError(f"{json_path} is not valid JSON ({err}); re-export the SAE.") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise TraitsaeError(
+            f"{json_path} is not a traitsae SAE export (expected format {FORMAT!r} with an "
+            "'architecture' entry); point at the sae.json written by train.py."
+        )
+    record.setdefault("weights", WEIGHTS_FILE)
+    architecture = record.get("architecture")
+
+    def bad(key: str, value: Any, expected: str) -> TraitsaeError:
+        return TraitsaeError(
+            f"{json_path}: {key} = {value!r} is not {expected}; the file was edited or "
+            "damaged. Re-run the train.py command of its run dir to export it again."
+        )
+
+    if not isinstance(architecture, dict) or architecture.get("variant") not in VARIANTS:
+        raise bad("architecture", architecture, f"an SAE architecture (variant one of {VARIANTS})")
+    for key in ("d_model", "d_sae"):
+        for where, values in (("", record), ("architecture.", architecture)):
+            value = values.get(key)
+            if key in values and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise bad(where + key, value, "a positive integer")
+    weights = record["weights"]
+    if not isinstance(weights, str) or not weights or Path(weights).name != weights:
+        raise bad("weights", weights, "a file name next to it")
+    scale = record.get("scale")
+    valid = isinstance(scale, int | float) and not isinstance(scale, bool)
+    if not valid or not math.isfinite(scale) or scale <= 0:
+        raise bad("scale", scale, "a finite number > 0 (x_normalised = x_raw * scale)")
+    return record
+
+
+def _read_weights(data: bytes, weights_path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file's bytes; a damaged header or a non-finite value is
+    named."""
+    try:
+        state = load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
+        raise TraitsaeError(
+            f"{weights_path} is not a readable safetensors file ({err}): its header is damaged "
+            "or the file is cut short. Re-run the train.py command of its run dir to export "
+            "it again."
+        ) from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise TraitsaeError(
+                f"{weights_path}: tensor {name!r} holds {n_bad} non-finite values (NaN or inf) "
+                f"of {tensor.numel()}; an SAE with them scores nothing meaningful. Re-export it "
+                "from a checkpoint trained without divergence."
+            )
+    return state
 
 
 def _check_sizes(

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from traitsae.errors import TraitsaeError
-from traitsae.sae.config import Objective, Optim
+from traitsae.sae.config import Objective, Optim, check_target_fits
 from traitsae.sae.metrics import (
     FiringFrequency,
     FractionOfVarianceUnexplained,
@@ -93,6 +93,7 @@ class SAEModule(L.LightningModule):
         self.target_l0_start = objective.target_l0_start
         target_l0 = objective.target_l0
         if target_l0 is not None:  # the controller sets the coefficient (no warm-up ramp)
+            check_target_fits(target_l0, sae.d_sae)  # d_sae may come from sae.expansion
             ramp = round(objective.target_l0_ramp * int(max_steps))
             self.l0_controller = L0Controller(target_l0, ramp_steps=ramp)
         self.dense_freq = dense_frequency(

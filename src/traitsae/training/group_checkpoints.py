@@ -11,9 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
 from traitsae.errors import TraitsaeError
+from traitsae.training.checkpoint_io import AtomicCheckpointIO
 
 # LambdaLR's state entries that hold one value per param group (= per member).
 PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "_last_lr", "lr_lambdas")
@@ -93,8 +92,9 @@ def _join_optimizers(states: list[dict[str, Any]]) -> dict[str, Any]:
     return joined
 
 
-class GroupCheckpointIO(TorchCheckpointIO):
-    """Saves a group checkpoint as one file per job, at the same path inside each job dir.
+class GroupCheckpointIO(AtomicCheckpointIO):
+    """Saves a group checkpoint as one file per job, at the same path inside each job dir
+    (each file written atomically).
 
     Lightning names checkpoint paths inside the first job's dir; member i's file is the same
     path relative to job dir i.

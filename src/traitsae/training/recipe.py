@@ -17,22 +17,27 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from traitsae.data.datamodule import ActivationsDataModule
 from traitsae.errors import TraitsaeError
+from traitsae.locks import run_dir_lock
 from traitsae.paths import hydra_output_dir
 from traitsae.sae.export import save_sae
 from traitsae.sae.module import SAEModule
+from traitsae.training.checkpoint_io import AtomicCheckpointIO
 from traitsae.training.config import TrainConfig, instantiate_checked, run_config
 from traitsae.training.group_checkpoints import GroupCheckpointIO
 from traitsae.training.group_module import MemberLogger, SAEGroupModule, member_metrics
 from traitsae.training.grouping import Job
-from traitsae.training.resume import resume_group
+from traitsae.training.resume import finished_export, resume_group
 from traitsae.training.trainer import (
     fit,
     process_settings,
@@ -58,8 +63,39 @@ def train_group(jobs: list[Job]) -> list[Path]:
     The configs agree on `traitsae.training.grouping.SHARED_NODES` (the data, the trainer); each
     job keeps its own SAE, seed (initialisation), optimiser, logger, checkpoints and export.
     """
-    first, job_dirs = jobs[0][0], [Path(job_dir) for _, job_dir in jobs]
-    configs, ckpt_path = _set_up(jobs)
+    configs = _set_up(jobs)
+    with exclusive_run_dirs([Path(job_dir) for _, job_dir in jobs]):
+        _train_in([(cfg, Path(job_dir)) for cfg, job_dir in jobs], configs)
+    return [Path(job_dir) for _, job_dir in jobs]
+
+
+@contextmanager
+def exclusive_run_dirs(run_dirs: list[Path]) -> Iterator[None]:
+    """One training run per run dir (`traitsae.locks.run_dir_lock`), held by the process that
+    launches the run: the other DDP ranks (started by Lightning, torchrun or Slurm) belong to it."""
+    with ExitStack() as stack:
+        if rank_zero_only.rank == 0:
+            for run_dir in run_dirs:
+                stack.enter_context(run_dir_lock(run_dir))
+        yield
+
+
+def _train_in(jobs: list[Job], configs: list[TrainConfig]) -> None:
+    """The run itself, with every job dir locked. A job whose export is already finished (this
+    configuration, every step) keeps it, metrics included; when all are, nothing is done."""
+    first, job_dirs = jobs[0][0], [job_dir for _, job_dir in jobs]
+    finished = {}
+    for index, (cfg, job_dir) in enumerate(jobs):
+        if (meta := finished_export(cfg, job_dir)) is not None:
+            finished[index] = meta
+            log.info(
+                "%s already holds this run, finished: %s. Nothing to do for it "
+                "(train.overwrite=true trains it again).",
+                job_dir, summary(meta["steps"], meta["metrics"]),
+            )  # fmt: skip
+    if len(finished) == len(jobs):
+        return
+    ckpt_path = resume_group(jobs)
     with process_settings(first):
         dm, node = prepare_data(first)
         members = []
@@ -76,25 +112,25 @@ def train_group(jobs: list[Job]) -> list[Path]:
         )
         fit(trainer, module, dm, ckpt_path)
     if trainer.is_global_zero:
-        _finish(jobs, members, dm, trainer)
-    return job_dirs
+        _finish(jobs, members, dm, trainer, skip=set(finished))
 
 
-def _set_up(jobs: list[Job]) -> tuple[list[TrainConfig], str | None]:
-    """Every job's config typed and checked, its job dir made; the checkpoint to resume from."""
+def _set_up(jobs: list[Job]) -> list[TrainConfig]:
+    """Every job's config typed and checked, its job dir made."""
     configs = [TrainConfig.from_cfg(cfg) for cfg, _ in jobs]
     for _, job_dir in jobs:
+        job_dir = Path(job_dir)
         if job_dir.exists() and not job_dir.is_dir():
             raise TraitsaeError(f"hydra.run.dir={job_dir} is a file; the run dir must be a folder.")
         job_dir.mkdir(parents=True, exist_ok=True)
     quiet_lightning_console()
-    return configs, resume_group(jobs)
+    return configs
 
 
 def prepare_data(cfg: DictConfig) -> tuple[ActivationsDataModule, dict[str, Any]]:
     """Seed everything, build and prepare the data module; the trainer's node to go with it."""
     seed_everything(int(cfg.seed))
-    dm = instantiate_checked(cfg.data)
+    dm = instantiate_checked(cfg.data, expected_width=cfg.backbone.get("width"))
     dm.prepare()
     return dm, trainer_node(cfg, has_val=dm.n_val_vectors > 0)
 
@@ -118,7 +154,8 @@ def _lightning_parts(
     """What Lightning trains, with the trainer's loggers (and plugins). One job trains its own
     module: a solo run keeps its plain metric names, hparams and checkpoint layout."""
     if len(members) == 1:
-        return members[0], {"logger": run_loggers(jobs[0][0]) or False}
+        plugins = [AtomicCheckpointIO()]
+        return members[0], {"logger": run_loggers(jobs[0][0]) or False, "plugins": plugins}
     loggers = [
         MemberLogger(index, logger)
         for index, (cfg, _) in enumerate(jobs)
@@ -142,11 +179,16 @@ def _log_start(dm: Any, members: list[SAEModule], job_dirs: list[Path]) -> None:
     )  # fmt: skip
 
 
-def _finish(jobs: list[Job], members: list[SAEModule], dm: Any, trainer: Any) -> None:
-    """Each job's one-line summary and export (rank 0)."""
+def _finish(
+    jobs: list[Job], members: list[SAEModule], dm: Any, trainer: Any, skip: set[int]
+) -> None:
+    """Each job's one-line summary and export (rank 0), but for the jobs in `skip` (finished
+    before: their exports are kept)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     step = int(trainer.global_step)
     for index, ((cfg, job_dir), member) in enumerate(zip(jobs, members, strict=True)):
+        if index in skip:
+            continue
         own = member_metrics(metrics, index)  # a solo run's metrics carry no member prefix
         where = f" {job_dir}" if len(jobs) > 1 else ""
         log.info("done%s, %s", where, summary(step, own))

@@ -126,7 +126,11 @@ def fit(trainer: Any, module: Any, dm: Any, ckpt_path: str | None) -> None:
     """Fit (resuming from `ckpt_path`), then validate at the last step when fit's own
     validations stopped short of it, so the reported metrics are the final weights'."""
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    if dm.n_val_vectors and _last_validation_step(trainer) != trainer.global_step:
+    validated = any("val/" in key for key in trainer.callback_metrics)  # (a resumed, finished
+    # run's fit trains and validates nothing)
+    if dm.n_val_vectors and (
+        _last_validation_step(trainer) != trainer.global_step or not validated
+    ):
         trainer.validate(module, datamodule=dm, verbose=False)
 
 

@@ -16,7 +16,6 @@ would also do, but a killed SWMR writer leaves "file is open for write" flags th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -29,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from traitsae.config_diff import changed_keys
+from traitsae.config_diff import fingerprint_difference, predates_image_list
 from traitsae.data.store.reader import Store, read_fingerprint
 from traitsae.data.store.schema import (
     CORE_IMAGE_KEYS,
@@ -102,8 +101,9 @@ class StoreWriter:
             elif not overwrite:
                 raise TraitsaeError(
                     f"an unfinished store {tmp} exists from a run with a different configuration "
-                    "(different backbone, layers, dataset or image rows). Re-run the original "
-                    "command to finish it, or pass extract.overwrite=true to start again."
+                    f"({fingerprint_difference(existing, fingerprint)}). Resuming would mix "
+                    "the two runs' rows. Re-run the original command (with the original images) "
+                    "to finish it, or pass extract.overwrite=true to start again."
                 )
             tmp.unlink()
         draft = tmp.with_name(tmp.name + ".new")
@@ -254,9 +254,15 @@ def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if not out.exists():
         return False
     existing = read_fingerprint(out)
-    if existing == fingerprint:
+    if existing == fingerprint or predates_image_list(existing, fingerprint):
         with Store(out, require_complete=False) as store:
             if store.complete:
+                if existing != fingerprint:  # kept: re-extracting it could cost hours
+                    log.warning(
+                        "%s predates the image-list check: its images cannot be confirmed to be "
+                        "the dataset's current ones. If the image folder changed since, "
+                        "re-extract with extract.overwrite=true.", out,
+                    )  # fmt: skip
                 return True
     if not overwrite:
         raise TraitsaeError(
@@ -269,13 +275,7 @@ def store_is_done(out: Path, fingerprint: str, overwrite: bool) -> bool:
     return False
 
 
-def config_difference(old: str | None, new: str) -> str:
-    """Human summary of how two JSON configs differ: `key: old -> new` for each changed key."""
-    try:
-        before, after = json.loads(old or ""), json.loads(new)
-    except json.JSONDecodeError:
-        return "the existing file carries no traitsae fingerprint"
-    return "; ".join(map(str, changed_keys(before, after))) or "no difference"
+config_difference = fingerprint_difference  # how a refused resume or overwrite lists the change
 
 
 def _runs(mask_N: np.ndarray) -> list[tuple[int, int]]:

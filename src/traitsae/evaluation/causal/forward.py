@@ -21,15 +21,13 @@ import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.data.images import ImageDataset, ImageList, load_image_list
 from traitsae.data.store import Store, read_fingerprint
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.core.probes import fit_class_probe
+from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.evaluation.core.sources import eval_store
 from traitsae.sae.export import RawSpaceSAE
 
@@ -205,86 +203,6 @@ def final_embeddings(
 # ----------------------------------------------------------------------------- the class probe
 
 
-@dataclass
-class ClassProbe:
-    """Multinomial logistic regression on standardised final embeddings, as torch tensors.
-
-    probabilities(emb_BE) = softmax(((emb - mean) / std) @ weight^T + bias), classes in order.
-    """
-
-    classes: list[str]
-    mean_E: torch.Tensor
-    std_E: torch.Tensor
-    weight_CE: torch.Tensor
-    bias_C: torch.Tensor
-
-    @classmethod
-    def fit(
-        cls,
-        emb_NE: np.ndarray,
-        labels_N: np.ndarray,
-        C: float = 1.0,
-        max_iter: int = 1000,
-        seed: int = 0,
-    ) -> ClassProbe:
-        """Fit on embeddings and their class names (images without a class are skipped)."""
-        labels_N = np.asarray(labels_N, dtype=object)
-        keep_N = labels_N != ""
-        classes = sorted(set(labels_N[keep_N]))
-        index = {name: i for i, name in enumerate(classes)}
-        y_N = np.array([index[name] for name in labels_N[keep_N]], dtype=np.int64)
-        model = fit_class_probe(emb_NE[keep_N], y_N, C, max_iter, seed)
-        scaler, logistic = model[0], model[-1]
-        weight, bias = logistic.coef_, logistic.intercept_
-        if len(classes) == 2:  # sklearn keeps one row for two classes: p(1) = sigmoid(z)
-            weight, bias = np.concatenate([-weight, weight]) / 2, np.array([-bias[0], bias[0]]) / 2
-        as_t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
-        return cls(classes, as_t(scaler.mean_), as_t(scaler.scale_), as_t(weight), as_t(bias))
-
-    def logits(self, emb_BE: torch.Tensor) -> torch.Tensor:
-        x_BE = (emb_BE.float().cpu() - self.mean_E) / self.std_E
-        return x_BE @ self.weight_CE.T + self.bias_C
-
-    def probabilities(self, emb_BE: torch.Tensor) -> torch.Tensor:
-        """[B, E] final embeddings -> [B, C] class probabilities (CPU float32)."""
-        return self.logits(emb_BE).softmax(-1)
-
-    def class_index(self, name: str, what: str = "eval.target_class") -> int:
-        if name not in self.classes:
-            shown = ", ".join(self.classes[:20]) + (" ..." if len(self.classes) > 20 else "")
-            raise TraitsaeError(
-                f"{what}={name!r} is not a class of the dataset's train split; its "
-                f"{len(self.classes)} classes are: {shown}."
-            )
-        return self.classes.index(name)
-
-    def accuracy(self, emb_NE: np.ndarray | torch.Tensor, labels_N: np.ndarray) -> float:
-        """Fraction of images whose most probable class is their own (unseen classes count wrong)."""
-        predicted = np.asarray(self.classes, dtype=object)[
-            self.logits(torch.as_tensor(emb_NE)).argmax(-1).numpy()
-        ]
-        return float((predicted == np.asarray(labels_N, dtype=object)).mean())
-
-    def save(self, path: str | Path) -> Path:
-
-        tensors = {
-            "mean": self.mean_E,
-            "std": self.std_E,
-            "weight": self.weight_CE,
-            "bias": self.bias_C,
-        }
-        save_file(tensors, str(path), metadata={"classes": json.dumps(self.classes)})
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ClassProbe:
-
-        with safe_open(str(path), framework="pt") as f:
-            classes = json.loads(f.metadata()["classes"])
-            t = {key: f.get_tensor(key) for key in ("mean", "std", "weight", "bias")}
-        return cls(classes, t["mean"], t["std"], t["weight"], t["bias"])
-
-
 @dataclass(frozen=True)
 class ProbeOptions:
     """The class probe on clean final embeddings that eval=splice and eval=steer read (their
@@ -348,3 +266,18 @@ def sae_token_positions(
     if tokens in ("cls", "both"):
         positions_T[0] = True
     return positions_T
+
+
+def store_mean_tokens(store: Store, layer: int, n_tokens: int) -> torch.Tensor:
+    """[T, D] mean of block `layer`'s output over the store's valid images (CLS at position 0,
+    patches after the prefix; registers are not stored and stay zero: they are never edited)."""
+    mean_TD = torch.zeros(n_tokens, store.d_model, dtype=torch.float64)
+    n_valid = int(np.asarray(store.valid).sum())
+    if n_valid == 0:
+        raise TraitsaeError(f"store {store.path} has no valid images to average.")
+    for tokens, rows in (("patches", slice(store.n_prefix_tokens, None)), ("cls", 0)):
+        total = torch.zeros(mean_TD[rows].shape, dtype=torch.float64)
+        for _, acts in store.iter_valid(layer, tokens=tokens):
+            total += torch.from_numpy(np.asarray(acts, dtype=np.float64)).sum(0)
+        mean_TD[rows] = total / n_valid
+    return mean_TD.float()

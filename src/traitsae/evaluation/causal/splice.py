@@ -41,7 +41,6 @@ from traitsae.evaluation.causal.forward import (
     ABLATIONS,
     BASELINES,
     CONDITIONS,
-    ClassProbe,
     ProbeOptions,
     backbone_key,
     build_full_backbone,
@@ -51,10 +50,12 @@ from traitsae.evaluation.causal.forward import (
     sae_token_positions,
     save_cached,
     split_images,
+    store_mean_tokens,
     train_class_probe,
 )
 from traitsae.evaluation.causal.splice_report import write_outputs
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.sae.export import RawSpaceSAE
 
@@ -108,21 +109,6 @@ def splice_batch(
         name: backbone.finish_from(tokens_BTD, layer)
         for name, tokens_BTD in zip(conditions, stack.split(images_BCHW.shape[0]), strict=True)
     }
-
-
-def store_mean_tokens(store: Store, layer: int, n_tokens: int) -> torch.Tensor:
-    """[T, D] mean of block `layer`'s output over the store's valid images (CLS at position 0,
-    patches after the prefix; registers are not stored and stay zero: they are never edited)."""
-    mean_TD = torch.zeros(n_tokens, store.d_model, dtype=torch.float64)
-    n_valid = int(np.asarray(store.valid).sum())
-    if n_valid == 0:
-        raise TraitsaeError(f"store {store.path} has no valid images to average.")
-    for tokens, rows in (("patches", slice(store.n_prefix_tokens, None)), ("cls", 0)):
-        total = torch.zeros(mean_TD[rows].shape, dtype=torch.float64)
-        for _, acts in store.iter_valid(layer, tokens=tokens):
-            total += torch.from_numpy(np.asarray(acts, dtype=np.float64)).sum(0)
-        mean_TD[rows] = total / n_valid
-    return mean_TD.float()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -219,8 +205,14 @@ class SpliceOptions(ProbeOptions):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
+    result = compute_splice(cfg, build_options(SpliceOptions, cfg))
+    write_outputs(result, output_dir(cfg))
+    return result
 
-    opts = build_options(SpliceOptions, cfg)
+
+def compute_splice(cfg: DictConfig, opts: SpliceOptions) -> dict[str, Any]:
+    """splice.json's content: every condition's metrics over the split's images (the caches of
+    what does not depend on the SAE are read or filled on the way; no output is written)."""
     device = opts.device
     sae = resolve_sae(cfg).eval().to(device)
     layer = sae.layer
@@ -266,7 +258,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "clean": None if "clean" in conditions else [str(p) for p in clean.paths],
         "ablations": str(ablations) if cached else None,
     }
-    write_outputs(result, output_dir(cfg))
     return result
 
 

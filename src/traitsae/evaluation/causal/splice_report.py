@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from typing import Any
 
 from traitsae.evaluation.causal.forward import CONDITIONS
 from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.outputs import write_csv, write_json
 
 
 def write_outputs(result: dict[str, Any], out) -> None:
-
-    (out / "splice.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "splice.json", result)
     columns = ["metric", *CONDITIONS, "recovered"]
-    with (out / "splice.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(result["metrics"])
+    write_csv(out / "splice.csv", columns, result["metrics"])
     rows = result["metrics"]
     meta = result["meta"]
     fig = figures.grouped_bars_with_ci(

@@ -37,7 +37,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from traitsae.backbones import Backbone
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.forward import (
-    ClassProbe,
     ProbeOptions,
     build_full_backbone,
     iter_image_batches,
@@ -55,6 +54,7 @@ from traitsae.evaluation.causal.steering import (
     steered_probabilities,
 )
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.sae.export import RawSpaceSAE
 
@@ -161,10 +161,27 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+@dataclass
+class Steered:
+    """What eval=steer found: steer.json's content, the probabilities [A, n, C] behind its
+    figures, and the probe they read; nothing is written yet."""
+
+    result: dict[str, Any]
+    probs_ANC: np.ndarray
+    probe: ClassProbe
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: steer the probe with the latents; steer.json, probe.safetensors, figures."""
+    steered = compute_steer(cfg, build_options(SteerOptions, cfg))
+    out = output_dir(cfg)
+    steered.probe.save(out / "probe.safetensors")
+    write_outputs(steered.result, steered.probs_ANC, steered.probe, out)
+    return steered.result
 
-    opts = build_options(SteerOptions, cfg)
+
+def compute_steer(cfg: DictConfig, opts: SteerOptions) -> Steered:
+    """Fit the probe, choose the latents, steer the chosen images (cfg: the SAE and stores)."""
     device, alphas = opts.device, opts.alphas
     target = opts.target_class
     sae = resolve_sae(cfg).eval().to(device)
@@ -230,10 +247,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "alpha_units": opts.alpha_units,
         "alpha_means": ALPHA_MEANING[opts.alpha_units],
     }
-    out = output_dir(cfg)
-    probe.save(out / "probe.safetensors")
-    write_outputs(result, probs_ANC, probe, out)
-    return result
+    return Steered(result, probs_ANC, probe)
 
 
 def alpha_units(opts: SteerOptions, found: ClassLatents, latents: list[int]) -> np.ndarray:

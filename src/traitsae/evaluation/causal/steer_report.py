@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
-from traitsae.evaluation.causal.forward import (
-    ClassProbe,
-)
 from traitsae.evaluation.core import figures
 from traitsae.evaluation.core.figures import plt
+from traitsae.evaluation.core.outputs import write_json
+from traitsae.evaluation.core.probes import ClassProbe
 
 
 def write_outputs(result: dict[str, Any], probs_ANC: np.ndarray, probe: ClassProbe, out) -> None:
-
-    (out / "steer.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "steer.json", result)
     figures.save(before_after_figure(result, probs_ANC, probe), out / "steer_before_after.png")
     figures.save(curve_figure(result), out / "steer_curve.png")
     print(format_result(result))

@@ -13,11 +13,9 @@ import torch
 from traitsae.backbones import Backbone
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.causal.forward import (
-    ClassProbe,
-    sae_token_positions,
-)
+from traitsae.evaluation.causal.forward import sae_token_positions
 from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
+from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.sae.export import RawSpaceSAE
 
 WHERE = ("all", "firing")

@@ -226,7 +226,6 @@ class SparseCodes:
         return self.image_codes(image)[:, latent].reshape(self.grid)
 
     def csr(self) -> Any:
-
         return csr_matrix(
             (
                 self.file["codes/values"][:].astype(np.float32),

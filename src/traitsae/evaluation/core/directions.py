@@ -19,8 +19,7 @@ from sklearn.decomposition import PCA
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.core.methods import tokens_per_image, valid_rows
-from traitsae.evaluation.core.tokens import iter_valid_tokens
+from traitsae.evaluation.core.tokens import iter_valid_tokens, tokens_per_image, valid_rows
 from traitsae.sae.export import RawSpaceSAE
 from traitsae.sae.model import build_sae
 
@@ -80,7 +79,6 @@ def pca_directions(tokens_SD: np.ndarray, both_signs: bool = True, seed: int = 0
 
 def kmeans_directions(tokens_SD: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     """Mini-batch k-means centroids of the token sample, [C, D]."""
-
     if n_clusters > tokens_SD.shape[0]:
         raise TraitsaeError(
             f"eval.kmeans_clusters={n_clusters} exceeds the {tokens_SD.shape[0]} sampled tokens; "

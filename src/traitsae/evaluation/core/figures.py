@@ -12,11 +12,12 @@ import numpy as np
 matplotlib.use("Agg")  # evaluation figures are files only; they never need a display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from traitsae.evaluation.core.outputs import write_figure
+
 
 def save(fig, path: str | Path) -> Path:
     """Write a figure as PNG and free it."""
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    path = write_figure(fig, Path(path), dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -183,7 +184,6 @@ def plot_panel_rows(
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=80)
+    write_figure(fig, out_path, dpi=80)
     plt.close(fig)
     return out_path

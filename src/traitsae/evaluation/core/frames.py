@@ -43,7 +43,6 @@ class Frame:
     @classmethod
     def simple(cls, size: int, mode: str = "center_crop") -> Frame:
         """`center_crop`: short side to size, centre crop (CLIP-style); `stretch`: both sides."""
-
         bicubic = InterpolationMode.BICUBIC
         if mode == "center_crop":
             return cls([Resize(size, bicubic), CenterCrop(size)], size)
@@ -66,7 +65,6 @@ class Frame:
 
     def image(self, path: Path) -> np.ndarray:
         """uint8 [size, size, 3] as the backbone saw it."""
-
         if not path.exists():
             raise TraitsaeError(
                 f"image {path} (from the store's images/path) does not exist; pass the dataset "
@@ -80,7 +78,6 @@ class Frame:
 
     def mask(self, mask_HW: np.ndarray) -> np.ndarray:
         """A pixel mask of the raw image, framed like the image (nearest-neighbour resizing)."""
-
         framed = Image.fromarray(np.asarray(mask_HW, dtype=np.uint8) * 255)
         for op in self.image_ops:
             if isinstance(op, Resize):

@@ -20,16 +20,14 @@ T = TypeVar("T")
 TOP_LEVEL = ("device", "seed")
 
 
-def build_options(cls: type[T], cfg: DictConfig, **overrides: Any) -> T:
-    """`cls(**{field: cfg.eval[field]})`, resolved to plain Python values; `overrides` win."""
+def build_options(cls: type[T], cfg: DictConfig) -> T:
+    """`cls(**{field: cfg.eval[field]})`, resolved to plain Python values."""
     values = OmegaConf.to_container(cfg.eval, resolve=True)
     assert isinstance(values, dict)
     kwargs: dict[str, Any] = {}
     missing = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in overrides:
-            kwargs[f.name] = overrides[f.name]
-        elif f.name in values:
+        if f.name in values:
             kwargs[f.name] = values[f.name]
         elif f.name in TOP_LEVEL and cfg.get(f.name) is not None:
             kwargs[f.name] = cfg.get(f.name)

@@ -29,7 +29,7 @@ from traitsae.data.images.masks import (
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.frames import Frame, resolve_image_path
-from traitsae.evaluation.core.methods import valid_rows
+from traitsae.evaluation.core.tokens import valid_rows
 
 log = logging.getLogger(__name__)
 FRAMES = ("backbone", "center_crop", "stretch")

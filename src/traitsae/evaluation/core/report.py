@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from traitsae.evaluation.core.outputs import replacing
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; margin-bottom: 1.5em; }
@@ -121,5 +123,6 @@ def write_report(
         + "\n</body></html>\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    with replacing(path, encoding="utf-8") as f:
+        f.write(page)
     return path

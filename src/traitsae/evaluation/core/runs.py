@@ -30,7 +30,6 @@ def find_runs(target: str | Path) -> list[Path]:
 
 def run_overrides(run_dir: Path) -> dict[str, str]:
     """A run's Hydra overrides (from .hydra/overrides.yaml) as key -> value, hydra.* left out."""
-
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():

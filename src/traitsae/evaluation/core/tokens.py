@@ -132,3 +132,21 @@ def gather_codes(
         codes_1PS = encode_patches(sae, dataset[image : image + 1], device)
         out[image] = codes_1PS[0][:, latents_L.to(codes_1PS.device)].cpu().numpy()
     return out
+
+
+# Per-block working set of the widest method, [B, P, M] float32; bounds memory whatever M is.
+BLOCK_BUDGET_BYTES = 256 * 2**20
+
+
+def valid_rows(store: Store) -> np.ndarray:
+    """Indices of the store's valid images (store order)."""
+    return np.flatnonzero(np.asarray(store.metadata["valid"], dtype=bool))
+
+
+def tokens_per_image(store: Store, tokens: str) -> int:
+    return 1 if tokens == "cls" else int(store.n_patches)
+
+
+def images_per_block(store: Store, tokens: str, widest: int) -> int:
+    per_image = tokens_per_image(store, tokens) * max(widest, store.d_model) * 4
+    return max(1, min(1024, BLOCK_BUDGET_BYTES // per_image))

@@ -38,7 +38,9 @@ from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import stream_codes
 from traitsae.evaluation.discovery import report as discovery_report
 from traitsae.evaluation.discovery.candidates import (
+    Candidate,
     GroupScores,
+    HeatMaps,
     build_candidates,
     candidate_figure,
 )
@@ -49,7 +51,7 @@ from traitsae.evaluation.discovery.groups import (
     parse_strata,
     strata_labels,
 )
-from traitsae.evaluation.discovery.stats import NullOptions, RankingRule, contrast
+from traitsae.evaluation.discovery.stats import Contrast, NullOptions, RankingRule, contrast
 from traitsae.sae.export import RawSpaceSAE
 
 # ----------------------------------------------------------------------------- groups
@@ -167,26 +169,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def discover(
+@dataclass
+class Discovery:
+    """Everything eval=discovery found on one store; nothing is written yet."""
+
+    result: Contrast
+    scores: GroupScores
+    candidates: list[Candidate]
+    maps: HeatMaps  # the candidates' heat-maps on their top images
+    names: dict[str, str]
+    groups: dict[str, Any]
+    settings: dict[str, Any]
+
+
+def compute_discovery(
     store: Store,
     sae: RawSpaceSAE,
     group_a: dict[str, list[str]],
     group_b: dict[str, list[str]],
     rule: RankingRule,
     weights: heatmaps.TriageWeights,
-    out: Path,
     *,
-    null: NullOptions | None = None,
+    null: NullOptions,
     strata: Sequence[str] = (),
     n_top_images: int = 6,
     pool: str = "max",
     fire_threshold: float = 0.0,
     batch_patches: int = 4096,
     device: str = "cpu",
-    images: ImageSource,
-) -> dict[str, Any]:
-    """The whole evaluation on an open store; writes every output into `out`."""
-    null = null or NullOptions()
+) -> Discovery:
+    """The groups' image scores, the contrast and the triaged candidates of an open store."""
     metadata = store.metadata
     mask_a = group_mask(metadata, group_a, "group_a", str(store.path))
     mask_b = group_mask(metadata, group_b, "group_b", str(store.path))
@@ -227,9 +239,34 @@ def discover(
         g: {"filter": spec, "name": names[g], "n_images": int(mask.sum())}
         for g, spec, mask in (("a", group_a, mask_a), ("b", group_b, mask_b))
     }
+    return Discovery(result, scores, candidates, maps, names, groups, settings)
+
+
+def discover(
+    store: Store,
+    sae: RawSpaceSAE,
+    group_a: dict[str, list[str]],
+    group_b: dict[str, list[str]],
+    rule: RankingRule,
+    weights: heatmaps.TriageWeights,
+    out: Path,
+    *,
+    images: ImageSource,
+    null: NullOptions | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """compute_discovery (its keyword `options` too) on an open store, then every output into
+    `out`; returns the JSON."""
+    found = compute_discovery(
+        store, sae, group_a, group_b, rule, weights, null=null or NullOptions(), **options
+    )
     out.mkdir(parents=True, exist_ok=True)
-    for cand in candidates:
+    for cand in found.candidates:
         rel = Path("figures") / f"{cand.stats.group}_{cand.rank:02d}_latent{cand.stats.latent}.png"
-        candidate_figure(cand, maps, metadata, names, images, scores, out / rel)
+        candidate_figure(
+            cand, found.maps, store.metadata, found.names, images, found.scores, out / rel
+        )
         cand.figure = rel.as_posix()
-    return discovery_report.write_outputs(out, candidates, result, groups, settings)
+    return discovery_report.write_outputs(
+        out, found.candidates, found.result, found.groups, found.settings
+    )

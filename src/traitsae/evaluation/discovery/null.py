@@ -234,7 +234,6 @@ def shuffle_batches(
 
 def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values) of a family."""
-
     p_values = np.asarray(p_values, dtype=np.float64)
     return false_discovery_control(p_values, method="bh") if p_values.size else p_values
 

@@ -4,14 +4,13 @@ a group without discoveries says so, and why when the group sizes made one impos
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from traitsae.evaluation.core.outputs import write_csv, write_json
 from traitsae.evaluation.core.report import Card, Section, write_report
 from traitsae.evaluation.discovery.candidates import Candidate
 from traitsae.evaluation.discovery.stats import Contrast, LatentTable
@@ -53,11 +52,11 @@ def discovery_json(
 def write_latents_csv(path: Path, table: LatentTable) -> None:
     """Every latent's statistics on the selection part, one row each (empty p/q: not tested)."""
     columns = table.columns()
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in zip(*(values.tolist() for values in columns.values()), strict=True):
-            writer.writerow("" if isinstance(v, float) and np.isnan(v) else v for v in row)
+    rows = [
+        ["" if isinstance(v, float) and np.isnan(v) else v for v in row]
+        for row in zip(*(values.tolist() for values in columns.values()), strict=True)
+    ]
+    write_csv(path, list(columns), rows)
 
 
 def write_candidates_csv(path: Path, candidates: list[Candidate]) -> None:
@@ -68,10 +67,7 @@ def write_candidates_csv(path: Path, candidates: list[Candidate]) -> None:
         row.update({f"auroc[{s}]": v for s, v in (cand.stats.strata_auroc or {}).items()})
         rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row)) or ["group", "rank", "latent"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, columns, rows)
 
 
 def _card(cand: Candidate, out_dir: Path) -> Card:
@@ -224,7 +220,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Every output file (figures already drawn) and the terminal summary; returns the JSON."""
     data = discovery_json(candidates, result, groups, settings)
-    (out / "discovery.json").write_text(json.dumps(data, indent=2))
+    write_json(out / "discovery.json", data)
     write_latents_csv(out / "latents.csv", result.latents)
     write_candidates_csv(out / "candidates.csv", candidates)
     write_index(out / "index.html", candidates, data, out)

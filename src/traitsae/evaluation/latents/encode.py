@@ -26,7 +26,6 @@ class EncodeOptions:
 
 def run(cfg: DictConfig) -> Path:
     """`python evaluate.py eval=encode run=<run dir>`: write the store's sparse codes."""
-
     opts = build_options(EncodeOptions, cfg)
     sae = resolve_sae(cfg)
     sae.eval().to(opts.device)

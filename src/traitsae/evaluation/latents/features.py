@@ -15,8 +15,6 @@ latents.csv (every latent), frequency.png, density.png, galleries/*.png, index.h
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +30,13 @@ from traitsae.evaluation.core.figures import plt
 from traitsae.evaluation.core.firing import (
     FiringStats,
     RunningTopK,
-    density_outputs,
+    density_figure,
     scan,
 )
 from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
-from traitsae.evaluation.core.labels import caption_column
+from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.outputs import write_csv, write_figure, write_json
 from traitsae.evaluation.core.report import Card, write_report
 from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
 from traitsae.evaluation.core.tokens import gather_codes
@@ -82,7 +81,6 @@ def select_latents(
 
 def frequency_histogram(stats: FiringStats, out_path: Path) -> Path:
     """log10 patch firing frequency of the alive latents; dead/dense counts in the title."""
-
     freq_S = stats.patch_freq
     alive = freq_S[freq_S > 0]
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -96,8 +94,7 @@ def frequency_histogram(stats: FiringStats, out_path: Path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=90)
+    write_figure(fig, out_path, dpi=90)
     plt.close(fig)
     return out_path
 
@@ -131,21 +128,19 @@ def gallery_figure(
 def write_latents_csv(
     path: Path, stats: FiringStats, mean_top_S: np.ndarray, entropy_S: np.ndarray
 ) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(LATENT_COLUMNS)
-        for s in range(len(stats.patch_fires_S)):
-            writer.writerow(
-                [
-                    s,
-                    f"{stats.patch_freq[s]:.6g}",
-                    f"{stats.image_freq[s]:.6g}",
-                    f"{stats.mean_image_max[s]:.6g}",
-                    f"{stats.image_max_S[s]:.6g}",
-                    f"{mean_top_S[s]:.6g}",
-                    f"{entropy_S[s]:.6g}",
-                ]
-            )
+    rows = [
+        [
+            s,
+            f"{stats.patch_freq[s]:.6g}",
+            f"{stats.image_freq[s]:.6g}",
+            f"{stats.mean_image_max[s]:.6g}",
+            f"{stats.image_max_S[s]:.6g}",
+            f"{mean_top_S[s]:.6g}",
+            f"{entropy_S[s]:.6g}",
+        ]
+        for s in range(len(stats.patch_fires_S))
+    ]
+    write_csv(path, LATENT_COLUMNS, rows)
 
 
 def galleries(
@@ -202,55 +197,79 @@ class FeaturesOptions(ImageOptions):
     device: str
 
 
+@dataclass
+class FeaturesResult:
+    """One scan of a store: firing statistics, top images, the chosen latents and their
+    density-figure axes; nothing is written yet."""
+
+    stats: FiringStats
+    topk: RunningTopK
+    chosen: np.ndarray  # latent ids to draw galleries of
+    mean_top_S: np.ndarray  # [S] mean score of each latent's top images
+    entropy_S: np.ndarray  # [S] label entropy (bits) of each latent's top images
+
+
+def compute_features(store: Store, sae: RawSpaceSAE, opts: FeaturesOptions) -> FeaturesResult:
+    stats, topk = scan(
+        store, sae, opts.top_k, batch_patches=opts.batch_patches, device=opts.device, pool=opts.pool
+    )
+    chosen = select_latents(
+        stats,
+        list(opts.latents) if opts.latents else None,
+        opts.min_freq,
+        opts.max_freq,
+        opts.max_latents,
+        opts.seed,
+    )
+    mean_top_S, entropy_S = top_image_summary(
+        topk.values_KS.numpy().T, topk.rows_KS.numpy().T, image_labels(store.metadata)
+    )
+    return FeaturesResult(stats, topk, chosen, mean_top_S, entropy_S)
+
+
+def write_features(
+    out: Path, store: Store, sae: RawSpaceSAE, found: FeaturesResult, opts: FeaturesOptions
+) -> dict[str, Any]:
+    """Galleries, density and frequency figures, features.json, latents.csv, index.html."""
+    stats = found.stats
+    entries = galleries(
+        store, sae, stats, found.topk, found.chosen, image_source(store, opts), out, opts.device
+    )
+    title = f"{stats.n_images} images"
+    figures.save(
+        density_figure(stats.patch_freq, found.mean_top_S, found.entropy_S, title),
+        out / "density.png",
+    )
+    for entry in entries:
+        entry["mean_top_score"] = float(found.mean_top_S[entry["latent"]])
+        entry["label_entropy"] = float(found.entropy_S[entry["latent"]])
+    result = {
+        "n_images": stats.n_images,
+        "n_patches": stats.n_patches,
+        "d_sae": len(stats.patch_fires_S),
+        "n_dead": int((stats.patch_freq == 0).sum()),
+        "n_dense": int((stats.patch_freq > 1e-2).sum()),
+        "store": str(store.path),
+        "latents": entries,
+    }
+    write_json(out / "features.json", result)
+    write_latents_csv(out / "latents.csv", stats, found.mean_top_S, found.entropy_S)
+    frequency_histogram(stats, out / "frequency.png")
+    write_features_index(out, result)
+    return result
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py eval=features run=<run dir>`."""
-
     opts = build_options(FeaturesOptions, cfg)
     sae = resolve_sae(cfg)
     sae.eval().to(opts.device)
     out = output_dir(cfg)
     with eval_store(cfg, sae, opts.split) as store:
-        stats, topk = scan(
-            store,
-            sae,
-            opts.top_k,
-            batch_patches=opts.batch_patches,
-            device=opts.device,
-            pool=opts.pool,
-        )
-        chosen = select_latents(
-            stats,
-            list(opts.latents) if opts.latents else None,
-            opts.min_freq,
-            opts.max_freq,
-            opts.max_latents,
-            opts.seed,
-        )
-        entries = galleries(
-            store, sae, stats, topk, chosen, image_source(store, opts), out, opts.device
-        )
-        mean_top_S, entropy_S = density_outputs(
-            store, stats, topk, out / "density.png", f"{stats.n_images} images"
-        )
-        for entry in entries:
-            entry["mean_top_score"] = float(mean_top_S[entry["latent"]])
-            entry["label_entropy"] = float(entropy_S[entry["latent"]])
-        result = {
-            "n_images": stats.n_images,
-            "n_patches": stats.n_patches,
-            "d_sae": len(stats.patch_fires_S),
-            "n_dead": int((stats.patch_freq == 0).sum()),
-            "n_dense": int((stats.patch_freq > 1e-2).sum()),
-            "store": str(store.path),
-            "latents": entries,
-        }
-    (out / "features.json").write_text(json.dumps(result, indent=2))
-    write_latents_csv(out / "latents.csv", stats, mean_top_S, entropy_S)
-    frequency_histogram(stats, out / "frequency.png")
-    write_features_index(out, result)
+        result = write_features(out, store, sae, compute_features(store, sae, opts), opts)
     print(
-        f"{len(entries)} latent galleries ({result['n_dead']} dead of {result['d_sae']}): "
-        f"{out / 'index.html'}"
+        f"{len(result['latents'])} latent galleries ({result['n_dead']} dead of "
+        f"{result['d_sae']}): {out / 'index.html'}"
     )
     return result
 

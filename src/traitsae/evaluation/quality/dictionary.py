@@ -23,8 +23,6 @@ Pairs and parents enter the counts only when their feature fires on >= `min_supp
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from traitsae.data.dictionary import read_truth
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.outputs import write_csv, write_json
 from traitsae.evaluation.core.runs import find_runs, run_labels
 from traitsae.evaluation.core.sources import output_dir, sae_source
 from traitsae.sae.export import RawSpaceSAE, load_sae
@@ -83,7 +82,6 @@ class DictionaryOptions:
 
 def run(cfg: DictConfig) -> list[DictionaryScores]:
     """Hydra entry: score one run, or every run of a sweep dir."""
-
     opts = build_options(DictionaryOptions, cfg)
     runs = find_runs(sae_source(cfg))
     labels = run_labels(runs)
@@ -113,11 +111,8 @@ def write_outputs(results: list[DictionaryScores], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in results]
     payload = rows[0] if len(rows) == 1 else {"runs": rows}
-    (out / "dictionary.json").write_text(json.dumps(payload, indent=2))
-    with (out / "dictionary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_json(out / "dictionary.json", payload)
+    write_csv(out / "dictionary.csv", list(rows[0]), rows)
 
 
 def _kinds_text(r: DictionaryScores) -> str:
@@ -150,7 +145,6 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_sae(sae: RawSpaceSAE, store_path: Path, min_support: int = 10, batch: int = 8192) -> dict:
     """Every score of the module docstring for one SAE (raw-space `load_sae` module)."""
-
     with Store(store_path) as store:
         truth = read_truth(store)
         n_images = truth["truth_vectors"] // store.n_patches

@@ -10,8 +10,6 @@ columns), and the Pareto plots (L0 vs FVU with the frontier; L0 vs dead fraction
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +26,11 @@ from traitsae.evaluation.core.firing import (
     density_outputs,
     scan,
 )
-from traitsae.evaluation.core.methods import images_per_block
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.outputs import write_csv, write_json
 from traitsae.evaluation.core.runs import find_runs, run_labels, swept_overrides
 from traitsae.evaluation.core.sources import eval_store, output_dir, sae_source
-from traitsae.evaluation.core.tokens import iter_valid_tokens
+from traitsae.evaluation.core.tokens import images_per_block, iter_valid_tokens
 from traitsae.sae.export import RawSpaceSAE, load_sae
 from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained, dense_frequency
 
@@ -88,7 +86,6 @@ class HealthOptions:
 
 def run(cfg: DictConfig) -> list[Health]:
     """Hydra entry: measure one run (`run=`/`sae=`) or every run of a sweep dir (`run=<sweep>`)."""
-
     opts = build_options(HealthOptions, cfg)
     runs = find_runs(sae_source(cfg))
     swept = swept_overrides(runs)
@@ -220,10 +217,7 @@ def write_outputs(results: list[Health], out: Path) -> dict[str, Path]:
     swept_keys = list(dict.fromkeys(k for r in results for k in r.swept))
     fields = [f for f in CSV_FIELDS if f != "swept"]
     fields[2:2] = [k for k in swept_keys if k not in fields]
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**r.swept, **asdict(r)} for r in results)
+    write_csv(paths["csv"], fields, [{**r.swept, **asdict(r)} for r in results])
     payload = []
     for r in results:
         row = asdict(r)
@@ -236,7 +230,7 @@ def write_outputs(results: list[Health], out: Path) -> dict[str, Path]:
             "edges": np.asarray(edges).tolist(),
         }
         payload.append(row)
-    paths["json"].write_text(json.dumps({"runs": payload}, indent=2))
+    write_json(paths["json"], {"runs": payload})
     paths["pareto_png"] = figures.save(pareto_figure(results), out / "health_pareto.png")
     for i, r in enumerate(results):
         suffix = "" if len(results) == 1 else f"_{i}"

@@ -9,7 +9,6 @@ originals is also applied to reconstructions (does the SAE keep what that probe 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +18,11 @@ from omegaconf import DictConfig
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.core.methods import images_per_block
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.outputs import write_json
 from traitsae.evaluation.core.probes import fit_class_probe
 from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
-from traitsae.evaluation.core.tokens import iter_valid_tokens
+from traitsae.evaluation.core.tokens import images_per_block, iter_valid_tokens
 from traitsae.sae.export import RawSpaceSAE
 
 FEATURES = ("auto", "cls", "pooled")
@@ -44,7 +43,6 @@ class ProbeDeltaOptions:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: fit probes on the train split, report accuracies on the test split."""
-
     opts = build_options(ProbeDeltaOptions, cfg)
     device = opts.device
     sae = resolve_sae(cfg).to(device)
@@ -59,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["features"] = features
     result["layer"] = sae.layer
     out = output_dir(cfg)
-    (out / "probe.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "probe.json", result)
     print(format_result(result))
     print(f"probe: outputs in {out}")
     return result

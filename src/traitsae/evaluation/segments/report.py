@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.outputs import write_csv, write_json
 
 METRICS = ("ap", "probe_ap", "purity", "coverage")
 
@@ -43,7 +42,7 @@ def write_outputs(report: SegmentsReport, out: Path) -> dict[str, Path]:
     """segments.json, segments_{summary,per_class,skipped,differences}.csv, segments_methods.png."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "segments.json"}
-    paths["json"].write_text(json.dumps(report.to_json(), indent=2))
+    write_json(paths["json"], report.to_json())
     tables = {
         "summary": (
             ["method", "metric", "mean", "ci_low", "ci_high", "n_classes", "n_directions"],
@@ -60,11 +59,7 @@ def write_outputs(report: SegmentsReport, out: Path) -> dict[str, Path]:
         ),
     }
     for name, (fields, rows) in tables.items():
-        paths[f"{name}_csv"] = out / f"segments_{name}.csv"
-        with paths[f"{name}_csv"].open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        paths[f"{name}_csv"] = write_csv(out / f"segments_{name}.csv", fields, rows)
     paths["methods_png"] = figures.save(methods_figure(report), out / "segments_methods.png")
     return paths
 

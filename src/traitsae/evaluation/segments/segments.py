@@ -22,7 +22,8 @@ from traitsae.data.images.masks import RULES, MaskLayout, load_mask_layout
 from traitsae.data.store import Store
 from traitsae.data.synthetic import ensure_synthetic
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.core import directions, probes
+from traitsae.evaluation.core import probes
+from traitsae.evaluation.core.methods import Method, baseline_methods
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.patches import FRAMES, SplitPatches, collect_patches, store_frame
 from traitsae.evaluation.core.precision import bootstrap_ci, paired_difference, units_with_positives
@@ -36,9 +37,11 @@ SELECT_BY = ("ap", "probe_loss")
 
 
 @dataclass(frozen=True)
-class Options:
+class SegmentsOptions:
     """The `eval.*` options of conf/eval/segments.yaml (defaults and meanings there)."""
 
+    train_split: str
+    test_split: str
     patch_rule: str
     frame: str
     k: int
@@ -90,8 +93,7 @@ class Options:
 
 def run(cfg: DictConfig) -> SegmentsReport:
     """Hydra entry (`eval.entry`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-
-    opts = build_options(Options, cfg)
+    opts = build_options(SegmentsOptions, cfg)
     if cfg.dataset.get("format") == "synthetic" and cfg.dataset.get("root"):
         # Demo data generated before masks existed gets them here (images stay untouched).
         ensure_synthetic(cfg.dataset.root, seed=int(cfg.dataset.get("seed", 0)))
@@ -103,7 +105,7 @@ def run(cfg: DictConfig) -> SegmentsReport:
             f"eval.reference={opts.reference} was trained on layer {reference.layer} "
             f"but the SAE under test on layer {sae.layer}; compare SAEs of one layer."
         )
-    train_store, test_store = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    train_store, test_store = eval_stores(cfg, sae, [opts.train_split, opts.test_split])
     try:
         train, test = (
             load_split(store, layout, sae, opts, cfg.dataset.get("root"))
@@ -121,7 +123,11 @@ def run(cfg: DictConfig) -> SegmentsReport:
 
 
 def load_split(
-    store: Store, layout: MaskLayout, sae: RawSpaceSAE, opts: Options, image_root: str | None
+    store: Store,
+    layout: MaskLayout,
+    sae: RawSpaceSAE,
+    opts: SegmentsOptions,
+    image_root: str | None,
 ) -> SplitPatches:
     if sae.tokens != "patches":
         raise TraitsaeError(
@@ -143,68 +149,46 @@ def load_split(
 # ---------------------------------------------------------------- evaluation
 
 
-@dataclass(frozen=True)
-class Scorer:
-    """A method: patch scores [R, M] from raw activations [R, D], chunked."""
-
-    name: str
-    n_directions: int
-    encode: Any  # [r, D] -> [r, M]
-    per_class: bool = False  # direction c belongs to class c (the supervised probe)
-
-    @torch.no_grad()
-    def scores(self, acts_RD: torch.Tensor, device: str, chunk: int = 8192) -> torch.Tensor:
-        return torch.cat(
-            [
-                self.encode(acts_RD[i : i + chunk].to(device)).float().cpu()
-                for i in range(0, acts_RD.shape[0], chunk)
-            ]
-        )
-
-
-def linear(name: str, dirs_MD: np.ndarray, mean_D: torch.Tensor, device: str) -> Scorer:
-    """Projections on directions of the centred activations (centred as the SAE subtracts b_dec)."""
-    u_DM = torch.from_numpy(np.ascontiguousarray(dirs_MD, dtype=np.float32)).T.to(device)
-    shift_M = mean_D.to(device) @ u_DM
-    return Scorer(name, dirs_MD.shape[0], lambda x_RD: x_RD @ u_DM - shift_M)
-
-
-def build_scorers(
+def build_methods(
     sae: RawSpaceSAE,
     reference: RawSpaceSAE | None,
     train: SplitPatches,
     n_classes: int,
-    opts: Options,
-) -> list[Scorer]:
-    """Every method's scorer; baselines fit on the train split's patches."""
+    opts: SegmentsOptions,
+) -> list[Method]:
+    """Every method's token scorer; baselines fit on the train split's patches and centred on
+    their mean (core/methods.py's rule)."""
     acts_RD = train.acts_RD
     rng = np.random.default_rng(opts.seed)
-    n_rows, d_model = acts_RD.shape
+    n_rows = acts_RD.shape[0]
     sample_SD = acts_RD[np.sort(rng.choice(n_rows, min(n_rows, opts.n_samples), replace=False))]
-    mean_D = acts_RD.mean(0)
-    d_sae = sae.d_sae
-    scorers = []
+    baselines = baseline_methods(
+        opts.methods,
+        sae,
+        sample_SD.numpy(),
+        acts_RD.mean(0),
+        opts.seed,
+        n_random=opts.n_random,
+        pca_both_signs=opts.pca_both_signs,
+        kmeans_clusters=min(opts.kmeans_clusters, sample_SD.shape[0]),
+        device=opts.device,
+    )
+    methods = []
     for name in opts.methods:
         if name == "sae":
-            scorers.append(Scorer("sae", d_sae, sae.encode))
-        elif name == "random":
-            dirs = directions.random_directions(d_model, opts.n_random or d_sae, opts.seed)
-            scorers.append(linear(name, dirs, mean_D, opts.device))
-        elif name == "pca":
-            dirs = directions.pca_directions(sample_SD.numpy(), opts.pca_both_signs, opts.seed)
-            scorers.append(linear(name, dirs, mean_D, opts.device))
-        elif name == "kmeans":
-            n_clusters = min(opts.kmeans_clusters, sample_SD.shape[0])
-            dirs = directions.kmeans_directions(sample_SD.numpy(), n_clusters, opts.seed)
-            scorers.append(linear(name, dirs, mean_D, opts.device))
+            methods.append(Method("sae", sae.encode, sae.d_sae))
         elif name == "probe":
-            scorers.append(supervised_probe(train, opts, rng))
+            methods.append(supervised_probe(train, opts, rng))
+        else:
+            methods.append(baselines[name])
     if reference is not None:
-        scorers.append(Scorer("reference", reference.d_sae, reference.encode))
-    return scorers
+        methods.append(Method("reference", reference.encode, reference.d_sae))
+    return methods
 
 
-def supervised_probe(train: SplitPatches, opts: Options, rng: np.random.Generator) -> Scorer:
+def supervised_probe(
+    train: SplitPatches, opts: SegmentsOptions, rng: np.random.Generator
+) -> Method:
     """One L2 logistic regression per class on raw patch activations (the supervised reference)."""
     n_rows = train.acts_RD.shape[0]
     fit = np.sort(rng.choice(n_rows, min(n_rows, opts.probe_max_patches), replace=False))
@@ -217,7 +201,7 @@ def supervised_probe(train: SplitPatches, opts: Options, rng: np.random.Generato
     )
     w_DC = torch.from_numpy(w_CD).T.contiguous().to(opts.device)
     b_C = torch.from_numpy(b_C).to(opts.device)
-    return Scorer("probe", w_DC.shape[1], lambda x_RD: x_RD @ w_DC + b_C, per_class=True)
+    return Method("probe", lambda x_RD: x_RD @ w_DC + b_C, w_DC.shape[1], per_class=True)
 
 
 def evaluate_segments(
@@ -225,7 +209,7 @@ def evaluate_segments(
     train: SplitPatches,
     test: SplitPatches,
     layout: MaskLayout,
-    opts: Options,
+    opts: SegmentsOptions,
     reference: RawSpaceSAE | None = None,
 ) -> SegmentsReport:
     """All methods x classes on already collected patches."""
@@ -240,7 +224,7 @@ def evaluate_segments(
     test = _with_classes(test, kept)
     names = [layout.classes[layout.class_ids[c]] for c in kept]
     ids = [layout.class_ids[c] for c in kept]
-    scorers = build_scorers(sae, reference, train, len(kept), opts)
+    scorers = build_methods(sae, reference, train, len(kept), opts)
     report = SegmentsReport([], [], skipped, [], _meta(opts, train, test, sae, names))
     per_values: dict[tuple[str, str], np.ndarray] = {}
     for scorer in scorers:
@@ -281,7 +265,9 @@ def _classes_with_patches(
     return keep_C, rows
 
 
-def _check_memory(scorer: Scorer, train: SplitPatches, test: SplitPatches, opts: Options) -> None:
+def _check_memory(
+    scorer: Method, train: SplitPatches, test: SplitPatches, opts: SegmentsOptions
+) -> None:
     n_rows = max(train.acts_RD.shape[0], test.acts_RD.shape[0])
     needed = n_rows * scorer.n_directions * 4
     if needed > opts.max_score_bytes:
@@ -293,7 +279,7 @@ def _check_memory(scorer: Scorer, train: SplitPatches, test: SplitPatches, opts:
 
 
 def _method_rows(
-    scorer: Scorer, train: SplitPatches, test: SplitPatches, opts: Options
+    scorer: Method, train: SplitPatches, test: SplitPatches, opts: SegmentsOptions
 ) -> dict[str, np.ndarray]:
     """Per class: the selected direction and its test metrics (and train AP / probe losses)."""
     y_train_RC, y_test_RC = train.labels_RC, test.labels_RC
@@ -335,7 +321,9 @@ def _number(value: Any) -> int | float:
     return int(value) if np.issubdtype(np.asarray(value).dtype, np.integer) else float(value)
 
 
-def _summary(scorer: Scorer, metric: str, values_C: np.ndarray, opts: Options) -> dict[str, Any]:
+def _summary(
+    scorer: Method, metric: str, values_C: np.ndarray, opts: SegmentsOptions
+) -> dict[str, Any]:
     low, high = bootstrap_ci(values_C, opts.n_bootstrap, opts.seed, opts.ci_level)
     return {
         "method": scorer.name,
@@ -349,7 +337,7 @@ def _summary(scorer: Scorer, metric: str, values_C: np.ndarray, opts: Options) -
 
 
 def _paired_differences(
-    per_values: dict[tuple[str, str], np.ndarray], opts: Options
+    per_values: dict[tuple[str, str], np.ndarray], opts: SegmentsOptions
 ) -> list[dict[str, Any]]:
     """SAE minus each other method per metric, with a paired bootstrap CI over classes."""
     rows = []
@@ -365,7 +353,11 @@ def _paired_differences(
 
 
 def _meta(
-    opts: Options, train: SplitPatches, test: SplitPatches, sae: RawSpaceSAE, names: list[str]
+    opts: SegmentsOptions,
+    train: SplitPatches,
+    test: SplitPatches,
+    sae: RawSpaceSAE,
+    names: list[str],
 ) -> dict[str, Any]:
     n_patches = train.acts_RD.shape[0] // max(1, len(train.rows_N))
     return {

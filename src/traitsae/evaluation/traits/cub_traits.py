@@ -34,19 +34,15 @@ from traitsae.data.images.cub_attributes import CubAttributes, load_cub_attribut
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import directions
-from traitsae.evaluation.core.methods import (
-    Method,
-    linear_scorer,
-    sae_scorer,
-    valid_rows,
-)
+from traitsae.evaluation.core.methods import Method, baseline_methods, sae_scorer
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.precision import (
     units_with_positives,
     usable_ks,
 )
 from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
-from traitsae.evaluation.traits.options import UNSUPERVISED, Options
+from traitsae.evaluation.core.tokens import valid_rows
+from traitsae.evaluation.traits.options import UNSUPERVISED, CubTraitsOptions
 from traitsae.evaluation.traits.report import TraitReport, format_table, write_outputs
 from traitsae.evaluation.traits.selection import (
     Candidates,
@@ -66,9 +62,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> TraitReport:
     """Hydra entry (registry: `cub_traits`): evaluate, write JSON/CSV/PNG to the output dir, print a table."""
-
-    opts = build_options(Options, cfg)
-    root = cfg.eval.get("attributes_root") or cfg.dataset.get("root")
+    opts = build_options(CubTraitsOptions, cfg)
+    root = opts.attributes_root or cfg.dataset.get("root")
     if not root:
         raise TraitsaeError(
             "eval=cub_traits needs the CUB attribute files: set dataset.root (or "
@@ -76,7 +71,7 @@ def run(cfg: DictConfig) -> TraitReport:
         )
     attrs = load_cub_attributes(root)
     sae = resolve_sae(cfg).to(opts.device)
-    train_store, test_store = eval_stores(cfg, sae, [cfg.eval.train_split, cfg.eval.test_split])
+    train_store, test_store = eval_stores(cfg, sae, [opts.train_split, opts.test_split])
     try:
         report = evaluate_traits(sae, train_store, test_store, attrs, opts)
     finally:
@@ -100,40 +95,12 @@ def image_ids(store: Store) -> np.ndarray:
     return meta["image_id"]
 
 
-def unsupervised_methods(
-    sae: RawSpaceSAE, sample: directions.TrainSample, opts: Options, seed: int
-) -> dict[str, Method]:
-    """Token scorers of the seed-dependent baselines, fit on the training sample."""
-    d_model = sample.tokens_SD.shape[1]
-    d_sae = sae.d_sae
-    methods: dict[str, Method] = {}
-
-    def add_linear(name: str, dirs_MD: np.ndarray) -> None:
-        scorer = linear_scorer(torch.from_numpy(dirs_MD).to(opts.device))
-        methods[name] = Method(name, scorer, dirs_MD.shape[0], opts.pool)
-
-    for name in opts.methods:
-        if name == "sae_init":
-            init = directions.untrained_sae(sae, sample.tokens_SD, seed)
-            methods[name] = Method(name, sae_scorer(init), d_sae, opts.pool)
-        elif name == "random":
-            add_linear(name, directions.random_directions(d_model, opts.n_random or d_sae, seed))
-        elif name == "pca":
-            add_linear(name, directions.pca_directions(sample.tokens_SD, opts.pca_both_signs, seed))
-        elif name == "kmeans":
-            log.info(
-                "fitting k-means: %d centroids on %d tokens",
-                opts.kmeans_clusters,
-                sample.tokens_SD.shape[0],
-            )
-            add_linear(
-                name, directions.kmeans_directions(sample.tokens_SD, opts.kmeans_clusters, seed)
-            )
-    return methods
-
-
 def evaluate_traits(
-    sae: RawSpaceSAE, train_store: Store, test_store: Store, attrs: CubAttributes, opts: Options
+    sae: RawSpaceSAE,
+    train_store: Store,
+    test_store: Store,
+    attrs: CubAttributes,
+    opts: CubTraitsOptions,
 ) -> TraitReport:
     """All methods x traits x k x protocols x seeds, on already opened and checked stores."""
     layer = sae.layer
@@ -182,7 +149,18 @@ def evaluate_traits(
             train_store, layer, tokens, opts.n_samples, seed
         )
         assert np.array_equal(sample.rows_N, rows_train)
-        methods = unsupervised_methods(sae, sample, opts, seed)
+        methods = baseline_methods(
+            opts.methods,
+            sae,
+            sample.tokens_SD,
+            torch.from_numpy(sample.tokens_SD.mean(0)),
+            seed,
+            n_random=opts.n_random,
+            pca_both_signs=opts.pca_both_signs,
+            kmeans_clusters=opts.kmeans_clusters,
+            pool=opts.pool,
+            device=opts.device,
+        )
         cands = {
             **fixed,
             **method_candidates(
@@ -268,7 +246,7 @@ def _traits_with_positives(
 
 
 def _meta(
-    opts: Options, train_store: Store, test_store: Store, sae, n_traits: int
+    opts: CubTraitsOptions, train_store: Store, test_store: Store, sae, n_traits: int
 ) -> dict[str, Any]:
     return {
         "options": asdict(opts),

@@ -16,9 +16,12 @@ UNSUPERVISED = ("sae", "sae_init", "random", "pca", "kmeans")
 
 
 @dataclass(frozen=True)
-class Options:
+class CubTraitsOptions:
     """The `eval.*` options of conf/eval/cub_traits.yaml (defaults and meanings there)."""
 
+    train_split: str
+    test_split: str
+    attributes_root: str | None  # None: dataset.root
     k: list[int]
     tau: float
     certainty: list[int]

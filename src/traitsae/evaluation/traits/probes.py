@@ -23,14 +23,9 @@ import torch
 
 from traitsae.data.store import Store
 from traitsae.evaluation.core.directions import TrainSample
-from traitsae.evaluation.core.methods import (
-    Method,
-    image_scores,
-    images_per_block,
-    iter_valid_tokens,
-    linear_scorer,
-)
+from traitsae.evaluation.core.methods import Method, image_scores, iter_valid_tokens, linear_scorer
 from traitsae.evaluation.core.probes import fit_logistic
+from traitsae.evaluation.core.tokens import images_per_block
 
 # Witness features [N, C, D] float32 are held for a chunk of columns at a time.
 WITNESS_BUDGET_BYTES = 1 << 30

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.outputs import write_csv, write_json
 from traitsae.evaluation.traits.options import METHODS
 from traitsae.evaluation.traits.selection import PROTOCOLS, Key, R
 
@@ -106,7 +105,7 @@ def write_outputs(report: TraitReport, out: Path) -> dict[str, Path]:
     """cub_traits.json, CSV tables and PNG figures in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "cub_traits.json"}
-    paths["json"].write_text(json.dumps(report.to_json(), indent=2))
+    write_json(paths["json"], report.to_json())
     csvs = {
         "summary": (SUMMARY_CSV_FIELDS, report.summary + _as_k_rows(report.r_summary, "")),
         "per_trait": (
@@ -117,7 +116,7 @@ def write_outputs(report: TraitReport, out: Path) -> dict[str, Path]:
         "differences": (DIFFERENCE_CSV_FIELDS, report.paired_differences),
     }
     for name, (fields, rows) in csvs.items():
-        paths[f"{name}_csv"] = _write_csv(out / f"cub_traits_{name}.csv", fields, rows)
+        paths[f"{name}_csv"] = write_csv(out / f"cub_traits_{name}.csv", fields, rows)
     paths["methods_png"] = figures.save(
         method_comparison_figure(report), out / "cub_traits_methods.png"
     )
@@ -125,14 +124,6 @@ def write_outputs(report: TraitReport, out: Path) -> dict[str, Path]:
         precision_distribution_figure(report), out / "cub_traits_precision_distribution.png"
     )
     return paths
-
-
-def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def _methods_in(report: TraitReport) -> list[str]:

@@ -22,7 +22,7 @@ from traitsae.evaluation.core.precision import (
     precision_at_trait_k,
     select_best,
 )
-from traitsae.evaluation.traits.options import Options
+from traitsae.evaluation.traits.options import CubTraitsOptions
 from traitsae.evaluation.traits.probes import fit_trait_probes, probe_scores
 
 PROTOCOLS = ("select_on_train", "select_on_test")
@@ -221,7 +221,7 @@ def summary_row(
     sels: list[Selection],
     covered_T: np.ndarray,
     n_dirs: int,
-    opts: Options,
+    opts: CubTraitsOptions,
 ) -> dict[str, Any]:
     """Mean over covered traits (and seeds), bootstrap CI over traits, spread across seeds."""
     values_ST = np.stack([s.value_T[covered_T] for s in sels])
@@ -252,7 +252,7 @@ def summary_row(
 
 
 def paired_differences(
-    seed_means: dict[tuple[str, str, Key], np.ndarray], opts: Options
+    seed_means: dict[tuple[str, str, Key], np.ndarray], opts: CubTraitsOptions
 ) -> list[dict[str, Any]]:
     """SAE minus each other method per protocol and metric: paired bootstrap CI over traits.
 

@@ -99,7 +99,6 @@ def options() -> tuple[RankingRule, NullOptions]:
 
 
 def render(data: Any) -> None:
-
     st.header("Compare groups")
     contrast_pair = data.session.contrast or {}
     group_a = group_editor(data, "a", dict(contrast_pair.get("group_a") or {}))

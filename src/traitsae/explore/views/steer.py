@@ -29,7 +29,6 @@ def steering(data: Any) -> Any:
 
 
 def render(data: Any) -> None:
-
     st.header("Steer")
     model = steering(data)
     classes = model.probe.classes
