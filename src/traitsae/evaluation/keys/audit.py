@@ -29,7 +29,8 @@ from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.methods import POOLS, Method, image_scores, valid_rows
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.patches import FRAMES, SplitPatches, collect_patches, store_frame
-from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_stores, output_dir
 from traitsae.evaluation.keys import grounding, sparse
 from traitsae.evaluation.keys.audit_report import format_table, write_outputs
 from traitsae.evaluation.keys.key import check_budgets

@@ -28,7 +28,8 @@ from traitsae.evaluation.core.frames import ImageOptions, image_source
 from traitsae.evaluation.core.methods import POOLS, valid_rows
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.precision import paired_difference
-from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_stores, output_dir
 from traitsae.evaluation.keys import sparse
 from traitsae.evaluation.keys.key_report import format_table, write_outputs
 from traitsae.evaluation.keys.pooled import (
