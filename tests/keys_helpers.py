@@ -8,6 +8,8 @@ class identity of an image is carried by localised traits, exactly as the masks 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +87,10 @@ def oracle_sae(run_dir: Path, dirs_TD: np.ndarray) -> Path:
         else:
             w[:, N_TRAITS:] = rows_RD.T
         weights[key] = torch.from_numpy(w)
-    save_file(weights, weights_path)
+    save_file(weights, weights_path, metadata={"format": "traitsae-sae"})
+    record = json.loads(sae_json.read_text())  # the export vouches for its weights by digest
+    record["weights_sha256"] = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    sae_json.write_text(json.dumps(record, indent=2) + "\n")
     return sae_json.parent
 
 
