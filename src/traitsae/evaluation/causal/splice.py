@@ -45,6 +45,7 @@ from traitsae.evaluation.causal.forward import (
     backbone_key,
     build_full_backbone,
     cache_file,
+    check_readout_depends,
     iter_image_batches,
     load_cached,
     sae_token_positions,
@@ -205,8 +206,10 @@ class SpliceOptions(ProbeOptions):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
-    result = compute_splice(cfg, build_options(SpliceOptions, cfg))
-    write_outputs(result, output_dir(cfg))
+    opts = build_options(SpliceOptions, cfg)
+    out = output_dir(cfg)  # before any work: an unwritable folder fails now, not after it
+    result = compute_splice(cfg, opts)
+    write_outputs(result, out)
     return result
 
 
@@ -230,6 +233,7 @@ def compute_splice(cfg: DictConfig, opts: SpliceOptions) -> dict[str, Any]:
             conditions = ("clean", *conditions)
         mean_TD = None if cached else store_mean_tokens(store, layer, n_tokens).to(device)
         images = split_images(cfg, cfg.split, store, opts.class_column)
+    check_readout_depends(backbone, sae, images.paths[:4], opts.tokens, "eval=splice")
     probe = train_class_probe(cfg, backbone, sae, opts)
     writer = None
     if clean is not None and "clean" in conditions:

@@ -19,6 +19,7 @@ from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.sae.export import RawSpaceSAE
 
 WHERE = ("all", "firing")
+MAX_ALPHA = 1000.0  # |alpha| above this is not a steering step but an overflow
 
 
 def steer_tokens(
@@ -82,6 +83,26 @@ def steered_probabilities(
     return probe.probabilities(backbone.finish_from(steered_BTD, layer).embedding_BE)
 
 
+@torch.inference_mode()
+def changed_patches(
+    sae: RawSpaceSAE,
+    x_BTD: torch.Tensor,
+    latents: Sequence[int],
+    n_prefix: int,
+    where: str = "all",
+) -> torch.Tensor:
+    """Bool [B, P]: the patches whose token a steering edit of `latents` changes (every patch
+    with `where="all"`; with `"firing"`, those where one of the latents fires on the clean
+    token). Patch-token SAEs only (a CLS edit changes no patch)."""
+    patches_BPD = x_BTD[:, n_prefix:]
+    if where == "all" or sae.tokens == "cls":
+        return torch.full(patches_BPD.shape[:2], sae.tokens != "cls", device=x_BTD.device)
+    n_b, n_p, d = patches_BPD.shape
+    idx = torch.as_tensor(list(latents), dtype=torch.long, device=sae.W_dec.device)
+    codes_BPK = sae.encode(patches_BPD.reshape(-1, d))[:, idx].reshape(n_b, n_p, -1)
+    return (codes_BPK > 0).any(-1)
+
+
 def check_latents(latents: Sequence[int], d_sae: int) -> None:
     bad = [s for s in latents if not 0 <= int(s) < d_sae]
     if bad or not latents:
@@ -92,7 +113,17 @@ def check_latents(latents: Sequence[int], d_sae: int) -> None:
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:
-    values = sorted(float(a) for a in alphas)
+    try:
+        values = sorted(float(a) for a in alphas)
+    except (TypeError, ValueError) as err:
+        raise TraitsaeError(f"eval.alphas={list(alphas)} must be numbers ({err}).") from None
+    bad = [a for a in values if not np.isfinite(a) or abs(a) > MAX_ALPHA]
+    if bad:
+        raise TraitsaeError(
+            f"eval.alphas={list(alphas)}: {bad} {'is' if len(bad) == 1 else 'are'} not a finite "
+            f"step of at most {MAX_ALPHA:g} typical activations (beyond it the edited tokens "
+            "overflow float32 and every probability is nan); give e.g. eval.alphas=[0,0.5,1,2]."
+        )
     if 0.0 not in values:
         raise TraitsaeError(
             f"eval.alphas={list(alphas)} must include 0 (the unsteered probabilities every other "
@@ -109,6 +140,7 @@ class ClassLatents:
     latent_max_S: np.ndarray  # each latent's largest image score on the split
     specificity_S: np.ndarray  # mean image score in the class minus outside it
     typical_S: np.ndarray  # mean over the class's images of the code averaged over edited tokens
+    frequency_S: np.ndarray  # fraction of the split's images on which the latent fires
 
 
 def class_latents(
@@ -133,7 +165,8 @@ def class_latents(
     specificity_S = s_NS[in_class_N].mean(0) - s_NS[~in_class_N].mean(0)
     order = np.argsort(-specificity_S, kind="stable")[:n]
     typical_S = scores["mean"][in_class_N].mean(0)
-    return ClassLatents([int(s) for s in order], s_NS.max(0), specificity_S, typical_S)
+    frequency_S = (s_NS > 0).mean(0)
+    return ClassLatents([int(s) for s in order], s_NS.max(0), specificity_S, typical_S, frequency_S)
 
 
 def latent_effects(
