@@ -309,3 +309,14 @@ def test_a_causal_test_that_cannot_change_the_read_out_is_refused(tmp_path, laye
     assert "eval=splice would be vacuous: the SAE sits at block 3" in message
     assert "CLS token after the final norm" in message and "earlier layer" in message
     assert "eval.tokens=cls" in message and "\n" not in message
+
+
+def test_recovered_is_never_a_bare_dash():
+    from traitsae.evaluation.causal.splice import metric_rows
+    from traitsae.evaluation.causal.splice_report import format_result
+
+    same = {"clean": 0.5, "spliced": 0.5, "mean_ablated": 0.5, "zero_ablated": 0.5}
+    rows = metric_rows({"probe_accuracy": same}, "mean")
+    assert rows[0]["recovered"] is None and "nothing to recover" in rows[0]["recovered_why"]
+    text = format_result({"metrics": rows})
+    assert "—" not in text and "probe_accuracy: recovered n/a: clean and mean_ablated" in text

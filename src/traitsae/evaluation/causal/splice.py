@@ -154,14 +154,20 @@ def recovered(clean: float, spliced: float, ablated: float) -> float | None:
 def metric_rows(values: dict[str, dict[str, float]], baseline: str) -> list[dict[str, Any]]:
     """One row per metric: the value under each condition and the fraction recovered."""
     ablated = BASELINES[baseline]
-    return [
-        {
+    rows = []
+    for metric, v in values.items():
+        row = {
             "metric": metric,
             **{c: float(v[c]) for c in CONDITIONS},
             "recovered": recovered(v["clean"], v["spliced"], v[ablated]),
         }
-        for metric, v in values.items()
-    ]
+        if row["recovered"] is None:
+            row["recovered_why"] = (
+                f"clean and {ablated} are equal ({v['clean']:.4g}): erasing the edited tokens "
+                "does not change this metric, so there is nothing to recover"
+            )
+        rows.append(row)
+    return rows
 
 
 def prompt_name(class_name: str) -> str:

@@ -11,7 +11,7 @@ from traitsae.evaluation.core.outputs import write_csv, write_json
 
 def write_outputs(result: dict[str, Any], out) -> None:
     write_json(out / "splice.json", result)
-    columns = ["metric", *CONDITIONS, "recovered"]
+    columns = ["metric", *CONDITIONS, "recovered", "recovered_why"]
     write_csv(out / "splice.csv", columns, result["metrics"])
     rows = result["metrics"]
     meta = result["meta"]
@@ -30,8 +30,13 @@ def write_outputs(result: dict[str, Any], out) -> None:
 def format_result(result: dict[str, Any]) -> str:
     lines = [f"{'metric':24s}" + "".join(f"{c:>14s}" for c in (*CONDITIONS, "recovered"))]
     for row in result["metrics"]:
-        rec = "—" if row["recovered"] is None else f"{row['recovered']:.3f}"
+        rec = "n/a*" if row["recovered"] is None else f"{row['recovered']:.3f}"
         lines.append(
             f"{row['metric']:24s}" + "".join(f"{row[c]:14.4f}" for c in CONDITIONS) + f"{rec:>14s}"
         )
+    lines += [
+        f"  * {row['metric']}: recovered n/a: {row['recovered_why']}"
+        for row in result["metrics"]
+        if row["recovered"] is None
+    ]
     return "\n".join(lines)
