@@ -57,7 +57,8 @@ from traitsae.evaluation.causal.forward import (
 from traitsae.evaluation.causal.splice_report import write_outputs
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.probes import ClassProbe
-from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_store, output_dir
 from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)

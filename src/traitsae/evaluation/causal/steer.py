@@ -59,7 +59,8 @@ from traitsae.evaluation.causal.steering import (
 )
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.probes import ClassProbe
-from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_store, output_dir
 from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)
