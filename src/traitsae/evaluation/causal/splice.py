@@ -54,7 +54,7 @@ from traitsae.evaluation.causal.forward import (
     store_mean_tokens,
     train_class_probe,
 )
-from traitsae.evaluation.causal.splice_report import write_outputs
+from traitsae.evaluation.causal.splice_report import metric_rows, write_outputs
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.evaluation.core.sae import resolve_sae
@@ -144,31 +144,6 @@ class Tally:
         for name, per in self.values.items():
             out.update({f"{name}.{key}": np.concatenate(v) for key, v in per.items()})
         return out
-
-
-def recovered(clean: float, spliced: float, ablated: float) -> float | None:
-    """(spliced - ablated) / (clean - ablated); None when clean equals the ablation."""
-    gap = clean - ablated
-    return None if abs(gap) < 1e-12 else (spliced - ablated) / gap
-
-
-def metric_rows(values: dict[str, dict[str, float]], baseline: str) -> list[dict[str, Any]]:
-    """One row per metric: the value under each condition and the fraction recovered."""
-    ablated = BASELINES[baseline]
-    rows = []
-    for metric, v in values.items():
-        row = {
-            "metric": metric,
-            **{c: float(v[c]) for c in CONDITIONS},
-            "recovered": recovered(v["clean"], v["spliced"], v[ablated]),
-        }
-        if row["recovered"] is None:
-            row["recovered_why"] = (
-                f"clean and {ablated} are equal ({v['clean']:.4g}): erasing the edited tokens "
-                "does not change this metric, so there is nothing to recover"
-            )
-        rows.append(row)
-    return rows
 
 
 def prompt_name(class_name: str) -> str:

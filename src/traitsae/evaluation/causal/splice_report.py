@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from traitsae.evaluation.causal.forward import CONDITIONS
+from traitsae.evaluation.causal.forward import BASELINES, CONDITIONS
 from traitsae.evaluation.core import figures
 from traitsae.evaluation.core.outputs import write_csv, write_json
 
@@ -40,3 +40,28 @@ def format_result(result: dict[str, Any]) -> str:
         if row["recovered"] is None
     ]
     return "\n".join(lines)
+
+
+def recovered(clean: float, spliced: float, ablated: float) -> float | None:
+    """(spliced - ablated) / (clean - ablated); None when clean equals the ablation."""
+    gap = clean - ablated
+    return None if abs(gap) < 1e-12 else (spliced - ablated) / gap
+
+
+def metric_rows(values: dict[str, dict[str, float]], baseline: str) -> list[dict[str, Any]]:
+    """One row per metric: the value under each condition and the fraction recovered."""
+    ablated = BASELINES[baseline]
+    rows = []
+    for metric, v in values.items():
+        row = {
+            "metric": metric,
+            **{c: float(v[c]) for c in CONDITIONS},
+            "recovered": recovered(v["clean"], v["spliced"], v[ablated]),
+        }
+        if row["recovered"] is None:
+            row["recovered_why"] = (
+                f"clean and {ablated} are equal ({v['clean']:.4g}): erasing the edited tokens "
+                "does not change this metric, so there is nothing to recover"
+            )
+        rows.append(row)
+    return rows

@@ -49,12 +49,11 @@ from traitsae.evaluation.causal.forward import (
 from traitsae.evaluation.causal.steer_report import summarise, write_outputs
 from traitsae.evaluation.causal.steering import (
     WHERE,
-    ClassLatents,
     changed_patches,
     check_alphas,
-    check_latents,
+    choose_latents,
     class_latents,
-    latent_effects,
+    source_sample,
     steered_probabilities,
 )
 from traitsae.evaluation.core.options import build_options
@@ -132,21 +131,6 @@ def chosen_images(
     return source_sample(classes_N, target, opts.source_class, opts.max_images, opts.seed)
 
 
-def source_sample(
-    classes_N: np.ndarray, target: str, source: str | None, n: int, seed: int
-) -> np.ndarray:
-    """Sorted positions of a seeded sample of at most `n` images of `source` (None: every class
-    but `target`)."""
-    others = np.flatnonzero(classes_N == str(source) if source else classes_N != target)
-    if others.size == 0:
-        raise TraitsaeError(
-            f"eval.source_class={source!r} has no images in this split; its classes are "
-            f"{sorted(set(classes_N) - {''})[:20]}."
-        )
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(others, size=min(n, others.size), replace=False))
-
-
 def image_position(item: Any, paths: list[str]) -> int:
     """An `eval.images` entry (a position, or a path or its tail) -> its position in `paths`."""
     if isinstance(item, int) and 0 <= item < len(paths):
@@ -178,15 +162,6 @@ class Steered:
     probs_ANC: np.ndarray
     probe: ClassProbe
     changed_NP: np.ndarray
-
-
-@dataclass
-class Chosen:
-    """The latents to steer with, what alpha = 1 adds to each one's code, and why they."""
-
-    latents: list[int]
-    units_K: np.ndarray
-    selection: dict[str, Any]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -290,42 +265,6 @@ def check_class(cfg: DictConfig, opts: SteerOptions, classes_N: np.ndarray) -> N
         )
 
 
-def choose_latents(
-    opts: SteerOptions,
-    backbone: Backbone,
-    sae: RawSpaceSAE,
-    probe: ClassProbe,
-    found: ClassLatents,
-    train: SplitImages,
-) -> Chosen:
-    """`eval.latents`, or the target's latents by `eval.rank` (effect: of the candidates, those
-    whose step raises log p(target) most on the TRAIN split's source images, so the steered
-    images stay held out; specificity: the most specific), with their alpha units."""
-    target, given = opts.target_class, opts.latents
-    selection: dict[str, Any] = {"rank": "given" if given else opts.rank}
-    if given:
-        check_latents(given, sae.d_sae)
-        latents = given
-    elif opts.rank == "specificity":
-        latents = found.ranked
-    else:
-        ranked = found.ranked
-        rows = source_sample(train.classes_N, target, opts.source_class, opts.max_images, opts.seed)
-        effect_K = mean_effects(opts, backbone, sae, probe, [train.paths[i] for i in rows], ranked)
-        effect_K = effect_K * alpha_units(opts, found, ranked)  # per unit of alpha
-        order = [i for i in np.argsort(-effect_K, kind="stable") if effect_K[i] > 0]
-        if not order:
-            raise TraitsaeError(
-                f"none of the {len(ranked)} latents most specific to {target!r} raises the "
-                f"probe's p({target}) when added (effects {np.round(effect_K, 4).tolist()}); "
-                "raise eval.n_candidates, or give eval.rank=specificity or eval.latents=[...]."
-            )
-        latents = [ranked[i] for i in order[: opts.n_latents]]
-        selection |= {"candidates": ranked, "effect": [float(e) for e in effect_K]}
-    selection["specificity"] = [float(found.specificity_S[s]) for s in latents]
-    return Chosen(latents, alpha_units(opts, found, latents), selection)
-
-
 @torch.inference_mode()
 def clean_p_target(
     opts: SteerOptions, backbone: Backbone, probe: ClassProbe, images: SplitImages, t: int
@@ -352,46 +291,6 @@ def source_sample_of(classes_N: np.ndarray, name: str, n: int, seed: int) -> np.
     rows = np.flatnonzero(classes_N == name)
     rng = np.random.default_rng([seed, 3])
     return np.sort(rng.choice(rows, size=min(n, rows.size), replace=False))
-
-
-def alpha_units(opts: SteerOptions, found: ClassLatents, latents: list[int]) -> np.ndarray:
-    """What alpha = 1 adds to each latent's code at every edited token [K]."""
-    if opts.alpha_units == "code":
-        return np.ones(len(latents))
-    units_K = found.typical_S[latents].astype(np.float64)
-    if (units_K <= 0).any():
-        silent = [s for s, u in zip(latents, units_K, strict=True) if u <= 0]
-        raise TraitsaeError(
-            f"latents {silent} never fire on images of {opts.target_class!r} (train split), so "
-            "their typical activation, the unit of alpha, is 0; give eval.alpha_units=code or "
-            "other eval.latents."
-        )
-    return units_K
-
-
-def mean_effects(
-    opts: SteerOptions,
-    backbone: Backbone,
-    sae: RawSpaceSAE,
-    probe: ClassProbe,
-    paths: list[str],
-    latents: list[int],
-) -> np.ndarray:
-    """`latent_effects` averaged over the readable images of `paths` [K]."""
-    layer = sae.layer
-    t = probe.class_index(opts.target_class)
-    total_K, n = np.zeros(len(latents)), 0
-    for _, images_BCHW in iter_image_batches(
-        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc="rank"
-    ):
-        with torch.no_grad():
-            x_BTD = backbone.tokens_after(images_BCHW, layer)
-        effect_K = latent_effects(backbone, sae, probe, x_BTD, latents, t, opts.where, opts.tokens)
-        total_K += effect_K * len(x_BTD)
-        n += len(x_BTD)
-    if n == 0:
-        raise TraitsaeError("none of the source images of the train split could be read.")
-    return total_K / n
 
 
 @torch.inference_mode()

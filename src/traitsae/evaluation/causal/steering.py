@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,10 +14,17 @@ import torch
 from traitsae.backbones import Backbone
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.causal.forward import sae_token_positions
+from traitsae.evaluation.causal.forward import (
+    SplitImages,
+    iter_image_batches,
+    sae_token_positions,
+)
 from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
 from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.sae.export import RawSpaceSAE
+
+if TYPE_CHECKING:
+    from traitsae.evaluation.causal.steer import SteerOptions
 
 WHERE = ("all", "firing")
 MAX_ALPHA = 1000.0  # |alpha| above this is not a steering step but an overflow
@@ -193,3 +201,106 @@ def latent_effects(
         log_p_B = probe.logits(embedding_BE).log_softmax(-1)[:, target_index]
         (grad_K,) = torch.autograd.grad(log_p_B.mean(), alphas_K)
     return grad_K.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- choosing latents
+
+
+def source_sample(
+    classes_N: np.ndarray, target: str, source: str | None, n: int, seed: int
+) -> np.ndarray:
+    """Sorted positions of a seeded sample of at most `n` images of `source` (None: every class
+    but `target`)."""
+    others = np.flatnonzero(classes_N == str(source) if source else classes_N != target)
+    if others.size == 0:
+        raise TraitsaeError(
+            f"eval.source_class={source!r} has no images in this split; its classes are "
+            f"{sorted(set(classes_N) - {''})[:20]}."
+        )
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(others, size=min(n, others.size), replace=False))
+
+
+@dataclass
+class Chosen:
+    """The latents to steer with, what alpha = 1 adds to each one's code, and why they."""
+
+    latents: list[int]
+    units_K: np.ndarray
+    selection: dict[str, Any]
+
+
+def choose_latents(
+    opts: SteerOptions,
+    backbone: Backbone,
+    sae: RawSpaceSAE,
+    probe: ClassProbe,
+    found: ClassLatents,
+    train: SplitImages,
+) -> Chosen:
+    """`eval.latents`, or the target's latents by `eval.rank` (effect: of the candidates, those
+    whose step raises log p(target) most on the TRAIN split's source images, so the steered
+    images stay held out; specificity: the most specific), with their alpha units."""
+    target, given = opts.target_class, opts.latents
+    selection: dict[str, Any] = {"rank": "given" if given else opts.rank}
+    if given:
+        check_latents(given, sae.d_sae)
+        latents = given
+    elif opts.rank == "specificity":
+        latents = found.ranked
+    else:
+        ranked = found.ranked
+        rows = source_sample(train.classes_N, target, opts.source_class, opts.max_images, opts.seed)
+        effect_K = mean_effects(opts, backbone, sae, probe, [train.paths[i] for i in rows], ranked)
+        effect_K = effect_K * alpha_units(opts, found, ranked)  # per unit of alpha
+        order = [i for i in np.argsort(-effect_K, kind="stable") if effect_K[i] > 0]
+        if not order:
+            raise TraitsaeError(
+                f"none of the {len(ranked)} latents most specific to {target!r} raises the "
+                f"probe's p({target}) when added (effects {np.round(effect_K, 4).tolist()}); "
+                "raise eval.n_candidates, or give eval.rank=specificity or eval.latents=[...]."
+            )
+        latents = [ranked[i] for i in order[: opts.n_latents]]
+        selection |= {"candidates": ranked, "effect": [float(e) for e in effect_K]}
+    selection["specificity"] = [float(found.specificity_S[s]) for s in latents]
+    return Chosen(latents, alpha_units(opts, found, latents), selection)
+
+
+def alpha_units(opts: SteerOptions, found: ClassLatents, latents: list[int]) -> np.ndarray:
+    """What alpha = 1 adds to each latent's code at every edited token [K]."""
+    if opts.alpha_units == "code":
+        return np.ones(len(latents))
+    units_K = found.typical_S[latents].astype(np.float64)
+    if (units_K <= 0).any():
+        silent = [s for s, u in zip(latents, units_K, strict=True) if u <= 0]
+        raise TraitsaeError(
+            f"latents {silent} never fire on images of {opts.target_class!r} (train split), so "
+            "their typical activation, the unit of alpha, is 0; give eval.alpha_units=code or "
+            "other eval.latents."
+        )
+    return units_K
+
+
+def mean_effects(
+    opts: SteerOptions,
+    backbone: Backbone,
+    sae: RawSpaceSAE,
+    probe: ClassProbe,
+    paths: list[str],
+    latents: list[int],
+) -> np.ndarray:
+    """`latent_effects` averaged over the readable images of `paths` [K]."""
+    layer = sae.layer
+    t = probe.class_index(opts.target_class)
+    total_K, n = np.zeros(len(latents)), 0
+    for _, images_BCHW in iter_image_batches(
+        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc="rank"
+    ):
+        with torch.no_grad():
+            x_BTD = backbone.tokens_after(images_BCHW, layer)
+        effect_K = latent_effects(backbone, sae, probe, x_BTD, latents, t, opts.where, opts.tokens)
+        total_K += effect_K * len(x_BTD)
+        n += len(x_BTD)
+    if n == 0:
+        raise TraitsaeError("none of the source images of the train split could be read.")
+    return total_K / n
