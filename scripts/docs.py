@@ -32,7 +32,7 @@ ENTRY_SCRIPTS = import_graph.ENTRY_SCRIPTS
 FOLDER_NOTES = {
     "conf": "Hydra configs: one YAML per entry script, one folder per config group",
     "src/hydra_plugins": "namespace package where Hydra finds launcher plugins",
-    "scripts": "maintenance scripts (docs generator, import-graph check)",
+    "scripts": "maintenance scripts: generated docs, the import-graph check, the demo's numbers",
     "benchmarks": "one script per measured claim; the numbers are in docs/LOGBOOK.md",
     "notebooks": "jupytext notebooks run by tests/test_notebooks.py",
     "tests": "the pytest suite; *_helpers.py hold what several test files share",

@@ -12,7 +12,7 @@ from scipy.stats import binom
 from sklearn.metrics import roc_auc_score
 
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.discovery import stats as discovery_stats
+from traitsae.evaluation.discovery import null as discovery_stats
 from traitsae.evaluation.discovery.null import shuffled_labels
 from traitsae.evaluation.discovery.stats import (
     NullOptions,

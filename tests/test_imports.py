@@ -3,6 +3,8 @@ back up the pipeline (`scripts/import_graph.py`, layers in its `LAYERS`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -103,3 +105,16 @@ def test_checker_passes_a_clean_package_and_flags_a_module_in_no_layer(tmp_path)
     (tmp_path / "src" / "pkg" / "stray.py").write_text("")
     found = import_graph.report(import_graph.module_files(tmp_path / "src"), tmp_path, LAYERS)
     assert found == "in no layer (add it to LAYERS): pkg.stray"
+
+
+def test_hydra_start_up_and_the_package_facade_load_no_torch():
+    """Hydra imports every `hydra_plugins` module when any app starts, and `import traitsae` is
+    the facade: neither may pull in torch or Lightning (seconds on every start)."""
+    code = (
+        "import sys, traitsae, hydra_plugins.traitsae_grouped_launcher.grouped_launcher\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'traitsae.training') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -5,8 +5,9 @@ Each job still gets its own job dir, `.hydra/` record and outputs, as with the b
 then `traitsae.training.grouping` groups the jobs and `traitsae.training.train_group` trains each group.
 
 Hydra imports every module of `hydra_plugins` when any Hydra app starts (extract.py and
-evaluate.py too), so this module imports the training code (Lightning: seconds) only when a
-group trains, and submitit (an optional dependency, the `slurm` extra) only when it submits.
+evaluate.py too), so this module imports `traitsae.training` (whose package imports Lightning:
+`extract.py --help` took 31 s instead of 1 s under load with it at module level) only when a
+sweep launches, and submitit (an optional dependency, the `slurm` extra) only when it submits.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from traitsae.errors import exit_on_user_error
-from traitsae.training.grouping import group_jobs, splitting_keys
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class TrainGroup:
     """
 
     def __call__(self, jobs: list[tuple[DictConfig, Path]], hydra_cfg: DictConfig) -> list[Path]:
-        from traitsae.training import train_group  # Lightning: see the module docstring
+        from traitsae.training import train_group  # see the module docstring
         from traitsae.training.trainer import LOG_FORMAT
 
         HydraConfig.instance().set_config(hydra_cfg)  # as inside the group's first job
@@ -83,6 +83,8 @@ class GroupedLauncher(Launcher):
     def _launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        from traitsae.training.grouping import group_jobs, splitting_keys  # see the docstring
+
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

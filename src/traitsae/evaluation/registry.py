@@ -13,8 +13,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.bench import bench
 from traitsae.evaluation.causal import splice, steer
 from traitsae.evaluation.discovery import discovery
+from traitsae.evaluation.keys import audit, key
 from traitsae.evaluation.latents import encode, features
 from traitsae.evaluation.quality import dictionary, health, probe
 from traitsae.evaluation.segments import segments
@@ -42,6 +44,9 @@ EVALUATIONS: dict[str, Evaluation] = {
         Evaluation("probe", probe.run, probe.ProbeDeltaOptions),
         Evaluation("features", features.run, features.FeaturesOptions),
         Evaluation("encode", encode.run, encode.EncodeOptions),
+        Evaluation("key", key.run, key.KeyOptions),
+        Evaluation("audit", audit.run, audit.AuditOptions),
+        Evaluation("bench", bench.run, bench.BenchOptions),
     )
 }
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.sources import eval_store, sae_source
 
 if TYPE_CHECKING:  # a type only: importing it loads torch, which the launch does without
     from traitsae.sae.export import RawSpaceSAE
@@ -174,11 +175,6 @@ class SaeRecord:
 def sae_record(cfg: DictConfig) -> Any:
     """The SAE's SaeRecord; anything unusual (no sae.json, bad JSON, keys missing) is left to
     load_sae, whose messages say what is wrong."""
-    from traitsae.evaluation.core.sources import (  # lazy: torch (launch stays torch-free)
-        resolve_sae,
-        sae_source,
-    )
-
     source = Path(sae_source(cfg))
     if source.is_dir():
         source = source / "sae.json"
@@ -189,18 +185,14 @@ def sae_record(cfg: DictConfig) -> Any:
     except (OSError, ValueError):
         meta = None
     if not isinstance(meta, dict) or not {"backbone", "d_model", "d_sae", "layer"} <= meta.keys():
+        from traitsae.evaluation.core.sae import resolve_sae  # lazy: torch (launch torch-free)
+
         return resolve_sae(cfg)
     return SaeRecord(meta)
 
 
 def prepare(cfg: DictConfig) -> Session:
     """Validate everything the app needs; make the sparse codes when missing (progress bar)."""
-    from traitsae.evaluation.core.sources import (  # lazy: torch (launch stays torch-free)
-        eval_store,
-        resolve_sae,
-        sae_source,
-    )
-
     ex = cfg.explore
     check_options(ex)
     check_port_free(str(ex.address), int(ex.port))
@@ -220,9 +212,9 @@ def prepare(cfg: DictConfig) -> Session:
                 "eval=encode run=<run dir>, or drop explore.codes to have it made here."
             )
         if not codes.is_file():
-            from traitsae.evaluation.core.codes import (
-                write_sparse_codes,  # lazy: torch (launch stays torch-free)
-            )
+            # lazy: torch, needed only to make the codes (a later launch stays torch-free)
+            from traitsae.evaluation.core.codes import write_sparse_codes
+            from traitsae.evaluation.core.sae import resolve_sae
 
             print(f"no sparse codes for this SAE and store yet: encoding {store_path} once ...")
             write_sparse_codes(

@@ -7,12 +7,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from traitsae.errors import TraitsaeError
+from traitsae.sae.formats import is_checkpoint
 
 
 def find_runs(target: str | Path) -> list[Path]:
-    """The run dirs (or sae.json files) to measure: one, or every sweep job holding an sae.json."""
+    """The run dirs (or sae.json files) to measure: one (another library's checkpoint too), or
+    every sweep job holding an sae.json."""
     target = Path(target)
-    if target.is_file() or (target / "sae.json").is_file():
+    if target.is_file() or (target / "sae.json").is_file() or is_checkpoint(target):
         return [target]
     if not target.is_dir():
         raise TraitsaeError(f"{target} is neither a train run dir, a sweep dir nor an sae.json.")

@@ -1,4 +1,6 @@
-"""What every evaluation needs: the SAE under test, the stores it reads, where outputs go."""
+"""What every evaluation needs: the SAE it is given, the stores it reads, where outputs go.
+
+Torch-free (the explorer's launch imports it); loading the SAE is core/sae.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from omegaconf import DictConfig
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.paths import extract_command, hydra_output_dir, missing_store_message, store_path
-from traitsae.sae.export import RawSpaceSAE, load_sae
 
 
 class TrainedOn(Protocol):
@@ -40,20 +41,6 @@ def sae_source(cfg: DictConfig) -> str:
             "file, pass sae=<path to sae.json>."
         )
     return str(source)
-
-
-def resolve_sae(cfg: DictConfig) -> RawSpaceSAE:
-    """Load the SAE named by `run=<train run dir>` or `sae=<sae.json>`; a `backbone=` given on
-    the command line must be the one the SAE was trained on (sae.json names it)."""
-    sae = load_sae(sae_source(cfg))
-    requested = (cfg.get("backbone") or {}).get("name")
-    if requested and requested != sae.backbone:
-        raise TraitsaeError(
-            f"backbone={requested} was given, but the SAE {sae_source(cfg)} was trained on "
-            f"{sae.backbone!r} activations (its sae.json 'backbone'); the stores it is "
-            f"evaluated on follow from that. Drop backbone= or pass backbone={sae.backbone}."
-        )
-    return sae
 
 
 def eval_store_path(cfg: DictConfig, sae: TrainedOn, split: str) -> Path:

@@ -34,7 +34,8 @@ from traitsae.evaluation.core import heatmaps
 from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.methods import check_pool, pool_tokens
 from traitsae.evaluation.core.options import build_options
-from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_store, output_dir
 from traitsae.evaluation.core.tokens import stream_codes
 from traitsae.evaluation.discovery import report as discovery_report
 from traitsae.evaluation.discovery.candidates import (

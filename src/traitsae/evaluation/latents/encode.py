@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 
 from traitsae.evaluation.core.codes import check_output, write_sparse_codes
 from traitsae.evaluation.core.options import build_options
-from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae, sae_source
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_store, output_dir, sae_source
 
 
 @dataclass(frozen=True)

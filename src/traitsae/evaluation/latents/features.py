@@ -38,7 +38,8 @@ from traitsae.evaluation.core.labels import caption_column, image_labels, top_im
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.outputs import write_csv, write_figure, write_json
 from traitsae.evaluation.core.report import Card, write_report
-from traitsae.evaluation.core.sources import eval_store, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_store, output_dir
 from traitsae.evaluation.core.tokens import gather_codes
 from traitsae.sae.export import RawSpaceSAE
 

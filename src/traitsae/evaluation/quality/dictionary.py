@@ -37,8 +37,9 @@ from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.outputs import write_csv, write_json
 from traitsae.evaluation.core.runs import find_runs, run_labels
+from traitsae.evaluation.core.sae import load_eval_sae
 from traitsae.evaluation.core.sources import output_dir, sae_source
-from traitsae.sae.export import RawSpaceSAE, load_sae
+from traitsae.sae.export import RawSpaceSAE
 from traitsae.sae.metrics import FractionOfVarianceUnexplained
 
 RECOVERED_COS = 0.9
@@ -87,7 +88,7 @@ def run(cfg: DictConfig) -> list[DictionaryScores]:
     labels = run_labels(runs)
     results = []
     for run_dir, label in zip(runs, labels, strict=True):
-        sae = load_sae(run_dir, device=opts.device)
+        sae = load_eval_sae(cfg, run_dir, device=opts.device)
         store = (cfg.get("data") or {}).get("store") or sae.meta.get("store")
         if not store:
             raise TraitsaeError(

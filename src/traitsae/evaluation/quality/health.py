@@ -29,9 +29,10 @@ from traitsae.evaluation.core.firing import (
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.outputs import write_csv, write_json
 from traitsae.evaluation.core.runs import find_runs, run_labels, swept_overrides
+from traitsae.evaluation.core.sae import load_eval_sae
 from traitsae.evaluation.core.sources import eval_store, output_dir, sae_source
 from traitsae.evaluation.core.tokens import images_per_block, iter_valid_tokens
-from traitsae.sae.export import RawSpaceSAE, load_sae
+from traitsae.sae.export import RawSpaceSAE
 from traitsae.sae.metrics import FiringFrequency, FractionOfVarianceUnexplained, dense_frequency
 
 CSV_FIELDS = [
@@ -91,14 +92,14 @@ def run(cfg: DictConfig) -> list[Health]:
     swept = swept_overrides(runs)
     results = []
     for run_dir, label, overrides in zip(runs, run_labels(runs), swept, strict=True):
-        sae = load_sae(run_dir, device=opts.device)
+        sae = load_eval_sae(cfg, run_dir, device=opts.device)
         results.append(measure_run(cfg, opts, sae, run_dir, label, overrides))
     mark_pareto(results)
     out = output_dir(cfg)
     write_outputs(results, out)
     for i, r in enumerate(results):  # density vs mean activation, coloured by label entropy
         name = "health_density.png" if len(results) == 1 else f"health_density_{i}.png"
-        density_for_health(cfg, opts, load_sae(r.run), out / name, r.label)
+        density_for_health(cfg, opts, load_eval_sae(cfg, r.run), out / name, r.label)
     print(format_table(results))
     print(f"health: outputs in {out}")
     return results

@@ -21,7 +21,8 @@ from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.outputs import write_json
 from traitsae.evaluation.core.probes import fit_class_probe
-from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_stores, output_dir
 from traitsae.evaluation.core.tokens import images_per_block, iter_valid_tokens
 from traitsae.sae.export import RawSpaceSAE
 

@@ -5,7 +5,7 @@ SAE given as `eval.reference`, and a supervised linear probe per class as the up
 and each mask class: the direction with the best train-split AP (or 1-D probe loss) is selected
 and reported on the test split with its AP, purity@k, coverage@tau and the AP of its 1-D
 logistic probe (metrics: `patch_metrics`). Patches are labelled from per-image masks framed like
-the images were (`segment_patches`). Summaries over classes carry bootstrap CIs; SAE minus each
+the images were (`core.patches`). Summaries over classes carry bootstrap CIs; SAE minus each
 other method is a paired difference over classes with a bootstrap CI.
 """
 
@@ -25,10 +25,11 @@ from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import probes
 from traitsae.evaluation.core.methods import Method, baseline_methods
 from traitsae.evaluation.core.options import build_options
+from traitsae.evaluation.core.patches import FRAMES, SplitPatches, collect_patches, store_frame
 from traitsae.evaluation.core.precision import bootstrap_ci, paired_difference, units_with_positives
-from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_stores, output_dir
 from traitsae.evaluation.segments import metrics as patch_metrics
-from traitsae.evaluation.segments.patches import FRAMES, SplitPatches, collect_patches, store_frame
 from traitsae.evaluation.segments.report import METRICS, SegmentsReport, format_table, write_outputs
 from traitsae.sae.export import RawSpaceSAE, load_sae
 

@@ -40,7 +40,8 @@ from traitsae.evaluation.core.precision import (
     units_with_positives,
     usable_ks,
 )
-from traitsae.evaluation.core.sources import eval_stores, output_dir, resolve_sae
+from traitsae.evaluation.core.sae import resolve_sae
+from traitsae.evaluation.core.sources import eval_stores, output_dir
 from traitsae.evaluation.core.tokens import valid_rows
 from traitsae.evaluation.traits.options import UNSUPERVISED, CubTraitsOptions
 from traitsae.evaluation.traits.report import TraitReport, format_table, write_outputs

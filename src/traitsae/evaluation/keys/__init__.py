@@ -1,0 +1,1 @@
+"""`eval=key` (dichotomous keys on latents) and `eval=audit` (propose latents, audit them on masks)."""
