@@ -26,11 +26,21 @@ def _record_pid(path: Path):
     return handler
 
 
+def _ignores(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(status.split("SigIgn:")[1].split()[0], 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
 def _signal_workers(batches: Iterator, signum: int) -> None:
-    """Send `signum` to every live child (the loader workers), keep reading batches."""
+    """Send `signum` to every live child (the loader workers), keep reading batches. A worker
+    is given up to 10 s to have started (its worker_init_fn run) before it is signalled."""
     next(batches)
     children = mp.active_children()
     assert children, "the loader started no worker processes"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_ignores(c.pid, signum) for c in children):
+        time.sleep(0.1)
     for child in children:
         os.kill(child.pid, signum)
     time.sleep(0.5)
