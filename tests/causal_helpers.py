@@ -54,3 +54,73 @@ def evaluate_cfg(name: str, out: Path, overrides: list[str] = ()) -> DictConfig:
         [f"paths.root_dir={root}", f"eval={name}", f"run={root / 'train'}", *overrides],
         out,
     )
+
+
+SECOND_LAYER = 2  # block 2 of the tiny ViT's 4
+SECOND_SPECIES = 6
+
+
+@functools.cache
+def second_root() -> Path:
+    """A second CUB-layout set, not the demo: another seed, 6 species x 40 images (half train,
+    half test), planted class traits; both splits extracted at block 2 and an SAE trained on
+    the train split. Same folder layout as `demo_root()` (data/synthetic, activations, train)."""
+    from traitsae.data.synthetic import generate
+    from traitsae.extraction import extract
+    from traitsae.training import train
+
+    if os.environ.get("TRAITSAE_TEST_SECOND"):  # built earlier (same layout): while debugging
+        return Path(os.environ["TRAITSAE_TEST_SECOND"])
+    root = Path(tempfile.mkdtemp(prefix="traitsae-second-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    generate(root / "data" / "synthetic", seed=7, n_species=SECOND_SPECIES, images_per_species=40)
+    for split in ("train", "test"):
+        extract(
+            compose_cfg(
+                "extract",
+                [
+                    f"paths.root_dir={root}",
+                    f"split={split}",
+                    "dataset.seed=7",
+                    f"backbone.layers=[{SECOND_LAYER}]",
+                    "extract.num_workers=0",
+                    "extract.progress=false",
+                ],
+                root / f"extract-{split}",
+            )
+        )
+    train(
+        compose_cfg(
+            "train",
+            [
+                f"paths.root_dir={root}",
+                "dataset.seed=7",
+                f"data.layer={SECOND_LAYER}",
+                "trainer.max_steps=600",
+                "data.num_workers=0",
+                "data.batch_size=1024",
+                "trainer.enable_progress_bar=false",
+                "sae.expansion=4",
+                "sae.k=8",
+                "optim.lr=4e-4",
+            ],
+            root / "train",
+        )
+    )
+    return root
+
+
+def second_cfg(name: str, out: Path, overrides: list[str] = ()) -> DictConfig:
+    """`evaluate.py eval=<name>` on the second set's SAE, composed in-process."""
+    root = second_root()
+    return compose_cfg(
+        "evaluate",
+        [
+            f"paths.root_dir={root}",
+            "dataset.seed=7",
+            f"eval={name}",
+            f"run={root / 'train'}",
+            *overrides,
+        ],
+        out,
+    )

@@ -91,7 +91,12 @@ def test_saes_of_different_layers_are_refused(bench, tmp_path):
 def test_without_attribute_files_only_health_runs(bench, tmp_path):
     ex, saes, _, _ = bench
     cfg = compose_evaluate(
-        [f"run={saes / '1'}", "eval=bench", f"paths.activations_dir={ex['activations']}"],
+        [
+            f"run={saes / '1'}",
+            "eval=bench",
+            f"paths.activations_dir={ex['activations']}",
+            f"paths.data_dir={tmp_path / 'no_data'}",  # not the demo's data a checkout may hold
+        ],
         tmp_path,
     )
     result = run_evaluation(cfg)

@@ -270,3 +270,53 @@ def test_reconstruction_equals_decode_of_encode(variant):
     with torch.inference_mode():
         torch.testing.assert_close(sae(x_RD), sae.decode(sae.encode(x_RD)), rtol=0, atol=1e-5)
         assert not torch.allclose(sae(x_RD), x_RD)
+
+
+def _png_paths(tmp_path: Path, n: int = 2) -> list[str]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("layer", "tokens", "vacuous"), [(3, "auto", True), (3, "cls", False), (1, "auto", False)]
+)
+def test_a_causal_test_that_cannot_change_the_read_out_is_refused(tmp_path, layer, tokens, vacuous):
+    """An SAE on patch tokens at the tiny ViT's last block (index 3) with its CLS read-out: no
+    later block mixes the edited patches into the CLS token, so splice and steer would score
+    every condition the same (they used to, with exit 0 and `recovered —`)."""
+    from types import SimpleNamespace
+
+    from traitsae.errors import TraitsaeError
+    from traitsae.evaluation.causal.forward import check_readout_depends
+
+    backbone = build_backbone(backbone_cfg("tiny"), prune=False)
+    sae = SimpleNamespace(layer=layer, tokens="patches")
+    paths = _png_paths(tmp_path)
+    if not vacuous:
+        check_readout_depends(backbone, sae, paths, tokens, "eval=splice")
+        return
+    with pytest.raises(TraitsaeError) as err:
+        check_readout_depends(backbone, sae, paths, tokens, "eval=splice")
+    message = str(err.value)
+    assert "eval=splice would be vacuous: the SAE sits at block 3" in message
+    assert "CLS token after the final norm" in message and "earlier layer" in message
+    assert "eval.tokens=cls" in message and "\n" not in message
+
+
+def test_recovered_is_never_a_bare_dash():
+    from traitsae.evaluation.causal.splice import metric_rows
+    from traitsae.evaluation.causal.splice_report import format_result
+
+    same = {"clean": 0.5, "spliced": 0.5, "mean_ablated": 0.5, "zero_ablated": 0.5}
+    rows = metric_rows({"probe_accuracy": same}, "mean")
+    assert rows[0]["recovered"] is None and "nothing to recover" in rows[0]["recovered_why"]
+    text = format_result({"metrics": rows})
+    assert "—" not in text and "probe_accuracy: recovered n/a: clean and mean_ablated" in text

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from causal_helpers import ALPHA, BETA, evaluate_cfg
+from causal_helpers import ALPHA, BETA, evaluate_cfg, second_cfg
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.causal.control import control_latents, mean_ci
 from traitsae.evaluation.causal.steer import run
 from traitsae.evaluation.causal.steering import steer_tokens
 from traitsae.evaluation.core.probes import ClassProbe
@@ -54,33 +55,88 @@ def test_probe_round_trip(tmp_path):
     torch.testing.assert_close(p.sum(-1), torch.ones(40))
 
 
-def test_boosting_alpha_latents_in_beta_images_raises_p_alpha(tmp_path):
-    """Beta lacks Alpha's red crown spot; Alpha's top latents, added to Beta's images at block 1,
-    make the probe (on the final embedding) more sure of Alpha at every step of the default
-    alphas (conf/eval/steer.yaml)."""
+def test_demo_steer_says_its_probe_cannot_read_the_target(tmp_path):
+    """The demo's random tiny ViT keeps too little of the planted traits in its final embedding
+    for a probe to recognise held-out Alpha images (p(Alpha) 0.181 on them vs 0.190 on Beta's):
+    the curve is reported with its CI and the control, and the command says it is no evidence
+    (it used to print a curve as if it were; docs/LOGBOOK.md 2026-12-07, steering)."""
     cfg = evaluate_cfg(
         "steer", tmp_path, ["split=test", f"eval.target_class={ALPHA}", f"eval.source_class={BETA}"]
     )
     alphas = list(cfg.eval.alphas)
-    assert alphas[0] == 0 and alphas[-1] >= 4
     result = run(cfg)
-    p_target = [point["mean_p_target"] for point in result["curve"]]
     assert [point["alpha"] for point in result["curve"]] == alphas
-    assert all(np.diff(p_target) > 0), p_target
-    assert p_target[-1] > p_target[0] + 0.2
-    assert len(result["latents"]) == 3 and result["n_images"] == 12
+    assert result["n_images"] == 12 and {image["class"] for image in result["images"]} == {BETA}
+    readout = result["readout"]
+    assert readout["informative"] is False and readout["difference_ci"][0] <= 0
+    assert result["verdict"]["evidence"] is False
+    assert any("does not tell held-out" in note for note in result["notes"])
+    for point in result["curve"]:
+        assert point["ci"][0] <= point["mean_p_target"] <= point["ci"][1]
+        assert "difference_ci" in point and "control_mean_p_target" in point
     selection = result["selection"]
     assert selection["rank"] == "effect" and set(result["latents"]) <= set(selection["candidates"])
     assert all(s > 0 for s in selection["specificity"])  # the target class's latents
-    by_effect = sorted(selection["effect"], reverse=True)[:3]
-    assert [
-        selection["effect"][selection["candidates"].index(s)] for s in result["latents"]
-    ] == by_effect
-    assert {image["class"] for image in result["images"]} == {BETA}
-    assert len(result["images"]) == 12 * len(alphas) and len(result["images"][0]["top5"]) == 5
+    control = result["control"]
+    assert control["n_sets"] == 8 and len(control["curve"]) == len(alphas)
+    assert all(not set(c) & set(selection["candidates"]) for c in control["latents"])
     assert json.loads((tmp_path / "steer.json").read_text())["curve"] == result["curve"]
     for name in ("steer_before_after.png", "steer_curve.png", "probe.safetensors"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_steering_held_out_images_of_a_second_set_beats_random_latents(tmp_path):
+    """A second CUB-layout set (seed 7, 6 species, SAE at block 2 of 4): Gamma's latents raise
+    p(Gamma) on held-out images of the other classes at every alpha, each step above
+    frequency-matched random latents at equal norm (paired CI over images > 0), and the probe
+    tells held-out Gamma images from the others."""
+    result = run(second_cfg("steer", tmp_path, ["eval.target_class=003.Gamma_warbler"]))
+    p = [point["mean_p_target"] for point in result["curve"]]
+    assert all(np.diff(p) > 0), p
+    assert all(point["difference_ci"][0] > 0 for point in result["curve"][1:])
+    assert result["verdict"] == {
+        "monotonic": True,
+        "beats_control": True,
+        "readout_informative": True,
+        "evidence": True,
+    }
+    assert result["notes"] == [] and result["n_images"] == 32
+    assert "003.Gamma_warbler" not in {image["class"] for image in result["images"]}
+
+
+@pytest.mark.parametrize("alpha", ["inf", "nan", "1e30", "-inf"])
+def test_non_finite_or_huge_alphas_are_refused(tmp_path, alpha):
+    """They used to exit 0 with p = nan and "top-1 = target 1.000" (the argmax of nan)."""
+    cfg = evaluate_cfg(
+        "steer", tmp_path, [f"eval.target_class={ALPHA}", f"eval.alphas=[0,{alpha}]"]
+    )
+    with pytest.raises(TraitsaeError, match="not a finite step"):
+        run(cfg)
+
+
+def test_steering_the_probe_s_own_train_images_is_refused(tmp_path):
+    cfg = evaluate_cfg("steer", tmp_path, ["split=train", f"eval.target_class={ALPHA}"])
+    with pytest.raises(TraitsaeError, match="split=train is eval.train_split.*held-out"):
+        run(cfg)
+
+
+def test_control_latents_are_frequency_matched_and_never_candidates():
+    frequency_S = np.linspace(0, 1, 50)
+    sets = control_latents([10, 40], frequency_S, exclude=[9, 10, 11, 40], n_sets=20, seed=0)
+    assert len(sets) == 20 and all(len(s) == 2 for s in sets)
+    flat = {s for pair in sets for s in pair}
+    assert not flat & {9, 10, 11, 40}
+    assert all(abs(a - 10) <= 5 and abs(b - 40) <= 5 for a, b in sets)
+
+
+def test_mean_ci_covers_the_mean_at_the_nominal_rate():
+    """A null check of the interval: 95 % t-intervals of 20 normal draws cover the true mean
+    in 93-97 % of 2,000 repeats."""
+    rng = np.random.default_rng(0)
+    covered = [
+        lo <= 0.3 <= hi for _, lo, hi in (mean_ci(rng.normal(0.3, 1, 20)) for _ in range(2000))
+    ]
+    assert 0.93 <= np.mean(covered) <= 0.97
 
 
 @pytest.mark.parametrize(

@@ -281,3 +281,45 @@ def store_mean_tokens(store: Store, layer: int, n_tokens: int) -> torch.Tensor:
             total += torch.from_numpy(np.asarray(acts, dtype=np.float64)).sum(0)
         mean_TD[rows] = total / n_valid
     return mean_TD.float()
+
+
+def readout_name(backbone: Backbone) -> str:
+    """How the backbone's final embedding is read from the last block's tokens, in words."""
+    pool = getattr(backbone.trunk, "global_pool", None)
+    if pool in ("avg", "avgmax", "max"):
+        return f"the patch tokens pooled ({pool}) after the final norm"
+    if pool == "map":
+        return "attention pooling over the tokens"
+    return "the CLS token after the final norm (and projection)"
+
+
+@torch.inference_mode()
+def check_readout_depends(
+    backbone: Backbone, sae: RawSpaceSAE, paths: Sequence[str], tokens: str, what: str
+) -> None:
+    """Refuse a vacuous causal test: the final embedding must change when the edited tokens of
+    block L's output are zeroed (measured on the first readable of `paths`). It does not when
+    no block after L mixes patches into a CLS read-out (an SAE on patches at the last block)."""
+    found = next(iter_image_batches(backbone, list(paths), len(paths), desc="read-out check"), None)
+    if found is None:
+        return  # no readable image: the run itself says so
+    layer, g = sae.layer, backbone.geometry
+    x_BTD = backbone.tokens_after(found[1], layer)
+    positions_T = sae_token_positions(sae, tokens, g.n_prefix_tokens, x_BTD.shape[1])
+    zeroed_BTD = x_BTD.clone()
+    zeroed_BTD[:, positions_T.to(x_BTD.device)] = 0
+    clean_BE = backbone.finish_from(x_BTD, layer).embedding_BE.float()
+    ablated_BE = backbone.finish_from(zeroed_BTD, layer).embedding_BE.float()
+    change = float((ablated_BE - clean_BE).norm() / clean_BE.norm().clamp_min(1e-12))
+    if change > 1e-6:
+        return
+    edited = "CLS" if bool(positions_T[0]) and not bool(positions_T[1:].any()) else "patch"
+    raise TraitsaeError(
+        f"{what} would be vacuous: the SAE sits at block {layer} of {backbone.name}'s "
+        f"{g.depth} (index {g.depth - 1} is the last), it edits the {edited} tokens, and the "
+        f"model's final embedding is read from {readout_name(backbone)}: zeroing every edited "
+        f"token changes that embedding by {change:.1e} (relative), so no edit can change what the "
+        "probe reads and every condition would score the same. Choose an SAE trained at an "
+        "earlier layer (train.py data.layer=<L> with L < the last block, extracted with "
+        "backbone.layers=[L]), or eval.tokens=cls / both to edit the read-out token itself."
+    )

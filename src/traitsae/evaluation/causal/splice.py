@@ -45,6 +45,7 @@ from traitsae.evaluation.causal.forward import (
     backbone_key,
     build_full_backbone,
     cache_file,
+    check_readout_depends,
     iter_image_batches,
     load_cached,
     sae_token_positions,
@@ -53,7 +54,7 @@ from traitsae.evaluation.causal.forward import (
     store_mean_tokens,
     train_class_probe,
 )
-from traitsae.evaluation.causal.splice_report import write_outputs
+from traitsae.evaluation.causal.splice_report import metric_rows, write_outputs
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.evaluation.core.sae import resolve_sae
@@ -145,25 +146,6 @@ class Tally:
         return out
 
 
-def recovered(clean: float, spliced: float, ablated: float) -> float | None:
-    """(spliced - ablated) / (clean - ablated); None when clean equals the ablation."""
-    gap = clean - ablated
-    return None if abs(gap) < 1e-12 else (spliced - ablated) / gap
-
-
-def metric_rows(values: dict[str, dict[str, float]], baseline: str) -> list[dict[str, Any]]:
-    """One row per metric: the value under each condition and the fraction recovered."""
-    ablated = BASELINES[baseline]
-    return [
-        {
-            "metric": metric,
-            **{c: float(v[c]) for c in CONDITIONS},
-            "recovered": recovered(v["clean"], v["spliced"], v[ablated]),
-        }
-        for metric, v in values.items()
-    ]
-
-
 def prompt_name(class_name: str) -> str:
     """'001.Black_footed_Albatross' -> 'Black footed Albatross' (CUB / ImageFolder folder names)."""
     return re.sub(r"^\d+\.", "", class_name).replace("_", " ").strip()
@@ -206,8 +188,10 @@ class SpliceOptions(ProbeOptions):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: splice the SAE into its backbone; write splice.json, splice.csv, splice.png."""
-    result = compute_splice(cfg, build_options(SpliceOptions, cfg))
-    write_outputs(result, output_dir(cfg))
+    opts = build_options(SpliceOptions, cfg)
+    out = output_dir(cfg)  # before any work: an unwritable folder fails now, not after it
+    result = compute_splice(cfg, opts)
+    write_outputs(result, out)
     return result
 
 
@@ -231,6 +215,7 @@ def compute_splice(cfg: DictConfig, opts: SpliceOptions) -> dict[str, Any]:
             conditions = ("clean", *conditions)
         mean_TD = None if cached else store_mean_tokens(store, layer, n_tokens).to(device)
         images = split_images(cfg, cfg.split, store, opts.class_column)
+    check_readout_depends(backbone, sae, images.paths[:4], opts.tokens, "eval=splice")
     probe = train_class_probe(cfg, backbone, sae, opts)
     writer = None
     if clean is not None and "clean" in conditions:

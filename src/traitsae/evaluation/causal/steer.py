@@ -36,21 +36,24 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from traitsae.backbones import Backbone
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.causal.control import compare, control_latents, control_units
 from traitsae.evaluation.causal.forward import (
     ProbeOptions,
+    SplitImages,
     build_full_backbone,
+    check_readout_depends,
     iter_image_batches,
     split_images,
     train_class_probe,
 )
-from traitsae.evaluation.causal.steer_report import write_outputs
+from traitsae.evaluation.causal.steer_report import summarise, write_outputs
 from traitsae.evaluation.causal.steering import (
     WHERE,
-    ClassLatents,
+    changed_patches,
     check_alphas,
-    check_latents,
+    choose_latents,
     class_latents,
-    latent_effects,
+    source_sample,
     steered_probabilities,
 )
 from traitsae.evaluation.core.options import build_options
@@ -84,6 +87,7 @@ class SteerOptions(ProbeOptions):
     source_class: str | None
     images: list[Any] | None
     max_images: int
+    n_control: int
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +109,8 @@ class SteerOptions(ProbeOptions):
                 f"eval.n_candidates={self.n_candidates} must be >= eval.n_latents="
                 f"{self.n_latents} (the latents are chosen among the candidates)."
             )
+        if int(self.n_control) < 0:
+            raise TraitsaeError(f"eval.n_control must be >= 0, got {self.n_control}.")
         if self.target_class is None:
             raise TraitsaeError("eval.target_class is required: give a class name as in the store.")
 
@@ -123,21 +129,6 @@ def chosen_images(
     if opts.images:
         return np.asarray([image_position(item, paths) for item in opts.images])
     return source_sample(classes_N, target, opts.source_class, opts.max_images, opts.seed)
-
-
-def source_sample(
-    classes_N: np.ndarray, target: str, source: str | None, n: int, seed: int
-) -> np.ndarray:
-    """Sorted positions of a seeded sample of at most `n` images of `source` (None: every class
-    but `target`)."""
-    others = np.flatnonzero(classes_N == str(source) if source else classes_N != target)
-    if others.size == 0:
-        raise TraitsaeError(
-            f"eval.source_class={source!r} has no images in this split; its classes are "
-            f"{sorted(set(classes_N) - {''})[:20]}."
-        )
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(others, size=min(n, others.size), replace=False))
 
 
 def image_position(item: Any, paths: list[str]) -> int:
@@ -165,81 +156,94 @@ def as_list(value: Any) -> list:
 @dataclass
 class Steered:
     """What eval=steer found: steer.json's content, the probabilities [A, n, C] behind its
-    figures, and the probe they read; nothing is written yet."""
+    figures, the probe they read, and per steered image the patches the edit changed [n, P]."""
 
     result: dict[str, Any]
     probs_ANC: np.ndarray
     probe: ClassProbe
+    changed_NP: np.ndarray
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra entry: steer the probe with the latents; steer.json, probe.safetensors, figures."""
-    steered = compute_steer(cfg, build_options(SteerOptions, cfg))
-    out = output_dir(cfg)
+    opts = build_options(SteerOptions, cfg)
+    out = output_dir(cfg)  # before any work: an unwritable folder fails now, not after it
+    steered = compute_steer(cfg, opts)
     steered.probe.save(out / "probe.safetensors")
     write_outputs(steered.result, steered.probs_ANC, steered.probe, out)
     return steered.result
 
 
 def compute_steer(cfg: DictConfig, opts: SteerOptions) -> Steered:
-    """Fit the probe, choose the latents, steer the chosen images (cfg: the SAE and stores)."""
-    device, alphas = opts.device, opts.alphas
-    target = opts.target_class
+    """Fit the probe on the train split, choose the latents there, steer held-out images of the
+    other classes with them and with frequency-matched random latents at equal norm (cfg: the
+    SAE and stores)."""
+    device, target = opts.device, opts.target_class
+    if str(cfg.split) == opts.train_split:
+        raise TraitsaeError(
+            f"split={cfg.split} is eval.train_split, the images the probe is fitted and the "
+            "latents are chosen on: a steering curve on them measures the fit, not the model. "
+            "Steer held-out images: split=test (extract it first), or another eval.train_split."
+        )
     sae = resolve_sae(cfg).eval().to(device)
     with eval_store(cfg, sae, opts.train_split) as train_store:
         backbone = build_full_backbone(sae, train_store, device)
         train = split_images(cfg, opts.train_split, train_store, opts.class_column)
-        if target not in set(train.classes_N):
-            known = sorted(set(train.classes_N) - {""})
-            raise TraitsaeError(
-                f"eval.target_class={target!r} is not a class of dataset {cfg.dataset.name} "
-                f"(column {opts.class_column!r} of split {opts.train_split}); it has {len(known)}: "
-                f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}."
-            )
+        check_class(cfg, opts, train.classes_N)
         n_ranked = opts.n_candidates if opts.rank == "effect" else opts.n_latents
         found = class_latents(sae, train_store, train.classes_N, target, n_ranked, device)
-    ranked = found.ranked
-    given = opts.latents
-    if given is not None:
-        check_latents(given, sae.d_sae)
     with eval_store(cfg, sae, cfg.split) as store:
         images = split_images(cfg, cfg.split, store, opts.class_column)
-    probe = train_class_probe(cfg, backbone, sae, opts)
-    selection = {"rank": "given" if given else opts.rank}
-    if given:
-        latents = given
-    elif opts.rank == "specificity":
-        latents = ranked
-    else:
-        # Ranked on the train split's source images: the steered images stay held out.
-        rows = source_sample(train.classes_N, target, opts.source_class, opts.max_images, opts.seed)
-        effect_K = mean_effects(opts, backbone, sae, probe, [train.paths[i] for i in rows], ranked)
-        effect_K = effect_K * alpha_units(opts, found, ranked)  # per unit of alpha
-        order = [i for i in np.argsort(-effect_K, kind="stable") if effect_K[i] > 0]
-        if not order:
-            raise TraitsaeError(
-                f"none of the {len(ranked)} latents most specific to {target!r} raises the "
-                f"probe's p({target}) when added (effects {np.round(effect_K, 4).tolist()}); "
-                "raise eval.n_candidates, or give eval.rank=specificity or eval.latents=[...]."
-            )
-        latents = [ranked[i] for i in order[: opts.n_latents]]
-        selection |= {"candidates": ranked, "effect": [float(e) for e in effect_K]}
-    selection["specificity"] = [float(found.specificity_S[s]) for s in latents]
-    units_K = alpha_units(opts, found, latents)
     picked = chosen_images(opts, images.paths, images.classes_N, target)
-    probs_ANC, rows_N = steer_images(
-        opts, backbone, sae, probe, [images.paths[i] for i in picked], latents, alphas, units_K
+    check_readout_depends(
+        backbone, sae, [images.paths[i] for i in picked[:4]], opts.tokens, "eval=steer"
+    )
+    probe = train_class_probe(cfg, backbone, sae, opts)
+    chosen = choose_latents(opts, backbone, sae, probe, found, train)
+    paths = [images.paths[i] for i in picked]
+    probs_ANC, rows_N, changed_NP = steer_images(
+        opts, backbone, sae, probe, paths, chosen.latents, chosen.units_K
     )
     rows_N = picked[rows_N]
-    result = summarise(
-        probe, target, latents, found.latent_max_S, alphas, probs_ANC, rows_N, images
+    t = probe.class_index(target)
+    sets = control_latents(
+        chosen.latents,
+        found.frequency_S,
+        chosen.selection.get("candidates", chosen.latents),
+        opts.n_control,
+        opts.seed,
     )
-    result["selection"] = selection
-    result["alpha_unit"] = [float(u) for u in units_K]
+    control_RAN = (
+        np.stack(
+            [
+                steer_images(
+                    opts,
+                    backbone,
+                    sae,
+                    probe,
+                    [images.paths[i] for i in rows_N],
+                    lat,
+                    control_units(sae, chosen.latents, chosen.units_K, lat),
+                    desc="control",
+                )[0][:, :, t]
+                for lat in sets
+            ]
+        )
+        if sets
+        else None
+    )
+    on_target_N = clean_p_target(opts, backbone, probe, images, t)
+    result = summarise(
+        probe, target, chosen.latents, found.latent_max_S, opts.alphas, probs_ANC, rows_N, images
+    )
+    result |= compare(target, result, probs_ANC[:, :, t], control_RAN, sets, on_target_N)
+    result["selection"] = chosen.selection
+    result["alpha_unit"] = [float(u) for u in chosen.units_K]
     result["meta"] = {
         "sae": str(cfg.get("sae_path") or cfg.get("run")),
         "backbone": backbone.name,
         "layer": sae.layer,
+        "depth": backbone.geometry.depth,
         "dataset": cfg.dataset.name,
         "split": str(cfg.split),
         "train_split": opts.train_split,
@@ -248,47 +252,45 @@ def compute_steer(cfg: DictConfig, opts: SteerOptions) -> Steered:
         "alpha_units": opts.alpha_units,
         "alpha_means": ALPHA_MEANING[opts.alpha_units],
     }
-    return Steered(result, probs_ANC, probe)
+    return Steered(result, probs_ANC, probe, changed_NP)
 
 
-def alpha_units(opts: SteerOptions, found: ClassLatents, latents: list[int]) -> np.ndarray:
-    """What alpha = 1 adds to each latent's code at every edited token [K]."""
-    if opts.alpha_units == "code":
-        return np.ones(len(latents))
-    units_K = found.typical_S[latents].astype(np.float64)
-    if (units_K <= 0).any():
-        silent = [s for s, u in zip(latents, units_K, strict=True) if u <= 0]
+def check_class(cfg: DictConfig, opts: SteerOptions, classes_N: np.ndarray) -> None:
+    if opts.target_class not in set(classes_N):
+        known = sorted(set(classes_N) - {""})
         raise TraitsaeError(
-            f"latents {silent} never fire on images of {opts.target_class!r} (train split), so "
-            "their typical activation, the unit of alpha, is 0; give eval.alpha_units=code or "
-            "other eval.latents."
+            f"eval.target_class={opts.target_class!r} is not a class of dataset "
+            f"{cfg.dataset.name} (column {opts.class_column!r} of split {opts.train_split}); it "
+            f"has {len(known)}: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}."
         )
-    return units_K
 
 
-def mean_effects(
-    opts: SteerOptions,
-    backbone: Backbone,
-    sae: RawSpaceSAE,
-    probe: ClassProbe,
-    paths: list[str],
-    latents: list[int],
+@torch.inference_mode()
+def clean_p_target(
+    opts: SteerOptions, backbone: Backbone, probe: ClassProbe, images: SplitImages, t: int
 ) -> np.ndarray:
-    """`latent_effects` averaged over the readable images of `paths` [K]."""
-    layer = sae.layer
-    t = probe.class_index(opts.target_class)
-    total_K, n = np.zeros(len(latents)), 0
+    """p(target) of the probe on the steered split's clean images of the target class [n]."""
+    rows = source_sample_of(images.classes_N, opts.target_class, opts.max_images, opts.seed)
+    last = backbone.geometry.depth - 1
+    out = []
     for _, images_BCHW in iter_image_batches(
-        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc="rank"
+        backbone,
+        [images.paths[i] for i in rows],
+        opts.batch_size,
+        opts.num_workers,
+        opts.device,
+        desc="target images",
     ):
-        with torch.no_grad():
-            x_BTD = backbone.tokens_after(images_BCHW, layer)
-        effect_K = latent_effects(backbone, sae, probe, x_BTD, latents, t, opts.where, opts.tokens)
-        total_K += effect_K * len(x_BTD)
-        n += len(x_BTD)
-    if n == 0:
-        raise TraitsaeError("none of the source images of the train split could be read.")
-    return total_K / n
+        final = backbone.finish_from(backbone.tokens_after(images_BCHW, last), last)
+        out.append(probe.probabilities(final.embedding_BE)[:, t].numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def source_sample_of(classes_N: np.ndarray, name: str, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most `n` positions of class `name` (empty when it has none)."""
+    rows = np.flatnonzero(classes_N == name)
+    rng = np.random.default_rng([seed, 3])
+    return np.sort(rng.choice(rows, size=min(n, rows.size), replace=False))
 
 
 @torch.inference_mode()
@@ -299,15 +301,15 @@ def steer_images(
     probe: ClassProbe,
     paths: list[str],
     latents: list[int],
-    alphas: list[float],
     units_K: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities [A, n, C] for each alpha and readable image, and those images' positions;
-    latent k's code is raised by alpha * units_K[k]."""
-    layer = sae.layer
-    probs, rows = [], []
+    desc: str = "steer",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities [A, n, C] for each alpha and readable image, those images' positions [n],
+    and the patches the edit changed [n, P]; latent k's code is raised by alpha * units_K[k]."""
+    layer, k = sae.layer, backbone.geometry.n_prefix_tokens
+    probs, rows, changed = [], [], []
     for rows_B, images_BCHW in iter_image_batches(
-        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc="steer"
+        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc=desc
     ):
         x_BTD = backbone.tokens_after(images_BCHW, layer)
         probs.append(
@@ -324,57 +326,20 @@ def steer_images(
                         opts.tokens,
                         x_BTD,
                     )
-                    for alpha in alphas
+                    for alpha in opts.alphas
                 ]
             ).numpy()
         )
         rows.append(rows_B)
-    return np.concatenate(probs, axis=1), np.concatenate(rows)
-
-
-def summarise(
-    probe: ClassProbe,
-    target: str,
-    latents: list[int],
-    latent_max: np.ndarray,
-    alphas: list[float],
-    probs_ANC: np.ndarray,
-    rows_N: np.ndarray,
-    images: Any,
-) -> dict[str, Any]:
-    t = probe.class_index(target)
-    classes = np.asarray(probe.classes, dtype=object)
-    own_N = np.array(
-        [probe.classes.index(c) if c in probe.classes else -1 for c in images.classes_N[rows_N]]
-    )
-    curve = []
-    for a, probs_NC in zip(alphas, probs_ANC, strict=True):
-        own_p_N = np.where(own_N >= 0, probs_NC[np.arange(len(own_N)), own_N.clip(0)], np.nan)
-        curve.append(
-            {
-                "alpha": a,
-                "mean_p_target": float(probs_NC[:, t].mean()),
-                "frac_top1_target": float((probs_NC.argmax(1) == t).mean()),
-                "mean_p_own_class": float(np.nanmean(own_p_N)) if (own_N >= 0).any() else None,
-            }
+        changed.append(changed_patches(sae, x_BTD, latents, k, opts.where).cpu().numpy())
+    if not rows:
+        raise TraitsaeError("none of the images to steer could be read; check dataset.root.")
+    probs_ANC = np.concatenate(probs, axis=1)
+    bad_A = ~np.isfinite(probs_ANC).all(axis=(1, 2))
+    if bad_A.any():
+        raise TraitsaeError(
+            f"steering latents {latents} by alpha {np.asarray(opts.alphas)[bad_A].tolist()} "
+            "gives non-finite probabilities (the edited tokens overflow); give smaller "
+            "eval.alphas."
         )
-    per_image = []
-    for a, probs_NC in zip(alphas, probs_ANC, strict=True):
-        for i, row in enumerate(rows_N):
-            top_5 = np.argsort(-probs_NC[i], kind="stable")[:5]
-            per_image.append(
-                {
-                    "path": images.paths[row],
-                    "class": str(images.classes_N[row]),
-                    "alpha": a,
-                    "top5": [[str(classes[c]), float(probs_NC[i, c])] for c in top_5],
-                }
-            )
-    return {
-        "target_class": target,
-        "latents": latents,
-        "latent_max": [float(latent_max[s]) for s in latents] if latent_max is not None else None,
-        "n_images": int(len(rows_N)),
-        "curve": curve,
-        "images": per_image,
-    }
+    return probs_ANC, np.concatenate(rows), np.concatenate(changed)

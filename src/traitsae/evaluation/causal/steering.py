@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,12 +14,20 @@ import torch
 from traitsae.backbones import Backbone
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.evaluation.causal.forward import sae_token_positions
+from traitsae.evaluation.causal.forward import (
+    SplitImages,
+    iter_image_batches,
+    sae_token_positions,
+)
 from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
 from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.sae.export import RawSpaceSAE
 
+if TYPE_CHECKING:
+    from traitsae.evaluation.causal.steer import SteerOptions
+
 WHERE = ("all", "firing")
+MAX_ALPHA = 1000.0  # |alpha| above this is not a steering step but an overflow
 
 
 def steer_tokens(
@@ -82,6 +91,26 @@ def steered_probabilities(
     return probe.probabilities(backbone.finish_from(steered_BTD, layer).embedding_BE)
 
 
+@torch.inference_mode()
+def changed_patches(
+    sae: RawSpaceSAE,
+    x_BTD: torch.Tensor,
+    latents: Sequence[int],
+    n_prefix: int,
+    where: str = "all",
+) -> torch.Tensor:
+    """Bool [B, P]: the patches whose token a steering edit of `latents` changes (every patch
+    with `where="all"`; with `"firing"`, those where one of the latents fires on the clean
+    token). Patch-token SAEs only (a CLS edit changes no patch)."""
+    patches_BPD = x_BTD[:, n_prefix:]
+    if where == "all" or sae.tokens == "cls":
+        return torch.full(patches_BPD.shape[:2], sae.tokens != "cls", device=x_BTD.device)
+    n_b, n_p, d = patches_BPD.shape
+    idx = torch.as_tensor(list(latents), dtype=torch.long, device=sae.W_dec.device)
+    codes_BPK = sae.encode(patches_BPD.reshape(-1, d))[:, idx].reshape(n_b, n_p, -1)
+    return (codes_BPK > 0).any(-1)
+
+
 def check_latents(latents: Sequence[int], d_sae: int) -> None:
     bad = [s for s in latents if not 0 <= int(s) < d_sae]
     if bad or not latents:
@@ -92,7 +121,17 @@ def check_latents(latents: Sequence[int], d_sae: int) -> None:
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:
-    values = sorted(float(a) for a in alphas)
+    try:
+        values = sorted(float(a) for a in alphas)
+    except (TypeError, ValueError) as err:
+        raise TraitsaeError(f"eval.alphas={list(alphas)} must be numbers ({err}).") from None
+    bad = [a for a in values if not np.isfinite(a) or abs(a) > MAX_ALPHA]
+    if bad:
+        raise TraitsaeError(
+            f"eval.alphas={list(alphas)}: {bad} {'is' if len(bad) == 1 else 'are'} not a finite "
+            f"step of at most {MAX_ALPHA:g} typical activations (beyond it the edited tokens "
+            "overflow float32 and every probability is nan); give e.g. eval.alphas=[0,0.5,1,2]."
+        )
     if 0.0 not in values:
         raise TraitsaeError(
             f"eval.alphas={list(alphas)} must include 0 (the unsteered probabilities every other "
@@ -109,6 +148,7 @@ class ClassLatents:
     latent_max_S: np.ndarray  # each latent's largest image score on the split
     specificity_S: np.ndarray  # mean image score in the class minus outside it
     typical_S: np.ndarray  # mean over the class's images of the code averaged over edited tokens
+    frequency_S: np.ndarray  # fraction of the split's images on which the latent fires
 
 
 def class_latents(
@@ -133,7 +173,8 @@ def class_latents(
     specificity_S = s_NS[in_class_N].mean(0) - s_NS[~in_class_N].mean(0)
     order = np.argsort(-specificity_S, kind="stable")[:n]
     typical_S = scores["mean"][in_class_N].mean(0)
-    return ClassLatents([int(s) for s in order], s_NS.max(0), specificity_S, typical_S)
+    frequency_S = (s_NS > 0).mean(0)
+    return ClassLatents([int(s) for s in order], s_NS.max(0), specificity_S, typical_S, frequency_S)
 
 
 def latent_effects(
@@ -160,3 +201,106 @@ def latent_effects(
         log_p_B = probe.logits(embedding_BE).log_softmax(-1)[:, target_index]
         (grad_K,) = torch.autograd.grad(log_p_B.mean(), alphas_K)
     return grad_K.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- choosing latents
+
+
+def source_sample(
+    classes_N: np.ndarray, target: str, source: str | None, n: int, seed: int
+) -> np.ndarray:
+    """Sorted positions of a seeded sample of at most `n` images of `source` (None: every class
+    but `target`)."""
+    others = np.flatnonzero(classes_N == str(source) if source else classes_N != target)
+    if others.size == 0:
+        raise TraitsaeError(
+            f"eval.source_class={source!r} has no images in this split; its classes are "
+            f"{sorted(set(classes_N) - {''})[:20]}."
+        )
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(others, size=min(n, others.size), replace=False))
+
+
+@dataclass
+class Chosen:
+    """The latents to steer with, what alpha = 1 adds to each one's code, and why they."""
+
+    latents: list[int]
+    units_K: np.ndarray
+    selection: dict[str, Any]
+
+
+def choose_latents(
+    opts: SteerOptions,
+    backbone: Backbone,
+    sae: RawSpaceSAE,
+    probe: ClassProbe,
+    found: ClassLatents,
+    train: SplitImages,
+) -> Chosen:
+    """`eval.latents`, or the target's latents by `eval.rank` (effect: of the candidates, those
+    whose step raises log p(target) most on the TRAIN split's source images, so the steered
+    images stay held out; specificity: the most specific), with their alpha units."""
+    target, given = opts.target_class, opts.latents
+    selection: dict[str, Any] = {"rank": "given" if given else opts.rank}
+    if given:
+        check_latents(given, sae.d_sae)
+        latents = given
+    elif opts.rank == "specificity":
+        latents = found.ranked
+    else:
+        ranked = found.ranked
+        rows = source_sample(train.classes_N, target, opts.source_class, opts.max_images, opts.seed)
+        effect_K = mean_effects(opts, backbone, sae, probe, [train.paths[i] for i in rows], ranked)
+        effect_K = effect_K * alpha_units(opts, found, ranked)  # per unit of alpha
+        order = [i for i in np.argsort(-effect_K, kind="stable") if effect_K[i] > 0]
+        if not order:
+            raise TraitsaeError(
+                f"none of the {len(ranked)} latents most specific to {target!r} raises the "
+                f"probe's p({target}) when added (effects {np.round(effect_K, 4).tolist()}); "
+                "raise eval.n_candidates, or give eval.rank=specificity or eval.latents=[...]."
+            )
+        latents = [ranked[i] for i in order[: opts.n_latents]]
+        selection |= {"candidates": ranked, "effect": [float(e) for e in effect_K]}
+    selection["specificity"] = [float(found.specificity_S[s]) for s in latents]
+    return Chosen(latents, alpha_units(opts, found, latents), selection)
+
+
+def alpha_units(opts: SteerOptions, found: ClassLatents, latents: list[int]) -> np.ndarray:
+    """What alpha = 1 adds to each latent's code at every edited token [K]."""
+    if opts.alpha_units == "code":
+        return np.ones(len(latents))
+    units_K = found.typical_S[latents].astype(np.float64)
+    if (units_K <= 0).any():
+        silent = [s for s, u in zip(latents, units_K, strict=True) if u <= 0]
+        raise TraitsaeError(
+            f"latents {silent} never fire on images of {opts.target_class!r} (train split), so "
+            "their typical activation, the unit of alpha, is 0; give eval.alpha_units=code or "
+            "other eval.latents."
+        )
+    return units_K
+
+
+def mean_effects(
+    opts: SteerOptions,
+    backbone: Backbone,
+    sae: RawSpaceSAE,
+    probe: ClassProbe,
+    paths: list[str],
+    latents: list[int],
+) -> np.ndarray:
+    """`latent_effects` averaged over the readable images of `paths` [K]."""
+    layer = sae.layer
+    t = probe.class_index(opts.target_class)
+    total_K, n = np.zeros(len(latents)), 0
+    for _, images_BCHW in iter_image_batches(
+        backbone, paths, opts.batch_size, opts.num_workers, opts.device, desc="rank"
+    ):
+        with torch.no_grad():
+            x_BTD = backbone.tokens_after(images_BCHW, layer)
+        effect_K = latent_effects(backbone, sae, probe, x_BTD, latents, t, opts.where, opts.tokens)
+        total_K += effect_K * len(x_BTD)
+        n += len(x_BTD)
+    if n == 0:
+        raise TraitsaeError("none of the source images of the train split could be read.")
+    return total_K / n
