@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
 from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.sae.export import RawSpaceSAE
 
-if TYPE_CHECKING:
-    from traitsae.evaluation.causal.steer import SteerOptions
+# eval=steer's options (causal/steer.py SteerOptions; not imported: steer imports this module).
+SteerOptions = Any
 
 WHERE = ("all", "firing")
 MAX_ALPHA = 1000.0  # |alpha| above this is not a steering step but an overflow
