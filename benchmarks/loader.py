@@ -16,12 +16,29 @@ repetition times sequential reading and then the loader at every worker count, s
 machine load hit all alike. Reported: the best repetition of each (as timeit does: other
 processes on shared cores only ever slow a run down) and the median.
 Target (the issue's): shuffled with 2 workers >= 0.8 x sequential vectors/s.
+
+    python benchmarks/loader.py --out-of-core [--dir DIR] [--keep]
+
+Out of core: a store of at least 1.5x this machine's RAM (768-wide fp16 vectors, 196 a image),
+written slab by slab into --dir and deleted afterwards (unless --keep or --store). Before each
+timed pass the file leaves the page cache (`echo 3 > /proc/sys/vm/drop_caches`, or
+posix_fadvise(DONTNEED) on the file where that is not permitted), so every pass reads the disk:
+- sequential: whole chunks in file order;
+- shuffled:   the training loader with 0, 1, 2 workers (timed from its first batch);
+each over the first --limit-gb (6) GB of an epoch: a whole epoch is minutes a pass on slow disks,
+and none of it is cached when a pass starts.
+A sampler records the peak memory of the loader's processes: private and shared memory (buffers,
+output rings) apart from the mapped store's page cache (file-backed, reclaimed by the kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,12 +63,17 @@ def make_store(path: Path, n_images: int, n_patches: int, d_model: int) -> Path:
     )
 
 
-def sequential(path: Path, key: str, blocks: list[tuple[int, int]]) -> tuple[int, float]:
+def sequential(
+    path: Path, key: str, blocks: list[tuple[int, int]], limit: float = math.inf
+) -> tuple[int, float]:
+    """Whole chunks in file order (up to `limit` vectors): (vectors, seconds)."""
     start, n = time.perf_counter(), 0
     with h5py.File(path, "r") as f:
         data = f[key]
         for a, b in blocks:
             n += data[a:b].reshape(-1, data.shape[-1]).shape[0]
+            if n >= limit:
+                break
     return n, time.perf_counter() - start
 
 
@@ -74,6 +96,184 @@ def shuffled(dm, epochs: int) -> tuple[int, int, float]:
     return total, total - mark[0], last - mark[1]
 
 
+# ----------------------------------------------------------------------------- out of core
+
+
+def write_big_store(path: Path, n_images: int, n_patches: int, d_model: int) -> Path:
+    """A store too large for memory, written slab by slab (one random slab repeated: float16
+    activations do not compress, so the contents do not change the I/O)."""
+    from traitsae.data.store import StoreWriter
+
+    slab_NPD = np.random.default_rng(0).standard_normal((256, n_patches, d_model), np.float32)
+    slab_NPD = slab_NPD.astype(np.float16)
+    side = int(round(np.sqrt(n_patches)))
+    attrs = {
+        "backbone": "bench", "dataset": "bench", "split": "train", "d_model": d_model,
+        "n_patches": n_patches, "n_prefix_tokens": 1, "layers": [11], "n_images": n_images,
+        "grid": [side, side], "depth": 12, "image_size": 0, "config": "",
+    }  # fmt: skip
+    images = {"path": np.array([f"{i}.jpg" for i in range(n_images)], dtype=object)}
+    writer = StoreWriter.open(path, attrs=attrs, images=images, fingerprint="", overwrite=True)
+    try:
+        for lo in range(0, n_images, len(slab_NPD)):
+            part = slab_NPD[: min(len(slab_NPD), n_images - lo)]
+            writer.write(lo, {11: part}, {11: part[:, 0]}, np.ones(len(part), bool))
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+def evict(path: Path) -> str:
+    """Drop the store's pages from the page cache; returns how."""
+    os.sync()  # dirty pages are not dropped
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return "echo 3 > /proc/sys/vm/drop_caches"
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return "posix_fadvise(POSIX_FADV_DONTNEED) (drop_caches not permitted)"
+
+
+class PeakMemory:
+    """Samples this process and its children (the loader workers) every 100 ms: the peak of
+    their summed proportional set sizes (PSS: a page shared by n processes counts 1/n in each,
+    so the sum is the memory they hold), private + shared memory (buffers, output rings) apart
+    from mapped files (the store's page cache, reclaimed by the kernel, and the libraries)."""
+
+    def __init__(self) -> None:
+        self.private = self.mapped = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            private, mapped = pss()
+            self.private, self.mapped = max(self.private, private), max(self.mapped, mapped)
+
+
+def pss() -> tuple[int, int]:
+    """(anonymous + shmem, file-backed) PSS in bytes of this process and its children."""
+    me = os.getpid()
+    private = mapped = 0
+    for pid in [me, *_children(me)]:
+        fields = _rollup(pid)
+        private += fields.get("Pss_Anon", 0) + fields.get("Pss_Shmem", 0)
+        mapped += fields.get("Pss_File", 0)
+    return private, mapped
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except OSError:
+        return {}
+    return {
+        key: int(rest.split()[0]) * 1024
+        for key, _, rest in (line.partition(":") for line in lines)
+        if rest.strip().endswith("kB")
+    }
+
+
+def out_of_core(args: argparse.Namespace) -> None:
+    from traitsae.data.rings import PIECE_BYTES, RING_SIZE
+
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    n_patches, d_model = 196, 768
+    n_images = math.ceil(1.5 * ram / (n_patches * d_model * 2))
+    folder = Path(tempfile.mkdtemp(prefix="traitsae-ooc-", dir=args.dir))
+    try:
+        path = args.store
+        if path is None:
+            start = time.perf_counter()
+            path = write_big_store(folder / "big.h5", n_images, n_patches, d_model)
+            print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+        size = path.stat().st_size
+        print(f"store {size / 1e9:.1f} GB = {size / ram:.2f} x RAM ({ram / 2**30:.1f} GiB)")
+        dm = datamodule(path, 0, args.batch, args.buffer, str(folder))
+        blocks = sorted(dm.train_plan.blocks)
+        gbps = dm.d_model * 2 / 1e9
+        # Every pass reads the first `limit` vectors of an epoch from disk: the whole epoch
+        # takes minutes a pass on slow disks, and nothing of it is cached at its start.
+        limit = min(dm.n_train_vectors, args.limit_gb * 1e9 / (dm.d_model * 2))
+        print(f"each pass: the first {limit * dm.d_model * 2 / 1e9:.1f} GB of an epoch")
+        how = evict(path)
+        n, seconds = sequential(path, dm.train_plan.key, blocks, limit)
+        seq = n / seconds
+        print(f"page cache emptied before each pass by {how}")
+        print(f"sequential      : {seq:12,.0f} v/s ({seq * gbps:5.2f} GB/s), {seconds:.0f} s")
+        for workers in args.workers:
+            dm_w = datamodule(path, workers, args.batch, args.buffer, str(folder))
+            evict(path)
+            base_private, base_mapped = pss()  # the interpreter, torch, h5py: before the loader
+            with PeakMemory() as peak:
+                total, timed, seconds = one_epoch(dm_w, limit)
+            assert total >= limit
+            rate = timed / seconds
+            # Per stream: 8 bytes per buffered vector (the mapped buffer keeps positions), and
+            # a ring of RING_SIZE output pieces.
+            buffered = args.buffer + int(dm.train_plan.block_rows().max())
+            bound = max(1, workers) * (buffered * 8 + RING_SIZE * PIECE_BYTES)
+            print(
+                f"shuffled ({workers} w) : {rate:12,.0f} v/s ({rate * gbps:5.2f} GB/s) ratio "
+                f"{rate / seq:.2f}; memory above the {base_private / 2**30:.2f} GiB before the "
+                f"loader: private+shared {(peak.private - base_private) / 2**30:.2f} GiB (the "
+                f"configured buffers and rings: {bound / 2**30:.2f} GiB), mapped "
+                f"{(peak.mapped - base_mapped) / 2**30:.2f} GiB (store page cache)"
+            )
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder)
+
+
+def one_epoch(dm, limit: float = math.inf) -> tuple[int, int, float]:
+    """The training loader's first epoch (up to `limit` vectors), timed from its first batch:
+    (vectors, vectors timed, seconds)."""
+    from traitsae.data.stream import ActivationStream
+
+    stream = ActivationStream(dm.train_plan, dm.batch_size, dm.buffer_vectors, dm.seed, epochs=1)
+    total, first, last = 0, None, 0.0
+    for batch in dm.loader(stream):
+        total += batch.shape[0]
+        last = time.perf_counter()
+        first = first or (total, last)
+        if total >= limit:
+            break
+    return total, total - first[0], last - first[1]
+
+
+def datamodule(path: Path, workers: int, batch: int, buffer: int, tmp: str):
+    from traitsae.data.datamodule import ActivationsDataModule
+
+    dm = ActivationsDataModule(
+        activations_dir=tmp, backbone="bench", dataset="bench", split="train", store=str(path),
+        layer=-1, tokens="patches", batch_size=batch, num_workers=workers,
+        buffer_vectors=buffer, val_fraction=0.0, val_batch_size=None, scale_sample=1024, seed=0,
+        allow_incomplete=False, block_images=None,
+    )  # fmt: skip
+    dm.prepare()
+    return dm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=None)
@@ -85,7 +285,15 @@ def main() -> None:
     parser.add_argument("--buffer", type=int, default=131072, help="shuffle buffer (vectors)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=4, help="loader epochs per repetition")
+    parser.add_argument("--out-of-core", action="store_true", help="a store of 1.5x RAM, cold")
+    parser.add_argument("--dir", type=Path, default=None, help="where the big store goes")
+    parser.add_argument("--keep", action="store_true", help="keep the big store afterwards")
+    parser.add_argument("--limit-gb", type=float, default=6.0, help="GB read a pass (cold)")
     args = parser.parse_args()
+    if args.out_of_core:
+        if args.workers == [2]:
+            args.workers = [0, 1, 2]
+        return out_of_core(args)
 
     from traitsae.data.datamodule import ActivationsDataModule
 

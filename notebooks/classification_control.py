@@ -35,7 +35,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import traitsae
-from traitsae.evaluation.causal.steer import SteerOptions, compute_steer
+from traitsae.evaluation.causal.steer import compute_steer
+from traitsae.evaluation.causal.steer_options import SteerOptions
 from traitsae.evaluation.causal.steer_report import format_result
 from traitsae.evaluation.core.options import build_options
 

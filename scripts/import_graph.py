@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # `x` names one module; `x.*` a package and everything in it. The longest matching name wins.
 LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("base", ("traitsae.errors", "traitsae.version", "traitsae.config_checks",
-              "traitsae.config_diff", "traitsae.files", "traitsae.locks"),
-     "errors, the version, config checks, atomic files, locks: no knowledge of the pipeline"),
+              "traitsae.config_diff", "traitsae.files", "traitsae.locks", "traitsae.cluster",
+              "traitsae.cluster.*"),
+     "errors, the version, config checks, atomic files, locks, cluster jobs and signals: no "
+     "knowledge of the pipeline"),
     ("backbones", ("traitsae.backbones.*",), "the ViTs behind one interface"),
     ("data", ("traitsae.data.*", "traitsae.paths"),
      "images, the activation store, the training stream; never the SAE"),

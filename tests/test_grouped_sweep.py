@@ -88,7 +88,10 @@ def test_grouped_jobs_train_as_their_solo_runs(
     for run in runs:
         assert (run / ".hydra" / "overrides.yaml").is_file()
         assert (run / "checkpoints" / "last.ckpt").is_file()
-        with open(run / "csv" / "version_0" / "metrics.csv") as f:
+        log = (run / "train.log").read_text()  # as a solo run's: the group's lines, its own done
+        assert "training a group of 4 SAEs" in log and f"done {run}, step 12" in log
+        assert log.count("] - done ") == 1
+        with open(run / "csv" / "metrics.csv") as f:
             header = next(csv.reader(f))
         assert "train/loss" in header and not any(h.startswith("m1/") for h in header)
     variants = [(traitsae.load_sae(r).variant, traitsae.load_sae(r).sae.activation.k) for r in runs]

@@ -62,6 +62,8 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(store: Path, tmp_
     meta_whole, meta_resumed = traitsae.load_sae(whole).meta, traitsae.load_sae(run_dir).meta
     assert meta_resumed["steps"] == STEPS
     assert meta_resumed["metrics"]["val/fvu"] == pytest.approx(meta_whole["metrics"]["val/fvu"])
+    # One CSV log across the resume (a requeued Slurm job started csv/version_<n+1> before).
+    assert sorted(run_dir.glob("csv/**/metrics.csv")) == [run_dir / "csv" / "metrics.csv"]
 
 
 def _checkpointed_run(store: Path, run_dir: Path) -> list[str]:

@@ -50,7 +50,7 @@ def test_train_exports_a_loadable_sae_with_metrics(store: Path, tmp_path: Path) 
         x_raw.float() - x_raw.float().mean(0)
     ).pow(2).sum()
     assert fvu < 0.9  # it learned something in 30 steps
-    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+    with open(run / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {key for row in rows for key, value in row.items() if value}
     for key in ("train/loss", "train/mse", "train/fvu", "train/l0", "train/l1", "train/dead_frac",
@@ -78,7 +78,7 @@ def test_a_new_penalty_is_one_class_and_a_target(store: Path, tmp_path: Path) ->
     """README: subclass SparsityPenalty, point `sparsity._target_` at it, train."""
     penalty = {"sparsity._target_": "train_helpers.LogPenalty", "+sparsity.coeff": 0.01}
     run = train(compose_train(train_overrides(store, tmp_path / "run", steps=6, **penalty)))
-    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+    with open(run / "csv" / "metrics.csv") as f:
         logged = [r["train/sparsity"] for r in csv.DictReader(f) if r.get("train/sparsity")]
     assert logged and all(float(p) > 0 for p in logged)
 

@@ -58,9 +58,19 @@ def test_sweep_through_submitit_local_launcher(tmp_path: Path) -> None:
     assert list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))  # ran via submitit
 
 
-def test_slurm_launcher_config_composes() -> None:
-    cfg = compose_train(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
-    assert launcher.array_parallelism > 0 and launcher.timeout_min > 0
+def test_slurm_launcher_presets_compose() -> None:
+    """slurm fits a CPU partition (no GPU, no memory request); slurm_gpu asks one GPU a task."""
+    cpu = compose_train(["hydra/launcher=slurm", "hydra.launcher.partition=cpu"]).hydra.launcher
+    assert cpu._target_.endswith("slurm_launcher.SlurmLauncher")
+    assert (cpu.partition, cpu.gpus_per_node, cpu.mem_gb, cpu.tasks_per_node) == (
+        "cpu",
+        None,
+        None,
+        1,
+    )
+    assert cpu.array_parallelism > 0 and cpu.timeout_min > 0 and cpu.max_num_timeout > 0
+    gpu = compose_train(["hydra/launcher=slurm_gpu"]).hydra.launcher
+    assert gpu._target_ == cpu._target_ and (gpu.gpus_per_node, gpu.mem_gb) == (1, 64)
+    for name, gpus in (("grouped_slurm", None), ("grouped_slurm_gpu", 1)):
+        grouped = compose_train([f"hydra/launcher={name}"]).hydra.launcher.submitit.parameters
+        assert grouped.gpus_per_node == gpus

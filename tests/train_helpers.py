@@ -192,3 +192,15 @@ class LogPenalty(SparsityPenalty):
 
     def per_vector(self, out: SAEOutput, sae: Any) -> torch.Tensor:
         return torch.log1p(out.dense_codes()).sum(-1)
+
+
+class SlowSteps(L.Callback):
+    """Sleep after every step: gives a test time to signal a run between its checkpoints."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        import time
+
+        time.sleep(self.seconds)

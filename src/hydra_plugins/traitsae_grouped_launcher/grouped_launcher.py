@@ -30,7 +30,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from traitsae.errors import TraitsaeError, exit_on_user_error
+from traitsae.errors import exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ class TrainGroup:
 
     def __call__(self, jobs: list[tuple[DictConfig, Path]], hydra_cfg: DictConfig) -> list[Path]:
         from traitsae.training import train_group  # see the module docstring
+        from traitsae.training.trainer import LOG_FORMAT
 
         HydraConfig.instance().set_config(hydra_cfg)  # as inside the group's first job
+        if not logging.getLogger().handlers:  # a submitit job: its log is stderr
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         return exit_on_user_error(train_group)(jobs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -110,6 +113,8 @@ class GroupedLauncher(Launcher):
             return [TrainGroup()(jobs, hydra_cfg) for jobs, hydra_cfg in payloads]
         import submitit
 
+        from traitsae.cluster.slurm import result, submit
+
         options = dict(self.submitit)
         cluster = options.pop("cluster")
         executor = submitit.AutoExecutor(
@@ -119,9 +124,10 @@ class GroupedLauncher(Launcher):
         )
         parameters = {k: v for k, v in options.pop("parameters", {}).items() if v is not None}
         executor.update_parameters(**parameters)
-        submitted = executor.map_array(TrainGroup(), *zip(*payloads, strict=True))
+        keys = resource_keys(parameters)
+        submitted = submit(executor, TrainGroup(), list(zip(*payloads, strict=True)), keys)
         log.info("submitted %d group job(s) to %s", len(submitted), cluster)
-        return [_result(job) for job in submitted]
+        return [result(job, f"group job {i}") for i, job in enumerate(submitted)]
 
     def _prepare(self, idx: int, overrides: Sequence[str]) -> tuple[JobReturn, DictConfig]:
         """Hydra's job set-up (job dir, `.hydra/` record) without training yet."""
@@ -145,18 +151,15 @@ class GroupedLauncher(Launcher):
         return ret, sweep_config
 
 
-def _result(job: Any) -> list[Path]:
-    """A group job's job dirs, or its error as one paragraph (not submitit's traceback)."""
-    from submitit.core.utils import UncompletedJobError
+def resource_keys(parameters: dict[str, Any]) -> dict[str, str]:
+    """Resource -> `key=value` as configured under hydra.launcher.submitit.parameters."""
+    from hydra_plugins.traitsae_grouped_launcher import slurm_launcher
 
-    try:
-        return job.results()[0]
-    except UncompletedJobError as err:
-        stderr = Path(job.paths.stderr)
-        lines = stderr.read_text().strip().splitlines() if stderr.is_file() else []
-        said = next((line for line in reversed(lines) if line.startswith("error: ")), None)
-        reason = said[len("error: ") :] if said else str(err).splitlines()[0]
-        raise TraitsaeError(
-            f"group job {job.job_id} failed: {reason} (its log: {stderr}). Fix the cause and "
-            "re-run the same sweep command: finished groups are not retrained, the others resume."
-        ) from None
+    plain = {k.removeprefix("slurm_"): v for k, v in parameters.items()}
+    generic = slurm_launcher.generic_keys()
+    return slurm_launcher.resource_keys(
+        plain,
+        lambda name: (
+            "hydra.launcher.submitit.parameters." + (name if name in generic else f"slurm_{name}")
+        ),
+    )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from traitsae.cluster.signals import ignore_job_signals
 from traitsae.config_checks import fraction, integer
 from traitsae.data.rings import PREFETCH, BatchLoader
 from traitsae.data.store import Store, missing_store_message, tmp_path
@@ -178,6 +179,8 @@ class ActivationsDataModule(L.LightningDataModule):
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
+        if self.n_val_vectors:  # fail now, not at the first validation hours later
+            self.val_workers()
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -213,6 +216,13 @@ class ActivationsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> CheckedBatches:
         where = f"store {self.store_path} ({self.val_plan.key}), validation images"
+        loader = self.loader(self.val_dataset(), self.val_workers())
+        return CheckedBatches(loader, where, self.median_norm)
+
+    def val_workers(self) -> int:
+        """Validation's loader workers. A small or unfinished store may hold out fewer blocks
+        than there are loader workers: fewer workers then, so that every stream has blocks to
+        read (one pass, same vectors)."""
         _, world = self._rank_world()
         n_blocks = len(self.val_plan.blocks)
         if 0 < n_blocks < world:
@@ -221,10 +231,7 @@ class ActivationsDataModule(L.LightningDataModule):
                 f"{world} DDP ranks that read them. Raise data.val_fraction, lower "
                 "data.block_images, or extract more images."
             )
-        # A small or unfinished store may hold out fewer blocks than there are loader workers:
-        # fewer workers then, so that every stream has blocks to read (one pass, same vectors).
-        workers = min(self.num_workers, n_blocks // world)
-        return CheckedBatches(self.loader(self.val_dataset(), workers), where, self.median_norm)
+        return min(self.num_workers, n_blocks // world)
 
     def loader(self, stream: ActivationStream, workers: int | None = None) -> BatchLoader:
         """Batches of `stream`, read by `workers` (default `num_workers`) worker processes."""
@@ -237,6 +244,7 @@ class ActivationsDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             prefetch_factor=PREFETCH if workers else None,
+            worker_init_fn=ignore_job_signals,  # only this process checkpoints and requeues
             generator=torch.Generator().manual_seed(self.seed),
         )
         return BatchLoader(loader, stream.batch_size)

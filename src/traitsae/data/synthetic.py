@@ -28,6 +28,7 @@ Files written under `root` (the CUB-200-2011 layout, so the real `cub` loader re
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import tempfile
@@ -308,18 +309,27 @@ def is_generated(root: str | Path) -> bool:
 
 
 def ensure_synthetic(root: str | Path, seed: int = 0, **kwargs: int | float) -> Path:
-    """Generate the demo dataset at `root` unless a complete one is already there."""
+    """Generate the demo dataset at `root` unless a complete one is already there.
+
+    Under an exclusive lock (`<root>.lock`): jobs that start together (the shards of a Slurm
+    array) generate it once; the others wait and then read it (a second `generate` would
+    replace the folder under a reader)."""
     root = Path(root)
-    if is_generated(root):
-        if not (root / MASKS_DIR).is_dir():  # generated before the segmentation masks existed
-            add_label_masks(root)
+    if is_generated(root) and (root / MASKS_DIR).is_dir():
         return root
-    if root.exists() and any(root.iterdir()):
-        raise TraitsaeError(
-            f"{root} exists but holds no complete synthetic dataset (no .complete marker); "
-            "delete it or point dataset.root at an empty or missing directory."
-        )
-    return generate(root, seed=seed, **kwargs)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        if is_generated(root):
+            if not (root / MASKS_DIR).is_dir():  # generated before the segmentation masks
+                add_label_masks(root)
+            return root
+        if root.exists() and any(root.iterdir()):
+            raise TraitsaeError(
+                f"{root} exists but holds no complete synthetic dataset (no .complete marker); "
+                "delete it or point dataset.root at an empty or missing directory."
+            )
+        return generate(root, seed=seed, **kwargs)
 
 
 def load_trait_masks(root: str | Path) -> tuple[np.ndarray, np.ndarray]:

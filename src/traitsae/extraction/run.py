@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from traitsae.backbones import Backbone, build_backbone
+from traitsae.cluster.signals import ignore_job_signals
 from traitsae.data.images import ImageDataset, ImageList
 from traitsae.data.store import StoreWriter, stored_rows, tmp_path
 from traitsae.errors import TraitsaeError
@@ -110,6 +112,7 @@ def make_loader(
         num_workers=int(cfg.extract.num_workers),
         pin_memory=device.type == "cuda",
         shuffle=False,
+        worker_init_fn=ignore_job_signals,  # only this process checkpoints and requeues
     )
 
 
@@ -123,14 +126,22 @@ def fill_store(
     device: torch.device,
 ) -> None:
     """Run the backbone over the remaining batches and hand each one to the writer thread."""
+    # A bar redraws its line with `\r`: in a log file (a Slurm job's .out) that is thousands of
+    # lines; there a line per tenth of the images says as much.
+    show = bool(cfg.extract.progress)
     bar = tqdm(
         total=len(dataset), initial=start, unit="img", desc=f"extract {backbone.name}",
-        disable=not cfg.extract.progress, dynamic_ncols=True,
+        disable=not (show and sys.stderr.isatty()), dynamic_ncols=True,
     )  # fmt: skip
+    tenth, done = max(1, len(dataset) // 10), start
     with AsyncWriter(writer, int(cfg.extract.write_queue)) as sink, bar:
         for batch in batches:
             sink.put(encode_batch(cfg, backbone, batch, dataset, device))
-            bar.update(len(batch["index"]))
+            n = len(batch["index"])
+            bar.update(n)
+            if show and bar.disable and (done + n) // tenth > done // tenth:
+                log.info("extracted %d of %d images", done + n, len(dataset))
+            done += n
 
 
 def autocast(cfg: DictConfig, device: torch.device) -> Any:

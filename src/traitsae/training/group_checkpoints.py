@@ -7,12 +7,15 @@ same step and joins them again.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from traitsae.errors import TraitsaeError
+from traitsae.files import atomic_write
 from traitsae.training.checkpoint_io import AtomicCheckpointIO
+from traitsae.training.resume import CHECKPOINT_DIR
 
 # LambdaLR's state entries that hold one value per param group (= per member).
 PER_GROUP_SCHEDULER_KEYS = ("base_lrs", "_last_lr", "lr_lambdas")
@@ -112,9 +115,17 @@ class GroupCheckpointIO(AtomicCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        for index, member_path in enumerate(self.member_paths(path)):
+        """All members' files or none: each part is written to `<file>.partial`; once all are,
+        a `<file>.commit` marker in the first job's dir says so, and the parts are renamed
+        into place. A kill before the marker leaves every member at the old step; a kill
+        after it is finished by `recover` (the next run's first step)."""
+        paths = self.member_paths(path)
+        for index, member_path in enumerate(paths):
             part = split_checkpoint(checkpoint, index, self.configs[index])
-            super().save_checkpoint(part, member_path, storage_options)
+            super().save_checkpoint(part, partial_path(member_path), storage_options)
+        listed = "\n".join(str(p) for p in paths).encode()
+        marker = atomic_write(commit_path(paths[0]), lambda file: file.write(listed))  # commit
+        _finish_commit(marker)
 
     def load_checkpoint(
         self,
@@ -128,7 +139,7 @@ class GroupCheckpointIO(AtomicCheckpointIO):
             raise TraitsaeError(
                 f"cannot resume the grouped sweep from {path}: these jobs have no checkpoint at "
                 f"the same step: {', '.join(missing)}. Re-run the sweep in a new hydra.sweep.dir, "
-                "or pass resume=false to start every job of the group afresh."
+                "or pass train.resume=false to start every job of the group afresh."
             )
         load = super().load_checkpoint  # (a comprehension has no zero-argument super())
         parts = [load(p, map_location, weights_only) for p in paths]
@@ -137,10 +148,37 @@ class GroupCheckpointIO(AtomicCheckpointIO):
             raise TraitsaeError(
                 f"cannot resume the grouped sweep: its jobs' checkpoints {[str(p) for p in paths]} "
                 f"are at different steps {sorted(steps)}. Re-run in a new hydra.sweep.dir or with "
-                "resume=false."
+                "train.resume=false."
             )
         return join_checkpoints(parts)
 
     def remove_checkpoint(self, path: str | Path) -> None:
         for member_path in self.member_paths(path):
             super().remove_checkpoint(member_path)
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def commit_path(path: Path) -> Path:
+    return path.with_name(path.name + ".commit")
+
+
+def _finish_commit(marker: Path) -> None:
+    """Rename the parts a commit marker lists into place (those not renamed yet)."""
+    for member_path in map(Path, marker.read_text().split("\n")):
+        partial = partial_path(member_path)
+        if partial.exists():
+            os.replace(partial, member_path)
+    marker.unlink()
+
+
+def recover(job_dirs: list[Path]) -> None:
+    """Finish a group checkpoint that was committed but not wholly renamed; drop the parts of
+    one that was not committed. Afterwards every member's files are at one step."""
+    for marker in (Path(job_dirs[0]) / CHECKPOINT_DIR).glob("*.commit"):
+        _finish_commit(marker)
+    for job_dir in job_dirs:
+        for partial in (Path(job_dir) / CHECKPOINT_DIR).glob("*.partial"):
+            partial.unlink()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,16 @@ from traitsae.sae.export import save_sae
 from traitsae.sae.module import SAEModule
 from traitsae.training.checkpoint_io import AtomicCheckpointIO
 from traitsae.training.config import TrainConfig, instantiate_checked, run_config
-from traitsae.training.group_checkpoints import GroupCheckpointIO
+from traitsae.training.group_checkpoints import GroupCheckpointIO, recover
 from traitsae.training.group_module import MemberLogger, SAEGroupModule, member_metrics
 from traitsae.training.grouping import Job
 from traitsae.training.resume import finished_export, resume_group
 from traitsae.training.trainer import (
     fit,
+    job_logs,
     process_settings,
     quiet_lightning_console,
+    rank_log_files,
     run_callbacks,
     run_loggers,
     seed_everything,
@@ -63,10 +65,14 @@ def train_group(jobs: list[Job]) -> list[Path]:
     The configs agree on `traitsae.training.grouping.SHARED_NODES` (the data, the trainer); each
     job keeps its own SAE, seed (initialisation), optimiser, logger, checkpoints and export.
     """
+    rank_log_files()
     configs = _set_up(jobs)
-    with exclusive_run_dirs([Path(job_dir) for _, job_dir in jobs]):
+    job_dirs = [Path(job_dir) for _, job_dir in jobs]
+    # A solo run's train.log is Hydra's; a group's jobs get theirs here.
+    logs = job_logs(job_dirs) if len(jobs) > 1 else nullcontext()
+    with exclusive_run_dirs(job_dirs), logs:
         _train_in([(cfg, Path(job_dir)) for cfg, job_dir in jobs], configs)
-    return [Path(job_dir) for _, job_dir in jobs]
+    return job_dirs
 
 
 @contextmanager
@@ -95,6 +101,8 @@ def _train_in(jobs: list[Job], configs: list[TrainConfig]) -> None:
             )  # fmt: skip
     if len(finished) == len(jobs):
         return
+    if len(jobs) > 1:
+        recover(job_dirs)  # a group checkpoint the last run did not finish writing
     ckpt_path = resume_group(jobs)
     with process_settings(first):
         dm, node = prepare_data(first)
@@ -191,10 +199,11 @@ def _finish(
             continue
         own = member_metrics(metrics, index)  # a solo run's metrics carry no member prefix
         where = f" {job_dir}" if len(jobs) > 1 else ""
-        log.info("done%s, %s", where, summary(step, own))
+        its_log = {"job_dir": str(job_dir)}  # (job_logs: this job's train.log only)
+        log.info("done%s, %s", where, summary(step, own), extra=its_log)
         if cfg.train.export:
             path = save_sae(member.sae.cpu(), job_dir, export_meta(cfg, dm, step, own))
-            log.info("exported %s", path)
+            log.info("exported %s", path, extra=its_log)
 
 
 def summary(step: int, metrics: dict[str, float]) -> str:

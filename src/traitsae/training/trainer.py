@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from traitsae.errors import TraitsaeError
@@ -36,7 +39,32 @@ def trainer_node(cfg: DictConfig, has_val: bool) -> dict[str, Any]:
         node["val_check_interval"] = min(int(node["val_check_interval"]), max_steps)
     if not has_val:
         node["limit_val_batches"] = 0
+    if progress_in_a_file(node):
+        node["enable_progress_bar"] = False  # ProgressLines (run_callbacks) logs lines instead
     return node
+
+
+def progress_in_a_file(trainer_kwargs: Any) -> bool:
+    """A progress bar is asked for but stdout is no terminal (a Slurm job's .out file): its
+    `\r` redraws would fill the file, so log a line per tenth of the run instead."""
+    return bool(trainer_kwargs.get("enable_progress_bar", True)) and not sys.stdout.isatty()
+
+
+class ProgressLines(L.Callback):
+    """Logs `step N of M (x steps/s)` ten times a run: the progress bar of a log file."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps, self.every = max_steps, max(1, max_steps // 10)
+        self.since: tuple[float, int] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step, now = trainer.global_step, time.monotonic()
+        if self.since is None:
+            self.since = (now, step)
+        elif step % self.every == 0 and step > self.since[1]:
+            rate = (step - self.since[1]) / max(now - self.since[0], 1e-9)
+            log.info("step %d of %d (%.3g steps/s)", step, self.max_steps, rate)
+            self.since = (now, step)
 
 
 def _reject_local_multirun_ddp(trainer_kwargs: dict[str, Any]) -> None:
@@ -47,7 +75,8 @@ def _reject_local_multirun_ddp(trainer_kwargs: dict[str, Any]) -> None:
     many = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1)
     many = many or (isinstance(devices, list) and len(devices) > 1)
     launcher = str(hydra_cfg.launcher.get("_target_", ""))
-    if hydra_cfg.mode == RunMode.MULTIRUN and many and "submitit" not in launcher:
+    on_slurm = "submitit" in launcher or launcher.endswith(".SlurmLauncher")
+    if hydra_cfg.mode == RunMode.MULTIRUN and many and not on_slurm:
         raise TraitsaeError(
             f"a local sweep (-m) cannot run multi-device DDP jobs (trainer.devices={devices}): "
             "Lightning re-launches the whole sweep in each child process. Sweep with "
@@ -69,6 +98,8 @@ def run_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
         ),
         ResumeState(run_config(cfg)),
     ]
+    if progress_in_a_file(cfg.trainer):
+        callbacks.append(ProgressLines(int(cfg.trainer.max_steps)))
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None and "_target_" in node:
             log.info("callback %s: %s", name, node._target_)
@@ -96,6 +127,55 @@ def quiet_lightning_console() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # A resumed run checkpoints into its own folder again: expected, not a warning.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning checks for srun from two places of each Trainer: say it once.
+    warnings.filterwarnings("once", message=r"The `srun` command is available on your system")
+
+
+def rank_log_files() -> None:
+    """One log file per DDP rank. Every rank runs train.py with the same run dir, and Hydra
+    points each one's file handler at the same train.log: ranks > 0 write `train.rank<r>.log`
+    (the rank from the launcher's environment: srun's SLURM_PROCID, torchrun's RANK, ...)."""
+    rank = rank_zero_only.rank
+    if not rank:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.FileHandler) or ".rank" in handler.baseFilename:
+            continue
+        path = Path(handler.baseFilename)
+        own = logging.FileHandler(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"))
+        own.setFormatter(handler.formatter)
+        own.setLevel(handler.level)
+        root.removeHandler(handler)
+        handler.close()
+        root.addHandler(own)
+
+
+# Hydra's default job-log format: a grouped job's train.log reads as a solo run's.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+@contextmanager
+def job_logs(job_dirs: list[Path]) -> Iterator[None]:
+    """A group's jobs each get their `train.log` as a solo run writes it: the group's lines, and
+    the job's own (records logged with `extra={"job_dir": ...}`) only in that job's file."""
+    root = logging.getLogger()
+    level = root.level
+    handlers = []
+    for job_dir in job_dirs:
+        handler = logging.FileHandler(job_dir / "train.log")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(lambda record, own=str(job_dir): getattr(record, "job_dir", own) == own)
+        handlers.append(handler)
+        root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _drop_lightning_adverts(record: logging.LogRecord) -> bool:
