@@ -34,7 +34,9 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from traitsae.evaluation.causal.steer import SteerOptions, compute_steer
+import traitsae
+from traitsae.evaluation.causal.steer import compute_steer
+from traitsae.evaluation.causal.steer_options import SteerOptions
 from traitsae.evaluation.causal.steer_report import format_result
 from traitsae.evaluation.core.options import build_options
 
@@ -70,7 +72,8 @@ overrides = [
     f"eval.alphas=[{','.join(str(a) for a in ALPHAS)}]",
 ]
 GlobalHydra.instance().clear()
-with initialize_config_dir(version_base="1.3", config_dir=str(Path("conf").resolve())):
+CONF = Path(traitsae.__file__).resolve().parents[2] / "conf"  # the repository's Hydra configs
+with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
     cfg = compose("evaluate", overrides=overrides)
 steered = compute_steer(cfg, build_options(SteerOptions, cfg))
 result = steered.result

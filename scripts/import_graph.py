@@ -29,8 +29,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("base", ("traitsae.errors", "traitsae.version", "traitsae.config_checks",
               "traitsae.config_diff", "traitsae.files", "traitsae.locks", "traitsae.cluster",
               "traitsae.cluster.*"),
-     "errors, the version, config checks, atomic files, locks, cluster jobs (signals, Slurm, "
-     "sbatch): no knowledge of the pipeline"),
+     "errors, the version, config checks, atomic files, locks, cluster jobs and signals: no "
+     "knowledge of the pipeline"),
     ("backbones", ("traitsae.backbones.*",), "the ViTs behind one interface"),
     ("data", ("traitsae.data.*", "traitsae.paths"),
      "images, the activation store, the training stream; never the SAE"),

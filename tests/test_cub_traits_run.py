@@ -173,6 +173,8 @@ def test_bad_options(experiment, tmp_path):
         ("eval.methods=[sae,ica]", "eval.methods"),
         ("eval.certainty=[5]", "eval.certainty"),
         ("eval.seeds=[1,1]", "eval.seeds"),
+        ("eval.seeds=abc", "eval.seeds must be a list of integers.*'abc'"),
+        ("eval.seeds=[0,x]", "eval.seeds must be a list of integers"),
         ("eval.probe_folds=1", "eval.probe_folds"),
     ):
         cfg = compose_evaluate(experiment_overrides(experiment, *FAST, override), tmp_path)

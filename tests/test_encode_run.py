@@ -144,3 +144,43 @@ def test_sae_json_must_match_its_weights(planted, tmp_path):
     (tmp_path / "run" / "sae.json").write_text(json.dumps(record))
     with pytest.raises(TraitsaeError, match=r"says d_model=32, but the weights .* d_model=16"):
         load_sae(tmp_path / "run")
+
+
+def test_an_unwritable_output_folder_is_named(planted, tmp_path):
+    """It used to end in a traceback (mkdir under a file, a read-only mount)."""
+    store, sae, _ = planted
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with Store(store.path) as opened, pytest.raises(TraitsaeError, match="a-file.*writable folder"):
+        write_sparse_codes(opened, sae, blocker / "codes.h5")
+
+
+def test_encode_onto_a_full_disk_is_a_clear_error(planted, tmp_path):
+    """A file-size limit of 64 KiB (RLIMIT_FSIZE: writes past it fail like a full disk) in a
+    subprocess: a one-paragraph error naming the output, exit 0 of the child, no temp file
+    left (it used to die with a signal)."""
+    import subprocess
+    import sys
+
+    store, sae, _ = planted
+    out = tmp_path / "codes.h5"
+    script = f"""
+import resource, sys
+from traitsae.data.store import Store
+from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.codes import write_sparse_codes
+from traitsae.sae.export import load_sae
+sae = load_sae({str(sae.json_path.parent)!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+try:
+    with Store({str(store.path)!r}) as opened:
+        write_sparse_codes(opened, sae, __import__("pathlib").Path({str(out)!r}), dtype="float32", progress=False)
+except TraitsaeError as err:
+    print("ERROR", err)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "ERROR writing the codes to" in proc.stdout and "disk" in proc.stdout, proc.stdout
+    assert not out.exists() and not list(tmp_path.glob(".codes.h5.*"))

@@ -16,7 +16,8 @@ from test_backbones_hub import hub_cache  # noqa: F401 (the fixture)
 from traitsae.backbones import build_backbone
 from traitsae.backbones.openclip_vit import create_openclip_model
 from traitsae.backbones.timm_vit import create_timm_model
-from traitsae.evaluation.causal.splice import CONDITIONS, condition_tokens, recovered
+from traitsae.evaluation.causal.splice import CONDITIONS, condition_tokens
+from traitsae.evaluation.causal.splice_report import recovered
 
 
 def _images(size: int, n: int = 3) -> torch.Tensor:

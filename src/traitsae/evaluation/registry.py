@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.bench import bench
 from traitsae.evaluation.causal import splice, steer
+from traitsae.evaluation.causal.steer_options import SteerOptions
 from traitsae.evaluation.discovery import discovery
 from traitsae.evaluation.keys import audit, key
 from traitsae.evaluation.latents import encode, features
@@ -38,7 +39,7 @@ EVALUATIONS: dict[str, Evaluation] = {
         Evaluation("discovery", discovery.run, discovery.DiscoveryOptions),
         Evaluation("segments", segments.run, segments.SegmentsOptions),
         Evaluation("splice", splice.run, splice.SpliceOptions),
-        Evaluation("steer", steer.run, steer.SteerOptions),
+        Evaluation("steer", steer.run, SteerOptions),
         Evaluation("health", health.run, health.HealthOptions),
         Evaluation("dictionary", dictionary.run, dictionary.DictionaryOptions),
         Evaluation("probe", probe.run, probe.ProbeDeltaOptions),

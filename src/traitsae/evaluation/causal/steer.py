@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from traitsae.backbones import Backbone
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.causal.control import compare, control_latents, control_units
 from traitsae.evaluation.causal.forward import (
-    ProbeOptions,
     SplitImages,
     build_full_backbone,
     check_readout_depends,
@@ -46,11 +45,10 @@ from traitsae.evaluation.causal.forward import (
     split_images,
     train_class_probe,
 )
+from traitsae.evaluation.causal.steer_options import ALPHA_MEANING, SteerOptions
 from traitsae.evaluation.causal.steer_report import summarise, write_outputs
 from traitsae.evaluation.causal.steering import (
-    WHERE,
     changed_patches,
-    check_alphas,
     choose_latents,
     class_latents,
     source_sample,
@@ -63,56 +61,6 @@ from traitsae.evaluation.core.sources import eval_store, output_dir
 from traitsae.sae.export import RawSpaceSAE
 
 log = logging.getLogger(__name__)
-RANKS = ("effect", "specificity")
-ALPHA_MEANING = {
-    "typical": "each edited token's code of latent s raised by alpha * alpha_unit[s], its mean "
-    "code over the edited tokens of a target-class image (train split)",
-    "code": "each edited token's code of latent s raised by alpha",
-}
-
-
-@dataclass(frozen=True)
-class SteerOptions(ProbeOptions):
-    """The `eval.*` options of conf/eval/steer.yaml (defaults and meanings there)."""
-
-    target_class: str | None
-    latents: list[int] | None
-    n_latents: int
-    n_candidates: int
-    rank: str
-    alphas: list[float]
-    alpha_units: str
-    where: str
-    tokens: str
-    source_class: str | None
-    images: list[Any] | None
-    max_images: int
-    n_control: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        set_ = object.__setattr__  # frozen: normalise once, here
-        set_(self, "alphas", check_alphas(as_list(self.alphas)))
-        set_(self, "latents", [int(s) for s in as_list(self.latents)] if self.latents else None)
-        set_(self, "images", as_list(self.images) if self.images else None)
-        if self.where not in WHERE:
-            raise TraitsaeError(f"eval.where must be one of {WHERE}, got {self.where!r}.")
-        if self.alpha_units not in ALPHA_MEANING:
-            raise TraitsaeError(
-                f"eval.alpha_units must be one of {sorted(ALPHA_MEANING)}, got "
-                f"{self.alpha_units!r}."
-            )
-        if self.rank not in RANKS:
-            raise TraitsaeError(f"eval.rank must be one of {RANKS}, got {self.rank!r}.")
-        if self.n_candidates < self.n_latents:
-            raise TraitsaeError(
-                f"eval.n_candidates={self.n_candidates} must be >= eval.n_latents="
-                f"{self.n_latents} (the latents are chosen among the candidates)."
-            )
-        if int(self.n_control) < 0:
-            raise TraitsaeError(f"eval.n_control must be >= 0, got {self.n_control}.")
-        if self.target_class is None:
-            raise TraitsaeError("eval.target_class is required: give a class name as in the store.")
 
 
 # ----------------------------------------------------------------------------- the function API
@@ -145,12 +93,6 @@ def image_position(item: Any, paths: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def as_list(value: Any) -> list:
-    if isinstance(value, ListConfig):
-        return list(OmegaConf.to_container(value, resolve=True))
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @dataclass

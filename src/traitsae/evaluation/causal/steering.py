@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,15 +19,10 @@ from traitsae.evaluation.causal.forward import (
     iter_image_batches,
     sae_token_positions,
 )
+from traitsae.evaluation.causal.steer_options import WHERE, SteerOptions
 from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
 from traitsae.evaluation.core.probes import ClassProbe
 from traitsae.sae.export import RawSpaceSAE
-
-if TYPE_CHECKING:
-    from traitsae.evaluation.causal.steer import SteerOptions
-
-WHERE = ("all", "firing")
-MAX_ALPHA = 1000.0  # |alpha| above this is not a steering step but an overflow
 
 
 def steer_tokens(
@@ -118,26 +113,6 @@ def check_latents(latents: Sequence[int], d_sae: int) -> None:
             f"eval.latents={list(latents)}: {'latents ' + str(bad) + ' are' if bad else 'none is'} "
             f"out of range; this SAE has {d_sae} latents, ids 0..{d_sae - 1}."
         )
-
-
-def check_alphas(alphas: Sequence[float]) -> list[float]:
-    try:
-        values = sorted(float(a) for a in alphas)
-    except (TypeError, ValueError) as err:
-        raise TraitsaeError(f"eval.alphas={list(alphas)} must be numbers ({err}).") from None
-    bad = [a for a in values if not np.isfinite(a) or abs(a) > MAX_ALPHA]
-    if bad:
-        raise TraitsaeError(
-            f"eval.alphas={list(alphas)}: {bad} {'is' if len(bad) == 1 else 'are'} not a finite "
-            f"step of at most {MAX_ALPHA:g} typical activations (beyond it the edited tokens "
-            "overflow float32 and every probability is nan); give e.g. eval.alphas=[0,0.5,1,2]."
-        )
-    if 0.0 not in values:
-        raise TraitsaeError(
-            f"eval.alphas={list(alphas)} must include 0 (the unsteered probabilities every other "
-            "alpha is compared with), e.g. eval.alphas=[0,2,4,8]."
-        )
-    return values
 
 
 @dataclass

@@ -61,13 +61,24 @@ def write_sparse_codes(
     of its own next to `out` that is renamed when complete (a missing folder is created)."""
     if dtype not in ("float16", "float32"):
         raise TraitsaeError(f"eval.dtype must be float16 or float32, got {dtype!r}.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as err:
+        raise TraitsaeError(
+            f"eval.output={out}: cannot create a file in {out.parent} ({err.strerror or err}); "
+            "choose an eval.output in a writable folder."
+        ) from None
     os.close(fd)
     tmp = Path(name)
     try:
         _write_codes(store, sae, tmp, sae_source, batch_patches, dtype, device, progress)
         tmp.replace(out)
+    except OSError as err:  # a full disk or a file-size limit: nothing half-written is kept
+        raise TraitsaeError(
+            f"writing the codes to {out} failed ({err.strerror or err}); is the disk of "
+            f"{out.parent} full? Free space or choose another eval.output; nothing was written."
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -87,6 +98,8 @@ def _write_codes(
     valid_N = np.asarray(meta["valid"], dtype=bool)
     grid_rows, grid_cols = (int(g) for g in store.grid)
     n_patches = store.n_patches
+    # Before HDF5 holds anything: a header it cannot flush crashes the interpreter on close.
+    check_room(tmp, sum(np.asarray(v).nbytes for v in meta.values()) + 8 * valid_N.size)
     with h5py.File(tmp, "w") as f:
         _write_header(f, store, sae, meta, valid_N, sae_source)
         writer = _CsrWriter(f, dtype)
@@ -95,6 +108,7 @@ def _write_codes(
         for batch in stream_codes(store, sae, batch_patches=batch_patches, device=device):
             n_images = len(batch.image_index)
             bar.update(n_images)
+            check_room(tmp, batch_bytes(batch.codes_BPS, dtype))
             writer.append(batch.codes_BPS.reshape(n_images * n_patches, -1))
             f["rows/image"].resize((writer.n_rows,))
             f["rows/image"][-n_images * n_patches :] = np.repeat(batch.image_index, n_patches)
@@ -109,6 +123,30 @@ def _write_codes(
         bar.close()
         f.attrs["grid"] = [grid_rows, grid_cols]
         f.attrs["complete"] = True
+
+
+# HDF5 writes whole chunks (the CSR indices' are 1 MiB): keep this much beyond a batch's bytes.
+ROOM_MARGIN = 8 << 20
+
+
+def batch_bytes(codes_BPS: torch.Tensor, dtype: str) -> int:
+    """What one batch adds to the codes file: CSR values and indices, and the row tables."""
+    nnz = int((codes_BPS != 0).sum())
+    return nnz * (4 + np.dtype(dtype).itemsize) + codes_BPS.shape[0] * codes_BPS.shape[1] * 24
+
+
+def check_room(tmp: Path, n_bytes: int) -> None:
+    """Refuse to write `n_bytes` (plus HDF5's chunk margin) that the disk or the process's
+    file-size limit cannot hold, before HDF5 tries: its failed writes can crash the process."""
+    import resource
+    import shutil
+
+    room = shutil.disk_usage(tmp.parent).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        room = min(room, soft - tmp.stat().st_size)
+    if n_bytes + ROOM_MARGIN > room:
+        raise OSError(28, f"{n_bytes + ROOM_MARGIN} bytes needed, {max(room, 0)} available")
 
 
 def _write_header(

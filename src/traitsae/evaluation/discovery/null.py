@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import false_discovery_control, rankdata
+from scipy.stats import false_discovery_control
 from tqdm.auto import tqdm
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.ranks import centred_ranks, comparable_pairs, stratum_codes
 
 # A Monte Carlo p-value resting on >= this many exceedances has a relative error of about
 # 1/sqrt(RESOLVED); fewer means the p-value is still limited by the number of draws.
@@ -66,31 +67,6 @@ class NullOptions:
             problems.append(f"eval.min_group={self.min_group} must be >= 1")
         if problems:
             raise TraitsaeError("invalid discovery options: " + "; ".join(problems) + ".")
-
-
-def stratum_codes(strata_N: np.ndarray | None, n_images: int) -> np.ndarray:
-    """int [N]: one code per distinct stratum label (all 0 without strata)."""
-    if strata_N is None:
-        return np.zeros(n_images, dtype=np.int64)
-    return np.unique(np.asarray(strata_N).astype(str), return_inverse=True)[1].reshape(-1)
-
-
-def centred_ranks(scores_NS: np.ndarray, codes_N: np.ndarray) -> np.ndarray:
-    """float64 [N, S]: each column's average ranks within each stratum, minus the stratum's mean
-    rank. Summed over the images of A they give sum_s (U_s - n_a,s * n_b,s / 2)."""
-
-    ranks_NS = np.empty(scores_NS.shape, dtype=np.float64)
-    for code in np.unique(codes_N):
-        rows = codes_N == code
-        ranks_NS[rows] = rankdata(scores_NS[rows], axis=0, method="average") - (rows.sum() + 1) / 2
-    return ranks_NS
-
-
-def comparable_pairs(in_a_N: np.ndarray, codes_N: np.ndarray) -> int:
-    """sum_s n_a,s * n_b,s: the (A, B) image pairs that share a stratum."""
-    n_a = np.bincount(codes_N[in_a_N], minlength=codes_N.max() + 1)
-    n_b = np.bincount(codes_N[~in_a_N], minlength=codes_N.max() + 1)
-    return int((n_a * n_b).sum())
 
 
 def column_blocks(n_rows: int, n_columns: int) -> range:

@@ -36,17 +36,16 @@ from typing import Any
 import numpy as np
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.ranks import comparable_pairs, stratum_codes
 from traitsae.evaluation.discovery.null import (
     GROUPS,
     NullOptions,
     auroc_per_column,
     bh_qvalues,
     check_group_sizes,
-    comparable_pairs,
     confirmation_split,
     permutation_test,
     smallest_p,
-    stratum_codes,
 )
 
 

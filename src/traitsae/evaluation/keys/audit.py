@@ -29,6 +29,7 @@ from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.methods import POOLS, Method, image_scores, valid_rows
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.patches import FRAMES, SplitPatches, collect_patches, store_frame
+from traitsae.evaluation.core.ranks import centred_ranks, comparable_pairs, stratum_codes
 from traitsae.evaluation.core.sae import resolve_sae
 from traitsae.evaluation.core.sources import eval_stores, output_dir
 from traitsae.evaluation.keys import grounding, sparse
@@ -41,7 +42,6 @@ from traitsae.evaluation.keys.pooled import (
     column_values,
     fit_methods,
 )
-from traitsae.evaluation.keys.ranks import centred_ranks, comparable_pairs, stratum_codes
 from traitsae.evaluation.keys.results import AuditResult, MethodAudit
 from traitsae.sae.export import RawSpaceSAE
 
@@ -215,7 +215,8 @@ def strata_codes(store: Store, rows: np.ndarray, columns: list[str] | None) -> n
     if not columns:
         return np.zeros(len(rows), dtype=np.int64)
     parts = [column_values(store, c, rows, "eval.strata") for c in columns]
-    return stratum_codes(np.array(["\x1f".join(v) for v in zip(*parts, strict=True)]))
+    labels_N = np.array(["\x1f".join(v) for v in zip(*parts, strict=True)])
+    return stratum_codes(labels_N, len(labels_N))
 
 
 class Proposer:

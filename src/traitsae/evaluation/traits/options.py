@@ -62,6 +62,13 @@ class CubTraitsOptions:
                 f"eval.certainty must list CUB certainty ids (1 not visible, 2 guessing, "
                 f"3 probably, 4 definitely), got {self.certainty}."
             )
+        seeds = self.seeds if isinstance(self.seeds, (list, tuple)) else [self.seeds]
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise TraitsaeError(
+                f"eval.seeds must be a list of integers, e.g. eval.seeds=[0,1,2]; got "
+                f"{self.seeds!r}."
+            )
+        object.__setattr__(self, "seeds", list(seeds))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise TraitsaeError(
                 f"eval.seeds must be a non-empty list of distinct integers, got {self.seeds}."

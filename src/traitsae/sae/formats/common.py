@@ -132,6 +132,19 @@ def as_float(t: Tensor) -> Tensor:
 def to_traitsae(foreign: ForeignSAE, path: Path, overrides: dict[str, Any]) -> Converted:
     """The traitsae SAE, scale and sae.json-like record that compute what the library computes
     (at fp32 tolerance); `traitsae.load_sae` wraps them in a `RawSpaceSAE`."""
+    arch, state = architecture_and_state(foreign, path)
+    sae = build_sae(**arch)
+    sae.load_state_dict(state, strict=True)
+    # The files read: inputs an evaluation must not write over.
+    config_file = _first_file(path, CONFIG_FILES) if path.is_dir() else None
+    meta = record(foreign, path, arch, overrides)
+    return Converted(sae, float(foreign.scale), meta, _first_file(path, WEIGHT_FILES), config_file)
+
+
+def architecture_and_state(
+    foreign: ForeignSAE, path: Path
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """`build_sae`'s arguments and the state dict of traitsae's SAE, the library's folds done."""
     W_enc_SD, W_dec_SD = as_float(foreign.W_enc_SD), as_float(foreign.W_dec_SD)
     b_enc_S, b_dec_D = as_float(foreign.b_enc_S), as_float(foreign.b_dec_D)
     d_sae, d_model = W_enc_SD.shape
@@ -167,18 +180,25 @@ def to_traitsae(foreign: ForeignSAE, path: Path, overrides: dict[str, Any]) -> C
         arch["prefixes"] = list(foreign.prefixes or [d_sae])
     if foreign.variant == "jumprelu":
         arch.update(threshold_init=1.0, bandwidth=1e-3)  # training only
-        assert foreign.threshold is not None
+        if foreign.threshold is None:
+            raise TraitsaeError(f"{path}: {foreign.library} JumpReLU checkpoint has no threshold.")
         theta_S = as_float(foreign.threshold).expand(d_sae)
         # Thresholds <= 0 act as ReLU in every library read here; the smallest normal float
         # keeps log finite (a latent's code then differs only for pre-activations below 1e-38).
         state["activation.log_threshold"] = theta_S.clamp_min(torch.finfo(torch.float32).tiny).log()
-    sae = build_sae(**arch)
-    sae.load_state_dict(state, strict=True)
+    return arch, state
+
+
+def record(
+    foreign: ForeignSAE, path: Path, arch: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """What sae.json records for a traitsae SAE, for this one: where it belongs (the checkpoint's
+    metadata, `overrides` winning), its source, sizes and architecture."""
     placement = {key: foreign.placement.get(key) for key in PLACEMENT_KEYS}
     placement.update({k: v for k, v in overrides.items() if v is not None})
     if placement["layer"] is not None:
         placement["layer"] = int(placement["layer"])
-    meta = {
+    return {
         "format": foreign.library,
         "source": {
             "library": foreign.library,
@@ -192,15 +212,12 @@ def to_traitsae(foreign: ForeignSAE, path: Path, overrides: dict[str, Any]) -> C
         "store": None,
         "config": None,
         "variant": foreign.variant,
-        "d_model": d_model,
-        "d_sae": d_sae,
+        "d_model": arch["d_model"],
+        "d_sae": arch["d_sae"],
         "scale": float(foreign.scale),
         "normaliser": f"x_normalised = x_raw * scale, as {foreign.library} scales its input",
         "architecture": arch,
     }
-    # The files read: inputs an evaluation must not write over.
-    config_file = _first_file(path, CONFIG_FILES) if path.is_dir() else None
-    return Converted(sae, float(foreign.scale), meta, _first_file(path, WEIGHT_FILES), config_file)
 
 
 def _check_finite(foreign: ForeignSAE, path: Path, *tensors: Tensor) -> None:
