@@ -323,3 +323,16 @@ def check_readout_depends(
         "earlier layer (train.py data.layer=<L> with L < the last block, extracted with "
         "backbone.layers=[L]), or eval.tokens=cls / both to edit the read-out token itself."
     )
+
+
+def run_meta(cfg: DictConfig, backbone: Backbone, sae: RawSpaceSAE, train_split: str) -> dict:
+    """What a causal run edited and read: the `meta` block splice.json and steer.json share."""
+    return {
+        "sae": str(cfg.get("sae_path") or cfg.get("run")),
+        "backbone": backbone.name,
+        "layer": sae.layer,
+        "depth": backbone.geometry.depth,
+        "dataset": cfg.dataset.name,
+        "split": str(cfg.split),
+        "train_split": train_split,
+    }

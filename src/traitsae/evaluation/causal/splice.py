@@ -48,6 +48,7 @@ from traitsae.evaluation.causal.forward import (
     check_readout_depends,
     iter_image_batches,
     load_cached,
+    run_meta,
     sae_token_positions,
     save_cached,
     split_images,
@@ -364,14 +365,8 @@ def summarise(
     k = backbone.geometry.n_prefix_tokens
     return {
         "metrics": metric_rows(metrics, opts.baseline),
-        "meta": {
-            "sae": str(cfg.get("sae_path") or cfg.get("run")),
-            "backbone": backbone.name,
-            "layer": sae.layer,
-            "depth": backbone.geometry.depth,
-            "dataset": cfg.dataset.name,
-            "split": str(cfg.split),
-            "train_split": opts.train_split,
+        "meta": run_meta(cfg, backbone, sae, opts.train_split)
+        | {
             "n_images": len(labels_N),
             "n_probe_classes": len(probe.classes),
             "edited_tokens": {

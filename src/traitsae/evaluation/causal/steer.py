@@ -42,6 +42,7 @@ from traitsae.evaluation.causal.forward import (
     build_full_backbone,
     check_readout_depends,
     iter_image_batches,
+    run_meta,
     split_images,
     train_class_probe,
 )
@@ -181,14 +182,7 @@ def compute_steer(cfg: DictConfig, opts: SteerOptions) -> Steered:
     result |= compare(target, result, probs_ANC[:, :, t], control_RAN, sets, on_target_N)
     result["selection"] = chosen.selection
     result["alpha_unit"] = [float(u) for u in chosen.units_K]
-    result["meta"] = {
-        "sae": str(cfg.get("sae_path") or cfg.get("run")),
-        "backbone": backbone.name,
-        "layer": sae.layer,
-        "depth": backbone.geometry.depth,
-        "dataset": cfg.dataset.name,
-        "split": str(cfg.split),
-        "train_split": opts.train_split,
+    result["meta"] = run_meta(cfg, backbone, sae, opts.train_split) | {
         "where": opts.where,
         "tokens": opts.tokens,
         "alpha_units": opts.alpha_units,
