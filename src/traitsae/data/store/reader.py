@@ -63,6 +63,9 @@ class Store:
         self.image_size: int = int(attrs.get("image_size", 0))
         self.complete: bool = bool(attrs.get("complete", False))
         self.config: str = decode_text(attrs.get("config", ""))
+        # How `images/foreground` was made (JSON; "" when the store has no flags or another
+        # tool wrote them without saying).
+        self.foreground_rule: str = decode_text(attrs.get("foreground", ""))
         self.metadata_columns: list[str] = [
             decode_text(c) for c in attrs.get("metadata_columns", [])
         ]
@@ -82,6 +85,8 @@ class Store:
         for key in ("index", "label", "valid", "error", "done", *self.metadata_columns):
             if key in self.file["images"] or key in self.metadata_columns:
                 expected[f"images/{key}"] = (n,)
+        if "foreground" in self.file["images"]:
+            expected["images/foreground"] = (n, p)
         for key, shape in expected.items():
             data = self.file.get(key)
             if not isinstance(data, h5py.Dataset) or data.shape != shape:
@@ -121,6 +126,18 @@ class Store:
         if tokens not in ("patches", "cls"):
             raise TraitsaeError(f"tokens must be 'patches' or 'cls', got {tokens!r}.")
         return self.patches(layer) if tokens == "patches" else self.cls(layer)
+
+    @property
+    def has_foreground(self) -> bool:
+        """The store holds foreground flags (`images/foreground`)."""
+        return "foreground" in self.file["images"]
+
+    def foreground(self) -> np.ndarray | None:
+        """bool [N, P]: True where a patch is foreground (patches in `patches/<L>` order); None
+        when the store has no flags. Rows of unusable images are all False."""
+        if not self.has_foreground:
+            return None
+        return np.asarray(self.file["images/foreground"][()], dtype=bool) & self.valid[:, None]
 
     @property
     def metadata(self) -> dict[str, np.ndarray]:
