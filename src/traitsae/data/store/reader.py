@@ -40,6 +40,9 @@ class Store:
             self.file.close()
             raise
         self._metadata: dict[str, np.ndarray] | None = None
+        # bool [N, P]: the patches the image-level scores pool over (None: all of them); an
+        # evaluation's choice, set by `traitsae.evaluation.core.foreground.select_patches`.
+        self.patch_mask: np.ndarray | None = None
 
     def _read_attrs(self) -> None:
         attrs = self.file.attrs
@@ -162,6 +165,11 @@ class Store:
     def valid(self) -> np.ndarray:
         """bool [N]: the usable rows (see the class docstring)."""
         return self.metadata["valid"]
+
+    def restrict(self, keep_N: np.ndarray) -> None:
+        """Use only the rows of `keep_N` (bool [N]) from now on, in this view (the file is not
+        touched): e.g. the images with a foreground patch when scores pool over those."""
+        self.metadata["valid"] = self.valid & np.asarray(keep_N, dtype=bool)
 
     def iter_blocks(
         self, layer: int, tokens: str = "patches", block: int = 256

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import heatmaps
+from traitsae.evaluation.core.foreground import patch_keep, select_patches
 from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.methods import check_pool, pool_tokens
 from traitsae.evaluation.core.options import build_options
@@ -83,7 +84,7 @@ def collect_scores(
             store, sae, wanted_N=wanted_N, batch_patches=batch_patches, device=device
         ):
             codes_BPS = batch.codes_BPS
-            pooled_BS = pool_tokens(codes_BPS, pool)
+            pooled_BS = pool_tokens(codes_BPS, pool, patch_keep(store, batch.image_index))
             index_parts.append(batch.image_index)
             score_parts.append(pooled_BS.cpu().numpy().astype(np.float32))
             bar.update(len(batch.image_index))
@@ -109,6 +110,7 @@ class DiscoveryOptions(ImageOptions):
     group_b: Any
     strata: Any
     pool: str
+    patches: str
     fire_threshold: float
     n_permutations: int
     max_permutations: int
@@ -149,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sae.eval().to(opts.device)
     out = output_dir(cfg)
     with eval_store(cfg, sae, opts.split) as store:
+        select_patches(store, opts.patches, sae)  # eval.patches: pool over foreground patches?
         result = discover(
             store,
             sae,
@@ -229,6 +232,7 @@ def compute_discovery(
         **asdict(rule),
         "weights": asdict(weights),
         "pool": pool,
+        "patches": "all" if store.patch_mask is None else "foreground",
         "fire_threshold": fire_threshold,
         "n_top_images": n_top_images,
         "strata": list(strata),
