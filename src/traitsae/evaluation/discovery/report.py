@@ -179,20 +179,28 @@ def group_sections(
 
 def intro_text(summary: Mapping[str, Any]) -> str:
     sizes = summary["sizes"]
+    n_pairs = summary.get("family_contrasts", 1)
+    over_pairs = f" of all {n_pairs} pairs of the run together" if n_pairs > 1 else ""
     held = (
         f" Each group was split by image (seeded) into a selection part (A {sizes['a']['selection']}, "
         f"B {sizes['b']['selection']} images) and a held-out confirmation part "
         f"(A {sizes['a']['confirmation']}, B {sizes['b']['confirmation']}); every number but "
         "confirm_* is on the selection part. confirmed = one-sided permutation test on the "
-        f"held-out images alone, BH over the candidates, q <= {summary['alpha']}."
+        f"held-out images alone, BH over the candidates{over_pairs}, q <= {summary['alpha']}."
         if summary["confirm"]
         else ""
+    )
+    family = (
+        f"all {summary['family_tests']} tests{over_pairs} ({summary['tested']} latents of this "
+        "pair tested)"
+        if n_pairs > 1
+        else f"the {summary['tested']} latents tested"
     )
     null = (
         f" p_value: two-sided permutation test ({summary['n_permutations']:,} shuffles of the "
         f"group labels{' within strata' if summary['strata'] else ''}, more for small p, up to "
-        f"{summary['max_permutations']:,}); q_value: Benjamini-Hochberg over the "
-        f"{summary['tested']} latents tested. A discovery has q <= {summary['alpha']}."
+        f"{summary['max_permutations']:,}); q_value: Benjamini-Hochberg over {family}. A "
+        f"discovery has q <= {summary['alpha']}."
         if summary["n_permutations"]
         else " No permutation null was run (eval.n_permutations=0)."
     )
@@ -200,12 +208,6 @@ def intro_text(summary: Mapping[str, Any]) -> str:
         " AUROC compares images within the same stratum only (eval.strata); each card lists "
         "the AUROC inside every stratum."
         if summary["strata"]
-        else ""
-    )
-    joint = (
-        f" The q-values and the confirmation come from one FDR over all "
-        f"{summary['family_contrasts']} pairs of the run ({summary['family_tests']} tests)."
-        if summary.get("family_contrasts", 1) > 1
         else ""
     )
     replicated = (
@@ -220,7 +222,6 @@ def intro_text(summary: Mapping[str, Any]) -> str:
         "Latents ranked by evidence, then by triage score = alpha*specificity + "
         "beta*(-entropy) + gamma*Moran's I."
         + null
-        + joint
         + held
         + strata
         + replicated
@@ -309,6 +310,7 @@ def pair_row(found: Discovery) -> dict[str, Any]:
         "n_b": found.groups["b"]["n_images"],
         "tested": None,
         "discoveries": None,
+        "confirmed": None,
         "skipped_reason": found.skipped or None,
     }
     if found.result is None:
