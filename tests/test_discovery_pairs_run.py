@@ -218,6 +218,10 @@ def test_chance_cosine_matches_random_directions():
             ["line 2 (pair 'ab'): groups a and b share 16 images"],
         ),
         ([], ["lists no pair"]),
+        (
+            ["t,subspecies=tiny,subspecies=delta"],
+            ["every pair was skipped", "line 2 (t)", "has 3 images"],
+        ),
     ],
 )
 def test_bad_pairs_files_are_one_paragraph_errors(collection, tmp_path, lines, expected):

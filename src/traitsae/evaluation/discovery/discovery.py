@@ -169,6 +169,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     replicates = load_replicates(cfg, opts.replicates, sae, opts.match_cosine)
     for rep in replicates:
         rep.sae.eval().to(opts.device)
+        if rep.note:
+            print(f"replicate {rep.label} ({rep.path}): {rep.note}")
     out = output_dir(cfg)
     with eval_store(cfg, sae, opts.split) as store:
         for rep in replicates:
@@ -284,7 +286,9 @@ def compute_pairs(
         found.append(Discovery(pair, groups, result, s, candidates, maps))
     tested = [d for d in found if d.result is not None]
     if not tested:
-        reasons = " ".join(f"{d.pair.name}: {d.skipped}" for d in found)
+        reasons = " ".join(
+            f"{d.pair.where or d.pair.name} ({d.pair.name}): {d.skipped}" for d in found
+        )
         raise TraitsaeError(
             f"every pair was skipped, none could be tested. {reasons} Widen the groups, lower "
             "eval.min_group or eval.confirm, or drop eval.strata."

@@ -2,6 +2,7 @@
 
     result = contrast(scores_NS, in_a_N, RankingRule(), NullOptions(), strata_N=None)
     result.table()      # candidate dicts, every statistic; result.summary: tested, alpha, ...
+    results = contrasts([ContrastInput(scores_NS, in_a_N), ...], RankingRule(), NullOptions())
 
 Rows are the images of the two groups (A where `in_a_N`, else B), columns are latents (an
 image-level score, e.g. the max over patches).
@@ -24,6 +25,10 @@ image-level score, e.g. the max over patches).
    discovery when q <= alpha.
 5. Confirmation part: each candidate's AUROC and a one-sided permutation p in its own
    direction, BH over the candidates; `confirmed` when that q <= alpha.
+
+`contrasts` runs several contrasts (eval.pairs) under one FDR: steps 1-3 per contrast, then one
+BH over every contrast's tested latents together, and one over every contrast's candidates'
+confirmation p-values together.
 """
 
 from __future__ import annotations
@@ -396,9 +401,20 @@ def _select(
         sel_NS, sel_a_N, sel_codes_N, null, rng, test_S=tested_S, progress=progress
     )
     return _Selection(
-        scores_NS, in_a_N, item.strata_N, names, codes_N, held_N, sizes, rng, firing,
-        tested_S, t_S, p_S, draws_S,
-    )  # fmt: skip
+        scores_NS=scores_NS,
+        in_a_N=in_a_N,
+        strata_N=item.strata_N,
+        names=names,
+        codes_N=codes_N,
+        held_N=held_N,
+        sizes=sizes,
+        rng=rng,
+        firing=firing,
+        tested_S=tested_S,
+        t_S=t_S,
+        p_S=p_S,
+        draws_S=draws_S,
+    )
 
 
 def _candidates(
