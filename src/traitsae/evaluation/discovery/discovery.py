@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +46,18 @@ from traitsae.evaluation.core.sources import check_store_matches_sae, eval_store
 from traitsae.evaluation.core.tokens import stream_codes
 from traitsae.evaluation.discovery import report as discovery_report
 from traitsae.evaluation.discovery.candidates import (
-    Candidate,
     GroupScores,
-    HeatMaps,
     build_candidates,
     candidate_figure,
 )
 from traitsae.evaluation.discovery.groups import parse_strata, strata_labels
-from traitsae.evaluation.discovery.pairs import Pair, configured_pairs, pair_masks
+from traitsae.evaluation.discovery.pairs import Discovery, Pair, configured_pairs, pair_masks
 from traitsae.evaluation.discovery.replicates import (
     Replicate,
     load_replicates,
     replicate_candidates,
 )
 from traitsae.evaluation.discovery.stats import (
-    Contrast,
     ContrastInput,
     NullOptions,
     RankingRule,
@@ -194,24 +191,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             result = discover(store, sae, pair.a, pair.b, rule, weights, out, **common)
     print(f"\ndiscovery report: {out / 'index.html'}")
     return result
-
-
-@dataclass
-class Discovery:
-    """Everything eval=discovery found for one pair on one store; nothing is written yet.
-    A skipped pair (groups below min_group, no shared stratum) has `skipped` and no result."""
-
-    pair: Pair
-    groups: dict[str, Any]
-    result: Contrast | None = None
-    scores: GroupScores | None = None
-    candidates: list[Candidate] = field(default_factory=list)
-    maps: HeatMaps = field(default_factory=dict)
-    skipped: str = ""
-
-    @property
-    def names(self) -> dict[str, str]:
-        return self.pair.names()
 
 
 @dataclass

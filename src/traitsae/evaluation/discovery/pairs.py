@@ -1,4 +1,5 @@
-"""The contrasts of one discovery run: `eval.group_a`/`eval.group_b` (one pair) or a pairs file.
+"""The contrasts of one discovery run: `eval.group_a`/`eval.group_b` (one pair) or a pairs file,
+and what each found (`Discovery`).
 
     eval.pairs=pairs.csv          # header `pair,a,b`, one contrast per line:
     pair,a,b
@@ -16,13 +17,14 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.discovery.candidates import Candidate, GroupScores, HeatMaps
 from traitsae.evaluation.discovery.groups import (
     NOT_GROUPABLE,
     column_listing,
@@ -31,6 +33,7 @@ from traitsae.evaluation.discovery.groups import (
     parse_group,
     value_counts,
 )
+from traitsae.evaluation.discovery.stats import Contrast
 
 PAIR_COLUMNS = ("pair", "a", "b")
 _PAIR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -212,3 +215,21 @@ def pair_masks(
             f"{what} {overlap} images; the groups must be disjoint to contrast them."
         )
     return mask_a, mask_b
+
+
+@dataclass
+class Discovery:
+    """Everything eval=discovery found for one pair on one store; nothing is written yet.
+    A skipped pair (groups below min_group, no shared stratum) has `skipped` and no result."""
+
+    pair: Pair
+    groups: dict[str, Any]
+    result: Contrast | None = None
+    scores: GroupScores | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    maps: HeatMaps = field(default_factory=dict)
+    skipped: str = ""
+
+    @property
+    def names(self) -> dict[str, str]:
+        return self.pair.names()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -15,11 +15,8 @@ from traitsae.evaluation.core.figures import plt
 from traitsae.evaluation.core.outputs import write_csv, write_json
 from traitsae.evaluation.core.report import Card, Section, write_report
 from traitsae.evaluation.discovery.candidates import Candidate
-from traitsae.evaluation.discovery.pairs import filter_text
+from traitsae.evaluation.discovery.pairs import Discovery, filter_text
 from traitsae.evaluation.discovery.stats import Contrast, LatentTable, NullOptions
-
-if TYPE_CHECKING:
-    from traitsae.evaluation.discovery.discovery import Discovery
 
 # The candidate numbers shown in tables and cards, in this order.
 _SHOWN = (
