@@ -26,7 +26,8 @@ from traitsae.evaluation.core.foreground import patch_keep, pool_tokens, select_
 from traitsae.evaluation.core.methods import Method, image_scores, sae_scorer
 from traitsae.evaluation.discovery.discovery import collect_scores
 from traitsae.extraction import extract
-from traitsae.extraction.foreground import write_flags
+from traitsae.extraction.foreground import ensure_foreground, write_flags
+from traitsae.extraction.jobs import configured_foreground
 from traitsae.sae.export import load_sae
 
 GRID = (8, 8)  # the tiny backbone: 64 px images, 8 px patches, no resize or crop
@@ -105,6 +106,21 @@ def test_flags_are_added_to_an_existing_store_without_re_extracting(tmp_path, sy
             "rule": "color", "color": "border", "tolerance": 30, "patch_rule": "majority",
         }  # fmt: skip
         assert store.foreground().any()
+
+
+def test_adding_flags_needs_the_images(tmp_path, syn_root):
+    root = tmp_path / "synthetic"
+    shutil.copytree(syn_root, root)
+    args = [f"dataset.root={root}"]
+    out = extract(compose_extract(tmp_path, [*args, "extract.foreground.rule=none"]))
+    with Store(out) as store:
+        gone = Path(store.metadata["path"][2])
+    gone.rename(tmp_path / "elsewhere.png")  # (extract.py itself sees the image list change)
+    cfg = compose_extract(tmp_path, args)
+    with pytest.raises(TraitsaeError, match=rf"1 images .* cannot be read now \(first: {gone}"):
+        ensure_foreground(cfg, out, configured_foreground(cfg))
+    with Store(out) as store:  # untouched
+        assert not store.has_foreground
 
 
 @pytest.mark.parametrize(

@@ -46,16 +46,22 @@ def ensure_foreground(cfg: DictConfig, out: Path, rule: ForegroundRule | None) -
         "adding foreground flags (%s) to %s%s: images only, no backbone pass", rule.to_json(),
         out, f", replacing {had}" if had else "",
     )  # fmt: skip
-    flags_NP = image_flags(cfg, paths, rule, size, grid) & valid_N[:, None]
+    flags_NP = image_flags(cfg, paths, valid_N, rule, size, grid)
     with store_lock(out):
         write_flags(out, flags_NP, rule.to_json())
     return True
 
 
 def image_flags(
-    cfg: DictConfig, paths: list[str], rule: ForegroundRule, size: int, grid: tuple[int, int]
+    cfg: DictConfig,
+    paths: list[str],
+    valid_N: np.ndarray,
+    rule: ForegroundRule,
+    size: int,
+    grid: tuple[int, int],
 ) -> np.ndarray:
-    """bool [N, P]: the flags of every image in `paths` (all False for an unreadable one)."""
+    """bool [N, P]: the flags of the images in `paths` (all False where `valid_N` is not);
+    a valid image that cannot be read now is an error (flags would silently say background)."""
     flags = ForegroundFlags.build(rule, cfg.dataset, frame_transform(cfg), size, grid)
     dataset = ImageDataset(paths, flags.to_tensor, size, foreground=flags)
     loader = torch.utils.data.DataLoader(
@@ -64,13 +70,24 @@ def image_flags(
         num_workers=int(cfg.extract.num_workers),
         worker_init_fn=ignore_job_signals,
     )
-    parts = []
+    parts, unreadable = [], []
     for batch in loader:
         for reason in batch["foreground_error"]:
             if reason:  # a mask that does not fit its image
                 raise TraitsaeError(reason)
+        for i, ok, error in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"]):
+            if valid_N[i] and not ok:
+                unreadable.append(f"{paths[i]} ({error})")
         parts.append(batch["foreground"].numpy().astype(bool))
-    return np.concatenate(parts) if parts else np.zeros((0, grid[0] * grid[1]), bool)
+    if unreadable:
+        raise TraitsaeError(
+            f"{len(unreadable)} images the store holds as valid cannot be read now (first: "
+            f"{unreadable[0]}), and foreground flags are computed from the images. Put them "
+            "back at the paths the store records (images/path), or keep the store without "
+            "flags with extract.foreground.rule=none."
+        )
+    flags_NP = np.concatenate(parts) if parts else np.zeros((0, grid[0] * grid[1]), bool)
+    return flags_NP & valid_N[:, None]
 
 
 def frame_transform(cfg: DictConfig) -> object:

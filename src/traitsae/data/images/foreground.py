@@ -29,6 +29,7 @@ from PIL import Image
 
 from traitsae.data.images.masks import (
     MaskLayout,
+    frame_labels,
     framed_patch_labels,
     load_mask_layout,
     patch_class_counts,
@@ -124,8 +125,17 @@ class ForegroundFlags:
         cls, rule: ForegroundRule, dataset_cfg: Any, transform: Callable, frame_size: int,
         grid: tuple[int, int],
     ) -> ForegroundFlags:  # fmt: skip
-        layout = load_mask_layout(dataset_cfg) if rule.rule == "masks" else None
-        return cls(rule, transform, frame_size, grid, layout)
+        flags = cls(rule, transform, frame_size, grid)
+        if rule.rule == "masks":
+            flags.layout = load_mask_layout(dataset_cfg)
+            try:  # a preprocessing masks cannot follow: say so before any image is read
+                frame_labels(flags.image_ops, np.zeros((frame_size, frame_size), np.int64))
+            except TraitsaeError as err:
+                raise TraitsaeError(
+                    f"extract.foreground.rule=masks cannot frame the masks like the backbone's "
+                    f"images ({err}). Use extract.foreground.rule=color (or none)."
+                ) from None
+        return flags
 
     def frame(self, image: Image.Image) -> Image.Image:
         for op in self.image_ops:

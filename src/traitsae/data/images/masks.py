@@ -31,6 +31,8 @@ from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 from traitsae.errors import TraitsaeError
 
 RULES = ("majority", "any")
+# Preprocessing steps that change an image's colour mode only (open_clip's): no geometry.
+COLOUR_ONLY_STEPS = ("_convert_to_rgb", "MaybeConvertMode")
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def frame_labels(image_ops: Sequence[Any], labels_HW: np.ndarray) -> np.ndarray:
             framed = Resize(op.size, InterpolationMode.NEAREST, op.max_size)(framed)
         elif isinstance(op, CenterCrop):
             framed = op(framed)
-        elif getattr(op, "__name__", "") == "_convert_to_rgb":  # open_clip's colour-only step
+        elif getattr(op, "__name__", type(op).__name__) in COLOUR_ONLY_STEPS:
             continue
         else:
             raise TraitsaeError(
