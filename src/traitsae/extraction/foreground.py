@@ -75,7 +75,9 @@ def image_flags(
         for reason in batch["foreground_error"]:
             if reason:  # a mask that does not fit its image
                 raise TraitsaeError(reason)
-        for i, ok, error in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"]):
+        for i, ok, error in zip(
+            batch["index"].tolist(), batch["ok"].tolist(), batch["error"], strict=True
+        ):
             if valid_N[i] and not ok:
                 unreadable.append(f"{paths[i]} ({error})")
         parts.append(batch["foreground"].numpy().astype(bool))
