@@ -24,6 +24,8 @@ MEASURES = (
     "centroid_y",
     "centroid_x_fg",
     "centroid_y_fg",
+    "total",
+    "outside",
 )
 
 
@@ -57,9 +59,11 @@ def measure(
     count. Over the foreground patches only: `n_foreground` (their number), `n_fires` (those
     where the code exceeds `fire_threshold`), `area` = n_fires / n_foreground, `max` and `mean`
     code, and the centroid of the firing patches weighted by their codes, in frame units and
-    within the foreground's bounding box. An image without foreground patches gets NaN
-    everywhere but n_foreground = n_fires = 0; a latent that does not fire on the foreground gets NaN
-    centroids.
+    within the foreground's bounding box. Over every patch: `total` code, and the share of it
+    `outside` the foreground (how much of the latent's firing is background). An image without
+    foreground patches gets NaN in the foreground measures (n_foreground = n_fires = 0); a latent
+    that does not fire on the foreground gets NaN centroids, one that does not fire at all a NaN
+    `outside`.
     """
     codes_BPL = codes_BPL.float()
     fg_BP1 = foreground_BP.to(codes_BPL.device, torch.bool)[:, :, None]
@@ -81,6 +85,7 @@ def measure(
     c0_B, c1_B = _span(fg_BRC.any(dim=1))
     cy_fg_BL = (cy_BL - (r0_B / rows)[:, None]) / ((r1_B - r0_B) / rows)[:, None]
     cx_fg_BL = (cx_BL - (c0_B / cols)[:, None]) / ((c1_B - c0_B) / cols)[:, None]
+    total_BL = codes_BPL.sum(dim=1)  # every patch, foreground or not
     values = {
         "n_foreground": n_fg_B1.expand_as(n_fires_BL),
         "n_fires": n_fires_BL,
@@ -91,5 +96,7 @@ def measure(
         "centroid_y": cy_BL,
         "centroid_x_fg": cx_fg_BL,
         "centroid_y_fg": cy_fg_BL,
+        "total": total_BL,
+        "outside": (codes_BPL * ~fg_BP1).sum(dim=1) / total_BL,  # 0 / 0 = NaN: no firing
     }
     return {k: values[k].cpu().numpy().astype(np.float64) for k in MEASURES}
