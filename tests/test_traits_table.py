@@ -152,6 +152,7 @@ def test_measure_units_and_empty_cases():
     assert m["centroid_x_fg"][0] == pytest.approx((2.5 / 4 - 0.25) / 0.5)  # box: columns 1..2
     assert m["centroid_y_fg"][0] == pytest.approx((3 * 0.25 + 1 * 0.75) / 4)  # box: both rows
     assert m["total"][0] == 13.0 and m["outside"][0] == pytest.approx(9 / 13)
+    assert m["max_outside"][0] == 9.0 and m["max_outside"][1] == 0.0
     assert all(math.isnan(m[k][1]) for k in ("area", "max", "mean", "centroid_x", "centroid_y_fg"))
     assert math.isnan(m["outside"][1]) and m["total"][1] == 0
 

@@ -26,6 +26,7 @@ MEASURES = (
     "centroid_y_fg",
     "total",
     "outside",
+    "max_outside",
 )
 
 
@@ -60,7 +61,9 @@ def measure(
     where the code exceeds `fire_threshold`), `area` = n_fires / n_foreground, `max` and `mean`
     code, and the centroid of the firing patches weighted by their codes, in frame units and
     within the foreground's bounding box. Over every patch: `total` code, and the share of it
-    `outside` the foreground (how much of the latent's firing is background). An image without
+    `outside` the foreground (how much of the latent's firing is background), and the largest
+    code off the foreground, `max_outside` (NaN when every patch is foreground): above `max`, a
+    score pooled over every patch comes from the background. An image without
     foreground patches gets NaN in the foreground measures (n_foreground = n_fires = 0); a latent
     that does not fire on the foreground gets NaN centroids, one that does not fire at all a NaN
     `outside`.
@@ -86,6 +89,8 @@ def measure(
     cy_fg_BL = (cy_BL - (r0_B / rows)[:, None]) / ((r1_B - r0_B) / rows)[:, None]
     cx_fg_BL = (cx_BL - (c0_B / cols)[:, None]) / ((c1_B - c0_B) / cols)[:, None]
     total_BL = codes_BPL.sum(dim=1)  # every patch, foreground or not
+    max_out_BL = codes_BPL.masked_fill(fg_BP1, -torch.inf).amax(dim=1)
+    max_out_BL = torch.where(max_out_BL > -torch.inf, max_out_BL, torch.nan)  # all foreground
     values = {
         "n_foreground": n_fg_B1.expand_as(n_fires_BL),
         "n_fires": n_fires_BL,
@@ -98,5 +103,6 @@ def measure(
         "centroid_y_fg": cy_fg_BL,
         "total": total_BL,
         "outside": (codes_BPL * ~fg_BP1).sum(dim=1) / total_BL,  # 0 / 0 = NaN: no firing
+        "max_outside": max_out_BL,
     }
     return {k: values[k].cpu().numpy().astype(np.float64) for k in MEASURES}
