@@ -64,12 +64,11 @@ def planted(tmp_path_factory) -> dict:
         patches={LAYER: patches_NPD},
         cls={LAYER: patches_NPD.mean(1)},
         images={"path": np.array(images.paths, dtype=object), "label": images.labels}
-        | {k: np.array(v, dtype=object) for k, v in images.metadata.items()},
+        | {k: np.array(v, dtype=object) for k, v in images.metadata.items()}
+        | {"foreground": np.stack(foreground)},
         attrs={"backbone": "tiny", "dataset": "collection", "split": "train", "depth": LAYER + 1,
                "grid": list(GRID), "image_size": 64},
     )  # fmt: skip
-    with h5py.File(path, "r+") as f:  # the flags extraction writes (images/foreground)
-        f["images"].create_dataset("foreground", data=np.stack(foreground))
     # Latent t fires where trait t covers more than half a patch.
     run = make_sae(root / "run", D_MODEL, D_SAE, dirs_TD, threshold=AMPLITUDE / 2).parent
     return {

@@ -156,26 +156,22 @@ def resolve_latents(opts: TraitsTableOptions, d_sae: int) -> tuple[list[int], li
 
 def foreground_flags(store: Store, mode: str) -> tuple[np.ndarray, str]:
     """bool [N, P]: the patches each image's numbers are taken over, and a sentence saying so."""
-    flags = store.file.get(FOREGROUND_KEY)
-    if mode != "all" and flags is not None:
-        fg_NP = np.asarray(flags[()], dtype=bool)
-        if fg_NP.shape != (store.n_images, store.n_patches):
-            raise TraitsaeError(
-                f"store {store.path}: {FOREGROUND_KEY} has shape {fg_NP.shape}, expected "
-                f"{(store.n_images, store.n_patches)} (images x patches); re-extract the store."
-            )
-        return fg_NP, f"foreground patches ({FOREGROUND_KEY} of the store)"
+    flags_NP = store.foreground() if mode != "all" else None
+    if flags_NP is not None:
+        rule = f", rule {store.foreground_rule}" if store.foreground_rule else ""
+        return flags_NP, f"foreground patches ({FOREGROUND_KEY} of the store{rule})"
     if mode == "flags":
         raise TraitsaeError(
-            f"eval.foreground=flags, but store {store.path} has no {FOREGROUND_KEY}: re-extract "
-            "it with foreground flags (docs/guide/extract.md), or pass eval.foreground=all to "
-            "measure over every patch."
+            f"eval.foreground=flags, but store {store.path} has no {FOREGROUND_KEY}. Add them "
+            "without re-extracting the activations: rerun the extract.py command that wrote the "
+            "store (extract.foreground.rule=auto: the dataset's masks, else the border-colour "
+            "rule; docs/guide/extract.md). Or pass eval.foreground=all to measure over every patch."
         )
     note = (
         "every patch (eval.foreground=all)"
         if mode == "all"
-        else f"every patch: store {store.path} has no {FOREGROUND_KEY} (extract with foreground "
-        "flags to measure over the specimen only)"
+        else f"every patch: store {store.path} has no {FOREGROUND_KEY} (rerun its extract.py "
+        "command to add foreground flags and measure over the specimen only)"
     )
     return np.ones((store.n_images, store.n_patches), dtype=bool), note
 
