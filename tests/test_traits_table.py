@@ -184,7 +184,8 @@ def test_latents_from_a_discovery_run(planted, tmp_path):
 
 
 def test_every_patch_when_the_store_has_no_flags(planted, tmp_path):
-    data = run_evaluation(table_cfg(planted, tmp_path, "eval.latents=[0]", "eval.foreground=all"))
+    data = run_evaluation(table_cfg(planted, tmp_path, "eval.latents=all", "eval.foreground=all"))
+    assert data["latents"] == list(range(D_SAE))
     assert data["foreground"].startswith("every patch")
     assert {int(r["n_foreground"]) for r in read_rows(tmp_path)} == {GRID[0] * GRID[1]}
 

@@ -1,7 +1,7 @@
 """`eval=traits_table`: the specimen x trait table, one row per image x latent.
 
     python evaluate.py eval=traits_table run=<run dir> eval.discovery=<discovery output dir>
-    python evaluate.py eval=traits_table run=<run dir> eval.latents=[3,17]
+    python evaluate.py eval=traits_table run=<run dir> eval.latents=[3,17]   # or eval.latents=all
 
 The latents are `eval.latents`, or those of a discovery run chosen by `eval.select` (default:
 its confirmed discoveries). One streaming pass over the store encodes every valid image; each
@@ -124,14 +124,16 @@ def latents_from_discovery(
 
 
 def resolve_latents(opts: TraitsTableOptions, d_sae: int) -> tuple[list[int], list[dict]]:
-    """`eval.latents` when given, else the discovery run's; range-checked."""
+    """`eval.latents` when given (`all`: every latent), else the discovery run's; range-checked."""
+    if opts.latents == "all":
+        return list(range(d_sae)), [{"latent": s, "given": True} for s in range(d_sae)]
     if opts.latents:
         if not isinstance(opts.latents, list) or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in opts.latents
         ):
             raise TraitsaeError(
-                f"eval.latents must be a list of latent indices, e.g. eval.latents=[3,17]; "
-                f"got {opts.latents!r}."
+                f"eval.latents must be a list of latent indices, e.g. eval.latents=[3,17], or "
+                f"all; got {opts.latents!r}."
             )
         latents = list(dict.fromkeys(opts.latents))
         sources = [{"latent": s, "given": True} for s in latents]
