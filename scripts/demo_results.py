@@ -257,10 +257,38 @@ def background_scored(report: dict[str, Any], rows: list[dict[str, str]]) -> tup
     return scored_outside, len(report["candidates"])
 
 
-def trait_rows(report: dict[str, Any], rows: list[dict[str, str]]) -> list[list[str]]:
+def planted_centre(paths: list[str], grid: tuple[int, int]) -> str:
+    """Mean centre of the planted spot's patches (mask classes >= 2, majority rule) in the
+    specimen's bounding box, over the images whose masks show it: where the latent should be."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from traitsae.data.images.masks import patch_class_counts
+    from traitsae.evaluation.specimens.measures import measure
+
+    centres = []
+    for path in paths:
+        mask = Path(path.replace("/images/", "/masks/"))
+        if not mask.is_file():
+            continue
+        labels_HW = np.asarray(Image.open(mask), dtype=np.int64)
+        major_P = patch_class_counts(labels_HW, grid, int(labels_HW.max()) + 1).argmax(axis=1)
+        if (major_P >= 2).any():
+            spot_1P1 = torch.from_numpy((major_P >= 2).astype(np.float32))[None, :, None]
+            m = measure(spot_1P1, torch.from_numpy(major_P > 0)[None], grid)
+            centres.append((m["centroid_x_fg"][0, 0], m["centroid_y_fg"][0, 0]))
+    if not centres:
+        return "—"
+    return f"({np.mean([c[0] for c in centres]):.2f}, {np.mean([c[1] for c in centres]):.2f})"
+
+
+def trait_rows(
+    report: dict[str, Any], rows: list[dict[str, str]], grid: tuple[int, int] | None = None
+) -> list[list[str]]:
     """Per pair, its confirmed discovery of highest held-out AUROC (then best rank) measured in
     the specimen table: mean area in each group, mean centroid (in the specimen's bounding box)
-    in its own group."""
+    in its own group, and (with the patch `grid`) where the planted spot is in the masks."""
     pairs = {p["pair"]: p for p in report["pairs"]}
     out = []
     for pair, found in confirmed_discoveries(report).items():
@@ -271,10 +299,11 @@ def trait_rows(report: dict[str, Any], rows: list[dict[str, str]]) -> list[list[
             g: [float(r["area"]) for r in mine if r["area"] and matches(r, pairs[pair][g])]
             for g in "ab"
         }
+        own_rows = [r for r in mine if matches(r, pairs[pair][own])]
         where = [
             (float(r["centroid_x_fg"]), float(r["centroid_y_fg"]))
-            for r in mine
-            if r["centroid_x_fg"] and matches(r, pairs[pair][own])
+            for r in own_rows
+            if r["centroid_x_fg"]
         ]
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         out.append(
@@ -285,9 +314,10 @@ def trait_rows(report: dict[str, Any], rows: list[dict[str, str]]) -> list[list[
                 f"{mean(area[own]):.3f}",
                 f"{mean(area[other]):.3f}",
                 f"({mean([x for x, _ in where]):.2f}, {mean([y for _, y in where]):.2f})",
+                planted_centre([r["path"] for r in own_rows], grid) if grid else "—",
             ]
         )
-    return out  # fmt: skip
+    return out
 
 
 def collection_section(coll: Path) -> str:
@@ -359,14 +389,18 @@ def collection_section(coll: Path) -> str:
     )
     table_csv = coll / "traits_table" / "traits_table.csv"
     if "fg" in runs and table_csv.exists():
+        meta = json.loads((coll / "traits_table" / "traits_table.json").read_text())
+        grid = (int(meta["grid"][0]), int(meta["grid"][1]))
         text += (
             "\nThe specimen x trait table of the foreground run's confirmed discoveries "
             "([traits_table](traits_table.md)): per pair the one of highest held-out AUROC, its mean "
             "`area` "
             "(share of the specimen's patches it fires on) in each group and its mean centroid "
-            "in the specimen's bounding box (x right, y down, 0..1) in its own group.\n\n"
-            + table(["pair", "latent", "group", "area (own)", "area (other)", "centroid (x, y)"],
-                    trait_rows(runs["fg"], read_rows(table_csv)))
+            "in the specimen's bounding box (x right, y down, 0..1) in its own group, beside the "
+            "centre of the planted spot's patches in the masks.\n\n"
+            + table(["pair", "latent", "group", "area (own)", "area (other)", "centroid (x, y)",
+                     "planted spot (x, y)"],
+                    trait_rows(runs["fg"], read_rows(table_csv), grid))
         )  # fmt: skip
     return text
 

@@ -89,9 +89,10 @@ def test_collection_section_counts_pairs_background_and_the_table(tmp_path: Path
     def row(latent, sub, coll_, **values):
         base = {"latent": latent, "subspecies": sub, "collection": coll_, "area": 0.0,
                 "centroid_x_fg": "", "centroid_y_fg": "", "total": 0.0, "outside": "",
-                "max": 0.0, "max_outside": 0.0}  # fmt: skip
+                "max": 0.0, "max_outside": 0.0, "path": "/nowhere/images/a.png"}  # fmt: skip
         return base | values
 
+    write(coll / "traits_table" / "traits_table.json", {"grid": [8, 8]})
     write_csv(
         coll / "traits_table" / "traits_table.csv",
         [
@@ -121,7 +122,7 @@ def test_collection_section_counts_pairs_background_and_the_table(tmp_path: Path
     assert "any discovery at q <= 0.05: 1 of 4" in text  # the null pair, in both runs
     assert "1 of the 2 firing latents" in text
     assert "2 of 1 take" not in text and "1 of 1 take their image score" in text
-    assert "| lativita_malleti | 7 | a | 0.300 | 0.050 | (0.20, 0.80) |" in text
+    assert "| lativita_malleti | 7 | a | 0.300 | 0.050 | (0.20, 0.80) | — |" in text  # no masks
     numbers = load_script().collection_numbers(coll)
     assert numbers.startswith("With foreground tokens 1 of 3 planted pairs have a confirmed")
     assert "(0 of 3 on every patch)" in numbers and "1 of 4 pairs without" in numbers
