@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import heatmaps
+from traitsae.evaluation.core.foreground import patch_keep, select_patches
 from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.methods import check_pool, pool_tokens
 from traitsae.evaluation.core.options import build_options
@@ -90,7 +91,7 @@ def collect_image_scores(
             store, sae, wanted_N=wanted_N, batch_patches=batch_patches, device=device
         ):
             codes_BPS = batch.codes_BPS
-            pooled_BS = pool_tokens(codes_BPS, pool)
+            pooled_BS = pool_tokens(codes_BPS, pool, patch_keep(store, batch.image_index))
             index_parts.append(batch.image_index)
             score_parts.append(pooled_BS.cpu().numpy().astype(np.float32))
             bar.update(len(batch.image_index))
@@ -131,6 +132,7 @@ class DiscoveryOptions(ImageOptions):
     match_cosine: float
     strata: Any
     pool: str
+    patches: str
     fire_threshold: float
     n_permutations: int
     max_permutations: int
@@ -170,6 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(f"replicate {rep.label} ({rep.path}): {rep.note}")
     out = output_dir(cfg)
     with eval_store(cfg, sae, opts.split) as store:
+        select_patches(store, opts.patches, sae)  # eval.patches: pool over foreground patches?
         for rep in replicates:
             check_store_matches_sae(store, rep.sae)
         common = dict(
@@ -287,6 +290,7 @@ def compute_pairs(
         **asdict(rule),
         "weights": asdict(weights),
         "pool": pool,
+        "patches": "all" if store.patch_mask is None else "foreground",
         "fire_threshold": fire_threshold,
         "n_top_images": n_top_images,
         "strata": list(strata),
