@@ -16,7 +16,6 @@ SAE (torch) loads on first use, normally in the app's background warm-up.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
+from traitsae.explore.linked import linked_columns
 from traitsae.explore.session import Session
 
 if TYPE_CHECKING:  # a type only: importing it loads torch, which the launch does without
@@ -225,6 +225,39 @@ class ExplorerData:
         hi = min(hi, lo + k)
         return self.rows_V[self.index.lat_image[lo:hi]], np.asarray(self.index.lat_score[lo:hi])
 
+    def band_images(
+        self, latent: int, lo: float, hi: float, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k images spread evenly over a band of the latent's firing images ranked by score:
+        `lo`, `hi` are fractions of that ranking (0 = its best image; 0.75..1 = the lowest
+        quarter). Store rows and scores, best first."""
+        start, end = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
+        n = end - start
+        first, last = start + int(np.floor(lo * n)), start + int(np.ceil(hi * n))
+        if last <= first:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        picks = np.unique(np.linspace(first, last - 1, min(k, last - first)).round().astype(int))
+        return self.rows_V[self.index.lat_image[picks]], np.asarray(self.index.lat_score[picks])
+
+    def co_firing(self, latent: int, n: int) -> Any:
+        """The n latents that fire on the same images most often: images shared, and the
+        Jaccard index of the two latents' image sets (1 = always together)."""
+        lo, hi = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
+        images = np.asarray(self.index.lat_image[lo:hi], dtype=np.int64)
+        starts, ends = self.index.img_indptr[images], self.index.img_indptr[images + 1]
+        slots = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)] or [[]])
+        shared_S = np.bincount(
+            np.asarray(self.index.img_latent)[slots.astype(np.int64)], minlength=self.d_sae
+        )
+        shared_S[latent] = 0
+        union_S = len(images) + self.fire_counts() - shared_S
+        jaccard_S = np.where(union_S > 0, shared_S / np.maximum(union_S, 1), 0.0)
+        order = np.argsort(-jaccard_S, kind="stable")[:n]
+        order = order[shared_S[order] > 0]
+        return pd.DataFrame(
+            {"latent": order, "images together": shared_S[order], "Jaccard": jaccard_S[order]}
+        )
+
     def latent_scores(self, latent: int) -> np.ndarray:
         """Image scores of every image where the latent fires (the others score 0)."""
         lo, hi = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
@@ -340,6 +373,15 @@ class ExplorerData:
         tag = f"{self.metadata[column][row]} " if column else ""
         return f"{tag}#{row}"
 
+    def short_caption(self, row: int) -> str:
+        """The image's class in words ('Zeta warbler'), else its row: captions that wrap."""
+        column = caption_column(self.metadata)
+        if column is None:
+            return f"#{row}"
+        from traitsae.explore.draw import short_label  # lazy: matplotlib (pages import it)
+
+        return short_label(self.metadata[column][row])
+
     def metadata_columns(self) -> list[str]:
         skip = {"valid", "index", "error", "done", "path"}
         return [c for c in self.metadata if c not in skip]
@@ -403,55 +445,3 @@ class ExplorerData:
         has_codes_N = self.position >= 0
         rows = np.flatnonzero((mask_a | mask_b) & has_codes_N)
         return GroupScores(rows, mask_a[rows], self.image_scores(rows))
-
-
-def linked_columns(session: Session, d_sae: int) -> dict[str, np.ndarray]:
-    """Per-latent columns from cub_traits.json / discovery outputs of this SAE, if any."""
-    columns: dict[str, np.ndarray] = {}
-    if session.cub_traits:
-        columns.update(cub_trait_columns(Path(session.cub_traits), d_sae))
-    if session.discovery:
-        columns.update(discovery_columns(Path(session.discovery), d_sae))
-    return columns
-
-
-def cub_trait_columns(path: Path, d_sae: int) -> dict[str, np.ndarray]:
-    """Per latent: the CUB trait it is the selected SAE direction for (best precision), if any."""
-    result = json.loads(path.read_text())
-    rows = [
-        r
-        for r in result.get("per_trait", [])
-        if r.get("method") == "sae" and r.get("protocol") == "select_on_train"
-    ]
-    if not rows:
-        return {}
-    k = min(r["k"] for r in rows)
-    trait = np.full(d_sae, "", dtype=object)
-    precision = np.full(d_sae, np.nan)
-    for r in rows:
-        latent = int(r["best_direction"])
-        if r["k"] == k and 0 <= latent < d_sae and not precision[latent] >= r["precision"]:
-            trait[latent], precision[latent] = r["trait"], r["precision"]
-    return {"cub_trait": trait, f"cub_precision@{k}": precision}
-
-
-def discovery_columns(folder: Path, d_sae: int) -> dict[str, np.ndarray]:
-    """Per latent: discovery AUROC (latents.csv) and candidate rank / q-value (discovery.json)."""
-    columns: dict[str, np.ndarray] = {}
-    latents_csv = folder / "latents.csv"
-    if latents_csv.is_file():
-        table = pd.read_csv(latents_csv)
-        if "auroc" in table and len(table) == d_sae:
-            columns["discovery_auroc"] = table["auroc"].to_numpy()
-    result = json.loads((folder / "discovery.json").read_text())
-    rank = np.full(d_sae, "", dtype=object)
-    q_value = np.full(d_sae, np.nan)
-    for cand in result.get("candidates", []):
-        latent = int(cand["latent"])
-        if 0 <= latent < d_sae:
-            rank[latent] = f"{cand['group'].upper()}#{cand['rank']}"
-            q_value[latent] = cand.get("q_value", np.nan)
-    columns["discovery_rank"] = rank
-    if np.isfinite(q_value).any():
-        columns["discovery_q"] = q_value
-    return columns

@@ -47,6 +47,7 @@ class Session:
     discovery: str | None = None  # a discovery output dir of this SAE, when one exists
     probe: str | None = None  # an eval=steer probe.safetensors of this SAE, when one exists
     contrast: dict[str, Any] = field(default_factory=dict)  # the dataset's default groups
+    notes: str | None = None  # the user's notes on latents (JSON), beside the run by default
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +246,16 @@ def prepare(cfg: DictConfig) -> Session:
         discovery=str(Path(discovery).parent) if discovery else None,
         probe=find_eval_output(cfg, "probe.safetensors", ex.get("probe")),
         contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
+        notes=str(notes_path(cfg)),
     )
+
+
+def notes_path(cfg: DictConfig) -> Path:
+    """explore.notes, else `explore_notes.json` in the folder holding the SAE's sae.json."""
+    if cfg.explore.get("notes"):
+        return Path(cfg.explore.notes).resolve()
+    source = Path(sae_source(cfg)).resolve()
+    return (source.parent if source.is_file() else source) / "explore_notes.json"
 
 
 def check_codes_match(codes: Path, store: Store, sae: SaeRecord | RawSpaceSAE) -> None:
