@@ -169,7 +169,9 @@ class ExplorerData:
             if self._sae is None:
                 from traitsae.sae.export import load_sae  # lazy: torch (launch stays torch-free)
 
-                self._sae = load_sae(self.session.sae, device=self.session.device).eval()
+                self._sae = load_sae(
+                    self.session.sae, device=self.session.device, **self.session.placement
+                ).eval()
         return self._sae
 
     # ------------------------------------------------------------------ latents

@@ -48,6 +48,8 @@ class Session:
     probe: str | None = None  # an eval=steer probe.safetensors of this SAE, when one exists
     contrast: dict[str, Any] = field(default_factory=dict)  # the dataset's default groups
     notes: str | None = None  # the user's notes on latents (JSON), beside the run by default
+    placement: dict[str, Any] = field(default_factory=dict)  # a foreign checkpoint's load_sae
+    # keywords from the command line (sae_format, backbone, layer, tokens)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,11 +112,18 @@ def check_backbone(cfg: DictConfig, sae: SaeRecord | RawSpaceSAE) -> None:
 
 
 def cache_key(sae_source: str, store: Path) -> str:
-    """Digest of the SAE weights and the store (path, size, mtime): new inputs, new cache."""
-    weights = Path(sae_source)
-    weights = (weights if weights.is_file() else weights / "sae.json").with_suffix(".safetensors")
+    """Digest of the SAE's files and the store (path, size, mtime): new inputs, new cache."""
+    source = Path(sae_source)
+    if source.is_dir() and (source / "sae.safetensors").is_file():
+        weights = [source / "sae.safetensors"]  # a train run dir: its export, not its logs
+    elif source.is_dir():
+        weights = sorted(p for p in source.iterdir() if p.is_file())  # another library's files
+    elif source.suffix == ".json":
+        weights = [source.with_suffix(".safetensors")]
+    else:
+        weights = [source]
     parts = []
-    for path in (weights, store):
+    for path in [*weights, store]:
         stat = path.stat()
         parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
@@ -247,7 +256,21 @@ def prepare(cfg: DictConfig) -> Session:
         probe=find_eval_output(cfg, "probe.safetensors", ex.get("probe")),
         contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
         notes=str(notes_path(cfg)),
+        placement=placement(cfg),
     )
+
+
+def placement(cfg: DictConfig) -> dict[str, Any]:
+    """load_sae's say-so for a checkpoint that does not record where it belongs (sae_format=,
+    backbone=, data.layer=, data.tokens=), as evaluate.py passes them; only those given."""
+    data = cfg.get("data") or {}
+    given = {
+        "sae_format": cfg.get("sae_format"),
+        "backbone": (cfg.get("backbone") or {}).get("name"),
+        "layer": data.get("layer"),
+        "tokens": data.get("tokens"),
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def notes_path(cfg: DictConfig) -> Path:
