@@ -420,22 +420,6 @@ class ExplorerData:
         table = table[table.rate_pos > 0]
         return table.sort_values(["rate_gap", "score_gap"], ascending=False, kind="stable")
 
-    def class_latents(self, in_class_N: np.ndarray, n: int) -> np.ndarray:
-        """The n latents whose mean image score is highest in a class relative to the rest
-        (eval=steer's default choice, here from the codes)."""
-        in_class_V = np.asarray(in_class_N, dtype=bool)[self.rows_V]
-        if not in_class_V.any() or in_class_V.all():
-            raise TraitsaeError("the class needs images in it and outside it to rank latents.")
-        index = self.index
-        member_M = np.repeat(in_class_V, np.diff(index.img_indptr))
-        inside_S = np.bincount(
-            index.img_latent[member_M], weights=index.img_score[member_M], minlength=self.d_sae
-        )
-        total_S = np.bincount(index.img_latent, weights=index.img_score, minlength=self.d_sae)
-        n_in = in_class_V.sum()
-        gap_S = inside_S / n_in - (total_S - inside_S) / (len(in_class_V) - n_in)
-        return np.argsort(-gap_S, kind="stable")[:n]
-
     # ------------------------------------------------------------------ groups
 
     def group_scores(self, mask_a: np.ndarray, mask_b: np.ndarray) -> Any:

@@ -242,3 +242,44 @@ def gallery(
             columns, images[lo : lo + per_row], captions[lo : lo + per_row], strict=False
         ):
             column.image(image, caption=caption, width="stretch")
+
+
+def steer_curve_spec() -> dict:
+    """Vega-Lite spec of eval=steer's curve (columns alpha, series, p, low, high): mean
+    p(target) over the steered images with its 95 % CI band, and the random-latent control."""
+    x = {"field": "alpha", "type": "quantitative", "title": "alpha (typical activations added)"}
+    y = {"field": "p", "type": "quantitative", "title": "mean p(target)", "scale": {"zero": True}}
+    colour = {
+        "field": "series",
+        "type": "nominal",
+        "title": None,
+        "legend": {"orient": "bottom"},
+        "scale": {
+            "domain": ["chosen latents", "random latents (control)"],
+            "range": ["#c0392b", "#7f7f7f"],
+        },
+    }
+    return {
+        "height": 260,
+        "layer": [
+            {
+                "transform": [{"filter": "isValid(datum.low)"}],
+                "mark": {"type": "area", "opacity": 0.2},
+                "encoding": {
+                    "x": x,
+                    "y": {**y, "field": "low"},
+                    "y2": {"field": "high"},
+                    "color": colour,
+                },
+            },
+            {
+                "mark": {"type": "line", "point": True},
+                "encoding": {
+                    "x": x,
+                    "y": y,
+                    "color": colour,
+                    "tooltip": [{"field": f} for f in ("series", "alpha", "p", "low", "high")],
+                },
+            },
+        ],
+    }

@@ -45,11 +45,12 @@ class Session:
     draw_images: bool = True
     cub_traits: str | None = None  # a cub_traits.json of this SAE, when one exists
     discovery: str | None = None  # a discovery output dir of this SAE, when one exists
-    probe: str | None = None  # an eval=steer probe.safetensors of this SAE, when one exists
     contrast: dict[str, Any] = field(default_factory=dict)  # the dataset's default groups
     notes: str | None = None  # the user's notes on latents (JSON), beside the run by default
     placement: dict[str, Any] = field(default_factory=dict)  # a foreign checkpoint's load_sae
     # keywords from the command line (sae_format, backbone, layer, tokens)
+    launch: dict[str, Any] = field(default_factory=dict)  # the launch's config (no hydra,
+    # no explore): what the Steer page turns into eval=steer's (steering.steer_config)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,11 +254,17 @@ def prepare(cfg: DictConfig) -> Session:
         draw_images=bool(ex.draw_images),
         cub_traits=find_eval_output(cfg, "cub_traits.json", ex.get("cub_traits")),
         discovery=str(Path(discovery).parent) if discovery else None,
-        probe=find_eval_output(cfg, "probe.safetensors", ex.get("probe")),
         contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
         notes=str(notes_path(cfg)),
         placement=placement(cfg),
+        launch=launch_config(cfg),
     )
+
+
+def launch_config(cfg: DictConfig) -> dict[str, Any]:
+    """The launch's configuration, resolved, without Hydra's and the explorer's own keys."""
+    kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "explore")])
+    return OmegaConf.to_container(kept, resolve=True)
 
 
 def placement(cfg: DictConfig) -> dict[str, Any]:
