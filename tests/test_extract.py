@@ -137,7 +137,7 @@ def test_overflow_is_detected_with_image_layer_and_count(tmp_path, syn_root):
         "image": torch.rand(2, 3, 64, 64), "index": torch.tensor([0, 1]),
         "ok": torch.tensor([True, True]), "error": ["", ""],
     }  # fmt: skip
-    _, _, _, valid, errors = encode_batch(cfg, backbone, batch, dataset, torch.device("cpu"))
+    _, _, _, valid, errors, _ = encode_batch(cfg, backbone, batch, dataset, torch.device("cpu"))
     assert not valid.any() and "at layer 3" in errors[0] and "overflowing" in errors[0]
     cfg.extract.on_nonfinite = "error"
     with pytest.raises(TraitsaeError, match=r"image a.png \(row 0\): \d+ non-finite"):
@@ -253,7 +253,7 @@ def test_full_disk_stops_clearly_and_the_rerun_resumes(
 
     def pwrite(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 5:  # one batch: patches and cls of 2 layers, valid
+        if len(calls) > 6:  # one batch: patches and cls of 2 layers, valid, foreground
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
@@ -380,7 +380,7 @@ def _stop_after_first_batch(monkeypatch, cfg) -> None:
 
     def pwrite(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 3:  # one batch of one layer: patches, cls, valid
+        if len(calls) > 4:  # one batch of one layer: patches, cls, valid, foreground
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
