@@ -570,3 +570,32 @@ def test_sae_gone_after_launch_is_a_message_on_the_pages_that_need_it(
     assert not at.exception and not at.error and len(at.dataframe[0].value) == 32
     at.sidebar.radio(key="page").set_value("Image").run()
     assert not at.exception and "no exported SAE at" in at.error[0].value
+
+
+def test_foreground_pooling_ignores_background_patches(tmp_path):
+    """explore.patches=foreground: image scores pool over the store's foreground flags only.
+    Foreground = the left half of the grid: SHARED's block is in it, the trait blocks are not."""
+    from discovery_helpers import GRID
+
+    from traitsae.extraction.foreground import write_flags
+
+    cfg, session, store = planted_session(tmp_path)
+    with Store(store.path) as opened:
+        n_images = opened.n_images
+    left_RC = np.zeros(GRID, dtype=bool)
+    left_RC[:, : GRID[1] // 2] = True
+    write_flags(store.path, np.broadcast_to(left_RC.ravel(), (n_images, left_RC.size)), "{}")
+    cfg = compose_cfg("explore", explore_overrides(tmp_path, "explore.patches=foreground"),
+                      tmp_path / "explore")  # fmt: skip
+    pooled = ExplorerData(prepare_without_port(cfg, prepare))
+    everywhere = ExplorerData(session)
+    assert pooled.session.patches == "foreground" and everywhere.session.patches == "all"
+    assert everywhere.fire_counts()[TRAIT_A] == 12 and pooled.fire_counts()[TRAIT_A] == 0
+    np.testing.assert_array_equal(pooled.latent_scores(SHARED), everywhere.latent_scores(SHARED))
+
+
+def test_foreground_pooling_without_flags_is_an_error(planted, tmp_path):
+    cfg = compose_cfg("explore", explore_overrides(planted[0], "explore.patches=foreground"),
+                      tmp_path)  # fmt: skip
+    with pytest.raises(TraitsaeError, match="no foreground flags"):
+        prepare_without_port(cfg, prepare)

@@ -100,12 +100,27 @@ def _indptr(sorted_ids: Any, n: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-def load_or_build_index(cache: Path, codes: Any) -> ImageIndex:
-    """The index from `cache/index/*.npy` (memory-mapped), built and saved on first use."""
-    folder = cache / "index"
+def keep_patches(
+    indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, keep_R: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR codes with the rows (patches) where keep_R is False emptied: image scores then
+    pool over the kept patches only (the foreground)."""
+    row_M = np.repeat(np.arange(len(keep_R)), np.diff(indptr))
+    kept_M = keep_R[row_M]
+    counts_R = np.bincount(row_M[kept_M], minlength=len(keep_R))
+    return np.concatenate([[0], np.cumsum(counts_R)]), indices[kept_M], values[kept_M]
+
+
+def load_or_build_index(cache: Path, codes: Any, keep_R: np.ndarray | None = None) -> ImageIndex:
+    """The index from `cache/index/*.npy` (memory-mapped), built and saved on first use;
+    with `keep_R` (bool per patch row), pooled over those patches only (`cache/index-foreground`)."""
+    folder = cache / ("index" if keep_R is None else "index-foreground")
     if (folder / "complete").is_file():
         return ImageIndex(**{n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _INDEX_ARRAYS})
-    index = build_index(codes.indptr, codes.indices, codes.values, codes.n_patches, codes.d_sae)
+    csr = (codes.indptr, codes.indices, codes.values)
+    if keep_R is not None:
+        csr = keep_patches(*csr, keep_R)
+    index = build_index(*csr, codes.n_patches, codes.d_sae)
     folder.mkdir(parents=True, exist_ok=True)
     for name in _INDEX_ARRAYS:
         np.save(folder / f"{name}.npy", getattr(index, name))
@@ -155,12 +170,25 @@ class ExplorerData:
         self.position[self.rows_V] = np.arange(len(self.rows_V))
         self.paths = np.asarray(self.metadata["path"]).astype(str)
         self.labels_N = image_labels(self.metadata)
-        self.index = load_or_build_index(self.cache, self.codes)
+        self.index = load_or_build_index(self.cache, self.codes, self.foreground_rows())
         top_values_SK, top_rows_SK = self.top_matrix(session.top_k)
         self.mean_top_S, self.entropy_S = top_image_summary(
             top_values_SK, top_rows_SK, self.labels_N
         )
         self.linked = linked_columns(session, self.d_sae)
+
+    def foreground_rows(self) -> np.ndarray | None:
+        """bool per codes row (valid image x patch): the foreground flags when the session pools
+        over the foreground (explore.patches), else None (every patch)."""
+        if self.session.patches != "foreground":
+            return None
+        flags_NP = self.store.foreground()
+        if flags_NP is None:
+            raise TraitsaeError(
+                f"explore.patches=foreground, but store {self.store.path} has no foreground "
+                "flags; rerun its extract.py command to add them, or use explore.patches=all."
+            )
+        return flags_NP[self.rows_V].reshape(-1)
 
     @property
     def sae(self) -> Any:

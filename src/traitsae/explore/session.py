@@ -49,6 +49,7 @@ class Session:
     notes: str | None = None  # the user's notes on latents (JSON), beside the run by default
     placement: dict[str, Any] = field(default_factory=dict)  # a foreign checkpoint's load_sae
     # keywords from the command line (sae_format, backbone, layer, tokens)
+    patches: str = "all"  # image scores pool over: all | foreground (explore.patches, resolved)
     launch: dict[str, Any] = field(default_factory=dict)  # the launch's config (no hydra,
     # no explore): what the Steer page turns into eval=steer's (steering.steer_config)
 
@@ -237,6 +238,7 @@ def prepare(cfg: DictConfig) -> Session:
                 device=str(cfg.device),
             )
         check_codes_match(codes, store, sae)
+        patches = pooled_patches(store, str(ex.get("patches", "all")), sae)
     discovery = find_eval_output(cfg, "discovery.json", ex.get("discovery"))
     contrast = cfg.dataset.get("contrast") or {}
     return Session(
@@ -257,6 +259,7 @@ def prepare(cfg: DictConfig) -> Session:
         contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
         notes=str(notes_path(cfg)),
         placement=placement(cfg),
+        patches=patches,
         launch=launch_config(cfg),
     )
 
@@ -265,6 +268,20 @@ def launch_config(cfg: DictConfig) -> dict[str, Any]:
     """The launch's configuration, resolved, without Hydra's and the explorer's own keys."""
     kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "explore")])
     return OmegaConf.to_container(kept, resolve=True)
+
+
+def pooled_patches(store: Store, patches: str, sae: Any) -> str:
+    """explore.patches resolved like eval.patches (auto: as the SAE was trained), checked
+    against the store's foreground flags: `all` or `foreground`."""
+    trained_on_foreground = bool((getattr(sae, "meta", None) or {}).get("foreground"))
+    if patches == "all" or (patches == "auto" and not trained_on_foreground):
+        return "all"  # decided without the module below: it loads torch (launch stays torch-free)
+    from traitsae.evaluation.core.foreground import resolve_patches, select_patches
+
+    if resolve_patches(patches, sae) == "all":
+        return "all"
+    select_patches(store, "foreground", sae)  # no flags, or no foreground patch: its errors
+    return "foreground"
 
 
 def placement(cfg: DictConfig) -> dict[str, Any]:
