@@ -24,7 +24,8 @@ from explore_helpers import (
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.explore.data import ExplorerData, build_index
+from traitsae.explore.data import ExplorerData
+from traitsae.explore.index import build_index
 from traitsae.explore.session import SESSION_ENV, check_port_free, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +195,7 @@ def test_lower_activation_bands_and_co_firing(data):
     together = data.co_firing(TRAIT_A, 5)
     # TRAIT_A's images all carry SHARED; SHARED fires on twice as many images: Jaccard 1/2.
     first = together.iloc[0]
-    assert first.latent == SHARED and first["images together"] == 12
+    assert first.latent == SHARED and first["share of its images"] == 1.0
     assert first.Jaccard == pytest.approx(0.5) and TRAIT_B not in set(together.latent)
 
 

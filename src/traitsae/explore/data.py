@@ -1,10 +1,6 @@
-"""The explorer's data layer: sparse codes held in memory and the indexes every page queries.
+"""The explorer's data layer: sparse codes held in memory and the indexes every page queries
+(index.py: image-major and latent-major views of the image scores, cached on disk).
 
-`codes.h5` (eval=encode) is CSR over patch rows. From it one pass builds, and caches on disk
-under the session's cache dir, two views of the image-level scores (max over an image's patches):
-- image-major CSR (`img_*`): the latents firing on an image, for the Image / Search / Compare pages;
-- latent-major CSC sorted by score (`lat_*`): a latent's images best first, so top images,
-  frequencies and histograms are slices, not scans.
 Image positions `v` count valid images in store order (the codes' row order); `rows_V` maps
 them to store rows, which is what the public methods take and return.
 
@@ -17,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,103 +24,16 @@ from PIL import Image
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
+from traitsae.explore.index import load_or_build_index
 from traitsae.explore.linked import linked_columns
 from traitsae.explore.session import Session
 
 if TYPE_CHECKING:  # a type only: importing it loads torch, which the launch does without
     from traitsae.sae.export import RawSpaceSAE
 
+CO_FIRING_IMAGES = 256  # images of a latent whose other latents are counted (co-firing)
 # Loaded by the server process before Streamlit starts (server.py), keyed by session path.
 PRELOADED: dict[str, ExplorerData] = {}
-_INDEX_ARRAYS = (
-    "img_indptr",
-    "img_latent",
-    "img_score",
-    "lat_indptr",
-    "lat_image",
-    "lat_score",
-    "patch_fires",
-)
-
-
-@dataclass
-class ImageIndex:
-    """Image-level scores in both orders (see the module docstring)."""
-
-    img_indptr: np.ndarray  # [V + 1]
-    img_latent: np.ndarray  # [M] int32, increasing within an image
-    img_score: np.ndarray  # [M] float32
-    lat_indptr: np.ndarray  # [S + 1]
-    lat_image: np.ndarray  # [M] int32 image positions, best score first within a latent
-    lat_score: np.ndarray  # [M] float32
-    patch_fires: np.ndarray  # [S] int64 patches where each latent fires
-
-
-def build_index(
-    indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_patches: int, d_sae: int
-) -> ImageIndex:
-    """Max-pool CSR patch codes to images, then sort a copy latent-major, best first."""
-    import torch  # lazy: torch (launch stays torch-free)
-
-    n_images = (len(indptr) - 1) // n_patches
-    nnz_per_image = np.diff(indptr[::n_patches])
-    image_M = torch.repeat_interleave(
-        torch.arange(n_images, dtype=torch.int64), torch.from_numpy(nnz_per_image)
-    )
-    latent_M = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-    keys, inverse = torch.unique(image_M * d_sae + latent_M, sorted=True, return_inverse=True)
-    score_U = torch.zeros(len(keys)).scatter_reduce_(
-        0,
-        inverse,
-        torch.from_numpy(np.asarray(values, dtype=np.float32)),
-        "amax",
-        include_self=False,
-    )
-    img_U, lat_U = keys // d_sae, keys % d_sae
-    by_score = torch.argsort(-score_U, stable=True)
-    order = by_score[torch.argsort(lat_U[by_score], stable=True)]
-    return ImageIndex(
-        img_indptr=_indptr(img_U, n_images),
-        img_latent=lat_U.to(torch.int32).numpy(),
-        img_score=score_U.numpy(),
-        lat_indptr=_indptr(lat_U, d_sae),
-        lat_image=img_U[order].to(torch.int32).numpy(),
-        lat_score=score_U[order].numpy(),
-        patch_fires=np.bincount(indices, minlength=d_sae).astype(np.int64),
-    )
-
-
-def _indptr(sorted_ids: Any, n: int) -> np.ndarray:
-    counts = np.bincount(sorted_ids.numpy(), minlength=n)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
-def keep_patches(
-    indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, keep_R: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The CSR codes with the rows (patches) where keep_R is False emptied: image scores then
-    pool over the kept patches only (the foreground)."""
-    row_M = np.repeat(np.arange(len(keep_R)), np.diff(indptr))
-    kept_M = keep_R[row_M]
-    counts_R = np.bincount(row_M[kept_M], minlength=len(keep_R))
-    return np.concatenate([[0], np.cumsum(counts_R)]), indices[kept_M], values[kept_M]
-
-
-def load_or_build_index(cache: Path, codes: Any, keep_R: np.ndarray | None = None) -> ImageIndex:
-    """The index from `cache/index/*.npy` (memory-mapped), built and saved on first use;
-    with `keep_R` (bool per patch row), pooled over those patches only (`cache/index-foreground`)."""
-    folder = cache / ("index" if keep_R is None else "index-foreground")
-    if (folder / "complete").is_file():
-        return ImageIndex(**{n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _INDEX_ARRAYS})
-    csr = (codes.indptr, codes.indices, codes.values)
-    if keep_R is not None:
-        csr = keep_patches(*csr, keep_R)
-    index = build_index(*csr, codes.n_patches, codes.d_sae)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in _INDEX_ARRAYS:
-        np.save(folder / f"{name}.npy", getattr(index, name))
-    (folder / "complete").write_text("")
-    return index
 
 
 class Codes:
@@ -270,22 +178,29 @@ class ExplorerData:
         return self.rows_V[self.index.lat_image[picks]], np.asarray(self.index.lat_score[picks])
 
     def co_firing(self, latent: int, n: int) -> Any:
-        """The n latents that fire on the same images most often: images shared, and the
-        Jaccard index of the two latents' image sets (1 = always together)."""
+        """The n latents that fire on the same images most often: the share of this latent's
+        images on which each also fires, and the Jaccard index of their image sets (1 = always
+        together). Counted on at most CO_FIRING_IMAGES of its images spread over its ranking
+        (a latent firing everywhere would otherwise read the whole index on every click)."""
         lo, hi = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
-        images = np.asarray(self.index.lat_image[lo:hi], dtype=np.int64)
-        starts, ends = self.index.img_indptr[images], self.index.img_indptr[images + 1]
-        slots = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)] or [[]])
-        shared_S = np.bincount(
-            np.asarray(self.index.img_latent)[slots.astype(np.int64)], minlength=self.d_sae
-        )
-        shared_S[latent] = 0
-        union_S = len(images) + self.fire_counts() - shared_S
-        jaccard_S = np.where(union_S > 0, shared_S / np.maximum(union_S, 1), 0.0)
+        n_own = int(hi - lo)
+        picks = np.unique(np.linspace(lo, hi - 1, min(n_own, CO_FIRING_IMAGES)).astype(np.int64))
+        images = np.asarray(self.index.lat_image[picks], dtype=np.int64)
+        starts = np.asarray(self.index.img_indptr[images], dtype=np.int64)
+        counts = np.asarray(self.index.img_indptr[images + 1], dtype=np.int64) - starts
+        # Every slot of those images' CSR rows at once: ranges [start, start + count).
+        offsets = np.repeat(starts - np.cumsum(counts) + counts, counts)
+        slots = np.arange(int(counts.sum()), dtype=np.int64) + offsets
+        together_S = np.bincount(np.asarray(self.index.img_latent)[slots], minlength=self.d_sae)
+        share_S = together_S / max(1, len(images))
+        share_S[latent] = 0.0
+        shared_S = share_S * n_own  # images together, estimated from the sample when sampled
+        union_S = n_own + self.fire_counts() - shared_S
+        jaccard_S = np.where(union_S > 0, shared_S / np.maximum(union_S, 1e-12), 0.0)
         order = np.argsort(-jaccard_S, kind="stable")[:n]
-        order = order[shared_S[order] > 0]
+        order = order[share_S[order] > 0]
         return pd.DataFrame(
-            {"latent": order, "images together": shared_S[order], "Jaccard": jaccard_S[order]}
+            {"latent": order, "share of its images": share_S[order], "Jaccard": jaccard_S[order]}
         )
 
     def latent_scores(self, latent: int) -> np.ndarray:

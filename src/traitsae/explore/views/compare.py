@@ -197,8 +197,10 @@ def render(data: Any) -> None:
             f"{other.upper()}"
         )
         rows = np.array(cand.top_rows + cand.top_rows_other, dtype=np.int64)
-        images = overlays(data, stats.latent, rows)
-        captions = [data.caption(int(r)) for r in rows]
+        vmax = float(data.latent_maps(stats.latent, rows).max()) if len(rows) else 1.0
+        st.markdown(draw.colour_bar_html(vmax or 1.0, "activation"), unsafe_allow_html=True)
+        images = overlays(data, stats.latent, rows, vmax or 1.0)
+        captions = [f"{data.short_caption(int(r))} #{int(r)}" for r in rows]
         n_own = len(cand.top_rows)
         draw.gallery(st, images[:n_own], captions[:n_own], per_row=6)
         draw.gallery(st, images[n_own:], captions[n_own:], per_row=6)
