@@ -103,7 +103,7 @@ def pick_from_table() -> None:
 def render(data: Any) -> None:
     st.header("Latents")
     latent_from_url(data)
-    left, right = st.columns([4, 7], gap="medium")
+    left, right = st.columns([5, 7], gap="medium")
     with left:
         table_column(data)
     latent = int(st.session_state.get("latent", FIRST_LATENT))
