@@ -377,6 +377,20 @@ def test_verdict_settings_agree_with_the_page():
     )
 
 
+def test_guess_the_image_game_scores_a_right_answer(app, data):
+    app.sidebar.radio(key="page").set_value("Guess the image").run()
+    assert not app.exception and not app.error
+    game = app.session_state["guess"]
+    right = game["choices"].index(game["hidden"])
+    clues = [m.value for m in app.markdown if m.value.startswith("latent ")]
+    hidden_latents = set(data.image_latents(game["hidden"])[0][:4].tolist())
+    assert {int(c.split()[1]) for c in clues} == hidden_latents
+    app.button(key=f"guess_{right}").click().run()
+    assert "Right" in app.success[0].value and app.session_state["guess_score"] == [1, 1]
+    app.button(key="guess_next").click().run()
+    assert app.session_state["guess"]["answered"] is None
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -43,6 +43,7 @@ PAGES = {
     "Search by example": "search",
     "Compare groups": "compare",
     "Steer": "steer",
+    "Guess the image": "guess",
 }
 
 
