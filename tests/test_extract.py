@@ -456,3 +456,21 @@ def test_a_store_from_before_the_image_list_check_is_kept_with_a_warning(
     with caplog.at_level("WARNING"):
         assert extract(cfg) == out and out.stat().st_mtime_ns == before
     assert "predates the image-list check" in caplog.text
+
+
+def test_a_store_begun_without_foreground_flags_resumes_and_gets_them(
+    tmp_path, reference_store, syn_root, monkeypatch, caplog
+):
+    """An unfinished store begun by a run without flags (an older traitsae, or rule=none) has
+    the same fingerprint: the rerun resumes it, then adds the flags from the images."""
+    ref_path, _ = reference_store
+    args = [f"dataset.root={syn_root}"]
+    _stop_after_first_batch(
+        monkeypatch, compose_extract(tmp_path, [*args, "extract.foreground.rule=none"])
+    )
+    with caplog.at_level("INFO"):
+        out = extract(compose_extract(tmp_path, args))
+    assert "resuming" in caplog.text and "adding foreground flags" in caplog.text
+    with Store(out) as store, Store(ref_path) as ref:
+        assert store.foreground_rule == ref.foreground_rule
+        assert np.array_equal(store.foreground(), ref.foreground())

@@ -69,19 +69,6 @@ def foreground_rule(options: dict[str, Any], dataset_cfg: Any) -> ForegroundRule
         raise TraitsaeError(
             f"extract.foreground.rule={rule!r} is not one of {list(RULES)} (conf/extract.yaml)."
         )
-    if rule == "none":
-        return None
-    has_masks = bool(dataset_cfg.get("masks"))
-    if rule == "auto":
-        rule = "masks" if has_masks else "color"
-    if rule == "masks":
-        if not has_masks:
-            raise TraitsaeError(
-                f"extract.foreground.rule=masks, but dataset {dataset_cfg.get('name')!r} has no "
-                "segmentation masks (dataset.masks is null); point dataset.masks and "
-                "dataset.mask_classes at them, or use extract.foreground.rule=color."
-            )
-        return ForegroundRule("masks", masks=str(dataset_cfg.masks))
     color, tolerance = options.get("color"), options.get("tolerance")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int) or not 0 <= tolerance < 255:
         raise TraitsaeError(
@@ -95,6 +82,19 @@ def foreground_rule(options: dict[str, Any], dataset_cfg: Any) -> ForegroundRule
                 "colour) or an [r, g, b] list of integers 0-255."
             )
         color = tuple(int(v) for v in color)
+    if rule == "none":
+        return None
+    has_masks = bool(dataset_cfg.get("masks"))
+    if rule == "auto":
+        rule = "masks" if has_masks else "color"
+    if rule == "masks":
+        if not has_masks:
+            raise TraitsaeError(
+                f"extract.foreground.rule=masks, but dataset {dataset_cfg.get('name')!r} has no "
+                "segmentation masks (dataset.masks is null); point dataset.masks and "
+                "dataset.mask_classes at them, or use extract.foreground.rule=color."
+            )
+        return ForegroundRule("masks", masks=str(dataset_cfg.masks))
     return ForegroundRule("color", color, tolerance)
 
 

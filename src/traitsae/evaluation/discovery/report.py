@@ -1,6 +1,10 @@
 """What `eval=discovery` writes: discovery.json, latents.csv, candidates.csv, index.html and a
 summary on the terminal. Discoveries (q <= alpha) are kept apart from the other candidates, and
-a group without discoveries says so, and why when the group sizes made one impossible."""
+a group without discoveries says so, and why when the group sizes made one impossible.
+
+With eval.pairs, each tested pair gets those files in pairs/<pair>/, and the top folder gets
+discovery.json (`pairs`, `fdr`, every candidate with its `pair`), candidates.csv,
+figures/discoveries_per_pair.png and an index.html over the pairs."""
 
 from __future__ import annotations
 
