@@ -250,6 +250,10 @@ def test_browser_at_laptop_size(served):
             timeout=120_000
         )
         save_shot(page, "compare")
+
+        open_page(page, "Guess the image")
+        expect(page.get_by_role("button", name="this one").first).to_be_visible(timeout=60_000)
+        save_shot(page, "guess")
         assert "Traceback" not in page.content()
         browser.close()
 

@@ -44,9 +44,11 @@ def render(data: Any) -> None:
         f"(score: {score[0]} of {score[1]})"
     )
     for latent, value in zip(latents[:N_LATENTS], scores[:N_LATENTS], strict=False):
-        rows, _ = data.top_images(int(latent), N_CLUE_IMAGES)
+        rows, top = data.top_images(int(latent), N_CLUE_IMAGES)
         st.markdown(f"latent {int(latent)} (activation {value:.2f} on the hidden image)")
-        draw.gallery(st, overlays(data, int(latent), rows), [""] * len(rows), N_CLUE_IMAGES)
+        st.markdown(draw.colour_bar_html(float(top[0]), "activation"), unsafe_allow_html=True)
+        images = overlays(data, int(latent), rows, float(top[0]))
+        draw.gallery(st, images, [""] * len(rows), N_CLUE_IMAGES)
     columns = st.columns(N_CHOICES)
     for i, (column, row) in enumerate(zip(columns, game["choices"], strict=False)):
         picture = data.image(row)
