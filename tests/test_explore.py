@@ -614,3 +614,18 @@ def test_foreground_pooling_without_flags_is_an_error(planted, tmp_path):
                       tmp_path)  # fmt: skip
     with pytest.raises(TraitsaeError, match="no foreground flags"):
         prepare_without_port(cfg, prepare)
+
+
+def test_clicked_table_row_chooses_its_latent(app):
+    """A row clicked in the (sorted) table: its latent is shown, as the browser sends it."""
+    import json
+
+    shown = app.dataframe(key="latent_table").value
+    states = app._tree.get_widget_states()
+    state = states.widgets.add()
+    state.id = app.dataframe(key="latent_table").proto.id
+    state.string_value = json.dumps({"selection": {"rows": [2], "columns": []}})
+    app._run(states)
+    expected = int(shown.latent.iloc[2])
+    assert app.number_input(key="latent").value == expected
+    assert any(h.value == f"Top images of latent {expected}" for h in app.subheader)
