@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -124,3 +127,98 @@ def second_cfg(name: str, out: Path, overrides: list[str] = ()) -> DictConfig:
         ],
         out,
     )
+
+
+# ----------------------------------------------------------------------------- make demo's steering
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def makefile_value(name: str) -> str:
+    """The default of `NAME ?= value` in the Makefile: the tests build what `make demo` builds."""
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if line.startswith(f"{name} ?="):
+            return line.split("?=", 1)[1].strip()
+    raise KeyError(f"{name} is not set in the Makefile")
+
+
+def steer_demo_overrides(root: Path) -> list[str]:
+    """`make demo`'s eval=steer command line (its paths under `root`)."""
+    return [
+        f"paths.root_dir={root}",
+        "eval=steer",
+        "dataset=synthetic",
+        "split=test",
+        f"run={root / 'steer-train'}",
+        f"eval.target_class={makefile_value('DEMO_STEER_TARGET')}",
+    ]
+
+
+@functools.cache
+def steer_demo_root() -> Path:
+    """`make demo`'s steering set-up: the demo dataset, both splits extracted with
+    backbone=tiny_maxpool at DEMO_STEER_LAYER, and an SAE trained there with DEMO_SAE (the
+    Makefile's values, read from it) in `steer-train/`."""
+    from discovery_helpers import compose_cfg
+
+    from traitsae.extraction import extract
+    from traitsae.training import train
+
+    if os.environ.get("TRAITSAE_TEST_STEER_DEMO"):  # built earlier (same layout): while debugging
+        return Path(os.environ["TRAITSAE_TEST_STEER_DEMO"])
+    root = Path(tempfile.mkdtemp(prefix="traitsae-steer-demo-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    layer = makefile_value("DEMO_STEER_LAYER")
+    for split in ("train", "test"):
+        extract(
+            compose_cfg(
+                "extract",
+                [
+                    f"paths.root_dir={root}",
+                    "backbone=tiny_maxpool",
+                    f"split={split}",
+                    f"backbone.layers=[{layer}]",
+                    "extract.num_workers=0",
+                    "extract.progress=false",
+                ],
+                root / f"extract-{split}",
+            )
+        )
+    train(
+        compose_cfg(
+            "train",
+            [
+                f"paths.root_dir={root}",
+                "backbone=tiny_maxpool",
+                f"data.layer={layer}",
+                *makefile_value("DEMO_SAE").split(),
+                "data.num_workers=0",
+                "trainer.enable_progress_bar=false",
+            ],
+            root / "steer-train",
+        )
+    )
+    return root
+
+
+@functools.cache
+def steer_demo_cli() -> tuple[subprocess.CompletedProcess, dict]:
+    """`make demo`'s eval=steer run through the CLI (evaluate.py in a subprocess): its
+    completed process (stdout holds the printed table) and steer.json."""
+    root = steer_demo_root()
+    out = root / "steer"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "evaluate.py"),
+            *steer_demo_overrides(root),
+            f"hydra.run.dir={out}",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", MPLBACKEND="Agg"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((out / "steer.json").read_text())

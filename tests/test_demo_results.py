@@ -56,3 +56,35 @@ def test_render_reads_every_number_from_the_outputs(tmp_path: Path) -> None:
     assert "| b | 1 | 7 | 0.92 |" in page and "| 0.65 |" in page  # B read as B vs A
     assert "species=A (12 images)" in page
     assert "segments" not in page.split("How to read")[1].split("\n", 1)[1]  # no output, no section
+
+
+def test_steer_section_reads_the_curve_control_and_verdict(tmp_path: Path) -> None:
+    write(tmp_path / "cub_traits/cub_traits.json", {"summary": [], "r_precision": {"summary": []},
+                                                    "paired_differences": []})  # fmt: skip
+    point = {"frac_top1_target": 0.0, "control_mean_p_target": 0.044}
+    write(
+        tmp_path / "steer/steer.json",
+        {
+            "target_class": "001.Alpha_warbler",
+            "latents": [63, 33, 38],
+            "n_images": 32,
+            "meta": {"backbone": "tiny_maxpool", "layer": 2, "depth": 4, "split": "test",
+                     "train_split": "train"},
+            "control": {"n_sets": 8},
+            "curve": [
+                {"alpha": 0, "mean_p_target": 0.044, "ci": [0.018, 0.071], "difference": 0.0,
+                 "difference_ci": [0.0, 0.0]} | point,
+                {"alpha": 4, "mean_p_target": 0.118, "ci": [0.071, 0.166], "difference": 0.099,
+                 "difference_ci": [0.054, 0.143]} | point,
+            ],
+            "readout": {"p_target_on_target": 0.2, "p_target_on_source": 0.044,
+                        "difference": 0.156, "difference_ci": [0.05, 0.26]},
+            "verdict": {"monotonic": True, "beats_control": True, "readout_informative": True,
+                        "evidence": True},
+            "notes": [],
+        },
+    )  # fmt: skip
+    page = load_script().render(tmp_path)
+    assert "`tiny_maxpool`, SAE at block 2 of 4, latents [63, 33, 38]" in page
+    assert "| 4 | 0.118 [0.071, 0.166] | 0.044 | +0.099 [+0.054, +0.143] | 0.000 |" in page
+    assert "Evidence: **yes**" in page and "difference +0.156 [+0.050, +0.260]" in page
