@@ -88,7 +88,10 @@ def scan(
     max_sum_S = torch.zeros(d_sae, dtype=torch.float64)
     max_S = torch.zeros(d_sae)
     n_patches = n_images = 0
-    for batch in stream_codes(store, sae, batch_patches=batch_patches, device=device):
+    batches = stream_codes(
+        store, sae, batch_patches=batch_patches, device=device, desc="latent statistics"
+    )
+    for batch in batches:
         codes_BPS = batch.codes_BPS.cpu()
         pooled_BS = pool_tokens(codes_BPS, pool)
         patch_fires_S += torch.count_nonzero(codes_BPS, dim=(0, 1))
