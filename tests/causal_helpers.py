@@ -60,14 +60,16 @@ def evaluate_cfg(name: str, out: Path, overrides: list[str] = ()) -> DictConfig:
 
 
 SECOND_LAYER = 2  # block 2 of the tiny ViT's 4
+LAST_LAYER = 3  # the last block: patch edits there cannot reach tiny's CLS read-out
 SECOND_SPECIES = 6
 
 
 @functools.cache
 def second_root() -> Path:
     """A second CUB-layout set, not the demo: another seed, 6 species x 40 images (half train,
-    half test), planted class traits; both splits extracted at block 2 and an SAE trained on
-    the train split. Same folder layout as `demo_root()` (data/synthetic, activations, train)."""
+    half test), planted class traits; both splits extracted at blocks 2 and 3, an SAE trained
+    on the train split at block 2 (`train/`) and a quick one at the last block (`train-last/`).
+    Same folder layout as `demo_root()` (data/synthetic, activations, train)."""
     from traitsae.data.synthetic import generate
     from traitsae.extraction import extract
     from traitsae.training import train
@@ -85,7 +87,7 @@ def second_root() -> Path:
                     f"paths.root_dir={root}",
                     f"split={split}",
                     "dataset.seed=7",
-                    f"backbone.layers=[{SECOND_LAYER}]",
+                    f"backbone.layers=[{SECOND_LAYER},{LAST_LAYER}]",
                     "extract.num_workers=0",
                     "extract.progress=false",
                 ],
@@ -108,6 +110,21 @@ def second_root() -> Path:
                 "optim.lr=4e-4",
             ],
             root / "train",
+        )
+    )
+    train(
+        compose_cfg(
+            "train",
+            [
+                f"paths.root_dir={root}",
+                "dataset.seed=7",
+                f"data.layer={LAST_LAYER}",
+                "trainer.max_steps=50",
+                "data.num_workers=0",
+                "data.batch_size=1024",
+                "trainer.enable_progress_bar=false",
+            ],
+            root / "train-last",
         )
     )
     return root
@@ -207,18 +224,25 @@ def steer_demo_cli() -> tuple[subprocess.CompletedProcess, dict]:
     completed process (stdout holds the printed table) and steer.json."""
     root = steer_demo_root()
     out = root / "steer"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "evaluate.py"),
-            *steer_demo_overrides(root),
-            f"hydra.run.dir={out}",
-        ],
+    result = evaluate_cli(steer_demo_overrides(root), out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((out / "steer.json").read_text())
+
+
+def evaluate_cli(overrides: list[str], out: Path) -> subprocess.CompletedProcess:
+    """`python evaluate.py <overrides> hydra.run.dir=<out>` in a subprocess (the real CLI)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *overrides, f"hydra.run.dir={out}"],
         cwd=REPO,
         env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", MPLBACKEND="Agg"),
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, json.loads((out / "steer.json").read_text())
+
+
+def second_cli(name: str, out: Path, run: str = "train", overrides: list[str] = ()):
+    """`evaluate.py eval=<name>` on the second set through the CLI; `run`: train | train-last."""
+    root = second_root()
+    args = [f"paths.root_dir={root}", "dataset=synthetic", "dataset.seed=7", f"eval={name}"]
+    return evaluate_cli([*args, f"run={root / run}", *overrides], out)
