@@ -56,44 +56,113 @@ def planted_store(
     split: str = "test",
     layer: int = 3,
 ) -> PlantedStore:
+    rng = np.random.default_rng(seed)
+    n_images = 2 * n_per_group
+    in_a_N = np.arange(n_images) < n_per_group
+    members = {TRAIT_A: in_a_N, TRAIT_B: ~in_a_N, SHARED: np.ones_like(in_a_N)}
+    image_root = tmp_dir / "images"
+    paths = [write_image(image_root, i, in_a_N[i]) for i in range(n_images)]
+    path = tmp_dir / "activations" / dataset / split / f"{backbone}.h5"
+    write_planted(
+        path,
+        rng,
+        members,
+        {
+            "path": np.array(paths),
+            "label": in_a_N.astype(np.int64) ^ 1,
+            "species": np.where(in_a_N, "001.Alpha", "002.Beta"),
+            "image_id": np.array([str(i + 1) for i in range(n_images)]),
+        },
+        backbone=backbone,
+        dataset=dataset,
+        split=split,
+        layers=(layer,),
+    )
+    return PlantedStore(path, image_root, n_per_group)
+
+
+def write_planted(
+    path: Path,
+    rng: np.random.Generator,
+    members: dict[int, np.ndarray],
+    images: dict[str, np.ndarray],
+    *,
+    backbone: str = "tiny",
+    dataset: str = "synthetic",
+    split: str = "test",
+    layers: tuple[int, ...] = (3,),
+) -> None:
+    """A store (the real `create_store`) whose images carry direction `latent` on its block
+    wherever `members[latent]` (bool [N]) is true, over small Gaussian noise; the same
+    activations at every layer of `layers`."""
     from traitsae.data.store import create_store
 
-    rng = np.random.default_rng(seed)
-    n_images, n_patches = 2 * n_per_group, GRID[0] * GRID[1]
+    n_images, n_patches = len(images["path"]), GRID[0] * GRID[1]
     acts_NPD = rng.normal(0, 0.1, (n_images, n_patches, D_MODEL)).astype(np.float32)
-    in_a_N = np.arange(n_images) < n_per_group
-    for latent, members_N in (
-        (TRAIT_A, in_a_N),
-        (TRAIT_B, ~in_a_N),
-        (SHARED, np.ones_like(in_a_N)),
-    ):
+    for latent, members_N in members.items():
         patches = np.flatnonzero(block_mask(latent).ravel())
         strength_N = rng.uniform(2.0, 3.0, n_images)
         acts_NPD[np.ix_(members_N, patches, [latent])] += strength_N[members_N, None, None]
-    image_root = tmp_dir / "images"
-    paths = [write_image(image_root, i, in_a_N[i]) for i in range(n_images)]
-    species = np.where(in_a_N, "001.Alpha", "002.Beta")
-    path = tmp_dir / "activations" / dataset / split / f"{backbone}.h5"
     create_store(
         path,
-        patches={layer: acts_NPD},
-        cls={layer: acts_NPD.mean(axis=1)},
-        images={
-            "path": np.array(paths),
-            "label": in_a_N.astype(np.int64) ^ 1,
-            "species": species,
-            "image_id": np.array([str(i + 1) for i in range(n_images)]),
-        },
+        patches={layer: acts_NPD for layer in layers},
+        cls={layer: acts_NPD.mean(axis=1) for layer in layers},
+        images=images,
         attrs={
             "backbone": backbone,
             "dataset": dataset,
             "split": split,
-            "depth": layer + 1,
+            "depth": max(layers) + 1,
             "grid": list(GRID),
             "image_size": IMAGE_SIZE,
         },
     )
-    return PlantedStore(path, image_root, n_per_group)
+
+
+# A small museum-like collection: subspecies -> (images, planted traits). Each subspecies is
+# split over two collections (c1, c2) image by image.
+COLLECTION = {
+    "alpha": (16, (TRAIT_A,)),
+    "beta": (16, (TRAIT_B,)),
+    "gamma": (20, ()),
+    "delta": (16, ()),
+    "tiny": (3, ()),
+}
+
+
+def collection_store(
+    tmp_dir: Path,
+    groups: dict[str, tuple[int, tuple[int, ...]]] | None = None,
+    seed: int = 0,
+    *,
+    layers: tuple[int, ...] = (3,),
+) -> PlantedStore:
+    """A store of several subspecies (`COLLECTION` by default), each image also in collection
+    c1 or c2; SHARED on every image, the listed traits on every image of their subspecies."""
+    groups = groups or COLLECTION
+    subspecies = np.concatenate([[name] * n for name, (n, _) in groups.items()])
+    n_images = len(subspecies)
+    members = {
+        latent: np.isin(subspecies, [g for g, (_, traits) in groups.items() if latent in traits])
+        for latent in (TRAIT_A, TRAIT_B)
+    }
+    members[SHARED] = np.ones(n_images, dtype=bool)
+    image_root = tmp_dir / "images"
+    paths = [write_image(image_root, i, bool(members[TRAIT_A][i])) for i in range(n_images)]
+    path = tmp_dir / "activations" / "synthetic" / "test" / "tiny.h5"
+    write_planted(
+        path,
+        np.random.default_rng(seed),
+        members,
+        {
+            "path": np.array(paths),
+            "subspecies": subspecies,
+            "collection": np.array([f"c{1 + i % 2}" for i in range(n_images)]),
+            "image_id": np.array([str(i + 1) for i in range(n_images)]),
+        },
+        layers=layers,
+    )
+    return PlantedStore(path, image_root, 0)
 
 
 def write_image(root: Path, i: int, in_a: bool) -> str:
@@ -107,24 +176,42 @@ def write_image(root: Path, i: int, in_a: bool) -> str:
     return rel.as_posix()
 
 
-def planted_sae(run_dir: Path, store: PlantedStore, d_sae: int = 32, *, layer: int = 3) -> Path:
-    """Export a real SAE whose latents 0..2 read the planted directions (others: random)."""
+def planted_sae(
+    run_dir: Path,
+    store: PlantedStore,
+    d_sae: int = 32,
+    *,
+    layer: int = 3,
+    seed: int = 0,
+    rows: dict[int, int] | None = None,
+    backbone: str = "tiny",
+    planted_decoder: bool = False,
+) -> Path:
+    """Export a real SAE whose latents `rows[direction]` (default: latents 0..2) read the
+    planted directions (others: random, from `seed`). `planted_decoder`: their decoder rows
+    are those directions too (what replication matches by)."""
     from traitsae.sae.export import save_sae
     from traitsae.sae.model import build_sae
 
+    rows = rows or {TRAIT_A: TRAIT_A, TRAIT_B: TRAIT_B, SHARED: SHARED}
     sae = build_sae(variant="relu", d_model=D_MODEL, d_sae=d_sae)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         w_enc_SD = torch.randn(d_sae, D_MODEL, generator=generator) * 0.05
-        w_enc_SD[:3] = 0
-        for latent in (TRAIT_A, TRAIT_B, SHARED):
-            w_enc_SD[latent, latent] = 1.0
+        w_enc_SD[list(rows.values())] = 0
+        for direction, row in rows.items():
+            w_enc_SD[row, direction] = 1.0
         set_encoder(sae, w_enc_SD, bias_S=torch.full((d_sae,), -0.5))
+        if planted_decoder:
+            w_dec_SD = torch.randn(d_sae, D_MODEL, generator=generator)
+            for direction, row in rows.items():
+                w_dec_SD[row] = torch.nn.functional.one_hot(torch.tensor(direction), D_MODEL)
+            sae.W_dec.copy_(torch.nn.functional.normalize(w_dec_SD, dim=1))
     save_sae(
         sae,
         run_dir,
         meta={
-            "backbone": "tiny",
+            "backbone": backbone,
             "dataset": "synthetic",
             "layer": layer,
             "tokens": "patches",

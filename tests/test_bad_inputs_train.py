@@ -28,7 +28,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("override", "message"),
     [
         ("data.batch_size=0", r"data\.batch_size must be an integer >= 1, got 0"),
-        ("data.tokens=foo", r"data\.tokens must be one of patches, cls, got 'foo'"),
+        ("data.tokens=foo", r"data\.tokens must be one of patches, cls, foreground, got 'foo'"),
         ("data.layer=abc", r"data\.layer must be an integer, got 'abc'"),
         ("data.val_fraction=2", r"data\.val_fraction must be a number in \[0, 1\)"),
         ("optim.lr=-0.001", r"optim\.lr must be a positive number, got -0\.001"),
@@ -69,6 +69,19 @@ def test_the_cli_prints_one_paragraph_and_exits_2(store: Path, tmp_path: Path) -
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: data.layer must be an integer, got 'abc'")
     assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr
+
+
+def test_foreground_tokens_without_flags_exit_2_naming_the_extract_option(
+    store: Path, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "train.py", *train_overrides(store, tmp_path / "run"),
+         "data.tokens=foreground"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: data.tokens=foreground trains on the patches")
+    assert "extract.foreground.rule" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_run_dir_that_is_a_file_is_refused(store: Path, tmp_path: Path) -> None:

@@ -97,6 +97,56 @@ def test_every_vector_exactly_once_per_epoch_over_ranks_and_workers(tmp_path: Pa
     assert sorted(epoch_ids(dm, world=2, workers=2, plain=True)) == expected
 
 
+def foreground_store(path: Path, gzip: bool = False) -> tuple[Path, np.ndarray]:
+    """An id store with random foreground flags, one image without any (7) and invalid image 5
+    flagged (its flags must not count); `gzip`: patches/3 compressed, so HDF5 reads it."""
+    import h5py
+
+    flags_NP = np.random.default_rng(1).random((N_IMAGES, N_PATCHES)) < 0.5
+    flags_NP[7], flags_NP[5] = False, True
+    path = id_store(path, N_IMAGES, N_PATCHES, invalid=(5,), foreground=flags_NP)
+    if gzip:
+        with h5py.File(path, "a") as f:
+            acts = f["patches/3"][()]
+            del f["patches/3"]
+            f.create_dataset("patches/3", data=acts, chunks=(4, N_PATCHES, 8), compression="gzip")
+    flags_NP[5] = False
+    return path, flags_NP
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["mapped", "hdf5"])
+def test_every_foreground_vector_exactly_once_per_epoch_over_ranks_and_workers(
+    tmp_path: Path, gzip: bool
+) -> None:
+    path, flags_NP = foreground_store(tmp_path / "s.h5", gzip)
+    dm = make_dm(path, tokens="foreground")
+    train_images = image_ids(dm.train_plan.blocks)
+    expected = sorted(
+        i * N_PATCHES + p for i in train_images for p in range(N_PATCHES) if flags_NP[i, p]
+    )
+    assert dm.n_train_vectors == len(expected) and dm.describe()["foreground"]
+    ids = epoch_ids(dm, world=2, workers=2, epochs=2)
+    assert sorted(ids) == sorted(expected * 2)  # background and invalid image 5 never read
+    assert ids[: len(ids) // 2] != ids[len(ids) // 2 :]
+    assert sorted(epoch_ids(dm, world=2, workers=2, plain=True)) == expected
+    assert sorted(epoch_ids(dm, world=1, workers=0)) == expected
+    assert dm.train_plan.blocks + dm.val_plan.blocks  # and whole images held out as before
+    val_ids = {i for a, b in dm.val_plan.blocks for i in range(a, b)}
+    assert not val_ids & train_images
+
+
+def test_foreground_tokens_on_a_store_without_flags_name_the_extract_option(
+    tmp_path: Path,
+) -> None:
+    path = id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES)
+    with pytest.raises(TraitsaeError, match=r"(?s)no foreground flags.*rerun the extract.py "
+                       r"command.*extract.foreground.rule.*data.tokens=patches"):  # fmt: skip
+        make_dm(path, tokens="foreground")
+    empty = id_store(tmp_path / "e.h5", 8, N_PATCHES, foreground=np.zeros((8, N_PATCHES), bool))
+    with pytest.raises(TraitsaeError, match="no valid training vectors .foreground patches"):
+        make_dm(empty, tokens="foreground", num_workers=0)
+
+
 def test_hdf5_reads_where_the_file_cannot_be_mapped(tmp_path: Path) -> None:
     import h5py
 
@@ -254,15 +304,17 @@ def test_endless_stream_keeps_epochs_apart_even_with_a_huge_buffer(tmp_path: Pat
     assert epochs[0] != epochs[1]  # in a new order
 
 
+@pytest.mark.parametrize("tokens", ["patches", "foreground"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_stream_started_at_batch_g_continues_the_uninterrupted_sequence(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, tokens: str
 ) -> None:
     """Resume = start at the checkpoint's batch: the same batches, in the same order, as the
     uninterrupted stream from there on (pieces of 3 batches, so g falls inside a piece and the
     rank's pieces alternate between the two workers)."""
     monkeypatch.setattr(stream_module, "PIECE_BYTES", 3 * 8 * 8 * 2)
-    dm = make_dm(id_store(tmp_path / "s.h5", N_IMAGES, N_PATCHES), num_workers=workers)
+    path = foreground_store(tmp_path / "s.h5")[0]
+    dm = make_dm(path, num_workers=workers, tokens=tokens)
 
     def batches(start: int, n: int, rank: int = 0) -> list[list[int]]:
         stream = ActivationStream(

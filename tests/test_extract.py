@@ -137,7 +137,7 @@ def test_overflow_is_detected_with_image_layer_and_count(tmp_path, syn_root):
         "image": torch.rand(2, 3, 64, 64), "index": torch.tensor([0, 1]),
         "ok": torch.tensor([True, True]), "error": ["", ""],
     }  # fmt: skip
-    _, _, _, valid, errors = encode_batch(cfg, backbone, batch, dataset, torch.device("cpu"))
+    _, _, _, valid, errors, _ = encode_batch(cfg, backbone, batch, dataset, torch.device("cpu"))
     assert not valid.any() and "at layer 3" in errors[0] and "overflowing" in errors[0]
     cfg.extract.on_nonfinite = "error"
     with pytest.raises(TraitsaeError, match=r"image a.png \(row 0\): \d+ non-finite"):
@@ -253,7 +253,7 @@ def test_full_disk_stops_clearly_and_the_rerun_resumes(
 
     def pwrite(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 5:  # one batch: patches and cls of 2 layers, valid
+        if len(calls) > 6:  # one batch: patches and cls of 2 layers, valid, foreground
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
@@ -380,7 +380,7 @@ def _stop_after_first_batch(monkeypatch, cfg) -> None:
 
     def pwrite(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 3:  # one batch of one layer: patches, cls, valid
+        if len(calls) > 4:  # one batch of one layer: patches, cls, valid, foreground
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
@@ -456,3 +456,21 @@ def test_a_store_from_before_the_image_list_check_is_kept_with_a_warning(
     with caplog.at_level("WARNING"):
         assert extract(cfg) == out and out.stat().st_mtime_ns == before
     assert "predates the image-list check" in caplog.text
+
+
+def test_a_store_begun_without_foreground_flags_resumes_and_gets_them(
+    tmp_path, reference_store, syn_root, monkeypatch, caplog
+):
+    """An unfinished store begun by a run without flags (an older traitsae, or rule=none) has
+    the same fingerprint: the rerun resumes it, then adds the flags from the images."""
+    ref_path, _ = reference_store
+    args = [f"dataset.root={syn_root}"]
+    _stop_after_first_batch(
+        monkeypatch, compose_extract(tmp_path, [*args, "extract.foreground.rule=none"])
+    )
+    with caplog.at_level("INFO"):
+        out = extract(compose_extract(tmp_path, args))
+    assert "resuming" in caplog.text and "adding foreground flags" in caplog.text
+    with Store(out) as store, Store(ref_path) as ref:
+        assert store.foreground_rule == ref.foreground_rule
+        assert np.array_equal(store.foreground(), ref.foreground())

@@ -30,8 +30,10 @@ def id_store(
     layers: tuple[int, ...] = (1, 3),
     invalid: tuple[int, ...] = (),
     backbone: str = "tiny",
+    foreground: np.ndarray | None = None,
 ) -> Path:
-    """Store whose patch vector (i, p) is [i, p, noise...]: float16 represents ids < 2048."""
+    """Store whose patch vector (i, p) is [i, p, noise...]: float16 represents ids < 2048;
+    `foreground` (bool [N, P]) is stored as images/foreground."""
     rng = np.random.default_rng(0)
     acts = rng.normal(size=(n_images, n_patches, d_model)).astype(np.float32)
     acts[:, :, 0] = np.arange(n_images)[:, None]
@@ -43,7 +45,11 @@ def id_store(
         path,
         patches={layer: acts for layer in layers},
         cls={layer: acts[:, 0, :] for layer in layers},
-        images={"path": np.array([f"img{i}.jpg" for i in range(n_images)]), "valid": valid},
+        images={
+            "path": np.array([f"img{i}.jpg" for i in range(n_images)]),
+            "valid": valid,
+            **({} if foreground is None else {"foreground": foreground}),
+        },
         attrs={"backbone": backbone, "dataset": "synthetic", "split": "train", "depth": 4},
     )
 

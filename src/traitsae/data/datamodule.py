@@ -32,7 +32,8 @@ from traitsae.data.stream_plan import StreamPlan
 from traitsae.errors import TraitsaeError
 from traitsae.paths import extract_command, store_path
 
-TOKENS = ("patches", "cls")
+# foreground: the patch vectors the store flags as foreground (images/foreground) only.
+TOKENS = ("patches", "cls", "foreground")
 # A sample vector this many times longer than the sample's median is an outlier that would set
 # the normaliser on its own (extraction marks float16 overflows invalid; other tools may not).
 MAX_NORM_RATIO = 1000.0
@@ -71,7 +72,8 @@ class ActivationsDataModule(L.LightningDataModule):
         if tokens not in TOKENS:
             raise TraitsaeError(
                 f"data.tokens must be one of {', '.join(TOKENS)}, got {tokens!r}: train on patch "
-                "vectors (data.tokens=patches) or on CLS tokens (data.tokens=cls)."
+                "vectors (data.tokens=patches), on the foreground patches only "
+                "(data.tokens=foreground) or on CLS tokens (data.tokens=cls)."
             )
         self.activations_dir = activations_dir
         self.backbone, self.dataset, self.split = backbone, dataset, split
@@ -129,8 +131,9 @@ class ActivationsDataModule(L.LightningDataModule):
             if not self.store_override:
                 self._check_store_backbone(store)
             self.layer = store.resolve_layer(self.layer_requested)
-            data = store.tokens(self.layer, self.tokens)
+            data = store.tokens(self.layer, "cls" if self.tokens == "cls" else "patches")
             valid_N = np.asarray(store.valid, dtype=bool).copy()  # usable: valid and written
+            keep_NP = foreground_flags(store) if self.tokens == "foreground" else None
             complete = store.complete
             chunk = data.chunks[0] if data.chunks else data.shape[0]
             self.store_info = {"backbone": store.backbone, "dataset": store.dataset}
@@ -139,18 +142,21 @@ class ActivationsDataModule(L.LightningDataModule):
             self.vectors_per_image = 1 if self.tokens == "cls" else store.n_patches
         self.store_path = path
         blocks = plan_blocks(self.n_images, self.block_images or chunk)
-        if not complete:  # only the prefix of finished rows
-            blocks = [b for b in blocks if valid_N[b[0] : b[1]].any()]
+        used_N = valid_N if keep_NP is None else keep_NP.any(axis=1)
+        if not complete or keep_NP is not None:  # no block without a vector to read
+            blocks = [b for b in blocks if used_N[b[0] : b[1]].any()]
         train, val = split_blocks(blocks, self.val_fraction, self.seed)
-        key = f"{self.tokens}/{self.layer}"
+        key = f"{'cls' if self.tokens == 'cls' else 'patches'}/{self.layer}"
         valid = None if valid_N.all() else valid_N
-        per_image = self.vectors_per_image
-        self.train_plan = StreamPlan(str(path), key, tuple(train), valid, self.d_model, per_image)
-        self.val_plan = StreamPlan(str(path), key, tuple(val), valid, self.d_model, per_image)
+        plan = lambda blocks: StreamPlan(  # noqa: E731
+            str(path), key, tuple(blocks), valid, self.d_model, self.vectors_per_image, keep_NP
+        )
+        self.train_plan, self.val_plan = plan(train), plan(val)
         self.n_train_vectors = int(self.train_plan.block_rows().sum())
         self.n_val_vectors = int(self.val_plan.block_rows().sum())
         if self.n_train_vectors == 0:
-            raise TraitsaeError(f"store {path} has no valid training vectors ({key}).")
+            what = "foreground patches (images/foreground)" if keep_NP is not None else key
+            raise TraitsaeError(f"store {path} has no valid training vectors ({what}).")
         self.sample = sample_vectors(self.train_plan, self.scale_sample, self.seed)
         check_vectors(self.sample, f"store {path} ({key}), normaliser sample")
         self.median_norm = float(np.median(np.linalg.norm(self.sample.astype(np.float32), axis=1)))
@@ -264,13 +270,29 @@ class ActivationsDataModule(L.LightningDataModule):
         return {
             "store": str(self.store_path),
             "layer": self.layer,
-            "tokens": self.tokens,
+            "tokens": "cls" if self.tokens == "cls" else "patches",
+            "foreground": self.tokens == "foreground",  # trained on foreground patches only
             "d_model": self.d_model,
             "scale": self.scale,
             "n_train_vectors": self.n_train_vectors,
             "n_val_vectors": self.n_val_vectors,
             **self.store_info,
         }
+
+
+def foreground_flags(store: Store) -> np.ndarray:
+    """bool [N, P]: the foreground patches of the usable images, for data.tokens=foreground."""
+    flags_NP = store.foreground()
+    if flags_NP is None:
+        raise TraitsaeError(
+            f"data.tokens=foreground trains on the patches the store flags as foreground, but "
+            f"store {store.path} has no foreground flags (images/foreground). Add them without "
+            "re-extracting the activations: rerun the extract.py command that wrote the store "
+            "(extract.foreground.rule=auto by default: the dataset's masks, else the border-colour "
+            "rule; docs/guide/extract.md); it reads only the images and rewrites the store "
+            "through a copy. Or train on every patch with data.tokens=patches."
+        )
+    return flags_NP
 
 
 class CheckedBatches:

@@ -40,8 +40,12 @@ class ReadBuffer:
         dest_ND = self.buf_ND[self.n_rows : self.n_rows + (stop - start) * per_image]
         target = dest_ND.reshape((stop - start, *self.data.shape[1:]))
         self.data.read_direct(target, source_sel=np.s_[start:stop])
-        valid = self.plan.valid
-        if valid is not None and not valid[start:stop].all():  # drop invalid images
+        valid, keep = self.plan.valid, self.plan.keep
+        if keep is not None:  # only the kept vectors (foreground patches of valid images)
+            kept_ND = target[keep[start:stop]]
+            dest_ND[: len(kept_ND)] = kept_ND
+            dest_ND = dest_ND[: len(kept_ND)]
+        elif valid is not None and not valid[start:stop].all():  # drop invalid images
             kept_ND = target[valid[start:stop]].reshape(-1, self.plan.d_model)
             dest_ND[: len(kept_ND)] = kept_ND
             dest_ND = dest_ND[: len(kept_ND)]
@@ -103,7 +107,10 @@ class MappedBuffer:
             images = images[self.plan.valid[start:stop]]
         if not len(images):
             return
-        ids = (self.first_N[images, None] + self.steps_P).ravel()
+        ids_IP = self.first_N[images, None] + self.steps_P
+        ids = ids_IP.ravel() if self.plan.keep is None else ids_IP[self.plan.keep[images]]
+        if not len(ids):
+            return
         self.ids[self.n_rows : self.n_rows + len(ids)] = ids
         self.n_rows += len(ids)
         if self.always_populate or not self.populated_N[start:stop].all():

@@ -22,7 +22,8 @@ from traitsae.data.images import ImageList, load_image_list
 from traitsae.data.store import Store, config_difference, store_is_done
 from traitsae.data.store.schema import printable
 from traitsae.errors import TraitsaeError
-from traitsae.extraction.jobs import image_rows, make_job
+from traitsae.extraction.foreground import ensure_foreground
+from traitsae.extraction.jobs import configured_foreground, image_rows, make_job
 from traitsae.extraction.run import AsyncWriter, Interrupted, encode_batch, resumable, run_job
 from traitsae.extraction.shards import (
     join_shards,
@@ -58,7 +59,8 @@ def extract(cfg: DictConfig) -> Path:
     out = store_path_from_cfg(cfg)
     job = make_job(cfg, images, out, 0, len(images))
     if store_is_done(out, job.fingerprint, bool(cfg.extract.overwrite)):
-        log.info("store %s is already complete for this configuration; nothing to do.", out)
+        if not ensure_foreground(cfg, out, job.foreground):
+            log.info("store %s is already complete for this configuration; nothing to do.", out)
         return out
     n_shards, shard = int(cfg.extract.num_shards), cfg.extract.get("shard")
     if n_shards == 1:
@@ -76,6 +78,7 @@ def extract(cfg: DictConfig) -> Path:
             )  # fmt: skip
             with resumable(out):
                 join_shards(job, image_rows(images, 0, len(images)), shards)
+    ensure_foreground(cfg, out, job.foreground)  # a resumed store begun without them
     report(out)
     return out
 
@@ -120,6 +123,7 @@ def check_extract_cfg(cfg: DictConfig) -> None:
         resolve_device(ex.device)
     for device in ex.get("devices") or ():
         resolve_device(device, key="extract.devices")
+    configured_foreground(cfg)
 
 
 def resolve_device(device: str, key: str = "extract.device") -> torch.device:
@@ -205,3 +209,18 @@ def report(out: Path, max_listed: int = 20) -> None:
         if len(invalid) > max_listed:
             log.warning("... and %d more invalid images (images/valid, images/error in the store)",
                         len(invalid) - max_listed)  # fmt: skip
+        flags_NP = store.foreground()
+        if flags_NP is not None:
+            empty = np.flatnonzero(meta["valid"] & ~flags_NP.any(axis=1))
+            log.info(
+                "foreground: %.1f%% of the valid images' patches (%s)",
+                100 * flags_NP[meta["valid"]].mean() if meta["valid"].any() else 0.0,
+                store.foreground_rule,
+            )  # fmt: skip
+            if len(empty):
+                log.warning(
+                    "%d valid images have no foreground patch (no mask, an empty mask, or nothing "
+                    "apart from the background colour): data.tokens=foreground streams none of "
+                    "their vectors and eval.patches=foreground skips them; first: %s",
+                    len(empty), ", ".join(printable(meta["path"][i]) for i in empty[:5]),
+                )  # fmt: skip

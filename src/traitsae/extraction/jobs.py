@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from traitsae.backbones import check_backbone_cfg, resolve_layers
 from traitsae.config_diff import IMAGE_LIST_KEY
 from traitsae.data.images import ImageList
+from traitsae.data.images.foreground import ForegroundRule, foreground_rule
 from traitsae.version import __version__
 
 
@@ -27,6 +28,7 @@ class Job:
     hi: int
     fingerprint: str
     attrs: dict[str, Any] = field(default_factory=dict)
+    foreground: ForegroundRule | None = None  # the flags to record (not in the fingerprint)
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
@@ -72,7 +74,21 @@ def make_job(cfg: DictConfig, images: ImageList, out: Path, lo: int, hi: int) ->
         "image_root": str(images.root),
         "traitsae_version": __version__,
     }
-    return Job(out, lo, hi, fingerprint, attrs)
+    # The flags do not change the activations: their rule is an attr of its own, outside the
+    # fingerprint, so stores extracted before (or with another rule) still resume and load.
+    rule = configured_foreground(cfg)
+    if rule is not None:
+        attrs["foreground"] = rule.to_json()
+    return Job(out, lo, hi, fingerprint, attrs, rule)
+
+
+def configured_foreground(cfg: DictConfig) -> ForegroundRule | None:
+    """`extract.foreground` of this config, resolved against its dataset."""
+    options = OmegaConf.to_container(
+        cfg.extract.get("foreground") or {"rule": "none"}, resolve=True
+    )
+    assert isinstance(options, dict)
+    return foreground_rule(options, cfg.dataset)
 
 
 def image_rows(images: ImageList, lo: int, hi: int) -> dict[str, np.ndarray]:

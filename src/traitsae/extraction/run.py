@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from traitsae.backbones import Backbone, build_backbone
 from traitsae.cluster.signals import ignore_job_signals
 from traitsae.data.images import ImageDataset, ImageList
+from traitsae.data.images.foreground import ForegroundFlags
 from traitsae.data.store import StoreWriter, stored_rows, tmp_path
 from traitsae.errors import TraitsaeError
 from traitsae.extraction.jobs import Job, image_rows
@@ -52,8 +53,9 @@ def run_job(cfg: DictConfig, images: ImageList, job: Job, device: torch.device) 
         if start:
             log.info("resuming %s at image %d of %d", tmp_path(job.out), start, n_rows)
         dataset = ImageDataset(
-            images.paths[job.lo : job.hi], backbone.transform, backbone.geometry.image_size
-        )
+            images.paths[job.lo : job.hi], backbone.transform, backbone.geometry.image_size,
+            foreground=foreground_flags(cfg, job, backbone),
+        )  # fmt: skip
         # Fork the decoding workers while no HDF5 file is open: a forked HDF5 handle is unsafe.
         batches = iter(make_loader(cfg, dataset, start, device))
         writer = StoreWriter.resume(job.out)
@@ -91,6 +93,14 @@ def progress(out: Path) -> str:
     if total is None:
         return f"no image was stored yet (no readable {tmp_path(out)})"
     return f"{tmp_path(out)} holds the first {done} of {total} images"
+
+
+def foreground_flags(cfg: DictConfig, job: Job, backbone: Backbone) -> ForegroundFlags | None:
+    """What computes the job's foreground flags in the decoding workers (None: none asked)."""
+    if job.foreground is None:
+        return None
+    size, grid = int(job.attrs["image_size"]), tuple(int(g) for g in job.attrs["grid"])
+    return ForegroundFlags.build(job.foreground, cfg.dataset, backbone.transform, size, grid)
 
 
 def check_job_geometry(job: Job, backbone: Backbone) -> None:
@@ -158,9 +168,15 @@ def encode_batch(
     batch: dict[str, Any],
     dataset: ImageDataset,
     device: torch.device,
-) -> tuple[int, dict[int, np.ndarray], dict[int, np.ndarray], np.ndarray, dict[int, str]]:
-    """Forward one batch; returns (start row, patches, cls, valid, errors) ready for the writer."""
+) -> tuple[
+    int, dict[int, np.ndarray], dict[int, np.ndarray], np.ndarray, dict[int, str], np.ndarray | None
+]:
+    """Forward one batch; returns (start row, patches, cls, valid, errors, foreground flags
+    [B, P] or None) ready for the writer."""
     index_B = batch["index"].numpy()
+    for reason in batch.get("foreground_error", ()):
+        if reason:  # a mask that does not fit its image: stop before anything is written
+            raise TraitsaeError(reason)
     images_BCHW = batch["image"].to(device, non_blocking=True)
     with autocast(cfg, device):
         patches, cls = backbone(images_BCHW)
@@ -193,7 +209,10 @@ def encode_batch(
         # Invalid rows are zero-filled: no blank-image or overflowing values reach the store.
         for arr in (*patches_np.values(), *cls_np.values()):
             arr[~valid_B] = 0
-    return int(index_B[0]), patches_np, cls_np, valid_B, errors
+    flags_BP = None
+    if "foreground" in batch:
+        flags_BP = np.asarray(batch["foreground"], dtype=bool) & valid_B[:, None]
+    return int(index_B[0]), patches_np, cls_np, valid_B, errors, flags_BP
 
 
 def all_finite(acts: torch.Tensor) -> bool:

@@ -82,8 +82,11 @@ def join_shards(job: Job, images: Mapping[str, Any], shards: Sequence[Job]) -> P
     `images`); shards are deleted afterwards."""
     for shard in shards:
         check_shard(shard)
+    attrs = dict(job.attrs)
+    if not all(same_foreground(shard) for shard in shards):
+        attrs.pop("foreground", None)  # no flags now: the caller adds them afterwards
     writer = StoreWriter.open(
-        job.out, attrs=job.attrs, images=images, fingerprint=job.fingerprint, overwrite=True
+        job.out, attrs=attrs, images=images, fingerprint=job.fingerprint, overwrite=True
     )
     try:
         for shard in shards:
@@ -96,6 +99,12 @@ def join_shards(job: Job, images: Mapping[str, Any], shards: Sequence[Job]) -> P
     for shard in shards:
         shard.out.unlink()
     return job.out
+
+
+def same_foreground(shard: Job) -> bool:
+    """The shard store holds foreground flags of the job's rule."""
+    with Store(shard.out) as store:
+        return store.has_foreground and store.foreground_rule == shard.attrs.get("foreground")
 
 
 def check_shard(expected: Job) -> None:
@@ -112,14 +121,15 @@ def check_shard(expected: Job) -> None:
             )
 
 
-def shard_blocks(
-    store: Store, lo: int, block: int = 1024
-) -> Iterator[tuple[int, dict[int, np.ndarray], dict[int, np.ndarray], np.ndarray, dict[int, str]]]:
-    """A shard store's rows as writer batches at their global position."""
+def shard_blocks(store: Store, lo: int, block: int = 1024) -> Iterator[tuple]:
+    """A shard store's rows as writer batches at their global position (foreground flags
+    included when the shard has them)."""
     meta = store.metadata
+    flags_NP = store.foreground()
     for start in range(0, store.n_images, block):
         stop = min(start + block, store.n_images)
         patches = {layer: store.patches(layer)[start:stop] for layer in store.layers}
         cls = {layer: store.cls(layer)[start:stop] for layer in store.layers}
         errors = {lo + i: meta["error"][i] for i in range(start, stop) if meta["error"][i]}
-        yield lo + start, patches, cls, meta["valid"][start:stop], errors
+        flags = None if flags_NP is None else flags_NP[start:stop]
+        yield lo + start, patches, cls, meta["valid"][start:stop], errors, flags

@@ -227,6 +227,7 @@ def export_meta(cfg: DictConfig, dm: Any, step: int, metrics: dict[str, float]) 
         "split": cfg.split,
         "layer": info["layer"],
         "tokens": info["tokens"],
+        "foreground": info["foreground"],  # data.tokens=foreground: foreground patches only
         "scale": info["scale"],
         "store": info["store"],
         "n_train_vectors": info["n_train_vectors"],

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from traitsae.data.images.decode import to_rgb
+from traitsae.data.images.foreground import ForegroundFlags
 from traitsae.errors import TraitsaeError
 
 
@@ -57,22 +58,43 @@ def require_dir(path: Path, what: str, key: str = "dataset.root") -> Path:
 
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers (`to_rgb`: every PIL mode to 8-bit RGB); an
-    unreadable file yields a blank image, ok=False, and the reason."""
+    unreadable file yields a blank image, ok=False, and the reason. With `foreground` each item
+    also carries the image's foreground patch flags (`foreground` [P] bool; all False for an
+    unreadable image) and `foreground_error`: a bad mask, which stops extraction."""
 
-    def __init__(self, paths: list[str], transform: Callable, image_size: int) -> None:
+    def __init__(
+        self,
+        paths: list[str],
+        transform: Callable,
+        image_size: int,
+        foreground: ForegroundFlags | None = None,
+    ) -> None:
         self.paths = paths
         self.transform = transform
         self.image_size = image_size
+        self.foreground = foreground
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"index": index, "ok": True, "error": ""}
+        fg = self.foreground
+        if fg is not None:
+            item.update(foreground=np.zeros(fg.n_patches, dtype=bool), foreground_error="")
         try:
             with Image.open(self.paths[index]) as img:
-                image_CHW = self.transform(to_rgb(img))
-            return {"image": image_CHW, "index": index, "ok": True, "error": ""}
+                rgb = to_rgb(img)
+            if fg is None:
+                return {**item, "image": self.transform(rgb)}
+            framed = fg.frame(rgb)
+            item["image"] = fg.to_tensor(framed)
         except Exception as err:  # noqa: BLE001 -- any decode failure is recorded, not fatal
             blank_CHW = torch.zeros(3, self.image_size, self.image_size)
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-            return {"image": blank_CHW, "index": index, "ok": False, "error": reason}
+            return {**item, "image": blank_CHW, "ok": False, "error": reason}
+        try:
+            item["foreground"] = fg.flags(self.paths[index], rgb, framed)
+        except TraitsaeError as err:  # a bad mask: the main process stops with this message
+            item["foreground_error"] = str(err)
+        return item

@@ -135,6 +135,17 @@ def read_mask_classes(path: Path) -> dict[int, str]:
 # ----------------------------------------------------------------------------- geometry
 
 
+def split_transform(transform: Any) -> tuple[list[Any], list[Any]]:
+    """A backbone transform (a torchvision Compose) cut into its PIL-level framing (resize,
+    crop: every step before ToTensor) and the tensor steps from there on. Applying the two
+    lists in turn is the transform."""
+    steps = list(getattr(transform, "transforms", [transform]))
+    for i, op in enumerate(steps):
+        if "ToTensor" in type(op).__name__ or "Normalize" in type(op).__name__:
+            return steps[:i], steps[i:]
+    return steps, []
+
+
 def frame_labels(image_ops: Sequence[Any], labels_HW: np.ndarray) -> np.ndarray:
     """Apply a backbone's PIL-level preprocessing (resize, centre crop) to a class-id map.
 
@@ -161,6 +172,28 @@ def frame_labels(image_ops: Sequence[Any], labels_HW: np.ndarray) -> np.ndarray:
                 "eval.frame=stretch to choose the geometry explicitly."
             )
     return np.asarray(framed, dtype=np.int64)
+
+
+def framed_patch_labels(
+    labels_HW: np.ndarray,
+    image_ops: Sequence[Any],
+    frame_size: int,
+    grid: tuple[int, int],
+    class_ids: Sequence[int],
+    rule: str,
+    what: str = "mask",
+) -> np.ndarray:
+    """[rows * cols, C] bool labels of one image's patches from its raw class-id map: framed like
+    the image (`frame_labels`), checked to be the backbone's input size, counted per patch and
+    labelled by `rule` (`patch_labels`)."""
+    framed_HW = frame_labels(image_ops, labels_HW)
+    if framed_HW.shape != (frame_size, frame_size):
+        raise TraitsaeError(
+            f"{what} framed by the backbone preprocessing is {framed_HW.shape}, not the "
+            f"backbone's {frame_size} x {frame_size} input; check eval.frame."
+        )
+    n_ids = max(class_ids) + 1
+    return patch_labels(patch_class_counts(framed_HW, grid, n_ids), class_ids, rule)
 
 
 def patch_class_counts(labels_HW: np.ndarray, grid: tuple[int, int], n_ids: int) -> np.ndarray:

@@ -40,6 +40,9 @@ class Store:
             self.file.close()
             raise
         self._metadata: dict[str, np.ndarray] | None = None
+        # bool [N, P]: the patches the image-level scores pool over (None: all of them); an
+        # evaluation's choice, set by `traitsae.evaluation.core.foreground.select_patches`.
+        self.patch_mask: np.ndarray | None = None
 
     def _read_attrs(self) -> None:
         attrs = self.file.attrs
@@ -63,6 +66,9 @@ class Store:
         self.image_size: int = int(attrs.get("image_size", 0))
         self.complete: bool = bool(attrs.get("complete", False))
         self.config: str = decode_text(attrs.get("config", ""))
+        # How `images/foreground` was made (JSON; "" when the store has no flags or another
+        # tool wrote them without saying).
+        self.foreground_rule: str = decode_text(attrs.get("foreground", ""))
         self.metadata_columns: list[str] = [
             decode_text(c) for c in attrs.get("metadata_columns", [])
         ]
@@ -82,6 +88,8 @@ class Store:
         for key in ("index", "label", "valid", "error", "done", *self.metadata_columns):
             if key in self.file["images"] or key in self.metadata_columns:
                 expected[f"images/{key}"] = (n,)
+        if "foreground" in self.file["images"]:
+            expected["images/foreground"] = (n, p)
         for key, shape in expected.items():
             data = self.file.get(key)
             if not isinstance(data, h5py.Dataset) or data.shape != shape:
@@ -123,6 +131,18 @@ class Store:
         return self.patches(layer) if tokens == "patches" else self.cls(layer)
 
     @property
+    def has_foreground(self) -> bool:
+        """The store holds foreground flags (`images/foreground`)."""
+        return "foreground" in self.file["images"]
+
+    def foreground(self) -> np.ndarray | None:
+        """bool [N, P]: True where a patch is foreground (patches in `patches/<L>` order); None
+        when the store has no flags. Rows of unusable images are all False."""
+        if not self.has_foreground:
+            return None
+        return np.asarray(self.file["images/foreground"][()], dtype=bool) & self.valid[:, None]
+
+    @property
     def metadata(self) -> dict[str, np.ndarray]:
         """index, path, label, valid (usable rows), error, and every metadata column, read once."""
         if self._metadata is None:
@@ -145,6 +165,11 @@ class Store:
     def valid(self) -> np.ndarray:
         """bool [N]: the usable rows (see the class docstring)."""
         return self.metadata["valid"]
+
+    def restrict(self, keep_N: np.ndarray) -> None:
+        """Use only the rows of `keep_N` (bool [N]) from now on, in this view (the file is not
+        touched): e.g. the images with a foreground patch when scores pool over those."""
+        self.metadata["valid"] = self.valid & np.asarray(keep_N, dtype=bool)
 
     def iter_blocks(
         self, layer: int, tokens: str = "patches", block: int = 256

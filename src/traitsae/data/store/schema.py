@@ -62,6 +62,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("image_root", "attr", "str", False, "the dataset root the images were read from"),
     Key("metadata_columns", "attr", "str [C]", False, "names of the `images/<column>` datasets"),
     Key("complete", "attr", "bool", False, "set last, when every row is written (absent: False)"),
+    Key("foreground", "attr", "str", False, "JSON of the rule that wrote `images/foreground` (docs/guide/extract.md); absent: no flags"),
     Key("patches/<L>", "dataset", "float16 [N, P, D]", True, f"patch tokens after block L, chunked along N (about {TARGET_CHUNK_BYTES >> 20} MiB a chunk)"),
     Key("cls/<L>", "dataset", "float16 [N, D]", True, "the CLS token after block L"),
     Key("images/index", "dataset", "int64 [N]", False, "position in the split's image list (default: 0 .. N-1)"),
@@ -70,6 +71,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("images/valid", "dataset", "bool [N]", False, "False: unreadable image or non-finite activations, its rows are zeros (default: True)"),
     Key("images/error", "dataset", "str [N]", False, f"why the image is invalid (empty when valid; at most {ERROR_BYTES} bytes)"),
     Key("images/done", "dataset", "bool [N]", False, "the row is written: extraction progress (default: True)"),
+    Key("images/foreground", "dataset", "bool [N, P]", False, "True: the patch shows the specimen (foreground), patches in the order of `patches/<L>`; invalid rows all False"),
     Key("images/<column>", "dataset", "str [N]", False, "one per metadata column: `image_id`, `species` (CUB, synthetic); `species`, `subspecies` and the other CSV columns (butterflies)"),
 )  # fmt: skip
 REQUIRED_ATTRS = tuple(key.name for key in SCHEMA if key.kind == "attr" and key.required)

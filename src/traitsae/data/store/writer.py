@@ -62,10 +62,12 @@ class StoreWriter:
         self._valid = file["images/valid"]
         self._error = file["images/error"]
         self._done = file["images/done"]
+        self._foreground = file["images"].get("foreground")  # None: the store records no flags
         # The per-row data goes to its preallocated bytes with plain pwrite: no HDF5 chunk
         # cache, no per-batch metadata work, and the GIL is released while the bytes are copied.
         # HDF5 keeps `error` and `done`, and never touches the rows written this way.
         raw = [*self._patches.values(), *self._cls.values(), self._valid]
+        raw += [self._foreground] if self._foreground is not None else []
         self._offsets = dict.fromkeys(data.name for data in raw)
         self._fd = -1
         if hasattr(os, "pwrite"):  # POSIX; elsewhere every row goes through HDF5
@@ -136,16 +138,20 @@ class StoreWriter:
         cls: Mapping[int, np.ndarray],
         valid: np.ndarray,
         errors: Mapping[int, str] | None = None,
+        foreground: np.ndarray | None = None,
     ) -> None:
         """Store rows [start, start + B): patches[L] [B, P, D], cls[L] [B, D] float16.
 
-        `errors` maps absolute row index -> why that row is invalid (kept in images/error).
+        `errors` maps absolute row index -> why that row is invalid (kept in images/error);
+        `foreground` [B, P] bool goes to images/foreground when the store has it.
         """
         stop = start + len(valid)
         for layer in self.layers:
             self._write_rows(self._patches[layer], start, patches[layer])
             self._write_rows(self._cls[layer], start, cls[layer])
         self._write_rows(self._valid, start, valid)
+        if self._foreground is not None and foreground is not None:
+            self._write_rows(self._foreground, start, np.asarray(foreground, dtype=bool))
         _fault_injection(stop)
         if errors:
             for index, reason in errors.items():
@@ -200,8 +206,9 @@ def create_store(
     """Write a whole store from in-memory arrays with `StoreWriter`.
 
     `patches[L]` is [N, P, D], `cls[L]` is [N, D] (cast to float16); `images` holds at least
-    `path`, usually `label` and metadata columns, and may hold `valid`, `error` and `done` (the
-    rows written; the others stay unwritten, as an interrupted extraction leaves them); `attrs`
+    `path`, usually `label` and metadata columns, and may hold `valid`, `error`, `done` (the
+    rows written; the others stay unwritten, as an interrupted extraction leaves them) and
+    `foreground` (bool [N, P]; `attrs["foreground"]` then names its rule); `attrs`
     needs backbone, dataset and split. Derived when absent: d_model, n_patches, layers,
     n_images, a square grid, depth (highest layer + 1). `attrs["complete"]=False` leaves the
     store unfinished (at `path` itself).
@@ -230,7 +237,16 @@ def create_store(
         "depth": max(layers) + 1, "image_size": 0, "config": "", **dict(attrs),
     }  # fmt: skip
     complete = bool(root.pop("complete", True))
-    columns = {k: v for k, v in images.items() if k not in ("valid", "error", "done")}
+    columns = {k: v for k, v in images.items() if k not in ("valid", "error", "done", "foreground")}
+    flags_NP = images.get("foreground")
+    if flags_NP is not None:
+        flags_NP = np.asarray(flags_NP, dtype=bool)
+        if flags_NP.shape != (n_images, n_patches):
+            raise TraitsaeError(
+                f"create_store: images['foreground'] has shape {flags_NP.shape}; expected "
+                f"[{n_images}, {n_patches}] (images x patches)."
+            )
+        root.setdefault("foreground", '{"rule": "given"}')
     valid_N = np.asarray(images.get("valid", np.ones(n_images, bool)), dtype=bool)
     done_N = np.asarray(images.get("done", np.ones(n_images, bool)), dtype=bool)
     reasons = np.asarray(images.get("error", [""] * n_images), dtype=object)
@@ -243,7 +259,8 @@ def create_store(
             errors = {i: str(reasons[i]) for i in range(lo, hi) if reasons[i]}
             part = {layer: a[lo:hi] for layer, a in acts.items()}
             part_cls = {layer: a[lo:hi] for layer, a in cls16.items()}
-            writer.write(lo, part, part_cls, valid_N[lo:hi], errors)
+            flags = None if flags_NP is None else flags_NP[lo:hi]
+            writer.write(lo, part, part_cls, valid_N[lo:hi], errors, flags)
         return writer.finish(complete=complete)
     finally:
         writer.close()
@@ -304,6 +321,12 @@ def _create(
         group.create_dataset("valid", data=np.ones(n_images, dtype=bool))
         group.create_dataset("done", data=np.zeros(n_images, dtype=bool))
         group.create_dataset("error", (n_images,), ERROR_DTYPE, dcpl=_preallocated())
+        if attrs.get("foreground"):  # the rule that fills it, as JSON
+            group.create_dataset(
+                "foreground", shape=(n_images, n_patches), dtype=bool,
+                chunks=(rows_per_chunk((n_patches,), 1, n_images), n_patches),
+                dcpl=_preallocated(fill=True),
+            )  # fmt: skip
         root = {"traitsae_version": __version__, **attrs}
         root.update(metadata_columns=columns, fingerprint=fingerprint)
         for key, value in root.items():
@@ -350,11 +373,12 @@ def _set_attr(obj: h5py.HLObject, key: str, value: Any) -> None:
         obj.attrs[key] = value
 
 
-def _preallocated() -> h5py.h5p.PropDCID:
-    """Dataset creation properties: allocate every chunk now, never write fill values."""
+def _preallocated(fill: bool = False) -> h5py.h5p.PropDCID:
+    """Dataset creation properties: allocate every chunk now, and write fill values (zeros)
+    only when `fill` (small datasets; the activations are never filled)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
     return dcpl
 
 
@@ -362,7 +386,8 @@ def _store_bytes(attrs: Mapping[str, Any]) -> int:
     """Upper estimate of the file's size: activations, per-image columns (error reasons are
     ERROR_BYTES each, paths and metadata ~1 KiB) and 1 MiB of HDF5 metadata."""
     n, p, d = (int(attrs[k]) for k in ("n_images", "n_patches", "d_model"))
-    return len(attrs["layers"]) * n * (p + 1) * d * 2 + n * (ERROR_BYTES + 1024) + 2**20
+    flags = n * p if attrs.get("foreground") else 0
+    return len(attrs["layers"]) * n * (p + 1) * d * 2 + n * (ERROR_BYTES + 1024) + flags + 2**20
 
 
 def check_room(path: Path, total_bytes: int) -> None:

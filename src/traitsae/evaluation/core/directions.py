@@ -19,6 +19,7 @@ from sklearn.decomposition import PCA
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.foreground import patch_keep, pool_tokens
 from traitsae.evaluation.core.tokens import iter_valid_tokens, tokens_per_image, valid_rows
 from traitsae.sae.export import RawSpaceSAE
 from traitsae.sae.model import build_sae
@@ -35,20 +36,27 @@ class TrainSample:
 def sample_train_activations(
     store: Store, layer: int, tokens: str, n_samples: int, seed: int, block: int = 64
 ) -> TrainSample:
-    """One pass over the store: a uniform token sample and every valid image's mean activation."""
-    n_valid = valid_rows(store).size
-    if n_valid == 0:
+    """One pass over the store: a uniform token sample and every valid image's mean activation
+    (both over the pooled patches only when `store.patch_mask` is set: eval.patches)."""
+    rows_V = valid_rows(store)
+    if rows_V.size == 0:
         raise TraitsaeError(f"store {store.path} has no valid images to fit the baselines on.")
-    total = n_valid * tokens_per_image(store, tokens)
+    if store.patch_mask is None or tokens == "cls":
+        total = rows_V.size * tokens_per_image(store, tokens)
+    else:
+        total = int(store.patch_mask[rows_V].sum())
     rate = min(1.0, n_samples / total)
     rng = np.random.default_rng(seed)
     samples, pooled, rows = [], [], []
     for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block):
+        keep_BP = patch_keep(store, rows_B) if tokens != "cls" else None
         flat_RD = acts_BPD.reshape(-1, acts_BPD.shape[-1])
         # Bernoulli thinning per block keeps the sample uniform without knowing all rows upfront.
         keep_R = rng.random(flat_RD.shape[0]) < rate
+        if keep_BP is not None:
+            keep_R &= keep_BP.reshape(-1).numpy()
         samples.append(flat_RD[torch.from_numpy(keep_R)].numpy())
-        pooled.append(acts_BPD.mean(dim=1).numpy())
+        pooled.append(pool_tokens(acts_BPD, "mean", keep_BP).numpy())
         rows.append(rows_B)
     return TrainSample(np.concatenate(samples), np.concatenate(pooled), np.concatenate(rows))
 

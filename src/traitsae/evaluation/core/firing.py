@@ -16,8 +16,8 @@ from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import figures
 from traitsae.evaluation.core.figures import plt
+from traitsae.evaluation.core.foreground import patch_keep, pool_tokens
 from traitsae.evaluation.core.labels import image_labels, top_image_summary
-from traitsae.evaluation.core.methods import pool_tokens
 from traitsae.evaluation.core.tokens import stream_codes
 from traitsae.sae.export import RawSpaceSAE
 
@@ -93,13 +93,16 @@ def scan(
     )
     for batch in batches:
         codes_BPS = batch.codes_BPS.cpu()
-        pooled_BS = pool_tokens(codes_BPS, pool)
+        keep_BP = patch_keep(store, batch.image_index)  # eval.patches: None = every patch
+        pooled_BS = pool_tokens(codes_BPS, pool, keep_BP)
+        if keep_BP is not None:  # firing frequencies over the pooled patches too
+            codes_BPS = codes_BPS * keep_BP[:, :, None]
         patch_fires_S += torch.count_nonzero(codes_BPS, dim=(0, 1))
         image_fires_S += (pooled_BS > 0).sum(dim=0)
         max_sum_S += pooled_BS.sum(dim=0, dtype=torch.float64)
         max_S = torch.maximum(max_S, pooled_BS.amax(dim=0))
         topk.update(pooled_BS, batch.image_index)
-        n_patches += codes_BPS.shape[0] * codes_BPS.shape[1]
+        n_patches += codes_BPS[:, :, 0].numel() if keep_BP is None else int(keep_BP.sum())
         n_images += codes_BPS.shape[0]
     if n_images == 0:
         raise TraitsaeError(f"store {store.path} has no valid image to scan.")

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from traitsae.backbones import build_backbone
+from traitsae.data.images.masks import split_transform
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 
@@ -56,12 +57,7 @@ class Frame:
     @classmethod
     def from_transform(cls, transform: Any, size: int) -> Frame:
         """The PIL-level prefix of a torchvision Compose (everything before ToTensor)."""
-        ops = []
-        for op in getattr(transform, "transforms", [transform]):
-            if "ToTensor" in type(op).__name__ or "Normalize" in type(op).__name__:
-                break
-            ops.append(op)
-        return cls(ops, size)
+        return cls(split_transform(transform)[0], size)
 
     def image(self, path: Path) -> np.ndarray:
         """uint8 [size, size, 3] as the backbone saw it."""

@@ -28,6 +28,7 @@ from traitsae.evaluation.core.directions import (
     random_directions,
     untrained_sae,
 )
+from traitsae.evaluation.core.foreground import patch_keep, pool_tokens
 from traitsae.evaluation.core.tokens import images_per_block, iter_valid_tokens, valid_rows
 from traitsae.sae.export import RawSpaceSAE
 
@@ -128,11 +129,6 @@ def check_pool(pool: str) -> None:
         raise TraitsaeError(f"eval.pool must be one of {POOLS}, got {pool!r}.")
 
 
-def pool_tokens(s_BPM: torch.Tensor, pool: str) -> torch.Tensor:
-    """[B, P, M] -> [B, M]."""
-    return s_BPM.amax(dim=1) if pool == "max" else s_BPM.mean(dim=1)
-
-
 @torch.no_grad()
 def image_scores(
     store: Store,
@@ -156,7 +152,10 @@ def image_scores(
         flat_RD = acts_BPD.reshape(n_b * n_p, d)
         for name, method in methods.items():
             s_BPM = method.scorer(flat_RD).reshape(n_b, n_p, -1)
-            out[name][filled : filled + n_b] = pool_tokens(s_BPM, method.pool).cpu().numpy()
+            keep_BP = patch_keep(store, rows_B, s_BPM.device)  # eval.patches
+            out[name][filled : filled + n_b] = (
+                pool_tokens(s_BPM, method.pool, keep_BP).cpu().numpy()
+            )
         rows[filled : filled + n_b] = rows_B
         filled += n_b
     return out, rows

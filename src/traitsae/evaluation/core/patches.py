@@ -20,12 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from traitsae.backbones import build_backbone
-from traitsae.data.images.masks import (
-    MaskLayout,
-    frame_labels,
-    patch_class_counts,
-    patch_labels,
-)
+from traitsae.data.images.masks import MaskLayout, framed_patch_labels
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.frames import Frame, resolve_image_path
@@ -101,14 +96,10 @@ def image_patch_labels(
     if image_path.exists():
         with Image.open(image_path) as img:
             size = img.size
-    framed_HW = frame_labels(frame.image_ops, layout.read(mask_path, size))
-    if framed_HW.shape != (frame.size, frame.size):
-        raise TraitsaeError(
-            f"mask {mask_path} framed by the backbone preprocessing is {framed_HW.shape}, not "
-            f"the backbone's {frame.size} x {frame.size} input; check eval.frame."
-        )
-    n_ids = max(layout.class_ids) + 1
-    return patch_labels(patch_class_counts(framed_HW, grid, n_ids), layout.class_ids, rule)
+    labels_HW = layout.read(mask_path, size)
+    return framed_patch_labels(
+        labels_HW, frame.image_ops, frame.size, grid, layout.class_ids, rule, f"mask {mask_path}"
+    )
 
 
 def collect_patches(

@@ -39,7 +39,8 @@ class Card:
 
 
 class Section(NamedTuple):
-    """A heading, a ranked table (a row's `anchor` links to its card) and the cards below it.
+    """A heading, a ranked table (a row's `anchor` links to its card, or its `href` to any
+    page, from its `link_column` cell) and the cards below it.
 
     `note` is a sentence shown under the heading (e.g. why a table is empty); a plain
     (heading, columns, rows, cards) tuple is a Section without a note.
@@ -72,8 +73,9 @@ def _table(
         for c in columns:
             value = row.get(c, "")
             text = html.escape(format_value(value))
-            if c == link_column and row.get("anchor"):
-                text = f'<a href="#{html.escape(str(row["anchor"]))}">{text}</a>'
+            href = row.get("href") or (f"#{row['anchor']}" if row.get("anchor") else "")
+            if c == link_column and href:
+                text = f'<a href="{html.escape(str(href))}">{text}</a>'
             css = ' class="text"' if isinstance(value, str) else ""
             cells.append(f"<td{css}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

@@ -45,11 +45,27 @@ class Candidate:
     top_images_other: list[str]
     rank: int = 0
     figure: str = ""
+    pair: str | None = None  # the pair of eval.pairs it belongs to (None: a single pair)
+    replicates: list[dict[str, Any]] | None = None  # its match in each replicate SAE
+    replicated_in: int | None = None  # replicates where it replicated (matched, q <= alpha)
+    n_replicates: int | None = None
 
     def row(self) -> dict[str, Any]:
-        """Flat dict: the contract's keys first, then every statistic, then the heat-map lists."""
+        """Flat dict: the contract's keys first, then every statistic, then the heat-map lists
+        (and, where eval.replicates ran, the replication)."""
         stats = asdict(self.stats)
         head = {"rank": self.rank, **{k: stats.pop(k) for k in ("latent", "group")}}
+        if self.pair is not None:
+            head = {"pair": self.pair, **head}
+        replication = (
+            {
+                "replicated_in": self.replicated_in,
+                "n_replicates": self.n_replicates,
+                "replicates": self.replicates,
+            }
+            if self.replicates is not None
+            else {}
+        )
         numbers = {k: stats.pop(k) for k in ("auroc", "rate_a", "rate_b", "mean_a", "mean_b")}
         triage = {"entropy": self.entropy, "morans_i": self.morans_i, "score": self.score}
         return {
@@ -60,6 +76,7 @@ class Candidate:
             **stats,
             "top_images_other": self.top_images_other,
             "figure": self.figure,
+            **replication,
         }
 
 

@@ -3,22 +3,29 @@
     python evaluate.py eval=discovery run=<run dir> dataset=butterflies \
         eval.group_a='{species: erato, subspecies: lativita}' \
         eval.group_b='{species: melpomene, subspecies: malleti}' eval.strata=[collection]
+    python evaluate.py eval=discovery run=<run dir> eval.pairs=pairs.csv \
+        eval.replicates=[<run seed 1>,<run seed 2>]
 
 1. Groups are filters on the store's per-image metadata (column -> value or list of values);
-   `eval.strata` names metadata columns whose combinations are strata (confounds).
-2. One streaming pass encodes the images of both groups and keeps each latent's image-level
-   score (max over patches; `eval.pool=mean` also works): [n_a + n_b, d_sae] floats.
-3. `discovery_stats.contrast` does the statistics on that matrix: held-out split, AUROC,
-   permutation p-values within strata, BH q-values, candidates, confirmation.
+   `eval.pairs` lists many pairs of groups (pairs.py); `eval.strata` names metadata columns
+   whose combinations are strata (confounds).
+2. One streaming pass encodes the images of every group and keeps each latent's image-level
+   score (max over patches; `eval.pool=mean` also works): [images, d_sae] floats.
+3. `stats.contrasts` does the statistics of every pair on that matrix: held-out split, AUROC,
+   permutation p-values within strata, BH q-values over all pairs x latents together,
+   candidates, confirmation (BH over all pairs' candidates together).
 4. Each candidate's heat-maps on its top images in its own group are scored by normalised
    entropy and Moran's I; triage score = alpha*specificity + beta*(-entropy) + gamma*Moran's I.
    Within each group: discoveries first, then confirmed candidates, each best triage score first.
-5. `discovery_report` writes discovery.json, latents.csv, candidates.csv, figures/*.png and
-   index.html into the run's output dir.
+5. `eval.replicates`: each candidate matched and re-tested in other SAEs (replicates.py).
+6. `discovery_report` writes discovery.json, latents.csv, candidates.csv, figures/*.png and
+   index.html into the run's output dir (with eval.pairs: one folder pairs/<pair>/ each, and an
+   index over the pairs).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,50 +38,51 @@ from tqdm.auto import tqdm
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import heatmaps
+from traitsae.evaluation.core.foreground import patch_keep, select_patches
 from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.methods import check_pool, pool_tokens
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.sae import resolve_sae
-from traitsae.evaluation.core.sources import eval_store, output_dir
+from traitsae.evaluation.core.sources import check_store_matches_sae, eval_store, output_dir
 from traitsae.evaluation.core.tokens import stream_codes
 from traitsae.evaluation.discovery import report as discovery_report
 from traitsae.evaluation.discovery.candidates import (
-    Candidate,
     GroupScores,
-    HeatMaps,
     build_candidates,
     candidate_figure,
 )
-from traitsae.evaluation.discovery.groups import (
-    describe_group,
-    group_mask,
-    parse_group,
-    parse_strata,
-    strata_labels,
+from traitsae.evaluation.discovery.groups import parse_strata, strata_labels
+from traitsae.evaluation.discovery.pairs import Discovery, Pair, configured_pairs, pair_masks
+from traitsae.evaluation.discovery.replicates import (
+    Replicate,
+    load_replicates,
+    replicate_candidates,
 )
-from traitsae.evaluation.discovery.stats import Contrast, NullOptions, RankingRule, contrast
+from traitsae.evaluation.discovery.stats import (
+    ContrastInput,
+    NullOptions,
+    RankingRule,
+    Skipped,
+    contrasts,
+)
 from traitsae.sae.export import RawSpaceSAE
-
-# ----------------------------------------------------------------------------- groups
-
 
 # ----------------------------------------------------------------------------- the pass
 
 
-def collect_scores(
+def collect_image_scores(
     store: Store,
     sae: RawSpaceSAE,
-    mask_a: np.ndarray,
-    mask_b: np.ndarray,
+    wanted_N: np.ndarray,
     *,
     pool: str = "max",
     batch_patches: int = 4096,
     device: str = "cpu",
     progress: bool = True,
-) -> GroupScores:
-    """The single streaming pass over the store: image-level scores of both groups."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The single streaming pass over the store: (store rows [U] increasing, image-level scores
+    [U, S] float32) of the wanted valid images."""
     check_pool(pool)
-    wanted_N = mask_a | mask_b
     index_parts, score_parts = [], []
     with tqdm(
         total=int(wanted_N.sum()), desc="encoding groups", unit="img", disable=not progress
@@ -83,18 +91,30 @@ def collect_scores(
             store, sae, wanted_N=wanted_N, batch_patches=batch_patches, device=device
         ):
             codes_BPS = batch.codes_BPS
-            pooled_BS = pool_tokens(codes_BPS, pool)
+            pooled_BS = pool_tokens(codes_BPS, pool, patch_keep(store, batch.image_index))
             index_parts.append(batch.image_index)
             score_parts.append(pooled_BS.cpu().numpy().astype(np.float32))
             bar.update(len(batch.image_index))
-    image_index = np.concatenate(index_parts)
-    return GroupScores(image_index, mask_a[image_index], np.concatenate(score_parts))
+    if not index_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, sae.d_sae), dtype=np.float32)
+    return np.concatenate(index_parts), np.concatenate(score_parts)
 
 
-# ----------------------------------------------------------------------------- candidates
+def collect_scores(
+    store: Store, sae: RawSpaceSAE, mask_a: np.ndarray, mask_b: np.ndarray, **options: Any
+) -> GroupScores:
+    """Image-level scores of both groups of one pair (`collect_image_scores`' options)."""
+    image_index, scores_NS = collect_image_scores(store, sae, mask_a | mask_b, **options)
+    return GroupScores(image_index, mask_a[image_index], scores_NS)
 
 
-# ----------------------------------------------------------------------------- figures
+def pair_scores(
+    rows_U: np.ndarray, scores_US: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray
+) -> GroupScores:
+    """One pair's rows of the scores of all pairs' images."""
+    keep_U = (mask_a | mask_b)[rows_U]
+    rows = rows_U[keep_U]
+    return GroupScores(rows, mask_a[rows], scores_US[keep_U])
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -107,8 +127,12 @@ class DiscoveryOptions(ImageOptions):
     split: str
     group_a: Any
     group_b: Any
+    pairs: Any
+    replicates: Any
+    match_cosine: float
     strata: Any
     pool: str
+    patches: str
     fire_threshold: float
     n_permutations: int
     max_permutations: int
@@ -133,30 +157,25 @@ class DiscoveryOptions(ImageOptions):
         return NullOptions(**{k: getattr(self, k) for k in keys})
 
 
-def configured_groups(cfg: DictConfig, opts: DiscoveryOptions) -> dict[str, Any]:
-    """eval.group_a / eval.group_b, defaulting to the dataset's own contrast pair
-    (`dataset.contrast: {group_a: {...}, group_b: {...}}`, e.g. the demo's Alpha vs Beta)."""
-    contrast_pair = OmegaConf.to_container(cfg.dataset.get("contrast") or {}, resolve=True)
-    return {name: getattr(opts, name) or contrast_pair.get(name) for name in ("group_a", "group_b")}
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """`python evaluate.py eval=discovery run=<run dir> eval.group_a=... eval.group_b=...`."""
+    """`python evaluate.py eval=discovery run=<run dir> eval.group_a=... eval.group_b=...`, or
+    `eval.pairs=<csv>`; `eval.replicates=[...]` adds replication."""
     opts = build_options(DiscoveryOptions, cfg)
-    groups = configured_groups(cfg, opts)
-    group_a, group_b = (parse_group(spec, name) for name, spec in groups.items())
+    default = OmegaConf.to_container(cfg.dataset.get("contrast") or {}, resolve=True)
+    pairs, from_file = configured_pairs(opts.pairs, opts.group_a, opts.group_b, default)
     sae = resolve_sae(cfg)
     sae.eval().to(opts.device)
+    replicates = load_replicates(cfg, opts.replicates, sae, opts.match_cosine)
+    for rep in replicates:
+        rep.sae.eval().to(opts.device)
+        if rep.note:
+            print(f"replicate {rep.label} ({rep.path}): {rep.note}")
     out = output_dir(cfg)
     with eval_store(cfg, sae, opts.split) as store:
-        result = discover(
-            store,
-            sae,
-            group_a,
-            group_b,
-            opts.rule(),
-            heatmaps.TriageWeights(**opts.weights),
-            out,
+        select_patches(store, opts.patches, sae)  # eval.patches: pool over foreground patches?
+        for rep in replicates:
+            check_store_matches_sae(store, rep.sae)
+        common = dict(
             null=opts.null(),
             strata=parse_strata(opts.strata),
             n_top_images=opts.n_top_images,
@@ -165,29 +184,38 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             batch_patches=opts.batch_patches,
             device=opts.device,
             images=image_source(store, opts),
+            replicates=replicates,
         )
+        rule, weights = opts.rule(), heatmaps.TriageWeights(**opts.weights)
+        if from_file:
+            result = discover_pairs(store, sae, pairs, rule, weights, out, **common)
+        else:
+            (pair,) = pairs
+            result = discover(store, sae, pair.a, pair.b, rule, weights, out, **common)
     print(f"\ndiscovery report: {out / 'index.html'}")
     return result
 
 
 @dataclass
-class Discovery:
-    """Everything eval=discovery found on one store; nothing is written yet."""
+class Discoveries:
+    """Every pair of one run, and the settings they share."""
 
-    result: Contrast
-    scores: GroupScores
-    candidates: list[Candidate]
-    maps: HeatMaps  # the candidates' heat-maps on their top images
-    names: dict[str, str]
-    groups: dict[str, Any]
+    pairs: list[Discovery]
     settings: dict[str, Any]
+    replicates: list[Replicate]
 
 
-def compute_discovery(
+def pair_seed(pair: Pair, seed: int) -> int | list[int] | None:
+    """The entropy of a pair's random generator: the run's seed for a single pair (as before
+    pairs existed), else seed and the pair's name, so a pair's split and shuffles do not change
+    when other lines of the pairs file do."""
+    return None if not pair.where else [seed, zlib.crc32(pair.name.encode())]
+
+
+def compute_pairs(
     store: Store,
     sae: RawSpaceSAE,
-    group_a: dict[str, list[str]],
-    group_b: dict[str, list[str]],
+    pairs: Sequence[Pair],
     rule: RankingRule,
     weights: heatmaps.TriageWeights,
     *,
@@ -198,49 +226,103 @@ def compute_discovery(
     fire_threshold: float = 0.0,
     batch_patches: int = 4096,
     device: str = "cpu",
-) -> Discovery:
-    """The groups' image scores, the contrast and the triaged candidates of an open store."""
-    metadata = store.metadata
-    mask_a = group_mask(metadata, group_a, "group_a", str(store.path))
-    mask_b = group_mask(metadata, group_b, "group_b", str(store.path))
-    if (overlap := int((mask_a & mask_b).sum())) > 0:
-        raise TraitsaeError(
-            f"eval.group_a={group_a} and eval.group_b={group_b} share {overlap} "
-            "images; the groups must be disjoint to contrast them."
+    skip_untestable: bool = False,
+    replicates: Sequence[Replicate] = (),
+) -> Discoveries:
+    """The pairs' image scores (one pass), their contrasts under one FDR, the triaged
+    candidates of each, and their replication."""
+    metadata, source = store.metadata, str(store.path)
+    masks = [pair_masks(metadata, pair, source) for pair in pairs]
+    strata_all = strata_labels(metadata, strata, source)
+    wanted_N = np.logical_or.reduce([m for ab in masks for m in ab])
+    encode = dict(pool=pool, batch_patches=batch_patches, device=device)
+    rows_U, scores_US = collect_image_scores(store, sae, wanted_N, **encode)
+    scores = [pair_scores(rows_U, scores_US, *ab) for ab in masks]
+    items = [
+        ContrastInput(
+            s.scores_NS,
+            s.in_a,
+            None if strata_all is None else strata_all[s.image_index],
+            pair.names(),
+            pair_seed(pair, null.seed),
         )
-    names = {"a": describe_group(group_a), "b": describe_group(group_b)}
-    strata_all = strata_labels(metadata, strata, str(store.path))
-    scores = collect_scores(
-        store, sae, mask_a, mask_b, pool=pool, batch_patches=batch_patches, device=device
+        for pair, s in zip(pairs, scores, strict=True)
+    ]
+    results = contrasts(
+        items, rule, null, fire_threshold=fire_threshold, skip_untestable=skip_untestable
     )
-    result = contrast(
-        scores.scores_NS,
-        scores.in_a,
-        rule,
+    found = []
+    for pair, (mask_a, mask_b), s, result in zip(pairs, masks, scores, results, strict=True):
+        groups = {
+            g: {"filter": spec, "name": pair.names()[g], "n_images": int(mask.sum())}
+            for g, spec, mask in (("a", pair.a, mask_a), ("b", pair.b, mask_b))
+        }
+        if isinstance(result, Skipped):
+            found.append(Discovery(pair, groups, skipped=result.reason))
+            continue
+        candidates, maps = build_candidates(
+            store, sae, s, result.candidates, weights, n_top_images, device
+        )
+        for cand in candidates:
+            cand.pair = pair.name if pair.where else None
+        found.append(Discovery(pair, groups, result, s, candidates, maps))
+    tested = [d for d in found if d.result is not None]
+    if not tested:
+        reasons = " ".join(
+            f"{d.pair.where or d.pair.name} ({d.pair.name}): {d.skipped}" for d in found
+        )
+        raise TraitsaeError(
+            f"every pair was skipped, none could be tested. {reasons} Widen the groups, lower "
+            "eval.min_group or eval.confirm, or drop eval.strata."
+        )
+
+    def replicate_scores(rep: Replicate) -> tuple[np.ndarray, np.ndarray]:
+        return collect_image_scores(store, rep.sae, wanted_N, **encode)
+
+    replicate_candidates(
+        replicates,
+        sae,
+        [(d.candidates, d.scores, d.result) for d in tested],
+        replicate_scores,
         null,
-        strata_N=None if strata_all is None else strata_all[scores.image_index],
-        fire_threshold=fire_threshold,
-        names=names,
-    )
-    candidates, maps = build_candidates(
-        store, sae, scores, result.candidates, weights, n_top_images, device
     )
     settings = {
         **asdict(rule),
         "weights": asdict(weights),
         "pool": pool,
+        "patches": "all" if store.patch_mask is None else "foreground",
         "fire_threshold": fire_threshold,
         "n_top_images": n_top_images,
         "strata": list(strata),
         "seed": null.seed,
-        "d_sae": int(scores.scores_NS.shape[1]),
-        "store": str(store.path),
+        "d_sae": int(scores_US.shape[1]),
+        "store": source,
     }
-    groups = {
-        g: {"filter": spec, "name": names[g], "n_images": int(mask.sum())}
-        for g, spec, mask in (("a", group_a, mask_a), ("b", group_b, mask_b))
+    return Discoveries(found, settings, list(replicates))
+
+
+def draw_figures(found: Discovery, out: Path, images: ImageSource, store: Store) -> None:
+    """Each candidate's figure into out/figures/; its path (relative to out) on the candidate."""
+    assert found.scores is not None
+    for cand in found.candidates:
+        rel = Path("figures") / f"{cand.stats.group}_{cand.rank:02d}_latent{cand.stats.latent}.png"
+        candidate_figure(
+            cand, found.maps, store.metadata, found.names, images, found.scores, out / rel
+        )
+        cand.figure = rel.as_posix()
+
+
+def replication_settings(
+    replicates: Sequence[Replicate], null: NullOptions
+) -> dict[str, Any] | None:
+    if not replicates:
+        return None
+    return {
+        "replicates": [r.summary() for r in replicates],
+        "retested_on": "held-out confirmation images"
+        if null.confirm > 0
+        else "all images of the pair (eval.confirm=0: the images the candidate was chosen on)",
     }
-    return Discovery(result, scores, candidates, maps, names, groups, settings)
 
 
 def discover(
@@ -256,18 +338,52 @@ def discover(
     null: NullOptions | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """compute_discovery (its keyword `options` too) on an open store, then every output into
-    `out`; returns the JSON."""
-    found = compute_discovery(
-        store, sae, group_a, group_b, rule, weights, null=null or NullOptions(), **options
+    """One pair (compute_pairs' keyword `options` too) on an open store, then every output
+    into `out`; returns the JSON."""
+    null = null or NullOptions()
+    found = compute_pairs(
+        store, sae, [Pair("a_vs_b", group_a, group_b)], rule, weights, null=null, **options
     )
+    (one,) = found.pairs
+    assert one.result is not None
     out.mkdir(parents=True, exist_ok=True)
-    for cand in found.candidates:
-        rel = Path("figures") / f"{cand.stats.group}_{cand.rank:02d}_latent{cand.stats.latent}.png"
-        candidate_figure(
-            cand, found.maps, store.metadata, found.names, images, found.scores, out / rel
-        )
-        cand.figure = rel.as_posix()
-    return discovery_report.write_outputs(
-        out, found.candidates, found.result, found.groups, found.settings
+    draw_figures(one, out, images, store)
+    settings = {**found.settings}
+    if replication := replication_settings(found.replicates, null):
+        settings["replication"] = replication
+    return discovery_report.write_outputs(out, one.candidates, one.result, one.groups, settings)
+
+
+def discover_pairs(
+    store: Store,
+    sae: RawSpaceSAE,
+    pairs: Sequence[Pair],
+    rule: RankingRule,
+    weights: heatmaps.TriageWeights,
+    out: Path,
+    *,
+    images: ImageSource,
+    null: NullOptions | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Every pair under one FDR (compute_pairs' keyword `options` too); each tested pair's
+    outputs into out/pairs/<pair>/, the pairs' index, figure and tables into `out`; returns
+    the top-level JSON."""
+    null = null or NullOptions()
+    found = compute_pairs(
+        store, sae, pairs, rule, weights, null=null, skip_untestable=True, **options
     )
+    settings = {**found.settings}
+    if replication := replication_settings(found.replicates, null):
+        settings["replication"] = replication
+    for one in found.pairs:
+        if one.result is None:
+            continue
+        pair_out = out / "pairs" / one.pair.name
+        pair_out.mkdir(parents=True, exist_ok=True)
+        draw_figures(one, pair_out, images, store)
+        print(f"\n=== pair {one.pair.name} ===")
+        discovery_report.write_outputs(
+            pair_out, one.candidates, one.result, one.groups, settings, title=one.pair.name
+        )
+    return discovery_report.write_pairs_outputs(out, found.pairs, null, settings)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from traitsae.errors import TraitsaeError
 
 # Store columns that are bookkeeping, not metadata to group by.
-_NOT_GROUPABLE = ("valid", "index", "error", "done")
+NOT_GROUPABLE = ("valid", "index", "error", "done")
 
 
 _MAX_VALUES_LISTED = 25
@@ -36,7 +36,7 @@ def parse_group(spec: Any, name: str) -> dict[str, list[str]]:
     return group
 
 
-def _value_counts(values: np.ndarray) -> str:
+def value_counts(values: np.ndarray) -> str:
     counts = Counter(str(v) for v in values).most_common()
     listed = ", ".join(f"{v!r} ({n})" for v, n in counts[:_MAX_VALUES_LISTED])
     more = (
@@ -47,12 +47,12 @@ def _value_counts(values: np.ndarray) -> str:
     return listed + more
 
 
-def _column_listing(metadata: Mapping[str, np.ndarray]) -> str:
+def column_listing(metadata: Mapping[str, np.ndarray]) -> str:
     valid_N = np.asarray(metadata["valid"], dtype=bool)
     return "; ".join(
-        f"{c}: {_value_counts(np.asarray(metadata[c])[valid_N])}"
+        f"{c}: {value_counts(np.asarray(metadata[c])[valid_N])}"
         for c in sorted(metadata)
-        if c not in _NOT_GROUPABLE and c != "path"
+        if c not in NOT_GROUPABLE and c != "path"
     )
 
 
@@ -63,17 +63,15 @@ def group_mask(
     valid_N = np.asarray(metadata["valid"], dtype=bool)
     mask_N = valid_N.copy()
     for column, allowed in group.items():
-        if column not in metadata or column in _NOT_GROUPABLE:
+        if column not in metadata or column in NOT_GROUPABLE:
             raise TraitsaeError(
                 f"eval.{name} filters on column {column!r}, which store {source} does not have. "
                 f"Available metadata columns (values with image counts): "
-                f"{_column_listing(metadata)}."
+                f"{column_listing(metadata)}."
             )
         mask_N &= np.isin(np.asarray(metadata[column]).astype(str), allowed)
     if not mask_N.any():
-        listing = "; ".join(
-            f"{c}: {_value_counts(np.asarray(metadata[c])[valid_N])}" for c in group
-        )
+        listing = "; ".join(f"{c}: {value_counts(np.asarray(metadata[c])[valid_N])}" for c in group)
         raise TraitsaeError(
             f"eval.{name}={dict(group)} selects no valid image of store {source}. Values present "
             f"in the filtered columns (with image counts): {listing}."
@@ -101,11 +99,11 @@ def strata_labels(
     """One label per store row, e.g. "collection=NHM, camera=D7000"; None without strata."""
     if not columns:
         return None
-    missing = [c for c in columns if c not in metadata or c in _NOT_GROUPABLE]
+    missing = [c for c in columns if c not in metadata or c in NOT_GROUPABLE]
     if missing:
         raise TraitsaeError(
             f"eval.strata names column(s) {missing} that store {source} does not have. Available "
-            f"metadata columns (values with image counts): {_column_listing(metadata)}."
+            f"metadata columns (values with image counts): {column_listing(metadata)}."
         )
     parts = [[f"{c}={v}" for v in np.asarray(metadata[c]).astype(str)] for c in columns]
     return np.array([", ".join(values) for values in zip(*parts, strict=True)])

@@ -39,6 +39,11 @@ _BLOCK_ELEMENTS = 2**22
 LabelBatches = Callable[[], Iterable[np.ndarray]]  # yields bool [B, N] shuffles, same each call
 
 
+class UntestableContrast(TraitsaeError):
+    """Groups too small (eval.min_group) or sharing no stratum: nothing to test. A single
+    contrast stops with this message; a pair of eval.pairs is skipped with it."""
+
+
 @dataclass(frozen=True)
 class NullOptions:
     """The permutation null, FDR level, held-out fraction and smallest group allowed."""
@@ -268,7 +273,7 @@ def check_group_sizes(
         return f"group {g.upper()} ({names[g]}) has {total} images{split}"
 
     held = f" at eval.confirm={null.confirm}" if null.confirm > 0 else ""
-    raise TraitsaeError(
+    raise UntestableContrast(
         f"{describe('a')} and {describe('b')}{held}; eval.min_group={null.min_group} asks for at "
         f"least {null.min_group} per group in each part: on a handful of images an AUROC of 1.0 "
         "happens by chance. Widen the groups, lower eval.confirm (0 = no held-out half), or set "

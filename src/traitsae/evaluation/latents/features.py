@@ -34,6 +34,7 @@ from traitsae.evaluation.core.firing import (
     density_figure,
     scan,
 )
+from traitsae.evaluation.core.foreground import select_patches
 from traitsae.evaluation.core.frames import ImageOptions, ImageSource, image_source
 from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
 from traitsae.evaluation.core.options import build_options
@@ -196,6 +197,7 @@ class FeaturesOptions(ImageOptions):
     max_latents: int
     top_k: int
     pool: str
+    patches: str
     batch_patches: int
     seed: int
     device: str
@@ -214,6 +216,7 @@ class FeaturesResult:
 
 
 def compute_features(store: Store, sae: RawSpaceSAE, opts: FeaturesOptions) -> FeaturesResult:
+    select_patches(store, opts.patches, sae)  # eval.patches: pool over foreground patches?
     stats, topk = scan(
         store, sae, opts.top_k, batch_patches=opts.batch_patches, device=opts.device, pool=opts.pool
     )
@@ -250,6 +253,7 @@ def write_features(
     result = {
         "n_images": stats.n_images,
         "n_patches": stats.n_patches,
+        "patches": "all" if store.patch_mask is None else "foreground",
         "d_sae": len(stats.patch_fires_S),
         "n_dead": int((stats.patch_freq == 0).sum()),
         "n_dense": int((stats.patch_freq > 1e-2).sum()),

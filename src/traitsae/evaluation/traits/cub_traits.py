@@ -34,6 +34,7 @@ from traitsae.data.images.cub_attributes import CubAttributes, load_cub_attribut
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core import directions
+from traitsae.evaluation.core.foreground import select_patches
 from traitsae.evaluation.core.methods import Method, baseline_methods, sae_scorer
 from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.precision import (
@@ -106,6 +107,8 @@ def evaluate_traits(
     """All methods x traits x k x protocols x seeds, on already opened and checked stores."""
     layer = sae.layer
     tokens = sae.tokens
+    for store in (train_store, test_store):  # eval.patches: pool over foreground patches?
+        select_patches(store, opts.patches, sae)
     # Labels first: traits without positives in either split are dropped before anything is fit.
     rows_train, rows_test = valid_rows(train_store), valid_rows(test_store)
     labels_train_NT = attrs.labels(image_ids(train_store)[rows_train], opts.certainty)

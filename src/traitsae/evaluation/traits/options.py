@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from traitsae.errors import TraitsaeError
+from traitsae.evaluation.core.foreground import check_patches
 from traitsae.evaluation.core.methods import (
     check_pool,
 )
@@ -26,6 +27,7 @@ class CubTraitsOptions:
     tau: float
     certainty: list[int]
     pool: str
+    patches: str
     methods: list[str]
     seeds: list[int]  # null in the YAML: [seed]
     n_samples: int
@@ -49,6 +51,7 @@ class CubTraitsOptions:
 
     def validate(self) -> None:
         check_pool(self.pool)
+        check_patches(self.patches)
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
             raise TraitsaeError(

@@ -23,6 +23,7 @@ import torch
 
 from traitsae.data.store import Store
 from traitsae.evaluation.core.directions import TrainSample
+from traitsae.evaluation.core.foreground import patch_keep
 from traitsae.evaluation.core.methods import Method, image_scores, iter_valid_tokens, linear_scorer
 from traitsae.evaluation.core.probes import fit_logistic
 from traitsae.evaluation.core.tokens import images_per_block
@@ -59,9 +60,13 @@ def _witnesses(
     n_cols = w_DC.shape[1]
     block = images_per_block(store, tokens, n_cols)
     parts = []
-    for _, acts_BPD in iter_valid_tokens(store, layer, tokens, block, desc=desc):
+    for rows_B, acts_BPD in iter_valid_tokens(store, layer, tokens, block, desc=desc):
         z_BPD = (acts_BPD - mu_D) / sd_D
-        idx_BC = (z_BPD @ w_DC + b_C).argmax(dim=1)
+        s_BPC = z_BPD @ w_DC + b_C
+        keep_BP = patch_keep(store, rows_B) if tokens != "cls" else None
+        if keep_BP is not None:  # eval.patches=foreground: witnesses among those patches
+            s_BPC = s_BPC.masked_fill(~keep_BP[:, :, None], -torch.inf)
+        idx_BC = s_BPC.argmax(dim=1)
         parts.append(torch.gather(z_BPD, 1, idx_BC[..., None].expand(-1, -1, z_BPD.shape[-1])))
     return torch.cat(parts)
 
