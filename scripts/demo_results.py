@@ -32,12 +32,17 @@ from traitsae.data.collection import pair_rows  # noqa: E402  (the collection's 
 PROTOCOL = "select_on_train"
 
 
-def ci(row: dict[str, Any], value: str) -> str:
-    return f"{row[value]:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+def ci(row: dict[str, Any], value: str, sign: str = "") -> str:
+    """`value [low, high]`; an undefined number (null in the JSON: NaN or inf) reads n/a."""
+
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:{sign}.3f}"
+
+    return f"{num(row[value])} [{num(row['ci_low'])}, {num(row['ci_high'])}]"
 
 
 def signed_ci(row: dict[str, Any], value: str) -> str:
-    return f"{row[value]:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+    return ci(row, value, "+")
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

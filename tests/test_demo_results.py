@@ -166,3 +166,12 @@ def test_replace_block_rewrites_only_between_the_markers() -> None:
     text = "a\n<!-- generated: x -->\nold\n<!-- end: x -->\nb\n"
     assert replace(text, "x", "new") == "a\n<!-- generated: x -->\nnew\n<!-- end: x -->\nb\n"
     assert replace("no markers\n", "x", "new") == "no markers\n"
+
+
+def test_an_undefined_number_reads_n_a() -> None:
+    """write_json writes NaN as null: the tables must not die on it."""
+    script = load_script()
+    assert script.ci({"v": 0.5, "ci_low": None, "ci_high": 0.9}, "v") == "0.500 [n/a, 0.900]"
+    assert script.signed_ci({"v": None, "ci_low": -0.1, "ci_high": 0.2}, "v") == (
+        "n/a [-0.100, +0.200]"
+    )
