@@ -58,6 +58,38 @@ def test_render_reads_every_number_from_the_outputs(tmp_path: Path) -> None:
     assert "segments" not in page.split("How to read")[1].split("\n", 1)[1]  # no output, no section
 
 
+def test_steer_section_reads_the_curve_control_and_verdict(tmp_path: Path) -> None:
+    write(tmp_path / "cub_traits/cub_traits.json", {"summary": [], "r_precision": {"summary": []},
+                                                    "paired_differences": []})  # fmt: skip
+    point = {"frac_top1_target": 0.0, "control_mean_p_target": 0.044}
+    write(
+        tmp_path / "steer/steer.json",
+        {
+            "target_class": "001.Alpha_warbler",
+            "latents": [63, 33, 38],
+            "n_images": 32,
+            "meta": {"backbone": "tiny_maxpool", "layer": 2, "depth": 4, "split": "test",
+                     "train_split": "train"},
+            "control": {"n_sets": 8},
+            "curve": [
+                {"alpha": 0, "mean_p_target": 0.044, "ci": [0.018, 0.071], "difference": 0.0,
+                 "difference_ci": [0.0, 0.0]} | point,
+                {"alpha": 4, "mean_p_target": 0.118, "ci": [0.071, 0.166], "difference": 0.099,
+                 "difference_ci": [0.054, 0.143]} | point,
+            ],
+            "readout": {"p_target_on_target": 0.2, "p_target_on_source": 0.044,
+                        "difference": 0.156, "difference_ci": [0.05, 0.26]},
+            "verdict": {"monotonic": True, "beats_control": True, "readout_informative": True,
+                        "evidence": True},
+            "notes": [],
+        },
+    )  # fmt: skip
+    page = load_script().render(tmp_path)
+    assert "`tiny_maxpool`, SAE at block 2 of 4, latents [63, 33, 38]" in page
+    assert "| 4 | 0.118 [0.071, 0.166] | 0.044 | +0.099 [+0.054, +0.143] | 0.000 |" in page
+    assert "Evidence: **yes**" in page and "difference +0.156 [+0.050, +0.260]" in page
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
@@ -134,3 +166,12 @@ def test_replace_block_rewrites_only_between_the_markers() -> None:
     text = "a\n<!-- generated: x -->\nold\n<!-- end: x -->\nb\n"
     assert replace(text, "x", "new") == "a\n<!-- generated: x -->\nnew\n<!-- end: x -->\nb\n"
     assert replace("no markers\n", "x", "new") == "no markers\n"
+
+
+def test_an_undefined_number_reads_n_a() -> None:
+    """write_json writes NaN as null: the tables must not die on it."""
+    script = load_script()
+    assert script.ci({"v": 0.5, "ci_low": None, "ci_high": 0.9}, "v") == "0.500 [n/a, 0.900]"
+    assert script.signed_ci({"v": None, "ci_low": -0.1, "ci_high": 0.2}, "v") == (
+        "n/a [-0.100, +0.200]"
+    )
