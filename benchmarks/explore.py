@@ -244,7 +244,7 @@ def app_run(session_path: Path, n_images: int) -> None:
 
     results: list = []
     table = at.dataframe(key="latent_table").value
-    alive = table[table.patch_freq > 0].latent.to_numpy()
+    alive = table[table["patches firing"] > 0].latent.to_numpy()
     for latent in alive[1:4]:
         timed(
             f"Latents: choose latent {latent} (16 heat-maps)",
@@ -257,8 +257,13 @@ def app_run(session_path: Path, n_images: int) -> None:
         results,
     )
     timed(
-        "Latents: sort by label entropy",
-        at.selectbox(key="sort_by").set_value("label_entropy").run,
+        "Latents: sort by label mix",
+        at.selectbox(key="sort_by").set_value("label mix (bits)").run,
+        results,
+    )
+    timed(
+        "Latents: lower-activation band",
+        at.radio(key="band").set_value("middle").run,
         results,
     )
     timed("Latents: hide dead latents", at.checkbox(key="hide_dead").check().run, results)

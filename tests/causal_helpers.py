@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -57,14 +60,16 @@ def evaluate_cfg(name: str, out: Path, overrides: list[str] = ()) -> DictConfig:
 
 
 SECOND_LAYER = 2  # block 2 of the tiny ViT's 4
+LAST_LAYER = 3  # the last block: patch edits there cannot reach tiny's CLS read-out
 SECOND_SPECIES = 6
 
 
 @functools.cache
 def second_root() -> Path:
     """A second CUB-layout set, not the demo: another seed, 6 species x 40 images (half train,
-    half test), planted class traits; both splits extracted at block 2 and an SAE trained on
-    the train split. Same folder layout as `demo_root()` (data/synthetic, activations, train)."""
+    half test), planted class traits; both splits extracted at blocks 2 and 3, an SAE trained
+    on the train split at block 2 (`train/`) and a quick one at the last block (`train-last/`).
+    Same folder layout as `demo_root()` (data/synthetic, activations, train)."""
     from traitsae.data.synthetic import generate
     from traitsae.extraction import extract
     from traitsae.training import train
@@ -82,7 +87,7 @@ def second_root() -> Path:
                     f"paths.root_dir={root}",
                     f"split={split}",
                     "dataset.seed=7",
-                    f"backbone.layers=[{SECOND_LAYER}]",
+                    f"backbone.layers=[{SECOND_LAYER},{LAST_LAYER}]",
                     "extract.num_workers=0",
                     "extract.progress=false",
                 ],
@@ -107,6 +112,21 @@ def second_root() -> Path:
             root / "train",
         )
     )
+    train(
+        compose_cfg(
+            "train",
+            [
+                f"paths.root_dir={root}",
+                "dataset.seed=7",
+                f"data.layer={LAST_LAYER}",
+                "trainer.max_steps=50",
+                "data.num_workers=0",
+                "data.batch_size=1024",
+                "trainer.enable_progress_bar=false",
+            ],
+            root / "train-last",
+        )
+    )
     return root
 
 
@@ -124,3 +144,105 @@ def second_cfg(name: str, out: Path, overrides: list[str] = ()) -> DictConfig:
         ],
         out,
     )
+
+
+# ----------------------------------------------------------------------------- make demo's steering
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def makefile_value(name: str) -> str:
+    """The default of `NAME ?= value` in the Makefile: the tests build what `make demo` builds."""
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if line.startswith(f"{name} ?="):
+            return line.split("?=", 1)[1].strip()
+    raise KeyError(f"{name} is not set in the Makefile")
+
+
+def steer_demo_overrides(root: Path) -> list[str]:
+    """`make demo`'s eval=steer command line (its paths under `root`)."""
+    return [
+        f"paths.root_dir={root}",
+        "eval=steer",
+        "dataset=synthetic",
+        "split=test",
+        f"run={root / 'steer-train'}",
+        f"eval.target_class={makefile_value('DEMO_STEER_TARGET')}",
+    ]
+
+
+@functools.cache
+def steer_demo_root() -> Path:
+    """`make demo`'s steering set-up: the demo dataset, both splits extracted with
+    backbone=tiny_maxpool at DEMO_STEER_LAYER, and an SAE trained there with DEMO_SAE (the
+    Makefile's values, read from it) in `steer-train/`."""
+    from discovery_helpers import compose_cfg
+
+    from traitsae.extraction import extract
+    from traitsae.training import train
+
+    if os.environ.get("TRAITSAE_TEST_STEER_DEMO"):  # built earlier (same layout): while debugging
+        return Path(os.environ["TRAITSAE_TEST_STEER_DEMO"])
+    root = Path(tempfile.mkdtemp(prefix="traitsae-steer-demo-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    layer = makefile_value("DEMO_STEER_LAYER")
+    for split in ("train", "test"):
+        extract(
+            compose_cfg(
+                "extract",
+                [
+                    f"paths.root_dir={root}",
+                    "backbone=tiny_maxpool",
+                    f"split={split}",
+                    f"backbone.layers=[{layer}]",
+                    "extract.num_workers=0",
+                    "extract.progress=false",
+                ],
+                root / f"extract-{split}",
+            )
+        )
+    train(
+        compose_cfg(
+            "train",
+            [
+                f"paths.root_dir={root}",
+                "backbone=tiny_maxpool",
+                f"data.layer={layer}",
+                *makefile_value("DEMO_SAE").split(),
+                "data.num_workers=0",
+                "trainer.enable_progress_bar=false",
+            ],
+            root / "steer-train",
+        )
+    )
+    return root
+
+
+@functools.cache
+def steer_demo_cli() -> tuple[subprocess.CompletedProcess, dict]:
+    """`make demo`'s eval=steer run through the CLI (evaluate.py in a subprocess): its
+    completed process (stdout holds the printed table) and steer.json."""
+    root = steer_demo_root()
+    out = root / "steer"
+    result = evaluate_cli(steer_demo_overrides(root), out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((out / "steer.json").read_text())
+
+
+def evaluate_cli(overrides: list[str], out: Path) -> subprocess.CompletedProcess:
+    """`python evaluate.py <overrides> hydra.run.dir=<out>` in a subprocess (the real CLI)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *overrides, f"hydra.run.dir={out}"],
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", MPLBACKEND="Agg"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def second_cli(name: str, out: Path, run: str = "train", overrides: list[str] = ()):
+    """`evaluate.py eval=<name>` on the second set through the CLI; `run`: train | train-last."""
+    root = second_root()
+    args = [f"paths.root_dir={root}", "dataset=synthetic", "dataset.seed=7", f"eval={name}"]
+    return evaluate_cli([*args, f"run={root / run}", *overrides], out)

@@ -7,6 +7,7 @@ from pathlib import Path
 from discovery_helpers import compose_cfg, planted_sae, planted_store
 
 APP = Path(__file__).resolve().parents[1] / "src" / "traitsae" / "explore" / "app.py"
+COLOUR_BAR = "traitsae-colour-bar"  # draw.COLOUR_BAR_CLASS: how a test finds a colour scale
 
 
 def explore_overrides(root: Path, *extra: str) -> list[str]:

@@ -133,3 +133,23 @@ def test_an_unfinished_store_named_directly_trains_only_on_written_rows(tmp_path
     dm.prepare()
     assert dm.n_train_vectors + dm.n_val_vectors == 40 * 4
     assert np.abs(dm.sample.astype(np.float32)).min(axis=1).min() > 0  # no zero rows sampled
+
+
+def test_an_unfinished_store_with_fewer_blocks_than_the_default_workers_is_named(tmp_path: Path):
+    """`data.allow_incomplete=true` with the default 2 workers on a store of 3 written rows: one
+    worker's stream had no vectors, and the run died with a traceback inside the DataLoader."""
+    acts = np.random.default_rng(0).normal(size=(64, 4, 16)).astype(np.float16) + 3
+    done = np.arange(64) < 3
+    acts[~done] = 0
+    tmp = create_store(
+        tmp_path / "tiny.h5.tmp",
+        patches={3: acts},
+        cls={3: acts[:, 0]},
+        images={"path": np.array(["x.jpg"] * 64), "done": done},
+        attrs={"backbone": "tiny", "dataset": "synthetic", "split": "train", "complete": False},
+    )
+    overrides = train_overrides(
+        tmp, tmp_path / "run", **{"data.allow_incomplete": "true", "data.num_workers": 2}
+    )
+    with pytest.raises(TraitsaeError, match=r"fewer than the 2 streams .*data.num_workers"):
+        train(compose_train(overrides))

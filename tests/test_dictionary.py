@@ -129,5 +129,75 @@ def test_recovered_by_kind_counts_parents_children_and_the_rest() -> None:
 def test_store_without_ground_truth_is_a_clear_error(tmp_path) -> None:
     plain = id_store(tmp_path / "plain.h5", d_model=32)
     run = _export(tmp_path / "run", build_sae("topk", 32, 96, k=4).eval(), plain)
-    with pytest.raises(TraitsaeError, match="no ground_truth/ group.*dataset=dictionary"):
+    with pytest.raises(TraitsaeError, match="no ground_truth/features.*dataset=dictionary"):
         run_evaluation(compose_evaluate(["eval=dictionary", f"run={run}"], tmp_path))
+
+
+def _hand_written_truth(tmp_path: Path, parents: bool) -> tuple[Path, np.ndarray]:
+    """A plain store (layer 0, 32 dims) with ground truth written by hand: only
+    ground_truth/features (+ parents), no true codes: the documented minimum."""
+    import h5py
+
+    path = id_store(tmp_path / "plain.h5", n_images=16, n_patches=4, d_model=32, layers=(0,))
+    rng = np.random.default_rng(3)
+    features_FD = rng.normal(size=(12, 32)).astype(np.float32)
+    features_FD /= np.linalg.norm(features_FD, axis=1, keepdims=True)
+    with h5py.File(path, "a") as f:
+        f.create_dataset("ground_truth/features", data=features_FD)
+        if parents:  # 0, 1 parents of 2-3 and 4-5
+            f.create_dataset("ground_truth/parents", data=np.array([-1, -1, 0, 0, 1, 1] + [-1] * 6))
+    return path, features_FD
+
+
+def _decoder_sae(rows_FD: np.ndarray) -> torch.nn.Module:
+    sae = build_sae("topk", 32, len(rows_FD), k=4).eval()
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.from_numpy(rows_FD))
+        sae.W_enc.copy_(torch.from_numpy(rows_FD))
+    return sae
+
+
+@pytest.mark.parametrize("parents", [False, True])
+def test_features_only_truth_scores_what_it_can_and_says_why_not(tmp_path, parents, capsys):
+    """It used to die with KeyError 'truth_vectors' (a traceback): the sweeps issue's contract is
+    ground_truth/features (+ parents) alone."""
+    store, features_FD = _hand_written_truth(tmp_path, parents)
+    run = _export(tmp_path / "run", _decoder_sae(features_FD), store)
+    (result,) = run_evaluation(compose_evaluate(["eval=dictionary", f"run={run}"], tmp_path))
+    assert result.mmcs == pytest.approx(1.0) and result.recovered == 1.0
+    assert result.n_vectors == 16 * 4 and np.isfinite([result.l0, result.fvu]).all()
+    assert result.mcc is None and result.f1 is None and result.absorption is None
+    assert "no true codes" in result.skipped["mcc"] and "no true codes" in result.skipped["f1"]
+    if parents:
+        assert result.absorption_cos == pytest.approx(0.0, abs=1e-6)  # the true features
+        assert result.recovered_parents == result.recovered_children == 1.0
+        assert "absorption_cos" not in result.skipped
+    else:
+        assert result.absorption_cos is None and result.recovered_children is None
+        assert "no ground_truth/parents" in result.skipped["absorption_cos"]
+    saved = json.loads((tmp_path / "dictionary.json").read_text())
+    assert saved["mcc"] is None and saved["skipped"]["mcc"] == result.skipped["mcc"]
+    printed = capsys.readouterr().out
+    assert "MCC n/a" in printed and "n/a: true_l0, mcc, f1" in printed
+
+
+def test_absorption_by_decoder_geometry_sees_a_child_latent_that_took_its_parent(tmp_path):
+    store, features_FD = _hand_written_truth(tmp_path, parents=True)
+    absorbing = features_FD.copy()
+    absorbing[2:6] += features_FD[[0, 0, 1, 1]]  # each child's latent = child + parent
+    absorbing[2:6] /= np.linalg.norm(absorbing[2:6], axis=1, keepdims=True)
+    run = _export(tmp_path / "run", _decoder_sae(absorbing), store)
+    (result,) = run_evaluation(compose_evaluate(["eval=dictionary", f"run={run}"], tmp_path))
+    assert result.absorption_cos > 0.6  # cos(child + parent, parent) ~ 0.71 for near-orthogonal
+
+
+def test_another_seed_s_dictionary_is_refused(store: Path, tmp_path) -> None:
+    """Scoring an SAE against another dictionary than its own used to print scores silently."""
+    other = extract(compose_extract(tmp_path / "other", [*SMALL, "split=test", "dataset.seed=1"]))
+    run = _export(tmp_path / "run", build_sae("topk", 32, 96, k=4).eval(), store)
+    cfg = compose_evaluate(["eval=dictionary", f"run={run}", f"data.store={other}"], tmp_path)
+    with pytest.raises(TraitsaeError, match="holds another one .its features differ"):
+        run_evaluation(cfg)
+    same = extract(compose_extract(tmp_path / "same", [*SMALL, "split=train"]))  # same seed
+    cfg = compose_evaluate(["eval=dictionary", f"run={run}", f"data.store={same}"], tmp_path)
+    assert run_evaluation(cfg)[0].mcc is not None

@@ -295,3 +295,20 @@ def test_single_pair_with_replicates_keeps_its_outputs(collection, tmp_path):
     top = result["candidates"][0]
     assert top["latent"] == TRAIT_A and top["replicated_in"] == 1 and top["n_replicates"] == 1
     assert Path(tmp_path / "index.html").exists()
+
+
+def test_bad_match_cosine_is_a_user_error(collection, tmp_path):
+    _, _, _, reps = collection
+    cfg = compose_cfg(
+        "evaluate",
+        overrides(
+            collection,
+            "eval.group_a={subspecies: alpha}",
+            "eval.group_b={subspecies: beta}",
+            f"eval.replicates={reps['seed1']}",
+            "eval.match_cosine=1.5",
+        ),
+        tmp_path,
+    )
+    with pytest.raises(TraitsaeError, match=r"eval.match_cosine=1.5 must be in \(0, 1\]"):
+        run_evaluation(cfg)

@@ -13,18 +13,16 @@ from sklearn.metrics import roc_auc_score
 
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.discovery import null as discovery_stats
-from traitsae.evaluation.discovery.null import shuffled_labels
-from traitsae.evaluation.discovery.stats import (
-    NullOptions,
-    RankingRule,
+from traitsae.evaluation.discovery.null import (
     auroc_per_column,
     bh_qvalues,
     confirmation_split,
-    contrast,
     permutation_test,
-    rank_by_specificity,
+    shuffled_labels,
     stratum_codes,
 )
+from traitsae.evaluation.discovery.ranking import rank_by_specificity
+from traitsae.evaluation.discovery.stats import NullOptions, RankingRule, contrast
 
 
 def null_scores(rng: np.random.Generator, n_images: int, n_latents: int) -> np.ndarray:

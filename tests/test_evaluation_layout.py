@@ -27,6 +27,8 @@ EXPLORER_MAY_USE = {
     "traitsae.evaluation.causal",
     "traitsae.evaluation.causal.forward",
     "traitsae.evaluation.causal.steering",
+    "traitsae.evaluation.causal.steer",  # the Steer page runs eval=steer's compute_steer itself
+    "traitsae.evaluation.causal.steer_options",
 }
 MAX_LINES = 410
 

@@ -15,6 +15,7 @@ import torch
 from discovery_helpers import BLOCKS, SHARED, TRAIT_A, TRAIT_B, block_mask, compose_cfg
 from explore_helpers import (
     APP,
+    COLOUR_BAR,
     explore_overrides,
     planted_session,
     prepare_without_port,
@@ -23,7 +24,8 @@ from explore_helpers import (
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
-from traitsae.explore.data import ExplorerData, build_index
+from traitsae.explore.data import ExplorerData
+from traitsae.explore.index import build_index
 from traitsae.explore.session import SESSION_ENV, check_port_free, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,13 +140,100 @@ def test_search_ranks_the_planted_trait_first(data):
 
 def test_latents_page_table_and_gallery(app):
     table = app.dataframe(key="latent_table").value
-    assert len(table) == 32 and {"patch_freq", "label_entropy", "mean_top_score"} <= set(table)
+    plain = {"patches firing", "images firing", "label mix (bits)", "top activation"}
+    assert len(table) == 32 and plain <= set(table) and "patch_freq" not in set(table)
     app.number_input(key="latent").set_value(TRAIT_A).run()
     images = app.get("image")
     captions = [c for img in images for c in img.captions]
-    top = [c for c in captions if "max=" in c]
-    assert len(top) == 12 and all(c.startswith("001.Alpha") for c in top)
-    assert any("latent 0" in m.value and "label entropy 0 bits" in m.value for m in app.markdown)
+    top = [c for c in captions if " · " in c]
+    assert len(top) == 12 and all(c.startswith("Alpha · ") for c in top)  # wraps at spaces
+    assert any("latent 0" in m.value for m in app.subheader)
+    assert any("label mix 0.00 bits" in m.value for m in app.markdown)
+    assert any(COLOUR_BAR in m.value for m in app.markdown)  # a colour scale over the gallery
+    assert app.query_params["latent"] in (str(TRAIT_A), [str(TRAIT_A)])  # the URL reopens it
+
+
+def test_every_column_has_plain_help():
+    import pandas as pd
+
+    from traitsae.explore.views import table as columns
+
+    raw = pd.DataFrame(
+        {c: [0.5] for c in columns.CORE}
+        | {"cub_trait": ["has_crown"], "cub_precision@10": [0.9], "discovery_rank": ["A#1"]}
+    )
+    shown = columns.display_table(raw)
+    assert list(shown.columns[:4]) == [
+        "latent",
+        "CUB trait",
+        "trait precision @10",
+        "discovery rank",
+    ]
+    assert all("_" not in c for c in shown.columns)  # no code identifiers
+    config = columns.column_config(shown)
+    assert all(config[c]["help"] for c in shown.columns)
+    assert columns.default_sort(shown) == "trait precision @10"
+
+
+def test_url_reopens_a_latent(planted, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv(SESSION_ENV, str(planted[2]))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params["latent"] = str(TRAIT_B)
+    at.run()
+    assert not at.exception and at.number_input(key="latent").value == TRAIT_B
+    assert any(h.value == f"Top images of latent {TRAIT_B}" for h in at.subheader)
+
+
+def test_lower_activation_bands_and_co_firing(data):
+    rows, scores = data.band_images(SHARED, 0.75, 1.0, 4)
+    all_scores = data.latent_scores(SHARED)  # best first
+    assert len(rows) == 4 and scores.max() <= np.quantile(all_scores, 0.3)
+    assert (np.diff(scores) <= 0).all()
+    assert len(data.band_images(TRAIT_A, 0.0, 0.25, 16)[0]) == 3  # 12 firing images
+    together = data.co_firing(TRAIT_A, 5)
+    # TRAIT_A's images all carry SHARED; SHARED fires on twice as many images: Jaccard 1/2.
+    first = together.iloc[0]
+    assert first.latent == SHARED and first["share of its images"] == 1.0
+    assert first.Jaccard == pytest.approx(0.5) and TRAIT_B not in set(together.latent)
+
+
+def test_lower_band_gallery_on_the_page(app):
+    app.number_input(key="latent").set_value(SHARED).run()
+    app.radio(key="band").set_value("low (bottom quarter)").run()
+    captions = [c for img in app.get("image") for c in img.captions if " · " in c]
+    top = sorted(float(c.rsplit(" · ", 1)[1]) for c in captions)
+    assert 0 < len(top) <= 16 and max(top) < 2.0
+    together = next(d.value for d in app.dataframe if "Jaccard" in d.value)
+    assert together.latent.iloc[0] in (TRAIT_A, TRAIT_B)
+
+
+def test_notes_are_saved_beside_the_run_and_shown(app, planted):
+    from traitsae.explore.notes import read_notes
+
+    notes_file = Path(planted[1].notes)
+    assert notes_file == planted[0] / "run" / "explore_notes.json"
+    notes_file.unlink(missing_ok=True)
+    app.number_input(key="latent").set_value(TRAIT_B).run()
+    app.text_area(key=f"note_{TRAIT_B}").input("beta crown spot").run()
+    app.button(key="save_note").click().run()
+    assert read_notes(notes_file) == {TRAIT_B: "beta crown spot"}
+    assert not list(notes_file.parent.glob(".explore_notes.json.*"))  # no temp file left
+    table = app.dataframe(key="latent_table").value
+    assert table.set_index("latent").loc[TRAIT_B, "note"] == "beta crown spot"
+    notes_file.unlink()
+
+
+def test_bad_notes_file_is_an_error_naming_it(tmp_path):
+    from traitsae.explore.notes import read_notes, save_note
+
+    bad = tmp_path / "notes.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(TraitsaeError, match=f"notes file {bad}.*explore.notes="):
+        read_notes(bad)
+    assert save_note(tmp_path / "n.json", 3, "x") == {3: "x"}
+    assert save_note(tmp_path / "n.json", 3, "  ") == {}  # an empty note drops it
 
 
 def test_density_click_chooses_that_latent(app):
@@ -155,7 +244,7 @@ def test_density_click_chooses_that_latent(app):
     select_on_chart(app, "density", {DENSITY_PICK: [{"latent": SHARED}]})
     assert not app.exception and app.number_input(key="latent").value == SHARED
     assert any(h.value == f"Top images of latent {SHARED}" for h in app.subheader)
-    top = [c for img in app.get("image") for c in img.captions if "max=" in c]
+    top = [c for img in app.get("image") for c in img.captions if " · " in c]
     assert len(top) == 16  # SHARED fires on every image: a full gallery
 
 
@@ -170,10 +259,14 @@ def test_clicked_latent_reads_the_point_selection():
 
 def test_latents_page_sort_and_filter(app):
     app.selectbox(key="sort_by").set_value("latent").run()
+    assert app.dataframe(key="latent_table").value.latent.iloc[0] == 0  # ascending by default
+    app.checkbox(key="descending_latent").check().run()
     assert app.dataframe(key="latent_table").value.latent.iloc[0] == 31
+    app.selectbox(key="sort_by").set_value("label mix (bits)").run()  # a plain name sorts
+    assert app.dataframe(key="latent_table").value.latent.iloc[0] == SHARED
     app.checkbox(key="hide_dead").check().run()
     shown = app.dataframe(key="latent_table").value
-    assert {TRAIT_A, TRAIT_B, SHARED} <= set(shown.latent) and (shown.patch_freq > 0).all()
+    assert {TRAIT_A, TRAIT_B, SHARED} <= set(shown.latent) and (shown["patches firing"] > 0).all()
     lo, hi = app.slider(key="window_log10_freq").value
     app.slider(key="window_log10_freq").set_value((lo, (lo + hi) / 2)).run()
     # SHARED fires on twice the patches of the trait latents: the lower window drops it.
@@ -247,20 +340,55 @@ def test_search_page_ranks_the_planted_trait_first(app):
     app.selectbox(key="neg_col").set_value("species").run()
     app.selectbox(key="neg_val").set_value("002.Beta").run()
     ranking = app.dataframe[0].value
-    assert ranking.latent.iloc[0] == TRAIT_A and ranking.rate_gap.iloc[0] == 1.0
+    assert ranking.latent.iloc[0] == TRAIT_A and ranking["firing gap"].iloc[0] == 1.0
     assert not app.exception
+    # Each ranked latent drawn on the chosen examples themselves: 8 positives, 4 negatives.
+    captions = [c for img in app.get("image") for c in img.captions]
+    n_shown = min(3, len(ranking))
+    assert sum(c.startswith("+ Alpha") for c in captions) == 8 * n_shown
+    assert sum(c.startswith("− Beta") for c in captions) == 4 * n_shown
 
 
 def test_compare_page_uses_discovery_ranking(app):
     app.sidebar.radio(key="page").set_value("Compare groups").run()
     ranking = app.dataframe[0].value  # the dataset's contrast pair by default
-    top = {g: ranking[ranking.group == g].iloc[0] for g in ("a", "b")}
-    assert top["a"].latent == TRAIT_A and top["b"].latent == TRAIT_B
-    assert top["a"].auroc == pytest.approx(1.0) and SHARED not in set(ranking.latent)
+    top = {g: ranking[ranking.group == g].iloc[0] for g in ("A", "B")}
+    assert top["A"].latent == TRAIT_A and top["B"].latent == TRAIT_B
+    assert SHARED not in set(ranking.latent)
+    # Each latent's AUROC reads for its own group: B's trait latent is 1.0, not 0.0.
+    assert top["A"]["AUROC for its group"] == pytest.approx(1.0)
+    assert top["B"]["AUROC for its group"] == pytest.approx(1.0)
+    assert top["B"]["held-out AUROC"] == pytest.approx(1.0)
     # discovery_stats' evidence: a permutation p-value and the held-out confirmation.
-    assert 0 < top["a"].p_value < 0.05 and top["a"].confirm_auroc == pytest.approx(1.0)
-    assert any("tested latents" in m.value for m in app.markdown)  # the verdict sentences
+    assert 0 < top["A"]["p"] < 0.05 and top["A"]["held-out AUROC"] == pytest.approx(1.0)
+    words = [m.value for m in app.markdown] + [c.value for c in app.caption]
+    assert any("tested latents" in w for w in words)  # the verdict sentences
+    assert not any("latents.csv" in w or "{'" in w for w in words)  # no file it never writes
+    assert any("images to rank" in w and "held out to confirm" in w for w in words)
     assert len([c for img in app.get("image") for c in img.captions]) >= 12
+
+
+def test_verdict_settings_agree_with_the_page():
+    from traitsae.explore.views.compare import plain_sentence
+
+    sentence = "3 of 9 tested latents ...; 1 are dense, rare or below eval.min_auroc (latents.csv)."
+    assert plain_sentence(sentence) == (
+        "3 of 9 tested latents ...; 1 are dense, rare or below min_auroc (not in the table)."
+    )
+
+
+def test_guess_the_image_game_scores_a_right_answer(app, data):
+    app.sidebar.radio(key="page").set_value("Guess the image").run()
+    assert not app.exception and not app.error
+    game = app.session_state["guess"]
+    right = game["choices"].index(game["hidden"])
+    clues = [m.value for m in app.markdown if m.value.startswith("latent ")]
+    hidden_latents = set(data.image_latents(game["hidden"])[0][:4].tolist())
+    assert {int(c.split()[1]) for c in clues} == hidden_latents
+    app.button(key=f"guess_{right}").click().run()
+    assert "Right" in app.success[0].value and app.session_state["guess_score"] == [1, 1]
+    app.button(key="guess_next").click().run()
+    assert app.session_state["guess"]["answered"] is None
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -457,3 +585,47 @@ def test_sae_gone_after_launch_is_a_message_on_the_pages_that_need_it(
     assert not at.exception and not at.error and len(at.dataframe[0].value) == 32
     at.sidebar.radio(key="page").set_value("Image").run()
     assert not at.exception and "no exported SAE at" in at.error[0].value
+
+
+def test_foreground_pooling_ignores_background_patches(tmp_path):
+    """explore.patches=foreground: image scores pool over the store's foreground flags only.
+    Foreground = the left half of the grid: SHARED's block is in it, the trait blocks are not."""
+    from discovery_helpers import GRID
+
+    from traitsae.extraction.foreground import write_flags
+
+    cfg, session, store = planted_session(tmp_path)
+    with Store(store.path) as opened:
+        n_images = opened.n_images
+    left_RC = np.zeros(GRID, dtype=bool)
+    left_RC[:, : GRID[1] // 2] = True
+    write_flags(store.path, np.broadcast_to(left_RC.ravel(), (n_images, left_RC.size)), "{}")
+    cfg = compose_cfg("explore", explore_overrides(tmp_path, "explore.patches=foreground"),
+                      tmp_path / "explore")  # fmt: skip
+    pooled = ExplorerData(prepare_without_port(cfg, prepare))
+    everywhere = ExplorerData(session)
+    assert pooled.session.patches == "foreground" and everywhere.session.patches == "all"
+    assert everywhere.fire_counts()[TRAIT_A] == 12 and pooled.fire_counts()[TRAIT_A] == 0
+    np.testing.assert_array_equal(pooled.latent_scores(SHARED), everywhere.latent_scores(SHARED))
+
+
+def test_foreground_pooling_without_flags_is_an_error(planted, tmp_path):
+    cfg = compose_cfg("explore", explore_overrides(planted[0], "explore.patches=foreground"),
+                      tmp_path)  # fmt: skip
+    with pytest.raises(TraitsaeError, match="no foreground flags"):
+        prepare_without_port(cfg, prepare)
+
+
+def test_clicked_table_row_chooses_its_latent(app):
+    """A row clicked in the (sorted) table: its latent is shown, as the browser sends it."""
+    import json
+
+    shown = app.dataframe(key="latent_table").value
+    states = app._tree.get_widget_states()
+    state = states.widgets.add()
+    state.id = app.dataframe(key="latent_table").proto.id
+    state.string_value = json.dumps({"selection": {"rows": [2], "columns": []}})
+    app._run(states)
+    expected = int(shown.latent.iloc[2])
+    assert app.number_input(key="latent").value == expected
+    assert any(h.value == f"Top images of latent {expected}" for h in app.subheader)

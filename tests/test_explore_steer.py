@@ -1,85 +1,70 @@
-"""The Steer page on a real extraction of the demo (tiny ViT, block 1) with a random SAE: its
-numbers are eval=steer's, and with no edit they are the probe on the model's own embedding."""
+"""The Steer page runs eval=steer's own `compute_steer` on the explorer's SAE and dataset: on the
+second CUB-layout set (causal_helpers.second_root: SAE at block 2 of 4, where steering works) the
+page shows the CLI's numbers: the curve rising over alpha, the control, the latents chosen by
+measured effect, a held-out image of another class with its probabilities before and after."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from causal_helpers import second_cfg, second_root
 from discovery_helpers import compose_cfg
-from eval_helpers import make_sae
 from explore_helpers import APP, prepare_without_port
 
 from traitsae.explore.session import SESSION_ENV, prepare
 
 pytestmark = pytest.mark.slow
+TARGET = "003.Gamma_warbler"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from traitsae.explore.data import ExplorerData
-    from traitsae.extraction import extract
-
-    root = tmp_path_factory.mktemp("steer")
-    extract(
-        compose_cfg(
-            "extract",
-            [
-                f"paths.root_dir={root}",
-                "split=train",
-                "backbone.layers=[1]",
-                "extract.num_workers=0",
-                "extract.progress=false",
-            ],
-            root / "extract",
-        )
-    )
-    make_sae(root / "run", d_model=64, d_sae=64, layer=1, variant="topk")
-    overrides = [f"run={root / 'run'}", f"paths.root_dir={root}", "split=train", "explore.port=1"]
-    cfg = compose_cfg("explore", overrides, root / "explore")
-    session = prepare_without_port(cfg, prepare)
-    return session, session.save(root / "explore" / "session.json"), ExplorerData(session)
+def session_path(tmp_path_factory):
+    root, out = second_root(), tmp_path_factory.mktemp("explore_steer")
+    overrides = [f"run={root / 'train'}", f"paths.root_dir={root}", "dataset.seed=7"]
+    cfg = compose_cfg("explore", [*overrides, "explore.port=1"], out)
+    return prepare_without_port(cfg, prepare).save(out / "session.json")
 
 
-def test_unsteered_probabilities_are_the_probe_on_the_final_embedding(demo):
-    from traitsae.evaluation.causal.forward import iter_image_batches
-    from traitsae.explore.steering import Steering
+def test_steer_config_is_the_cli_s(session_path):
+    from traitsae.explore.session import Session
+    from traitsae.explore.steering import held_out_split, steer_config
 
-    _, _, data = demo
-    model = Steering(data)
-    row = int(data.rows_V[5])
-    (_, image_1CHW), *_ = list(iter_image_batches(model.backbone, [model.image_path(row)], 1))
-    last = model.backbone.geometry.depth - 1
-    with torch.inference_mode():
-        final = model.backbone.finish_from(model.backbone.tokens_after(image_1CHW, last), last)
-        expected_C = model.probe.probabilities(final.embedding_BE)[0].numpy()
-    clean_C = model.probabilities(row, [], [])
-    np.testing.assert_allclose(clean_C, expected_C, rtol=1e-4, atol=1e-6)
-    assert clean_C.sum() == pytest.approx(1.0, abs=1e-5)
-    steered_C = model.probabilities(row, [0, 1], [8.0, 8.0])
-    assert np.abs(steered_C - clean_C).max() > 1e-4  # the edit reaches the probe
-    assert model.probabilities(row, [0, 1], [0.0, 0.0]) == pytest.approx(clean_C, abs=1e-6)
+    session = Session.load(session_path)
+    cfg = steer_config(session, TARGET, None)
+    cli = second_cfg("steer", session_path.parent / "cli", [f"eval.target_class={TARGET}"])
+    assert held_out_split(session) == "test" == cfg.split  # never the probe's train split
+    for key in ("n_latents", "n_candidates", "rank", "alphas", "n_control", "train_split"):
+        assert cfg.eval[key] == cli.eval[key], key
+    assert cfg.eval.target_class == TARGET and cfg.run == cli.run
 
 
-def test_steer_page_shows_eval_steer_probabilities(demo, monkeypatch):
+def test_steer_page_shows_the_rising_curve_and_its_control(session_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from traitsae.explore.steering import Steering
+    from traitsae.explore.session import Session
+    from traitsae.explore.steering import run_steer
 
-    _, path, data = demo
-    monkeypatch.setenv(SESSION_ENV, str(path))
-    at = AppTest.from_file(str(APP), default_timeout=300).run()
+    monkeypatch.setenv(SESSION_ENV, str(session_path))
+    at = AppTest.from_file(str(APP), default_timeout=600).run()
     at.sidebar.radio(key="page").set_value("Steer").run()
+    at.selectbox(key="steer_target").set_value(TARGET).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    latents = at.multiselect(key=f"steer_latents_{at.selectbox(key='steer_target').value}").value
-    assert len(latents) == 3
-    slider = at.slider(key=f"alpha_{latents[0]}")
-    alpha = float(slider.max) / 2  # inside the slider's range (scaled by the latent's max score)
-    slider.set_value(alpha).run()
-    shown = at.dataframe[0].value
-    row = int(at.selectbox(key="steer_row").value)
-    model = Steering(data)
-    expected = model.probabilities(row, latents, [alpha, 0.0, 0.0])
-    np.testing.assert_allclose(shown.steered, expected, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(shown.clean, model.probabilities(row, [], []), rtol=1e-4, atol=1e-6)
-    assert any("p(" in m.value and "steered" in m.value for m in at.markdown)
+    at.button(key="steer_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    words = " ".join(m.value for m in at.markdown)
+    assert "rises at every alpha: **yes**" in words and "beats random latents" in words
+    assert "**alpha** = 1 adds" in words
+    chosen = at.dataframe[0].value
+    expected = run_steer(Session.load(session_path), TARGET, None)  # the CLI's function
+    assert chosen.latent.tolist() == expected.result["latents"]
+    selection = expected.result["selection"]
+    effects = dict(zip(selection["candidates"], selection["effect"], strict=True))
+    assert (chosen["effect on log p(target) per alpha"] > 0).all()
+    np.testing.assert_allclose(
+        chosen["effect on log p(target) per alpha"], [effects[s] for s in chosen.latent]
+    )
+    # One held-out image of another class: p(target) clean and at the largest alpha.
+    shown = next(m.value for m in at.markdown if m.value.startswith(f"p({TARGET})"))
+    probs = expected.probs_ANC[:, 0, expected.probe.classes.index(TARGET)]
+    assert f"clean **{probs[0]:.3f}**" in shown and f"**{probs[-1]:.3f}**" in shown
+    assert expected.result["images"][0]["class"] != TARGET

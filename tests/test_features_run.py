@@ -147,3 +147,15 @@ def test_features_and_health_write_the_density_figure(planted, tmp_path):
     assert (tmp_path / "f" / "density.png").is_file()
     run_evaluation(compose_cfg("evaluate", ["eval=health", *common[:2]], tmp_path / "h"))
     assert (tmp_path / "h" / "health_density.png").stat().st_size > 1000
+
+
+def test_scan_and_galleries_show_progress(planted, tmp_path, capsys):
+    """eval=features on a large store ran for minutes without a word (no progress bar)."""
+    store, sae = planted
+    with Store(store.path) as opened:
+        stats, topk = scan(opened, sae, top_k=2)
+        galleries(opened, sae, stats, topk, np.array([TRAIT_A]),
+                  ImageSource(str(store.image_root), Frame.simple(64)), tmp_path)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "latent statistics" in err and "img" in err
+    assert "galleries" in err and "latent" in err

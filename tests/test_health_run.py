@@ -115,3 +115,14 @@ def test_labels_name_only_what_differs_and_stay_short(tmp_path):
 def test_empty_dir_is_an_error(setup, tmp_path):
     with pytest.raises(TraitsaeError, match="holds no sae.json"):
         run_evaluation(compose_evaluate(overrides(setup, tmp_path), tmp_path))
+
+
+@pytest.mark.parametrize("target", ["0", ""])
+def test_a_backbone_the_sae_was_not_trained_on_is_refused(setup, tmp_path, target):
+    """health (one run or a sweep) used to ignore a `backbone=` that every other evaluation
+    refuses, and scored the SAE's own store as if it were that backbone's."""
+    cfg = compose_evaluate(
+        [*overrides(setup, setup["sweep"] / target), "backbone=dinov2"], tmp_path
+    )
+    with pytest.raises(TraitsaeError, match="backbone=dinov2 was given, but the SAE .* trained on"):
+        run_evaluation(cfg)

@@ -187,3 +187,18 @@ def test_non_finite_weights_are_refused(tmp_path):
     save_file(state, str(folder / "sae_weights.safetensors"))
     with pytest.raises(TraitsaeError, match=r"b_enc holds 1 non-finite values"):
         traitsae.load_sae(folder)
+
+
+@pytest.mark.parametrize("scale", [0.0, float("nan"), -1.0, float("inf")])
+def test_a_foreign_input_scale_that_is_not_a_positive_number_is_refused(scale):
+    """Every load path refuses what sae.json's scale check refuses: a foreign checkpoint's scale
+    of 0 or NaN used to load and give FVU inf / NaN codes without a word."""
+    import dataclasses
+
+    from traitsae.sae.formats import READERS, detect
+    from traitsae.sae.formats.common import to_traitsae
+
+    name, location = detect(FIXTURES / "saelens_standard", None)
+    foreign = dataclasses.replace(READERS[name].read(location), scale=scale)
+    with pytest.raises(TraitsaeError, match=r"input scale is .*must be a finite number > 0"):
+        to_traitsae(foreign, location, {})

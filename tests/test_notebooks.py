@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from discovery_helpers import NOTEBOOKS, outputs_text, planted_sae, planted_store, run_notebook
 
@@ -39,32 +41,34 @@ def test_explore_latents_runs(planted):
     assert (root / "explore" / "region_query.png").exists()
 
 
-def test_classification_control_runs(tmp_path):
-    """The notebook runs eval=steer's own computation and says what the CLI says: on the demo
-    the probe cannot tell held-out Alpha images from Beta's, so the curve is no evidence."""
-    from causal_helpers import ALPHA, BETA, demo_root
+def test_classification_control_says_what_the_cli_says(tmp_path):
+    """The notebook runs eval=steer's own computation on `make demo`'s steering set-up and prints
+    the CLI's table line for line: the target's latents raise p(target) on held-out images of
+    the other classes, above random latents, and the verdict is evidence."""
+    from causal_helpers import makefile_value, steer_demo_cli, steer_demo_root
 
-    root = demo_root()
+    root = steer_demo_root()
+    cli, _ = steer_demo_cli()
     notebook = run_notebook(
         "classification_control",
         {
-            "RUN": str(root / "train"),
+            "RUN": str(root / "steer-train"),
             "ACTIVATIONS": str(root / "activations"),
             "DATA_ROOT": str(root / "data" / "synthetic"),
-            "TARGET": ALPHA,
-            "SOURCE": BETA,
-            "ALPHAS": [0, 0.5, 1],
+            "TARGET": makefile_value("DEMO_STEER_TARGET"),
             "OUT": str(tmp_path / "out"),
         },
         tmp_path,
     )
     text = outputs_text(notebook)
-    assert "informative: False" in text and "does not tell held-out" in text, text
-    assert "control: 8 sets of frequency-matched random latents at equal norm" in text
-    rows = [
-        line.split() for line in text.splitlines() if line.strip().startswith(("0 ", "0.5 ", "1 "))
-    ]
-    assert [row[0] for row in rows] == ["0", "0.5", "1"], text
+
+    def table(output: str) -> list[str]:  # format_result's lines, not the progress bars'
+        return [
+            ln for ln in output.splitlines() if re.match(r" +(alpha|-?[\d.]+|rises|note:) ", ln)
+        ]
+
+    assert len(table(cli.stdout)) == 8 and table(text) == table(cli.stdout), (text, cli.stdout)
+    assert "informative: True" in text and "'evidence': True" in text, text
     assert (tmp_path / "out" / "curve.png").exists()
 
 

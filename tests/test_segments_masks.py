@@ -68,6 +68,19 @@ def test_mask_read_checks_values_mode_and_size(tmp_path):
         layout.read(tmp_path / "masks" / "m.png", image_size=(3, 2))
 
 
+@pytest.mark.parametrize("cut", [20, 60])  # in the header / in the pixel data
+def test_a_truncated_mask_is_named(tmp_path, cut):
+    """A truncated mask PNG used to raise PIL's OSError without the file's name (a traceback)."""
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.txt").write_text("1 head\n")
+    path = tmp_path / "masks" / "m.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 2, (64, 64), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:cut])
+    layout = load_mask_layout(layout_cfg(tmp_path))
+    with pytest.raises(TraitsaeError, match=rf"mask {path} cannot be read .*truncated"):
+        layout.read(path)
+
+
 def test_patch_label_rules_equal_a_naive_loop():
     rng = np.random.default_rng(0)
     labels_HW = rng.choice(4, size=(12, 12), p=[0.5, 0.3, 0.15, 0.05])

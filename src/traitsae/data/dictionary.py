@@ -45,14 +45,14 @@ log = logging.getLogger(__name__)
 TRUTH_GROUP = "ground_truth"
 # What a dictionary store adds to the store schema (docs/guide/store.md lists them too).
 TRUTH_KEYS: tuple[Key, ...] = (
-    Key("ground_truth/features", "dataset", "float32 [F, D]", True, "the F unit feature directions"),
-    Key("ground_truth/parents", "dataset", "int64 [F]", True, "each feature's parent (-1: none)"),
-    Key("ground_truth/frequency", "dataset", "float64 [F]", True, "each feature's firing probability"),
-    Key("ground_truth/bias", "dataset", "float32 [D]", True, "the bias every vector shares"),
-    Key("ground_truth/codes_indptr", "dataset", "int64 [T + 1]", True, "CSR row pointer of the true codes of the first T vectors"),
-    Key("ground_truth/codes_indices", "dataset", "int32 [nnz]", True, "CSR feature index of each true code"),
-    Key("ground_truth/codes_values", "dataset", "float32 [nnz]", True, "CSR magnitude of each true code"),
-    Key("truth_vectors", "attr", "int", True, "T, the vectors whose true codes are stored (an attr of `ground_truth/`)"),
+    Key("ground_truth/features", "dataset", "float32 [F, D]", True, "the F unit feature directions (all eval=dictionary needs: MMCS, recovered)"),
+    Key("ground_truth/parents", "dataset", "int64 [F]", False, "each feature's parent (-1: none); adds recovered by kind and absorption by decoder geometry"),
+    Key("ground_truth/frequency", "dataset", "float64 [F]", False, "each feature's firing probability"),
+    Key("ground_truth/bias", "dataset", "float32 [D]", False, "the bias every vector shares"),
+    Key("ground_truth/codes_indptr", "dataset", "int64 [T + 1]", False, "CSR row pointer of the true codes of the first T vectors (the codes add MCC, F1, absorption, splitting)"),
+    Key("ground_truth/codes_indices", "dataset", "int32 [nnz]", False, "CSR feature index of each true code"),
+    Key("ground_truth/codes_values", "dataset", "float32 [nnz]", False, "CSR magnitude of each true code"),
+    Key("truth_vectors", "attr", "int", False, "T, the vectors whose true codes are stored (an attr of `ground_truth/`; with the codes)"),
 )  # fmt: skip
 # Vectors generated per write: a few MiB of float16 rows.
 CHUNK_VECTORS = 8192
@@ -302,24 +302,47 @@ def _write_vectors(
     bar.close()
 
 
+# Only `features` is required: `parents` adds the hierarchy's scores, the true codes (CSR + the
+# `truth_vectors` attr, all or none) the scores that need to know which feature fired where.
+CODE_KEYS = ("codes_indptr", "codes_indices", "codes_values", "truth_vectors")
+
+
 def read_truth(store: Any) -> dict[str, np.ndarray]:
-    """The ground truth of an open dictionary `Store`: features, parents, frequency, CSR codes."""
-    if TRUTH_GROUP not in store.file:
+    """The ground truth of an open dictionary `Store`: `features` always; `parents`, `frequency`,
+    `bias` and the true codes (`codes_*`, `truth_vectors`) where the store holds them."""
+    if TRUTH_GROUP not in store.file or "features" not in store.file[TRUTH_GROUP]:
         raise TraitsaeError(
-            f"store {store.path} has no {TRUTH_GROUP}/ group (it holds {store.backbone} "
+            f"store {store.path} has no {TRUTH_GROUP}/features (it holds {store.backbone} "
             f"activations of {store.dataset}), so there is nothing to score the SAE against: "
-            "eval=dictionary needs a store written by `python extract.py dataset=dictionary`. "
+            "eval=dictionary needs a store written by `python extract.py dataset=dictionary`, or "
+            f"one with the true feature directions as {TRUTH_GROUP}/features (float [F, D]). "
             "Pass data.store=<such a store>, or evaluate an SAE trained on one."
         )
     group = store.file[TRUTH_GROUP]
-    names = [key.name.removeprefix(f"{TRUTH_GROUP}/") for key in TRUTH_KEYS]
-    missing = [n for n in names if n not in group and n not in group.attrs]
-    if missing:
-        raise TraitsaeError(
-            f"store {store.path}: {TRUTH_GROUP}/ lacks {missing} (the keys of a dictionary store: "
-            "docs/guide/store.md); re-write it with `python extract.py dataset=dictionary "
-            "extract.overwrite=true`."
-        )
     truth = {key: group[key][()] for key in group}
-    truth["truth_vectors"] = int(group.attrs["truth_vectors"])
+    if "truth_vectors" in group.attrs:
+        truth["truth_vectors"] = int(group.attrs["truth_vectors"])
+    held = [key for key in CODE_KEYS if key in truth]
+    if held and len(held) < len(CODE_KEYS):
+        raise TraitsaeError(
+            f"store {store.path}: {TRUTH_GROUP}/ holds {held} but lacks "
+            f"{[k for k in CODE_KEYS if k not in truth]}: the true codes are all of "
+            f"{list(CODE_KEYS)} (truth_vectors an attr of {TRUTH_GROUP}/) or none of them "
+            "(docs/guide/store.md); write the missing ones or delete the others."
+        )
+    features = np.asarray(truth["features"])
+    if features.ndim != 2 or not np.isfinite(features).all() or (features**2).sum(1).min() == 0:
+        raise TraitsaeError(
+            f"store {store.path}: {TRUTH_GROUP}/features must be finite, non-zero rows [F, D]; "
+            f"got shape {features.shape}."
+        )
+    parents = truth.get("parents")
+    if parents is not None and (
+        np.shape(parents) != (features.shape[0],)
+        or ((parents < -1) | (parents >= features.shape[0])).any()
+    ):
+        raise TraitsaeError(
+            f"store {store.path}: {TRUTH_GROUP}/parents must hold one feature index or -1 per "
+            f"feature ({features.shape[0]}); got shape {np.shape(parents)}."
+        )
     return truth

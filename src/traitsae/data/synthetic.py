@@ -309,27 +309,42 @@ def is_generated(root: str | Path) -> bool:
 
 
 def ensure_synthetic(root: str | Path, seed: int = 0, **kwargs: int | float) -> Path:
-    """Generate the demo dataset at `root` unless a complete one is already there.
-
-    Under an exclusive lock (`<root>.lock`): jobs that start together (the shards of a Slurm
-    array) generate it once; the others wait and then read it (a second `generate` would
-    replace the folder under a reader)."""
+    """Generate the demo dataset at `root` unless a complete one is already there."""
     root = Path(root)
-    if is_generated(root) and (root / MASKS_DIR).is_dir():
+
+    def make() -> Path:
+        if is_generated(root):  # generated before the segmentation masks existed
+            return add_label_masks(root)
+        return generate(root, seed=seed, **kwargs)
+
+    return generate_once(
+        root, make, "synthetic", complete=lambda r: is_generated(r) and (r / MASKS_DIR).is_dir()
+    )
+
+
+def generate_once(
+    root: Path,
+    make: Callable[[], Path],
+    what: str,
+    complete: Callable[[Path], bool] = is_generated,
+) -> Path:
+    """`make()` the generated dataset at `root` unless `complete(root)`, under an exclusive lock
+    (`<root>.lock`): jobs that start together (the shards of a Slurm array) generate it once;
+    the others wait and then read it (a second `generate` would replace the folder under a
+    reader)."""
+    if complete(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(root.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        if is_generated(root):
-            if not (root / MASKS_DIR).is_dir():  # generated before the segmentation masks
-                add_label_masks(root)
+        if complete(root):  # made by another job while this one waited
             return root
-        if root.exists() and any(root.iterdir()):
+        if not is_generated(root) and root.exists() and any(root.iterdir()):
             raise TraitsaeError(
-                f"{root} exists but holds no complete synthetic dataset (no .complete marker); "
+                f"{root} exists but holds no complete {what} dataset (no .complete marker); "
                 "delete it or point dataset.root at an empty or missing directory."
             )
-        return generate(root, seed=seed, **kwargs)
+        return make()
 
 
 def load_trait_masks(root: str | Path) -> tuple[np.ndarray, np.ndarray]:

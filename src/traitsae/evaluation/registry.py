@@ -21,6 +21,7 @@ from traitsae.evaluation.keys import audit, key
 from traitsae.evaluation.latents import encode, features
 from traitsae.evaluation.quality import dictionary, health, probe
 from traitsae.evaluation.segments import segments
+from traitsae.evaluation.specimens import traits_table
 from traitsae.evaluation.traits import cub_traits
 from traitsae.evaluation.traits.options import CubTraitsOptions
 
@@ -48,6 +49,7 @@ EVALUATIONS: dict[str, Evaluation] = {
         Evaluation("key", key.run, key.KeyOptions),
         Evaluation("audit", audit.run, audit.AuditOptions),
         Evaluation("bench", bench.run, bench.BenchOptions),
+        Evaluation("traits_table", traits_table.run, traits_table.TraitsTableOptions),
     )
 }
 

@@ -43,6 +43,7 @@ PAGES = {
     "Search by example": "search",
     "Compare groups": "compare",
     "Steer": "steer",
+    "Guess the image": "guess",
 }
 
 
@@ -93,7 +94,8 @@ def main() -> None:
     st.query_params["page"] = page
     s = data.session
     st.sidebar.caption(
-        f"{data.d_sae} latents · {data.n_images} images · {data.n_patches} patches each\n\n"
+        f"{data.d_sae} latents · {data.n_images} images · {data.n_patches} patches each · "
+        f"image scores over {'foreground' if s.patches == 'foreground' else 'all'} patches\n\n"
         f"SAE: {s.sae}\n\nstore: {s.store}"
     )
     page_module(page).render(data)

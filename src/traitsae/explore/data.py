@@ -1,10 +1,6 @@
-"""The explorer's data layer: sparse codes held in memory and the indexes every page queries.
+"""The explorer's data layer: sparse codes held in memory and the indexes every page queries
+(index.py: image-major and latent-major views of the image scores, cached on disk).
 
-`codes.h5` (eval=encode) is CSR over patch rows. From it one pass builds, and caches on disk
-under the session's cache dir, two views of the image-level scores (max over an image's patches):
-- image-major CSR (`img_*`): the latents firing on an image, for the Image / Search / Compare pages;
-- latent-major CSC sorted by score (`lat_*`): a latent's images best first, so top images,
-  frequencies and histograms are slices, not scans.
 Image positions `v` count valid images in store order (the codes' row order); `rows_V` maps
 them to store rows, which is what the public methods take and return.
 
@@ -16,9 +12,7 @@ SAE (torch) loads on first use, normally in the app's background warm-up.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,87 +24,16 @@ from PIL import Image
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.labels import caption_column, image_labels, top_image_summary
+from traitsae.explore.index import load_or_build_index
+from traitsae.explore.linked import linked_columns
 from traitsae.explore.session import Session
 
 if TYPE_CHECKING:  # a type only: importing it loads torch, which the launch does without
     from traitsae.sae.export import RawSpaceSAE
 
+CO_FIRING_IMAGES = 256  # images of a latent whose other latents are counted (co-firing)
 # Loaded by the server process before Streamlit starts (server.py), keyed by session path.
 PRELOADED: dict[str, ExplorerData] = {}
-_INDEX_ARRAYS = (
-    "img_indptr",
-    "img_latent",
-    "img_score",
-    "lat_indptr",
-    "lat_image",
-    "lat_score",
-    "patch_fires",
-)
-
-
-@dataclass
-class ImageIndex:
-    """Image-level scores in both orders (see the module docstring)."""
-
-    img_indptr: np.ndarray  # [V + 1]
-    img_latent: np.ndarray  # [M] int32, increasing within an image
-    img_score: np.ndarray  # [M] float32
-    lat_indptr: np.ndarray  # [S + 1]
-    lat_image: np.ndarray  # [M] int32 image positions, best score first within a latent
-    lat_score: np.ndarray  # [M] float32
-    patch_fires: np.ndarray  # [S] int64 patches where each latent fires
-
-
-def build_index(
-    indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_patches: int, d_sae: int
-) -> ImageIndex:
-    """Max-pool CSR patch codes to images, then sort a copy latent-major, best first."""
-    import torch  # lazy: torch (launch stays torch-free)
-
-    n_images = (len(indptr) - 1) // n_patches
-    nnz_per_image = np.diff(indptr[::n_patches])
-    image_M = torch.repeat_interleave(
-        torch.arange(n_images, dtype=torch.int64), torch.from_numpy(nnz_per_image)
-    )
-    latent_M = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-    keys, inverse = torch.unique(image_M * d_sae + latent_M, sorted=True, return_inverse=True)
-    score_U = torch.zeros(len(keys)).scatter_reduce_(
-        0,
-        inverse,
-        torch.from_numpy(np.asarray(values, dtype=np.float32)),
-        "amax",
-        include_self=False,
-    )
-    img_U, lat_U = keys // d_sae, keys % d_sae
-    by_score = torch.argsort(-score_U, stable=True)
-    order = by_score[torch.argsort(lat_U[by_score], stable=True)]
-    return ImageIndex(
-        img_indptr=_indptr(img_U, n_images),
-        img_latent=lat_U.to(torch.int32).numpy(),
-        img_score=score_U.numpy(),
-        lat_indptr=_indptr(lat_U, d_sae),
-        lat_image=img_U[order].to(torch.int32).numpy(),
-        lat_score=score_U[order].numpy(),
-        patch_fires=np.bincount(indices, minlength=d_sae).astype(np.int64),
-    )
-
-
-def _indptr(sorted_ids: Any, n: int) -> np.ndarray:
-    counts = np.bincount(sorted_ids.numpy(), minlength=n)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
-def load_or_build_index(cache: Path, codes: Any) -> ImageIndex:
-    """The index from `cache/index/*.npy` (memory-mapped), built and saved on first use."""
-    folder = cache / "index"
-    if (folder / "complete").is_file():
-        return ImageIndex(**{n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in _INDEX_ARRAYS})
-    index = build_index(codes.indptr, codes.indices, codes.values, codes.n_patches, codes.d_sae)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in _INDEX_ARRAYS:
-        np.save(folder / f"{name}.npy", getattr(index, name))
-    (folder / "complete").write_text("")
-    return index
 
 
 class Codes:
@@ -155,12 +78,25 @@ class ExplorerData:
         self.position[self.rows_V] = np.arange(len(self.rows_V))
         self.paths = np.asarray(self.metadata["path"]).astype(str)
         self.labels_N = image_labels(self.metadata)
-        self.index = load_or_build_index(self.cache, self.codes)
+        self.index = load_or_build_index(self.cache, self.codes, self.foreground_rows())
         top_values_SK, top_rows_SK = self.top_matrix(session.top_k)
         self.mean_top_S, self.entropy_S = top_image_summary(
             top_values_SK, top_rows_SK, self.labels_N
         )
         self.linked = linked_columns(session, self.d_sae)
+
+    def foreground_rows(self) -> np.ndarray | None:
+        """bool per codes row (valid image x patch): the foreground flags when the session pools
+        over the foreground (explore.patches), else None (every patch)."""
+        if self.session.patches != "foreground":
+            return None
+        flags_NP = self.store.foreground()
+        if flags_NP is None:
+            raise TraitsaeError(
+                f"explore.patches=foreground, but store {self.store.path} has no foreground "
+                "flags; rerun its extract.py command to add them, or use explore.patches=all."
+            )
+        return flags_NP[self.rows_V].reshape(-1)
 
     @property
     def sae(self) -> Any:
@@ -169,7 +105,9 @@ class ExplorerData:
             if self._sae is None:
                 from traitsae.sae.export import load_sae  # lazy: torch (launch stays torch-free)
 
-                self._sae = load_sae(self.session.sae, device=self.session.device).eval()
+                self._sae = load_sae(
+                    self.session.sae, device=self.session.device, **self.session.placement
+                ).eval()
         return self._sae
 
     # ------------------------------------------------------------------ latents
@@ -224,6 +162,46 @@ class ExplorerData:
         lo, hi = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
         hi = min(hi, lo + k)
         return self.rows_V[self.index.lat_image[lo:hi]], np.asarray(self.index.lat_score[lo:hi])
+
+    def band_images(
+        self, latent: int, lo: float, hi: float, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k images spread evenly over a band of the latent's firing images ranked by score:
+        `lo`, `hi` are fractions of that ranking (0 = its best image; 0.75..1 = the lowest
+        quarter). Store rows and scores, best first."""
+        start, end = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
+        n = end - start
+        first, last = start + int(np.floor(lo * n)), start + int(np.ceil(hi * n))
+        if last <= first:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        picks = np.unique(np.linspace(first, last - 1, min(k, last - first)).round().astype(int))
+        return self.rows_V[self.index.lat_image[picks]], np.asarray(self.index.lat_score[picks])
+
+    def co_firing(self, latent: int, n: int) -> Any:
+        """The n latents that fire on the same images most often: the share of this latent's
+        images on which each also fires, and the Jaccard index of their image sets (1 = always
+        together). Counted on at most CO_FIRING_IMAGES of its images spread over its ranking
+        (a latent firing everywhere would otherwise read the whole index on every click)."""
+        lo, hi = self.index.lat_indptr[latent], self.index.lat_indptr[latent + 1]
+        n_own = int(hi - lo)
+        picks = np.unique(np.linspace(lo, hi - 1, min(n_own, CO_FIRING_IMAGES)).astype(np.int64))
+        images = np.asarray(self.index.lat_image[picks], dtype=np.int64)
+        starts = np.asarray(self.index.img_indptr[images], dtype=np.int64)
+        counts = np.asarray(self.index.img_indptr[images + 1], dtype=np.int64) - starts
+        # Every slot of those images' CSR rows at once: ranges [start, start + count).
+        offsets = np.repeat(starts - np.cumsum(counts) + counts, counts)
+        slots = np.arange(int(counts.sum()), dtype=np.int64) + offsets
+        together_S = np.bincount(np.asarray(self.index.img_latent)[slots], minlength=self.d_sae)
+        share_S = together_S / max(1, len(images))
+        share_S[latent] = 0.0
+        shared_S = share_S * n_own  # images together, estimated from the sample when sampled
+        union_S = n_own + self.fire_counts() - shared_S
+        jaccard_S = np.where(union_S > 0, shared_S / np.maximum(union_S, 1e-12), 0.0)
+        order = np.argsort(-jaccard_S, kind="stable")[:n]
+        order = order[share_S[order] > 0]
+        return pd.DataFrame(
+            {"latent": order, "share of its images": share_S[order], "Jaccard": jaccard_S[order]}
+        )
 
     def latent_scores(self, latent: int) -> np.ndarray:
         """Image scores of every image where the latent fires (the others score 0)."""
@@ -340,6 +318,15 @@ class ExplorerData:
         tag = f"{self.metadata[column][row]} " if column else ""
         return f"{tag}#{row}"
 
+    def short_caption(self, row: int) -> str:
+        """The image's class in words ('Zeta warbler'), else its row: captions that wrap."""
+        column = caption_column(self.metadata)
+        if column is None:
+            return f"#{row}"
+        from traitsae.explore.draw import short_label  # lazy: matplotlib (pages import it)
+
+        return short_label(self.metadata[column][row])
+
     def metadata_columns(self) -> list[str]:
         skip = {"valid", "index", "error", "done", "path"}
         return [c for c in self.metadata if c not in skip]
@@ -376,22 +363,6 @@ class ExplorerData:
         table = table[table.rate_pos > 0]
         return table.sort_values(["rate_gap", "score_gap"], ascending=False, kind="stable")
 
-    def class_latents(self, in_class_N: np.ndarray, n: int) -> np.ndarray:
-        """The n latents whose mean image score is highest in a class relative to the rest
-        (eval=steer's default choice, here from the codes)."""
-        in_class_V = np.asarray(in_class_N, dtype=bool)[self.rows_V]
-        if not in_class_V.any() or in_class_V.all():
-            raise TraitsaeError("the class needs images in it and outside it to rank latents.")
-        index = self.index
-        member_M = np.repeat(in_class_V, np.diff(index.img_indptr))
-        inside_S = np.bincount(
-            index.img_latent[member_M], weights=index.img_score[member_M], minlength=self.d_sae
-        )
-        total_S = np.bincount(index.img_latent, weights=index.img_score, minlength=self.d_sae)
-        n_in = in_class_V.sum()
-        gap_S = inside_S / n_in - (total_S - inside_S) / (len(in_class_V) - n_in)
-        return np.argsort(-gap_S, kind="stable")[:n]
-
     # ------------------------------------------------------------------ groups
 
     def group_scores(self, mask_a: np.ndarray, mask_b: np.ndarray) -> Any:
@@ -403,55 +374,3 @@ class ExplorerData:
         has_codes_N = self.position >= 0
         rows = np.flatnonzero((mask_a | mask_b) & has_codes_N)
         return GroupScores(rows, mask_a[rows], self.image_scores(rows))
-
-
-def linked_columns(session: Session, d_sae: int) -> dict[str, np.ndarray]:
-    """Per-latent columns from cub_traits.json / discovery outputs of this SAE, if any."""
-    columns: dict[str, np.ndarray] = {}
-    if session.cub_traits:
-        columns.update(cub_trait_columns(Path(session.cub_traits), d_sae))
-    if session.discovery:
-        columns.update(discovery_columns(Path(session.discovery), d_sae))
-    return columns
-
-
-def cub_trait_columns(path: Path, d_sae: int) -> dict[str, np.ndarray]:
-    """Per latent: the CUB trait it is the selected SAE direction for (best precision), if any."""
-    result = json.loads(path.read_text())
-    rows = [
-        r
-        for r in result.get("per_trait", [])
-        if r.get("method") == "sae" and r.get("protocol") == "select_on_train"
-    ]
-    if not rows:
-        return {}
-    k = min(r["k"] for r in rows)
-    trait = np.full(d_sae, "", dtype=object)
-    precision = np.full(d_sae, np.nan)
-    for r in rows:
-        latent = int(r["best_direction"])
-        if r["k"] == k and 0 <= latent < d_sae and not precision[latent] >= r["precision"]:
-            trait[latent], precision[latent] = r["trait"], r["precision"]
-    return {"cub_trait": trait, f"cub_precision@{k}": precision}
-
-
-def discovery_columns(folder: Path, d_sae: int) -> dict[str, np.ndarray]:
-    """Per latent: discovery AUROC (latents.csv) and candidate rank / q-value (discovery.json)."""
-    columns: dict[str, np.ndarray] = {}
-    latents_csv = folder / "latents.csv"
-    if latents_csv.is_file():
-        table = pd.read_csv(latents_csv)
-        if "auroc" in table and len(table) == d_sae:
-            columns["discovery_auroc"] = table["auroc"].to_numpy()
-    result = json.loads((folder / "discovery.json").read_text())
-    rank = np.full(d_sae, "", dtype=object)
-    q_value = np.full(d_sae, np.nan)
-    for cand in result.get("candidates", []):
-        latent = int(cand["latent"])
-        if 0 <= latent < d_sae:
-            rank[latent] = f"{cand['group'].upper()}#{cand['rank']}"
-            q_value[latent] = cand.get("q_value", np.nan)
-    columns["discovery_rank"] = rank
-    if np.isfinite(q_value).any():
-        columns["discovery_q"] = q_value
-    return columns

@@ -19,6 +19,7 @@ from PIL import Image
 from traitsae.evaluation.core.heatmaps import upsample_map
 
 BLANK_SIZE = 128  # pixels of a heat-map drawn without its image
+DIM = 0.55  # brightness of the patches where the map is 0
 
 
 def colourise(map_RC: np.ndarray, vmax: float, size: tuple[int, int], cmap: str) -> np.ndarray:
@@ -31,10 +32,10 @@ def overlay(
     image_HW3: np.ndarray | None,
     map_RC: np.ndarray,
     vmax: float,
-    alpha: float = 0.6,
+    alpha: float = 0.75,
     cmap: str = "inferno",
 ) -> np.ndarray:
-    """The image with the map blended over it; patches where the map is 0 stay untouched."""
+    """The image with the map blended over it; patches where the map is 0 dimmed."""
     if image_HW3 is None:
         return (colourise(map_RC, vmax, (BLANK_SIZE, BLANK_SIZE), cmap)[..., :3] * 255).astype(
             np.uint8
@@ -42,8 +43,11 @@ def overlay(
     height, width = image_HW3.shape[:2]
     rgba_HW4 = colourise(map_RC, vmax, (height, width), cmap)
     on_HW = upsample_map(np.asarray(map_RC) > 0, height, width)[..., None]
-    blended = (1 - alpha) * image_HW3 / 255.0 + alpha * rgba_HW4[..., :3]
-    return (np.where(on_HW, blended, image_HW3 / 255.0) * 255).astype(np.uint8)
+    picture_HW3 = image_HW3 / 255.0
+    blended = (1 - alpha) * picture_HW3 + alpha * rgba_HW4[..., :3]
+    # Patches where the latent is silent are dimmed: the map reads as a highlight of the
+    # picture, not as one more coloured patch on it (the raw picture is shown beside it).
+    return (np.where(on_HW, blended, DIM * picture_HW3) * 255).astype(np.uint8)
 
 
 PATCH_PICK, PATCH_BOX = "patches", "box"  # the patch grid's point and interval selections
@@ -54,7 +58,7 @@ def patch_grid_spec(picture_HW3: np.ndarray, grid: tuple[int, int], size: int = 
 
     A click toggles one patch (selection PATCH_PICK: [{"patch": p}, ...]); dragging draws a
     box (PATCH_BOX: {"col": [lo, hi], "row": [lo, hi]} in patch units); chosen patches are
-    filled in cyan. Double-click clears the box.
+    outlined in cyan. Double-click clears the box.
     """
 
     rows, cols = grid
@@ -70,9 +74,9 @@ def patch_grid_spec(picture_HW3: np.ndarray, grid: tuple[int, int], size: int = 
         "type": "quantitative",
         "scale": {"domain": [0, rows], "nice": False, "reverse": True},
     }
-    chosen = [
-        {"param": PATCH_PICK, "empty": False, "value": 0.45},
-        {"param": PATCH_BOX, "empty": False, "value": 0.45},
+    chosen = [  # outlined, not filled: the picture under a chosen patch stays visible
+        {"param": PATCH_PICK, "empty": False, "value": 2.5},
+        {"param": PATCH_BOX, "empty": False, "value": 2.5},
     ]
     picture = {
         "mark": {  # the plot's own size: Streamlit may fit the chart into a narrower column
@@ -97,13 +101,13 @@ def patch_grid_spec(picture_HW3: np.ndarray, grid: tuple[int, int], size: int = 
             },
             {"name": PATCH_BOX, "select": {"type": "interval", "encodings": ["x", "y"]}},
         ],
-        "mark": {"type": "rect", "fill": "cyan", "stroke": "white", "strokeWidth": 0.5},
+        "mark": {"type": "rect", "fill": "white", "fillOpacity": 0.0, "stroke": "cyan"},
         "encoding": {
             "x": {**x, "title": "patch column"},
             "x2": {"field": "col_end"},
             "y": {**y, "title": "patch row"},
             "y2": {"field": "row_end"},
-            "fillOpacity": {"condition": chosen, "value": 0.0},
+            "strokeWidth": {"condition": chosen, "value": 0.3},
             "tooltip": [{"field": f} for f in ("patch", "row", "col")],
         },
     }
@@ -199,6 +203,35 @@ def probability_spec() -> dict:
     }
 
 
+COLOUR_BAR_CLASS = "traitsae-colour-bar"  # the browser test finds the bar by it
+
+
+def colour_bar_html(vmax: float, label: str = "", cmap: str = "inferno") -> str:
+    """An HTML colour scale 0 .. vmax of the heat-map colours (patches at 0 keep the picture)."""
+    stops = ", ".join(
+        matplotlib.colors.to_hex(matplotlib.colormaps[cmap](t)) for t in np.linspace(0, 1, 9)
+    )
+    what = f"{label}: " if label else ""
+    return (
+        f'<div class="{COLOUR_BAR_CLASS}" title="heat-map colours; patches at 0 are not coloured" '
+        'style="display:flex;align-items:center;gap:0.3em;font-size:0.75rem;white-space:nowrap;'
+        'margin:0 0 0.3rem 0">'
+        f"<span>{what}0</span>"
+        f'<span style="flex:1;min-width:2rem;max-width:16rem;height:0.7rem;border-radius:2px;'
+        f'background:linear-gradient(to right, {stops})"></span>'
+        f"<span>{vmax:.3g}</span></div>"
+    )
+
+
+def short_label(value: Any) -> str:
+    """A class name for a caption: '006.Zeta_warbler' -> 'Zeta warbler' (wraps at spaces)."""
+    text = str(value)
+    head, dot, tail = text.partition(".")
+    if dot and head.isdigit():
+        text = tail
+    return text.replace("_", " ")
+
+
 def gallery(
     st: Any, images: Sequence[np.ndarray], captions: Sequence[str], per_row: int = 8
 ) -> None:
@@ -209,3 +242,44 @@ def gallery(
             columns, images[lo : lo + per_row], captions[lo : lo + per_row], strict=False
         ):
             column.image(image, caption=caption, width="stretch")
+
+
+def steer_curve_spec() -> dict:
+    """Vega-Lite spec of eval=steer's curve (columns alpha, series, p, low, high): mean
+    p(target) over the steered images with its 95 % CI band, and the random-latent control."""
+    x = {"field": "alpha", "type": "quantitative", "title": "alpha (typical activations added)"}
+    y = {"field": "p", "type": "quantitative", "title": "mean p(target)", "scale": {"zero": True}}
+    colour = {
+        "field": "series",
+        "type": "nominal",
+        "title": None,
+        "legend": {"orient": "bottom"},
+        "scale": {
+            "domain": ["chosen latents", "random latents (control)"],
+            "range": ["#c0392b", "#7f7f7f"],
+        },
+    }
+    return {
+        "height": 260,
+        "layer": [
+            {
+                "transform": [{"filter": "isValid(datum.low)"}],
+                "mark": {"type": "area", "opacity": 0.2},
+                "encoding": {
+                    "x": x,
+                    "y": {**y, "field": "low"},
+                    "y2": {"field": "high"},
+                    "color": colour,
+                },
+            },
+            {
+                "mark": {"type": "line", "point": True},
+                "encoding": {
+                    "x": x,
+                    "y": y,
+                    "color": colour,
+                    "tooltip": [{"field": f} for f in ("series", "alpha", "p", "low", "high")],
+                },
+            },
+        ],
+    }

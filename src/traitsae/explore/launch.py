@@ -8,7 +8,9 @@ before that is a clear `error:` line rather than a page.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -62,10 +64,34 @@ def streamlit_command(address: str, port: int) -> list[str]:
     ]
 
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # besides SIGINT (Ctrl-C: KeyboardInterrupt)
+
+
+def die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM it when explore.py dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM / SIGHUP end explore.py the way Ctrl-C does, so its server child is stopped."""
+    raise KeyboardInterrupt
+
+
 def start_server(session_path: Path, address: str, port: int) -> subprocess.Popen:
     """The Streamlit child process, returned once it answers (or an error if it died)."""
     env = {**os.environ, SESSION_ENV: str(session_path)}
-    proc = subprocess.Popen(streamlit_command(address, port), env=env)
+    proc = subprocess.Popen(streamlit_command(address, port), env=env, preexec_fn=die_with_parent)
+    try:
+        wait_until_serving(proc, address, port)
+    except BaseException:  # an error, Ctrl-C or SIGTERM while it starts: no child left behind
+        stop(proc)
+        raise
+    return proc
+
+
+def wait_until_serving(proc: subprocess.Popen, address: str, port: int) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -75,24 +101,40 @@ def start_server(session_path: Path, address: str, port: int) -> subprocess.Pope
             )
         try:
             with urllib.request.urlopen(f"http://{address}:{port}/_stcore/health", timeout=1):
-                return proc
+                return
         except OSError:
             time.sleep(0.2)
-    proc.terminate()
     raise TraitsaeError(f"the Streamlit server did not answer on {address}:{port} in time.")
 
 
 def serve(session_path: Path, address: str, port: int, browser: bool) -> None:
-    proc = start_server(session_path, address, port)
-    url = f"http://{address}:{port}/"
-    print(f"traitsae explorer at {url}  (Ctrl-C stops it)", flush=True)
-    if browser:
-        webbrowser.open(url)
+    """Serve until the server stops, or Ctrl-C / SIGTERM / SIGHUP stop both processes."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt)
+    proc = None
     try:
+        proc = start_server(session_path, address, port)
+        url = f"http://{address}:{port}/"
+        print(f"traitsae explorer at {url}  (Ctrl-C stops it)", flush=True)
+        if browser:
+            webbrowser.open(url)
         status = proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
         return
+    finally:
+        if proc is not None:
+            stop(proc)
     if status != 0:
         raise TraitsaeError(f"the Streamlit server stopped with exit status {status}.")
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Terminate the server child (Streamlit shuts down on SIGTERM); kill it if it hangs."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

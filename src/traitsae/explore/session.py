@@ -45,8 +45,13 @@ class Session:
     draw_images: bool = True
     cub_traits: str | None = None  # a cub_traits.json of this SAE, when one exists
     discovery: str | None = None  # a discovery output dir of this SAE, when one exists
-    probe: str | None = None  # an eval=steer probe.safetensors of this SAE, when one exists
     contrast: dict[str, Any] = field(default_factory=dict)  # the dataset's default groups
+    notes: str | None = None  # the user's notes on latents (JSON), beside the run by default
+    placement: dict[str, Any] = field(default_factory=dict)  # a foreign checkpoint's load_sae
+    # keywords from the command line (sae_format, backbone, layer, tokens)
+    patches: str = "all"  # image scores pool over: all | foreground (explore.patches, resolved)
+    launch: dict[str, Any] = field(default_factory=dict)  # the launch's config (no hydra,
+    # no explore): what the Steer page turns into eval=steer's (steering.steer_config)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,11 +114,18 @@ def check_backbone(cfg: DictConfig, sae: SaeRecord | RawSpaceSAE) -> None:
 
 
 def cache_key(sae_source: str, store: Path) -> str:
-    """Digest of the SAE weights and the store (path, size, mtime): new inputs, new cache."""
-    weights = Path(sae_source)
-    weights = (weights if weights.is_file() else weights / "sae.json").with_suffix(".safetensors")
+    """Digest of the SAE's files and the store (path, size, mtime): new inputs, new cache."""
+    source = Path(sae_source)
+    if source.is_dir() and (source / "sae.safetensors").is_file():
+        weights = [source / "sae.safetensors"]  # a train run dir: its export, not its logs
+    elif source.is_dir():
+        weights = sorted(p for p in source.iterdir() if p.is_file())  # another library's files
+    elif source.suffix == ".json":
+        weights = [source.with_suffix(".safetensors")]
+    else:
+        weights = [source]
     parts = []
-    for path in (weights, store):
+    for path in [*weights, store]:
         stat = path.stat()
         parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
@@ -226,6 +238,7 @@ def prepare(cfg: DictConfig) -> Session:
                 device=str(cfg.device),
             )
         check_codes_match(codes, store, sae)
+        patches = pooled_patches(store, str(ex.get("patches", "all")), sae)
     discovery = find_eval_output(cfg, "discovery.json", ex.get("discovery"))
     contrast = cfg.dataset.get("contrast") or {}
     return Session(
@@ -243,9 +256,53 @@ def prepare(cfg: DictConfig) -> Session:
         draw_images=bool(ex.draw_images),
         cub_traits=find_eval_output(cfg, "cub_traits.json", ex.get("cub_traits")),
         discovery=str(Path(discovery).parent) if discovery else None,
-        probe=find_eval_output(cfg, "probe.safetensors", ex.get("probe")),
         contrast=OmegaConf.to_container(contrast, resolve=True) if contrast else {},
+        notes=str(notes_path(cfg)),
+        placement=placement(cfg),
+        patches=patches,
+        launch=launch_config(cfg),
     )
+
+
+def launch_config(cfg: DictConfig) -> dict[str, Any]:
+    """The launch's configuration, resolved, without Hydra's and the explorer's own keys."""
+    kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "explore")])
+    return OmegaConf.to_container(kept, resolve=True)
+
+
+def pooled_patches(store: Store, patches: str, sae: Any) -> str:
+    """explore.patches resolved like eval.patches (auto: as the SAE was trained), checked
+    against the store's foreground flags: `all` or `foreground`."""
+    trained_on_foreground = bool((getattr(sae, "meta", None) or {}).get("foreground"))
+    if patches == "all" or (patches == "auto" and not trained_on_foreground):
+        return "all"  # decided without the module below: it loads torch (launch stays torch-free)
+    from traitsae.evaluation.core.foreground import resolve_patches, select_patches
+
+    if resolve_patches(patches, sae) == "all":
+        return "all"
+    select_patches(store, "foreground", sae)  # no flags, or no foreground patch: its errors
+    return "foreground"
+
+
+def placement(cfg: DictConfig) -> dict[str, Any]:
+    """load_sae's say-so for a checkpoint that does not record where it belongs (sae_format=,
+    backbone=, data.layer=, data.tokens=), as evaluate.py passes them; only those given."""
+    data = cfg.get("data") or {}
+    given = {
+        "sae_format": cfg.get("sae_format"),
+        "backbone": (cfg.get("backbone") or {}).get("name"),
+        "layer": data.get("layer"),
+        "tokens": data.get("tokens"),
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def notes_path(cfg: DictConfig) -> Path:
+    """explore.notes, else `explore_notes.json` in the folder holding the SAE's sae.json."""
+    if cfg.explore.get("notes"):
+        return Path(cfg.explore.notes).resolve()
+    source = Path(sae_source(cfg)).resolve()
+    return (source.parent if source.is_file() else source) / "explore_notes.json"
 
 
 def check_codes_match(codes: Path, store: Store, sae: SaeRecord | RawSpaceSAE) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from traitsae.data.collection import ensure_collection
 from traitsae.data.images.butterflies import load_butterflies
 from traitsae.data.images.common import ImageDataset, ImageList
 from traitsae.data.images.cub import load_cub
@@ -24,10 +25,17 @@ def _synthetic(cfg: Any, split: str) -> ImageList:
     return load_cub(cfg.root, split)
 
 
+def _collection(cfg: Any, split: str) -> ImageList:
+    # The generated collection, on first use; then read as the butterflies layout it is.
+    ensure_collection(Path(cfg.root), seed=int(cfg.get("seed", 0)))
+    return load_butterflies(cfg, split)
+
+
 FORMATS: dict[str, Callable[[Any, str], ImageList]] = {
     "cub": _cub,
     "synthetic": _synthetic,
     "butterflies": load_butterflies,
+    "collection": _collection,
     "imagefolder": load_imagefolder,
 }
 

@@ -58,13 +58,20 @@ class MaskLayout:
 
     def read(self, mask_path: Path, image_size: tuple[int, int] | None = None) -> np.ndarray:
         """Class ids [H, W] (int64) of one mask file, checked against the classes and the image."""
-        with Image.open(mask_path) as img:
-            if img.mode not in ("L", "P", "I", "I;16", "1"):
-                raise TraitsaeError(
-                    f"mask {mask_path} has PIL mode {img.mode!r}; masks must be single-channel "
-                    "PNGs whose pixel values are class ids (mode L, P or I)."
-                )
-            labels_HW = np.asarray(img, dtype=np.int64)
+        try:
+            with Image.open(mask_path) as img:
+                if img.mode not in ("L", "P", "I", "I;16", "1"):
+                    raise TraitsaeError(
+                        f"mask {mask_path} has PIL mode {img.mode!r}; masks must be "
+                        "single-channel PNGs whose pixel values are class ids (mode L, P or I)."
+                    )
+                labels_HW = np.asarray(img, dtype=np.int64)
+        except (OSError, SyntaxError, ValueError) as err:  # truncated or not an image at all
+            raise TraitsaeError(
+                f"mask {mask_path} cannot be read ({type(err).__name__}: {err}); it is truncated "
+                "or not an image. Re-export that mask, or remove it (its image is then scored "
+                "without a mask)."
+            ) from None
         if image_size is not None and labels_HW.shape != (image_size[1], image_size[0]):
             raise TraitsaeError(
                 f"mask {mask_path} is {labels_HW.shape[1]} x {labels_HW.shape[0]} px but its "

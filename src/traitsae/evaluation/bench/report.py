@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from traitsae.evaluation.core import figures
+from traitsae.evaluation.core.outputs import write_json
 
 HEALTH = ("fvu", "l0", "dead_fraction", "dense_fraction", "mse", "n_tokens")
 
@@ -33,7 +33,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
     name, then renamed)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "csv": out / "bench.csv", "png": out / "bench_pareto.png"}
-    _atomic_text(paths["json"], json.dumps(result, indent=2) + "\n")
+    write_json(paths["json"], result)
     rows = csv_rows(result)
     fields = list(dict.fromkeys(k for row in rows for k in row))
     tmp = paths["csv"].with_name(paths["csv"].name + ".tmp")
@@ -45,12 +45,6 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
     tmp_png = out / "bench_pareto.tmp.png"
     figures.save(pareto_figure(result), tmp_png).replace(paths["png"])
     return paths
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def pareto_figure(result: dict[str, Any]):

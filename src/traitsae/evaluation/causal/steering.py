@@ -119,7 +119,7 @@ def check_latents(latents: Sequence[int], d_sae: int) -> None:
 class ClassLatents:
     """What the train store says about every latent for one target class."""
 
-    ranked: list[int]  # the n latents most specific to the class, most specific first
+    ranked: list[int]  # up to n latents most specific to the class (specificity > 0), most first
     latent_max_S: np.ndarray  # each latent's largest image score on the split
     specificity_S: np.ndarray  # mean image score in the class minus outside it
     typical_S: np.ndarray  # mean over the class's images of the code averaged over edited tokens
@@ -130,7 +130,7 @@ def class_latents(
     sae: RawSpaceSAE, store: Store, classes_N: np.ndarray, target: str, n: int, device: str
 ) -> ClassLatents:
     """The `n` latents most specific to `target` (mean image score in the class minus outside
-    it; image score = max over the edited tokens), and each latent's statistics (ClassLatents)."""
+    it, > 0; image score = max over the edited tokens), and each latent's statistics."""
 
     tokens = "cls" if sae.tokens == "cls" else "patches"
     methods = {
@@ -147,6 +147,14 @@ def class_latents(
         )
     specificity_S = s_NS[in_class_N].mean(0) - s_NS[~in_class_N].mean(0)
     order = np.argsort(-specificity_S, kind="stable")[:n]
+    # A latent no more active in the class than outside it is not the class's, and one that never
+    # fires on it has no typical activation (the unit of alpha): never a candidate.
+    order = order[specificity_S[order] > 0]
+    if order.size == 0:
+        raise TraitsaeError(
+            f"eval.target_class={target!r}: no latent of this SAE is more active on its images "
+            f"than on the others (train store {store.path}); nothing to steer with."
+        )
     typical_S = scores["mean"][in_class_N].mean(0)
     frequency_S = (s_NS > 0).mean(0)
     return ClassLatents([int(s) for s in order], s_NS.max(0), specificity_S, typical_S, frequency_S)

@@ -93,10 +93,11 @@ def subplots(n: int, *, width: float = 4.5, height: float = 3.6):
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Mask of points not dominated in (lower x, lower y)."""
+    """Mask of points not dominated in (lower x, lower y); a point with a NaN or inf coordinate
+    is never on the front (NaN compares false with everything, so it used to be)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    front = np.ones(x.size, dtype=bool)
-    for i in range(x.size):
+    front = np.isfinite(x) & np.isfinite(y)
+    for i in np.flatnonzero(front):
         dominated_by = (x <= x[i]) & (y <= y[i]) & ((x < x[i]) | (y < y[i]))
         front[i] = not dominated_by.any()
     return front

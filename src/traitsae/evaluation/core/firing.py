@@ -88,7 +88,10 @@ def scan(
     max_sum_S = torch.zeros(d_sae, dtype=torch.float64)
     max_S = torch.zeros(d_sae)
     n_patches = n_images = 0
-    for batch in stream_codes(store, sae, batch_patches=batch_patches, device=device):
+    batches = stream_codes(
+        store, sae, batch_patches=batch_patches, device=device, desc="latent statistics"
+    )
+    for batch in batches:
         codes_BPS = batch.codes_BPS.cpu()
         keep_BP = patch_keep(store, batch.image_index)  # eval.patches: None = every patch
         pooled_BS = pool_tokens(codes_BPS, pool, keep_BP)

@@ -101,11 +101,15 @@ def stream_codes(
     wanted_N: np.ndarray | None = None,
     batch_patches: int = 4096,
     device: str = "cpu",
+    desc: str | None = None,
 ) -> Iterator[CodeBatch]:
-    """One streaming pass: codes of every valid (and wanted) image, in store order."""
+    """One streaming pass: codes of every valid (and wanted) image, in store order (with
+    `desc`, a progress bar naming the pass)."""
     layer = sae_layer(store, sae)
     per_batch = images_per_batch(store.n_patches, batch_patches)
-    for index_B, acts_BPD in iter_valid_tokens(store, layer, device=device, keep=wanted_N):
+    for index_B, acts_BPD in iter_valid_tokens(
+        store, layer, device=device, keep=wanted_N, desc=desc
+    ):
         for lo in range(0, len(index_B), per_batch):
             yield CodeBatch(
                 index_B[lo : lo + per_batch],

@@ -15,7 +15,7 @@ from traitsae.evaluation.core import figures, heatmaps
 from traitsae.evaluation.core.frames import ImageSource
 from traitsae.evaluation.core.labels import caption_column
 from traitsae.evaluation.core.tokens import gather_codes
-from traitsae.evaluation.discovery.stats import CandidateStats
+from traitsae.evaluation.discovery.ranking import CandidateStats
 from traitsae.sae.export import RawSpaceSAE
 
 

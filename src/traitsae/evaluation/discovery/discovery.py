@@ -45,6 +45,7 @@ from traitsae.evaluation.core.options import build_options
 from traitsae.evaluation.core.sae import resolve_sae
 from traitsae.evaluation.core.sources import check_store_matches_sae, eval_store, output_dir
 from traitsae.evaluation.core.tokens import stream_codes
+from traitsae.evaluation.discovery import pairs_report
 from traitsae.evaluation.discovery import report as discovery_report
 from traitsae.evaluation.discovery.candidates import (
     GroupScores,
@@ -386,4 +387,4 @@ def discover_pairs(
         discovery_report.write_outputs(
             pair_out, one.candidates, one.result, one.groups, settings, title=one.pair.name
         )
-    return discovery_report.write_pairs_outputs(out, found.pairs, null, settings)
+    return pairs_report.write_pairs_outputs(out, found.pairs, null, settings)

@@ -35,8 +35,9 @@ from traitsae.errors import TraitsaeError
 from traitsae.evaluation.core.runs import find_runs, run_labels
 from traitsae.evaluation.core.sae import load_eval_sae
 from traitsae.evaluation.discovery.candidates import Candidate, GroupScores
+from traitsae.evaluation.discovery.evidence import direction, directional_test
 from traitsae.evaluation.discovery.null import NullOptions, bh_qvalues
-from traitsae.evaluation.discovery.stats import Contrast, direction, directional_test
+from traitsae.evaluation.discovery.stats import Contrast
 from traitsae.sae.export import RawSpaceSAE
 
 CHANCE_QUANTILE = 0.999

@@ -41,109 +41,30 @@ from typing import Any
 import numpy as np
 
 from traitsae.evaluation.core.ranks import comparable_pairs, stratum_codes
+from traitsae.evaluation.discovery.evidence import (
+    confirm_candidates,
+    confirm_fdr,
+    strata_cells,
+    verdicts,
+)
 from traitsae.evaluation.discovery.null import (
     GROUPS,
     NullOptions,
     UntestableContrast,
-    auroc_per_column,
     bh_qvalues,
     check_group_sizes,
     confirmation_split,
     permutation_test,
-    smallest_p,
 )
-
-
-@dataclass(frozen=True)
-class RankingRule:
-    """Which latents may be candidates, and how many per group."""
-
-    min_support: float = 0.2  # fraction of the own group where the latent must fire
-    dense_rate: float = 0.9  # firing on >= this fraction of both groups = dense, excluded
-    min_auroc: float = 0.8  # specificity floor (AUROC for A, 1 - AUROC for B)
-    n_candidates: int = 10  # per group
-
-
-# ----------------------------------------------------------------------------- per-latent table
-
-
-@dataclass
-class LatentTable:
-    """Per-latent statistics on the selection part, arrays of length d_sae."""
-
-    rate_a: np.ndarray
-    rate_b: np.ndarray
-    mean_a: np.ndarray
-    mean_b: np.ndarray
-    support_a: np.ndarray  # images of A where the latent fires
-    support_b: np.ndarray
-    auroc: np.ndarray  # A (positive) vs B; stratified when strata are given
-    dense: np.ndarray  # bool: fires on >= dense_rate of both groups (never a candidate)
-    tested: np.ndarray  # bool: in the BH family
-    p_value: np.ndarray  # two-sided; NaN when not tested
-    q_value: np.ndarray  # BH over the tested latents; NaN when not tested
-    permutations: np.ndarray  # draws behind each p-value (0 when not tested)
-
-    def columns(self) -> dict[str, np.ndarray]:
-        return {"latent": np.arange(len(self.auroc)), **asdict(self)}
-
-
-def firing_stats(
-    scores_NS: np.ndarray, in_a_N: np.ndarray, fire_threshold: float
-) -> dict[str, np.ndarray]:
-    """Rates, means and support (images where the latent fires) of every latent per group."""
-    fires_NS = scores_NS > fire_threshold
-    support_a, support_b = fires_NS[in_a_N].sum(axis=0), fires_NS[~in_a_N].sum(axis=0)
-    return {
-        "rate_a": support_a / in_a_N.sum(),
-        "rate_b": support_b / (~in_a_N).sum(),
-        "mean_a": scores_NS[in_a_N].mean(axis=0),
-        "mean_b": scores_NS[~in_a_N].mean(axis=0),
-        "support_a": support_a,
-        "support_b": support_b,
-    }
-
-
-def specificity(table: LatentTable, group: str) -> np.ndarray:
-    return table.auroc if group == "a" else 1.0 - table.auroc
-
-
-def rank_by_specificity(table: LatentTable, group: str, rule: RankingRule) -> np.ndarray:
-    """Eligible latents for `group` ('a' or 'b'), most specific first (ties: larger rate gap)."""
-    spec_S = specificity(table, group)
-    own, other = (table.rate_a, table.rate_b) if group == "a" else (table.rate_b, table.rate_a)
-    eligible_S = (own >= rule.min_support) & (spec_S >= rule.min_auroc) & ~table.dense
-    latents = np.flatnonzero(eligible_S)
-    order = np.lexsort((-(own - other)[latents], -spec_S[latents]))
-    return latents[order][: rule.n_candidates]
-
-
-# ----------------------------------------------------------------------------- candidates
-
-
-@dataclass
-class CandidateStats:
-    """Everything the statistics say about one candidate (selection part unless `confirm_`)."""
-
-    latent: int
-    group: str  # "a" | "b": the group it is specific to
-    auroc: float
-    specificity: float
-    rate_a: float
-    rate_b: float
-    mean_a: float
-    mean_b: float
-    support: int
-    p_value: float | None
-    q_value: float | None
-    discovery: bool | None  # q <= alpha
-    permutations: int
-    confirm_auroc: float | None = None
-    confirm_p_value: float | None = None
-    confirm_q_value: float | None = None
-    confirmed: bool | None = None
-    auroc_unstratified: float | None = None
-    strata_auroc: dict[str, float] | None = None
+from traitsae.evaluation.discovery.ranking import (
+    CandidateStats,
+    LatentTable,
+    RankingRule,
+    add_strata_aurocs,
+    candidate_stats,
+    firing_stats,
+    rank_by_specificity,
+)
 
 
 @dataclass
@@ -159,176 +80,7 @@ class Contrast:
         return [asdict(c) for c in self.candidates]
 
 
-def _optional(value: Any) -> Any:
-    """NumPy scalars to Python; NaN to None (JSON null)."""
-    value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def candidate_stats(table: LatentTable, latent: int, group: str, alpha: float) -> CandidateStats:
-    q = _optional(table.q_value[latent])
-    return CandidateStats(
-        latent=int(latent),
-        group=group,
-        auroc=float(table.auroc[latent]),
-        specificity=float(specificity(table, group)[latent]),
-        rate_a=float(table.rate_a[latent]),
-        rate_b=float(table.rate_b[latent]),
-        mean_a=float(table.mean_a[latent]),
-        mean_b=float(table.mean_b[latent]),
-        support=int((table.support_a if group == "a" else table.support_b)[latent]),
-        p_value=_optional(table.p_value[latent]),
-        q_value=q,
-        discovery=None if q is None else bool(q <= alpha),
-        permutations=int(table.permutations[latent]),
-    )
-
-
-def add_strata_aurocs(
-    candidates: list[CandidateStats],
-    scores_NS: np.ndarray,
-    in_a_N: np.ndarray,
-    strata_N: np.ndarray,
-) -> None:
-    """Each candidate's AUROC ignoring strata, and within every stratum holding both groups."""
-    if not candidates:
-        return
-    latents = np.array([c.latent for c in candidates])
-    pooled_C = auroc_per_column(scores_NS[:, latents], in_a_N)
-    labels = np.asarray(strata_N).astype(str)
-    per_stratum = {}
-    for label in np.unique(labels):
-        rows = labels == label
-        if in_a_N[rows].any() and (~in_a_N[rows]).any():
-            per_stratum[str(label)] = auroc_per_column(scores_NS[rows][:, latents], in_a_N[rows])
-    for j, cand in enumerate(candidates):
-        cand.auroc_unstratified = float(pooled_C[j])
-        cand.strata_auroc = {label: float(au[j]) for label, au in per_stratum.items()}
-
-
-def directional_test(
-    scores_NC: np.ndarray,
-    in_a_N: np.ndarray,
-    codes_N: np.ndarray,
-    sign_C: np.ndarray,
-    null: NullOptions,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """AUROC of every column and a one-sided permutation p in its direction (sign +1: A
-    higher); p is NaN without a null (n_permutations=0)."""
-    t_C, p_C, _ = permutation_test(
-        scores_NC, in_a_N, codes_N, null, rng, sign_S=sign_C, progress=False
-    )
-    return 0.5 + t_C / comparable_pairs(in_a_N, codes_N), p_C
-
-
-def direction(candidates: Sequence[CandidateStats]) -> np.ndarray:
-    """+1 for candidates specific to A, -1 for B: the sign of a one-sided re-test."""
-    return np.array([1.0 if c.group == "a" else -1.0 for c in candidates])
-
-
-def confirm_candidates(
-    candidates: list[CandidateStats],
-    scores_NS: np.ndarray,
-    in_a_N: np.ndarray,
-    codes_N: np.ndarray,
-    null: NullOptions,
-    rng: np.random.Generator,
-) -> None:
-    """AUROC on the held-out images and a one-sided permutation p in the candidate's
-    direction; the q-values come from `confirm_fdr` over every contrast's candidates."""
-    if not candidates:
-        return
-    held_NC = scores_NS[:, [c.latent for c in candidates]]
-    auroc_C, p_C = directional_test(held_NC, in_a_N, codes_N, direction(candidates), null, rng)
-    for cand, auroc, p in zip(candidates, auroc_C, p_C, strict=True):
-        cand.confirm_auroc = float(auroc)
-        if null.n_permutations:
-            cand.confirm_p_value = float(p)
-
-
-def confirm_fdr(candidates: Sequence[CandidateStats], alpha: float) -> None:
-    """BH over the confirmation p-values of all candidates (of every contrast): a family chosen
-    without looking at the held-out images; `confirmed` when q <= alpha."""
-    tested = [c for c in candidates if c.confirm_p_value is not None]
-    q_C = bh_qvalues(np.array([c.confirm_p_value for c in tested]))
-    for cand, q in zip(tested, q_C, strict=True):
-        cand.confirm_q_value = float(q)
-        cand.confirmed = bool(q <= alpha)
-
-
 # ----------------------------------------------------------------------------- the contrast
-
-
-def verdicts(
-    table: LatentTable,
-    candidates: list[CandidateStats],
-    null: NullOptions,
-    in_a_N: np.ndarray,
-    codes_N: np.ndarray,
-    family: int | None = None,
-    n_contrasts: int = 1,
-) -> tuple[dict[str, int], dict[str, str]]:
-    """Discoveries per group among all tested latents, and one sentence per group saying so
-    (and, when there are none, whether these group sizes allowed any). `family`: the tests BH
-    ran over (default this contrast's tested latents; more when contrasts share one FDR)."""
-    n_tested = int(table.tested.sum())
-    family = n_tested if family is None else family
-    joint = (
-        f" (BH over all {family} tests of the {n_contrasts} contrasts together)"
-        if n_contrasts > 1
-        else ""
-    )
-    significant_S = table.tested & (np.nan_to_num(table.q_value, nan=1.0) <= null.alpha)
-    counts = {
-        "a": int((significant_S & (table.auroc > 0.5)).sum()),
-        "b": int((significant_S & (table.auroc < 0.5)).sum()),
-    }
-    floor = smallest_p(in_a_N, codes_N, null.max_permutations)
-    needed = math.ceil(floor * family / null.alpha - 1e-9)
-    limit = (
-        f" With these group sizes and {null.max_permutations:,} permutations no p-value can be "
-        f"below {floor:.2g}, so at least {needed} {'tests' if n_contrasts > 1 else 'latents'} "
-        "would have to reach it together for "
-        f"any q to be <= {null.alpha}."
-        if needed > 1
-        else ""
-    )
-    words = {}
-    for g in GROUPS:
-        if null.n_permutations == 0:
-            words[g] = "No permutation null was run (eval.n_permutations=0): no p-values."
-        elif counts[g]:
-            shown = sum(bool(c.discovery) for c in candidates if c.group == g)
-            rest = counts[g] - shown
-            words[g] = (
-                f"{counts[g]} of {n_tested} tested latents are discoveries specific to group "
-                f"{g.upper()} (q <= {null.alpha}{joint}); {shown} of them pass the candidate filters"
-                + (
-                    f", {rest} are dense, rare or below eval.min_auroc (latents.csv)."
-                    if rest
-                    else "."
-                )
-            )
-        else:
-            words[g] = (
-                f"No discoveries: none of the {n_tested} tested latents is specific to group "
-                f"{g.upper()} at q <= {null.alpha}{joint}." + limit
-            )
-    return counts, words
-
-
-def strata_cells(
-    strata_N: np.ndarray, in_a_N: np.ndarray, held_N: np.ndarray
-) -> list[dict[str, Any]]:
-    """Images of each group per stratum (selection part); `compared`: holds both groups."""
-    labels_N = np.asarray(strata_N).astype(str)
-    cells = []
-    for label in np.unique(labels_N):
-        rows = (labels_N == label) & ~held_N
-        n_a, n_b = int((rows & in_a_N).sum()), int((rows & ~in_a_N).sum())
-        cells.append({"stratum": str(label), "n_a": n_a, "n_b": n_b, "compared": n_a * n_b > 0})
-    return cells
 
 
 @dataclass

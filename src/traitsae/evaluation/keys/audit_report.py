@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from traitsae.evaluation.core import figures
-from traitsae.evaluation.keys.key_report import _atomic_text, _write_csv
+from traitsae.evaluation.core.outputs import write_json
+from traitsae.evaluation.keys.key_report import _write_csv
 from traitsae.evaluation.keys.results import AuditResult
 
 
 def write_outputs(result: AuditResult, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": _atomic_text(out / "audit.json", json.dumps(result.to_json(), indent=2))}
+    paths = {"json": write_json(out / "audit.json", result.to_json())}
     yields = [{"method": n, **row} for n, m in result.methods.items() for row in m.yields]
     proposals = [{"method": n, **row} for n, m in result.methods.items() for row in m.proposals]
     paths["yields_csv"] = _write_csv(

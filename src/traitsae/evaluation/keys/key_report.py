@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from traitsae.data.store import Store
 from traitsae.evaluation.core import figures
 from traitsae.evaluation.core.figures import Panel, plot_panel_rows
 from traitsae.evaluation.core.frames import ImageSource
+from traitsae.evaluation.core.outputs import write_json
 from traitsae.evaluation.core.report import Card, Section, write_report
 from traitsae.evaluation.core.tokens import gather_codes
 from traitsae.evaluation.keys import sparse
@@ -32,7 +32,7 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Every output file in `out`; galleries of the SAE tree's latents from the train `store`."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": _atomic_text(out / "key.json", json.dumps(result.to_json(), indent=2))}
+    paths = {"json": write_json(out / "key.json", result.to_json())}
     tables = {
         "path": (["method", "c", "n_latents", *ACCURACY], _rows(result, "path")),
         "budgets": (["method", "n_latents", *ACCURACY, "latents"], _rows(result, "budgets")),
@@ -47,13 +47,6 @@ def write_outputs(
     galleries = draw_galleries(result, out, store, sae, images, device)
     paths["html"] = write_key_html(result, out / "key.html", galleries)
     return paths
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def _rows(result: KeyResult, part: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from traitsae.data.store import Store
 from traitsae.errors import TraitsaeError
@@ -163,7 +164,9 @@ def galleries(
     needed = np.concatenate([r for r, _ in tops.values()] or [np.zeros(0, np.int64)])
     codes = gather_codes(store, sae, needed, chosen, device)
     entries = []
-    for column, latent in enumerate(int(lat) for lat in chosen):
+    for column, latent in enumerate(
+        tqdm([int(lat) for lat in chosen], desc="galleries", unit="latent", leave=False)
+    ):
         rows, values = tops[latent]
         entry = {
             "latent": latent,

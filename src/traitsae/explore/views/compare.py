@@ -19,9 +19,65 @@ from traitsae.evaluation.discovery.stats import NullOptions, RankingRule, contra
 from traitsae.explore import draw
 from traitsae.explore.views.common import overlays
 
-TABLE_COLUMNS = ["group", "rank", "latent", "score", "auroc", "p_value", "q_value", "discovery",
-                 "confirm_auroc", "confirmed", "rate_a", "rate_b", "entropy", "morans_i",
-                 "support"]  # fmt: skip
+# The ranking's columns as the page shows them (code name -> plain name, help).
+TABLE_COLUMNS = {
+    "group": ("group", "the group the latent is specific to"),
+    "rank": ("rank", "its rank among that group's candidates (1 = most specific)"),
+    "latent": ("latent", "the latent's number"),
+    "specificity": (
+        "AUROC for its group",
+        "how well its activation picks its own group's images out of both groups; 1 = "
+        "perfectly, 0.5 = chance",
+    ),
+    "p_value": ("p", "permutation p-value of the group difference"),
+    "q_value": ("q", "Benjamini-Hochberg q over the tested latents; <= alpha = a discovery"),
+    "discovery": ("discovery", "q <= alpha"),
+    "confirm_specificity": (
+        "held-out AUROC",
+        "the same AUROC on the held-out images (confirmation); near the first = it holds",
+    ),
+    "confirmed": ("confirmed", "significant again on the held-out images"),
+    "rate_a": ("A firing", "share of group A's images it fires on"),
+    "rate_b": ("B firing", "share of group B's images it fires on"),
+    "entropy": ("map spread", "entropy of its heat-maps: low = one place, high = everywhere"),
+    "morans_i": ("map clumping", "Moran's I of its heat-maps: high = one connected region"),
+    "score": ("triage score", "eval=discovery's heat-map triage score (higher = cleaner)"),
+}
+
+
+def ranking_table(candidates: list[Any]) -> Any:
+    """The candidates with plain column names; scores read for each latent's own group."""
+    table = pd.DataFrame([c.row() for c in candidates])
+    own_b = table["group"] == "b"
+    # AUROC is A (positive) vs B: a B latent's 0.08 means it picks B out well. Flip it.
+    if "confirm_auroc" in table:
+        confirm = table["confirm_auroc"].astype(float)
+        table["confirm_specificity"] = np.where(own_b, 1.0 - confirm, confirm)
+    table["group"] = table["group"].str.upper()
+    shown = [c for c in TABLE_COLUMNS if c in table]
+    return table[shown].rename(columns={c: TABLE_COLUMNS[c][0] for c in shown})
+
+
+def column_help() -> dict[str, Any]:
+    return {plain: st.column_config.Column(help=text) for plain, text in TABLE_COLUMNS.values()}
+
+
+def plain_sentence(sentence: str) -> str:
+    """eval=discovery's verdict as this page words it: its settings are this page's boxes, and
+    latents.csv (eval=discovery's full table) is not written here."""
+    return sentence.replace(" (latents.csv)", " (not in the table)").replace("eval.", "")
+
+
+def sizes_sentence(sizes: dict[str, Any], names: dict[str, str]) -> str:
+    """'A (species=001.Alpha): 6 to rank, 6 held out to confirm; B ...'."""
+    parts = []
+    for g in ("a", "b"):
+        n = sizes.get(g, {})
+        parts.append(
+            f"{g.upper()} ({names[g]}): {n.get('selection', '?')} images to rank, "
+            f"{n.get('confirmation', 0)} held out to confirm"
+        )
+    return "; ".join(parts)
 
 
 def group_editor(data: Any, name: str, default: dict[str, Any]) -> dict[str, list[str]]:
@@ -90,10 +146,22 @@ def options() -> tuple[RankingRule, NullOptions]:
             min_auroc=right.number_input("min_auroc", 0.0, 1.0, 0.8, key="min_auroc"),
             n_candidates=int(left.number_input("n_candidates", 1, 100, 10, key="n_candidates")),
         )
+        n_perm = int(mid.number_input("n_permutations", 0, 100_000, 1000, key="n_perm"))
         null = NullOptions(
-            n_permutations=int(mid.number_input("n_permutations", 0, 100_000, 1000, key="n_perm")),
-            alpha=right.number_input("alpha", 0.0, 1.0, 0.05, key="alpha"),
-            confirm=left.number_input("confirm", 0.0, 0.9, 0.5, key="confirm"),
+            n_permutations=n_perm,
+            max_permutations=int(
+                right.number_input(
+                    "max_permutations",
+                    n_perm,
+                    1_000_000,
+                    max(n_perm, 100_000),
+                    key="max_perm",
+                    help="latents whose p-value is limited by n_permutations get more draws, "
+                    "up to this many",
+                )
+            ),
+            alpha=left.number_input("alpha", 0.0, 1.0, 0.05, key="alpha"),
+            confirm=mid.number_input("confirm", 0.0, 0.9, 0.5, key="confirm"),
         )
     return rule, null
 
@@ -108,27 +176,31 @@ def render(data: Any) -> None:
         st.info("choose a column and at least one value for each group.")
         return
     candidates, summary = rank_groups(data, group_a, group_b, rule, null)
-    sizes = summary.get("sizes", {})
-    st.caption(f"group sizes (selection / held out): {sizes}")
+    names = {"a": groups.describe_group(group_a), "b": groups.describe_group(group_b)}
+    st.caption(sizes_sentence(summary.get("sizes", {}), names))
     for group, sentence in summary.get("verdict", {}).items():
-        st.markdown(f"**{group.upper()}**: {sentence}")
+        st.markdown(f"**{group.upper()}**: {plain_sentence(sentence)}")
     if not candidates:
         st.warning("no latent passes the ranking rule for either group; loosen the rule.")
         return
-    table = pd.DataFrame([c.row() for c in candidates])
-    st.dataframe(table[[c for c in TABLE_COLUMNS if c in table]], hide_index=True, key="ranking")
+    st.dataframe(
+        ranking_table(candidates), hide_index=True, key="ranking", column_config=column_help()
+    )
     for cand in candidates[:4]:
         stats = cand.stats
         other = "b" if stats.group == "a" else "a"
         q = "" if stats.q_value is None else f", q {stats.q_value:.2g}"
         st.markdown(
-            f"**{stats.group.upper()}#{cand.rank}: latent {stats.latent}** (AUROC "
-            f"{stats.auroc:.2f}{q}, rate A {stats.rate_a:.2f} / B {stats.rate_b:.2f}); upper row "
-            f"group {stats.group.upper()}, lower row group {other.upper()}"
+            f"**{stats.group.upper()}#{cand.rank}: latent {stats.latent}** (AUROC for group "
+            f"{stats.group.upper()} {stats.specificity:.2f}{q}; fires on {stats.rate_a:.0%} of A, "
+            f"{stats.rate_b:.0%} of B): upper row group {stats.group.upper()}, lower row group "
+            f"{other.upper()}"
         )
         rows = np.array(cand.top_rows + cand.top_rows_other, dtype=np.int64)
-        images = overlays(data, stats.latent, rows)
-        captions = [data.caption(int(r)) for r in rows]
+        vmax = float(data.latent_maps(stats.latent, rows).max()) if len(rows) else 1.0
+        st.markdown(draw.colour_bar_html(vmax or 1.0, "activation"), unsafe_allow_html=True)
+        images = overlays(data, stats.latent, rows, vmax or 1.0)
+        captions = [f"{data.short_caption(int(r))} #{int(r)}" for r in rows]
         n_own = len(cand.top_rows)
         draw.gallery(st, images[:n_own], captions[:n_own], per_row=6)
         draw.gallery(st, images[n_own:], captions[n_own:], per_row=6)

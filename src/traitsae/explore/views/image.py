@@ -14,6 +14,31 @@ from traitsae.explore import draw
 from traitsae.explore.views.common import image_label
 
 MAX_LISTED = 2000  # images offered in one select box; narrow by metadata first
+MAX_TOP = 50  # latents offered in the heat-map box
+N_SIDE_BY_SIDE = 6  # the image's top latents drawn side by side, each with its own map
+
+
+def latent_map(
+    codes_PS: np.ndarray, grid: tuple, picture: np.ndarray | None, latent: int, where: Any
+) -> None:
+    """One latent's map over the picture, with its own colour bar."""
+    map_RC = codes_PS[:, latent].reshape(grid)
+    vmax = float(map_RC.max())
+    where.markdown(draw.colour_bar_html(vmax), unsafe_allow_html=True)
+    where.image(draw.overlay(picture, map_RC, vmax), caption=f"latent {latent}", width="stretch")
+
+
+def top_latent_maps(
+    data: Any, row: int, codes_PS: np.ndarray, picture: Any, latents: Any, scores: Any
+) -> None:
+    """The image's strongest latents side by side, each on its own colour scale."""
+    n = min(N_SIDE_BY_SIDE, len(latents))
+    if n == 0:
+        st.info(f"no latent fires on image #{row}.")
+        return
+    st.markdown(f"**The {n} latents firing most on this image** (each on its own scale)")
+    for column, latent in zip(st.columns(N_SIDE_BY_SIDE), latents[:n], strict=False):
+        latent_map(codes_PS, data.grid, picture, int(latent), column)
 
 
 def pick_image(data: Any, key: str = "image") -> int:
@@ -50,8 +75,12 @@ def render(data: Any) -> None:
     picture = data.image(row)
     codes_PS = data.image_codes(row)
     base = picture if picture is not None else draw.blank_image()
-    left, mid, right = st.columns(3)
-    with left:
+    latents, scores = data.image_latents(row)
+    raw, grid, chosen = st.columns(3)
+    raw.image(
+        base, caption=f"{data.caption(row)} (the picture as the model saw it)", width="stretch"
+    )
+    with grid:
         event = st.vega_lite_chart(
             *draw.patch_grid_spec(base, data.grid),
             on_select="rerun",
@@ -59,35 +88,43 @@ def render(data: Any) -> None:
             width="content",  # the picture layer has the spec's pixel size
         )
         st.caption(
-            f"{data.caption(row)}: click patches to choose them one by one, drag a box to "
-            "choose a rectangle (double-click clears the box)."
+            "Choose patches: click them one by one, or drag a box (double-click clears it); "
+            "chosen patches are outlined."
         )
     patches = chosen_patches(event.selection, data.grid)
+    with chosen:
+        if len(latents):
+            shown = st.selectbox(
+                "heat-map of latent",
+                latents[:MAX_TOP].tolist(),
+                format_func=lambda s: f"{s} (max {scores[latents.tolist().index(s)]:.2f})",
+                key="image_heat",
+            )
+            latent_map(codes_PS, data.grid, picture, int(shown), st)
+    top_latent_maps(data, row, codes_PS, picture, latents, scores)
     error_RC = data.reconstruction_error(row)
-    mid.image(
+    err_col, table_col = st.columns([1, 2])
+    err_col.markdown(
+        draw.colour_bar_html(float(error_RC.max()), "error", cmap="magma"), unsafe_allow_html=True
+    )
+    err_col.image(
         draw.overlay(picture, error_RC, float(error_RC.max()), cmap="magma"),
         caption=f"reconstruction error ||x - x̂||²/||x||² per patch (mean {error_RC.mean():.3f})",
         width="stretch",
     )
-    latents, scores = data.image_latents(row)
-    top = st.number_input("latents listed", 1, 200, 10, key="image_top")
-
-    patches_firing = (codes_PS[:, latents[:top]] > 0).sum(0)
-    st.subheader(f"Latents firing most on image #{row}")
-    st.dataframe(
-        pd.DataFrame(
-            {"latent": latents[:top], "max_score": scores[:top], "patches": patches_firing}
-        ),
-        hide_index=True,
-        key="image_latents",
-    )
-    if len(latents):
-        shown = st.selectbox("heat-map of latent", latents[:top].tolist(), key="image_heat")
-        map_RC = codes_PS[:, int(shown)].reshape(data.grid)
-        right.image(
-            draw.overlay(picture, map_RC, float(map_RC.max())),
-            caption=f"latent {shown}",
-            width="stretch",
+    with table_col:
+        top = st.number_input("latents listed", 1, 200, 10, key="image_top")
+        st.markdown(f"**Latents firing most on image #{row}**")
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "latent": latents[:top],
+                    "max activation": scores[:top],
+                    "patches firing": (codes_PS[:, latents[:top]] > 0).sum(0),
+                }
+            ),
+            hide_index=True,
+            key="image_latents",
         )
     if len(patches) == 0:
         st.info("choose patches on the image (click, or drag a box) to see the latents there.")

@@ -1,6 +1,9 @@
-"""Steer: sliders on chosen latents -> the class probe's probabilities for one image, clean and
-steered (eval=steer's `steered_probabilities`: alpha is added to each latent's code at the SAE's
-layer, the remaining blocks and the head run, the probe reads the final embedding)."""
+"""Steer: `eval=steer` run from the page (`compute_steer`, the CLI's own code): the probe fitted
+on the train split, the target's latents chosen there by their measured effect on the probe,
+held-out images of other classes steered with them over alpha, beside frequency-matched random
+latents at equal norm. Shown: what alpha means, the curve with its CI and the control, the
+verdict, each chosen latent's effect, and one steered image with its changed patches and its
+classes before and after."""
 
 from __future__ import annotations
 
@@ -11,73 +14,161 @@ import pandas as pd
 import streamlit as st
 
 from traitsae.explore import draw
-from traitsae.explore.views.common import cached_table
-from traitsae.explore.views.image import pick_image
+from traitsae.explore.steering import held_out_split, run_steer
 
-N_DEFAULT_LATENTS = 3
-N_CLASSES_SHOWN = 8
+EVERY_OTHER = "every other class"
+N_CLASSES_SHOWN = 6
 
 
-def steering(data: Any) -> Any:
-    """One Steering per ExplorerData (backbone built, probe loaded or fitted once)."""
-    if getattr(data, "_steering", None) is None:
-        from traitsae.explore.steering import Steering  # lazy: torch (launch stays torch-free)
+def class_options(data: Any) -> list[str]:
+    column = str(data.session.launch.get("steer", {}).get("class_column", "species"))
+    if column not in data.metadata:
+        return []
+    values = np.asarray(data.metadata[column]).astype(str)[data.rows_V]
+    return sorted(set(values) - {""})
 
-        with st.spinner("building the backbone and the class probe (once) ..."):
-            data._steering = Steering(data)
-    return data._steering
+
+def alpha_sentence(result: dict[str, Any]) -> str:
+    target = result["target_class"]
+    if result.get("meta", {}).get("alpha_units") == "code":
+        return "**alpha**: how much is added to each chosen latent's activation at every patch."
+    return (
+        f"**alpha** = 1 adds to every patch as much of each chosen latent as a typical "
+        f"{target} image carries (its mean activation there); alpha 0 is the clean image."
+    )
+
+
+def verdict_lines(result: dict[str, Any]) -> str:
+    verdict = result.get("verdict", {})
+    words = {True: "yes", False: "no"}
+    return (
+        f"rises at every alpha: **{words[verdict.get('monotonic', False)]}** · beats random "
+        f"latents at every alpha > 0: **{words[verdict.get('beats_control', False)]}** · the "
+        f"probe tells held-out {result['target_class']} images from the others: "
+        f"**{words[verdict.get('readout_informative', False)]}**"
+    )
+
+
+def curve_frame(result: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for p in result["curve"]:
+        low, high = (p.get("ci") or [np.nan, np.nan])[:2]
+        rows.append({"alpha": p["alpha"], "series": "chosen latents", "p": p["mean_p_target"],
+                     "low": low, "high": high})  # fmt: skip
+    control = result.get("control", {}).get("curve")
+    for p, c in zip(result["curve"], control or [], strict=False):
+        rows.append({"alpha": p["alpha"], "series": "random latents (control)", "p": c,
+                     "low": np.nan, "high": np.nan})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def latent_frame(result: dict[str, Any]) -> pd.DataFrame:
+    """The chosen latents with their measured effect (d log p(target) / d alpha at 0)."""
+    selection = result.get("selection", {})
+    effect = dict(zip(selection.get("candidates", []), selection.get("effect", []), strict=False))
+    return pd.DataFrame(
+        {
+            "latent": result["latents"],
+            "effect on log p(target) per alpha": [effect.get(s, np.nan) for s in result["latents"]],
+            "specificity": selection.get("specificity", [np.nan] * len(result["latents"])),
+            "alpha unit": result.get("alpha_unit", [np.nan] * len(result["latents"])),
+        }
+    )
 
 
 def render(data: Any) -> None:
     st.header("Steer")
-    model = steering(data)
-    classes = model.probe.classes
-    row = pick_image(data, key="steer")
-    target = st.selectbox("target class", classes, key="steer_target")
-    suggested = data.class_latents(model.classes_N == target, N_DEFAULT_LATENTS).tolist()
-    latents = st.multiselect(
-        "latents to steer (default: the most specific to the target class)",
-        list(range(data.d_sae)),
-        default=suggested,
-        key=f"steer_latents_{target}",
-    )
-    where = st.radio("edit", ["all", "firing"], horizontal=True, key="steer_where",
-                     help="all: every edited token; firing: only where the latent fires")  # fmt: skip
-    table = cached_table(data)
-    alphas = []
-    for latent in latents:
-        scale = float(table.max_score.iloc[latent]) or 1.0
-        alphas.append(
-            st.slider(
-                f"latent {latent}: alpha (its largest image score is {scale:.2f})",
-                -2 * scale,
-                4 * scale,
-                0.0,
-                key=f"alpha_{latent}",
-            )
+    classes = class_options(data)
+    if len(classes) < 2:
+        st.info("the Steer page needs a store with at least two classes.")
+        return
+    left, mid, right = st.columns([2, 2, 1])
+    target = left.selectbox("target class", classes, key="steer_target")
+    others = [c for c in classes if c != target]
+    source = mid.selectbox("steer held-out images of", [EVERY_OTHER, *others], key="steer_source")
+    source = None if source == EVERY_OTHER else source
+    cache = data.__dict__.setdefault("_steer_cache", {})
+    if right.button("run eval=steer", key="steer_run", type="primary"):
+        with st.spinner("fitting the probe, choosing the latents, steering (eval=steer) ..."):
+            cache[(target, source)] = run_steer(data.session, target, source)
+    steered = cache.get((target, source))
+    if steered is None:
+        st.info(
+            f"Runs eval=steer: a class probe fitted on the train split; {target}'s latents "
+            "chosen there by how much adding them raises the probe's p(target); held-out "
+            f"images ({held_out_split(data.session)} split) steered with them and with random "
+            "latents of the same firing frequency at equal norm."
         )
-    clean_C = model.probabilities(row, [], [])
-    steered_C = model.probabilities(row, latents, alphas, where)
-    t = classes.index(target)
-    left, right = st.columns([1, 2])
-    picture = data.image(row)
-    left.image(picture if picture is not None else draw.blank_image(), caption=data.caption(row))
-    right.markdown(
-        f"p({target}) clean **{clean_C[t]:.3f}** → steered **{steered_C[t]:.3f}**; "
-        f"most probable: {classes[int(np.argmax(clean_C))]} → {classes[int(np.argmax(steered_C))]}"
+        return
+    show_result(data, steered)
+
+
+def show_result(data: Any, steered: Any) -> None:
+    result = steered.result
+    st.markdown(alpha_sentence(result))
+    st.markdown(verdict_lines(result))
+    for note in result.get("notes", []):
+        st.warning(note)
+    chart, table = st.columns([3, 2])
+    chart.vega_lite_chart(curve_frame(result), draw.steer_curve_spec(), width="stretch")
+    chart.caption(
+        f"mean p({result['target_class']}) over {result['n_images']} held-out images (band: "
+        "95 % CI over images) and over random latents of the same firing frequency."
     )
-    shown = np.argsort(-np.maximum(clean_C, steered_C), kind="stable")[:N_CLASSES_SHOWN]
+    table.markdown("**Latents chosen by their measured effect on the probe**")
+    table.dataframe(latent_frame(result), hide_index=True, key="steer_latents")
+    steered_image(data, steered)
+
+
+def steered_image(data: Any, steered: Any) -> None:
+    """One steered image: its changed patches and its classes at alpha 0 and a chosen alpha."""
+    result, probs_ANC = steered.result, steered.probs_ANC
+    alphas = [p["alpha"] for p in result["curve"]]
+    n = result["n_images"]
+    per_image = result["images"][:n]  # the first alpha's block: one entry per image, in order
+    left, right = st.columns([1, 2])
+    i = left.selectbox(
+        "steered image",
+        list(range(n)),
+        format_func=lambda j: (
+            f"{per_image[j]['class']} · {per_image[j]['path'].rsplit('/', 1)[-1]}"
+        ),
+        key="steer_image",
+    )
+    alpha = right.select_slider("alpha", alphas, value=alphas[-1], key="steer_alpha")
+    picture = load_picture(data, per_image[i]["path"])
+    changed_RC = steered.changed_NP[i].reshape(data.grid).astype(np.float32)
+    left.image(
+        draw.overlay(picture, changed_RC, 1.0, alpha=0.35, cmap="cool"),
+        caption="coloured: the patches the edit changes (eval.where="
+        f"{result.get('meta', {}).get('where', 'all')})",
+        width="stretch",
+    )
+    classes = steered.probe.classes
+    t = classes.index(result["target_class"])
+    a = alphas.index(alpha)
+    clean_C, after_C = probs_ANC[0, i], probs_ANC[a, i]
+    right.markdown(
+        f"p({result['target_class']}): clean **{clean_C[t]:.3f}** → at alpha {alpha:g} "
+        f"**{after_C[t]:.3f}**; most probable {classes[int(clean_C.argmax())]} → "
+        f"{classes[int(after_C.argmax())]}"
+    )
+    shown = np.argsort(-np.maximum(clean_C, after_C), kind="stable")[:N_CLASSES_SHOWN]
     frame = pd.DataFrame(
         {
             "class": [classes[c] for c in shown for _ in range(2)],
-            "run": ["clean", "steered"] * len(shown),
-            "probability": [p for c in shown for p in (clean_C[c], steered_C[c])],
+            "run": ["alpha 0", f"alpha {alpha:g}"] * len(shown),
+            "probability": [p for c in shown for p in (clean_C[c], after_C[c])],
         }
     )
     right.vega_lite_chart(frame, draw.probability_spec(), width="stretch")
-    right.dataframe(
-        pd.DataFrame({"class": classes, "clean": clean_C, "steered": steered_C}),
-        hide_index=True,
-        key="steer_probabilities",
-    )
-    st.caption(f"class probe: {model.probe_source}")
+
+
+def load_picture(data: Any, path: str) -> np.ndarray | None:
+    """The steered image framed like extraction (None: drawn without it)."""
+    if not data.session.draw_images:
+        return None
+    try:
+        return data.image_source().load(path)
+    except Exception:  # a picture is a nicety here: the numbers stand without it
+        return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,12 +134,20 @@ def to_traitsae(foreign: ForeignSAE, path: Path, overrides: dict[str, Any]) -> C
     """The traitsae SAE, scale and sae.json-like record that compute what the library computes
     (at fp32 tolerance); `traitsae.load_sae` wraps them in a `RawSpaceSAE`."""
     arch, state = architecture_and_state(foreign, path)
+    scale = float(foreign.scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise TraitsaeError(
+            f"{path}: the {foreign.library} checkpoint's input scale is {foreign.scale!r}; it "
+            "must be a finite number > 0 (activations are multiplied by it before encoding, so "
+            "0 or NaN makes every code and reconstruction meaningless). Fix the scale in its "
+            "config, or load a checkpoint of a run that finished."
+        )
     sae = build_sae(**arch)
     sae.load_state_dict(state, strict=True)
     # The files read: inputs an evaluation must not write over.
     config_file = _first_file(path, CONFIG_FILES) if path.is_dir() else None
     meta = record(foreign, path, arch, overrides)
-    return Converted(sae, float(foreign.scale), meta, _first_file(path, WEIGHT_FILES), config_file)
+    return Converted(sae, scale, meta, _first_file(path, WEIGHT_FILES), config_file)
 
 
 def architecture_and_state(
