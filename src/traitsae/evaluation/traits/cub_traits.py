@@ -107,8 +107,10 @@ def evaluate_traits(
     """All methods x traits x k x protocols x seeds, on already opened and checked stores."""
     layer = sae.layer
     tokens = sae.tokens
-    for store in (train_store, test_store):  # eval.patches: pool over foreground patches?
-        select_patches(store, opts.patches, sae)
+    skipped_fg = [  # eval.patches: pool over foreground patches?
+        len(select_patches(store, opts.patches, sae)["skipped_without_foreground"])
+        for store in (train_store, test_store)
+    ]
     # Labels first: traits without positives in either split are dropped before anything is fit.
     rows_train, rows_test = valid_rows(train_store), valid_rows(test_store)
     labels_train_NT = attrs.labels(image_ids(train_store)[rows_train], opts.certainty)
@@ -116,6 +118,11 @@ def evaluate_traits(
     ks, notes = usable_ks(opts.k, len(rows_train), f"the train split ({train_store.path})")
     ks, more = usable_ks(ks, len(rows_test), f"the test split ({test_store.path})")
     notes += more
+    if train_store.patch_mask is not None:
+        notes.append(
+            "eval.patches=foreground: every method pools over foreground patches only "
+            f"({skipped_fg[0]} train / {skipped_fg[1]} test images without one skipped)"
+        )
     keep_T, skipped = _traits_with_positives(attrs.names, labels_train_NT, labels_test_NT)
     if not keep_T.any():
         raise TraitsaeError(
