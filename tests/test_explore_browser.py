@@ -274,13 +274,13 @@ def test_browser_at_laptop_size(served):
     assert not answers(url), f"the server still answers at {url} after SIGTERM"
 
 
-def second_set_command(root: Path, port: int, out: Path) -> list[str]:
+def steer_demo_command(root: Path, port: int, out: Path) -> list[str]:
+    """`explore.py` on `make demo`'s steering SAE (causal_helpers.steer_demo_root)."""
     return [
         sys.executable,
         str(REPO / "explore.py"),
-        f"run={root / 'train'}",
+        f"run={root / 'steer-train'}",
         f"paths.root_dir={root}",
-        "dataset.seed=7",
         f"explore.port={port}",
         "explore.browser=false",
         f"hydra.run.dir={out}",
@@ -288,18 +288,17 @@ def second_set_command(root: Path, port: int, out: Path) -> list[str]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (CI installs it in .ci/run)")
-def test_browser_steer_curve_rises(tmp_path):
-    """The Steer page runs eval=steer on the second generated set (causal_helpers.second_root:
-    the SAE at block 2 of 4, where steering works; the demo's random tiny ViT keeps too little
-    of its traits for its probe, see test_steer.py): the curve over alpha rises and beats the
+def test_browser_steer_curve_rises_on_the_demo(tmp_path):
+    """The Steer page runs eval=steer on `make demo`'s steering set-up (backbone=tiny_maxpool,
+    SAE at block 2, target DEMO_STEER_TARGET): the curve over alpha rises and beats the
     random-latent control, as the page says."""
-    from causal_helpers import second_root
+    from causal_helpers import makefile_value, steer_demo_root
     from playwright.sync_api import expect, sync_playwright
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path])}
     proc = subprocess.Popen(
-        second_set_command(second_root(), port, tmp_path / "explore"),
+        steer_demo_command(steer_demo_root(), port, tmp_path / "explore"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -317,7 +316,7 @@ def test_browser_steer_curve_rises(tmp_path):
             page.goto(f"{url}?page=Steer", wait_until="networkidle", timeout=120_000)
             expect_heading(page, "Steer")
             page.get_by_label("target class").first.click()
-            page.get_by_role("option", name="003.Gamma_warbler").click()
+            page.get_by_role("option", name=makefile_value("DEMO_STEER_TARGET")).click()
             wait_idle(page)
             page.get_by_role("button", name="run eval=steer").click()
             expect(page.get_by_text("rises at every alpha: yes", exact=False)).to_be_visible(
