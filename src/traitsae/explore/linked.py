@@ -37,6 +37,8 @@ def cub_trait_columns(path: Path, d_sae: int) -> dict[str, np.ndarray]:
     precision = np.full(d_sae, np.nan)
     for r in rows:
         latent = int(r["best_direction"])
+        if r["precision"] is None:  # no held-out positives for this trait: nothing to show
+            continue
         if r["k"] == k and 0 <= latent < d_sae and not precision[latent] >= r["precision"]:
             trait[latent], precision[latent] = r["trait"], r["precision"]
     return {"cub_trait": trait, f"cub_precision@{k}": precision}
@@ -56,8 +58,12 @@ def discovery_columns(folder: Path, d_sae: int) -> dict[str, np.ndarray]:
     for cand in result.get("candidates", []):
         latent = int(cand["latent"])
         if 0 <= latent < d_sae:
-            rank[latent] = f"{cand['group'].upper()}#{cand['rank']}"
-            q_value[latent] = cand.get("q_value", np.nan)
+            # eval.pairs: a latent may be a candidate of several pairs; show each, keep the best q
+            label = f"{cand['group'].upper()}#{cand['rank']}"
+            label = f"{cand['pair']}: {label}" if cand.get("pair") else label
+            rank[latent] = f"{rank[latent]}, {label}" if rank[latent] else label
+            q = cand.get("q_value")
+            q_value[latent] = np.fmin(q_value[latent], np.nan if q is None else q)
     columns["discovery_rank"] = rank
     if np.isfinite(q_value).any():
         columns["discovery_q"] = q_value
