@@ -37,16 +37,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from traitsae.data.synthetic import generate_once
+from traitsae.data.synthetic import generate_once, write_generated
 
 Colour = tuple[int, int, int]
 
@@ -202,8 +199,8 @@ def generate(
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 7])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         rows = []
         for subspecies, (species, ring_name, ring, trait) in subspecies_traits().items():
             rows += _write_subspecies(
@@ -216,14 +213,8 @@ def generate(
             "".join(f"{i} {name}\n" for i, name in enumerate(classes, start=1))
         )
         _write_pairs(tmp)
-        (tmp / ".complete").write_text(f"seed={seed}\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
+
+    return write_generated(root, seed, fill)
 
 
 def _write_subspecies(

@@ -195,9 +195,21 @@ def generate(
     rng = np.random.default_rng([seed, 2])
     names = species_names(n_species)
     trait_sets = species_traits(n_species, seed)
+    return write_generated(
+        root,
+        seed,
+        lambda tmp: _write_all(
+            tmp, rng, names, trait_sets, images_per_species, size, p_occlude, p_label_noise
+        ),
+    )
+
+
+def write_generated(root: Path, seed: int, fill: Callable[[Path], None]) -> Path:
+    """`fill` a temporary folder beside `root`, mark it complete, then rename it over `root`:
+    a reader never sees a half-written dataset, and an interrupted run leaves none."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        _write_all(tmp, rng, names, trait_sets, images_per_species, size, p_occlude, p_label_noise)
+        fill(tmp)
         (tmp / ".complete").write_text(f"seed={seed}\n")
         if root.exists():
             shutil.rmtree(root)
