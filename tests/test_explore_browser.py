@@ -76,6 +76,23 @@ def click_density_right_half(page) -> None:
     page.mouse.click(bounds["x"] + 0.7 * bounds["width"], bounds["y"] + 0.5 * bounds["height"])
 
 
+def click_until(page, chart, text: str, tries: int = 4) -> None:
+    """Click the middle of `chart` until `text` shows: Vega attaches its event handlers some
+    time after the chart is drawn (later on a loaded machine), and a click before is lost."""
+    from playwright.sync_api import expect
+
+    for attempt in range(tries):
+        page.wait_for_timeout(1000 * (attempt + 1))
+        bounds = chart.bounding_box()
+        page.mouse.click(bounds["x"] + bounds["width"] / 2, bounds["y"] + bounds["height"] / 2)
+        try:
+            expect(page.get_by_text(text)).to_be_visible(timeout=20_000)
+            return
+        except AssertionError:
+            if attempt == tries - 1:
+                raise
+
+
 @pytest.fixture
 def served(tmp_path):
     planted_sae(tmp_path / "run", planted_store(tmp_path, n_per_group=12))
@@ -228,12 +245,7 @@ def test_browser_at_laptop_size(served):
         # The chart's own drawing (Vega's svg or canvas, class "marks"): its centre is a patch.
         grid = page.locator('[data-testid="stVegaLiteChart"] .marks').first
         expect(grid).to_be_visible(timeout=120_000)
-        page.wait_for_timeout(1000)  # Vega attaches its event handlers after the first render
-        bounds = grid.bounding_box()
-        page.mouse.click(bounds["x"] + bounds["width"] / 2, bounds["y"] + bounds["height"] / 2)
-        expect(page.get_by_text("Latents firing on the 1 chosen patches")).to_be_visible(
-            timeout=60_000
-        )
+        click_until(page, grid, "Latents firing on the 1 chosen patches")
         assert page.locator(f".{COLOUR_BAR_CLASS}").count() >= 3  # chosen map, top maps, error
         page.locator('[data-testid="stMain"]').first.evaluate("e => e.scrollTo(0, 0)")
         save_shot(page, "image")

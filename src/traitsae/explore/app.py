@@ -98,6 +98,10 @@ def main() -> None:
         f"image scores over {'foreground' if s.patches == 'foreground' else 'all'} patches\n\n"
         f"SAE: {s.sae}\n\nstore: {s.store}"
     )
+    if page != "Latents":
+        # Two threads importing torchvision at once deadlock inside its circular imports: a
+        # page that needs torch waits for the warm-up's imports to finish first.
+        start_warm_up(session_path).join()
     page_module(page).render(data)
     start_warm_up(session_path)
 
